@@ -1,0 +1,115 @@
+"""Calibration: run samples through the unpruned eager model, measure the per-layer probes, derive the schedule.
+
+Probes (method §2), averaged over samples (NaNs skipped):
+  - TME H1 (k = 50, nats) of the L+1 hidden states (input of each layer, then the last output), each after the
+    model's final RMSNorm, for the visual rows, the text rows and the whole sequence;
+  - the visual-update KL probe: for each layer i, the prefill is re-run with the visual rows' attention and MLP
+    updates zeroed at layer i only; KL(p_i || p_full) of the last-token distribution.
+
+Rules (each value records which one chose it in schedule.json["chosen_by"]):
+  L1   end of stage I: the peak of the visual TME curve over the shallow quarter, points 1..max(1, L//4)
+       (stage I is flat or rising, stage II falls; IVR goes where the fall starts).
+  L2   start of stage III: the minimum of the visual TME curve over points L1+1..L-2 (stage III keeps >= 2 layers).
+  mode from the KL probe over layers L2..L-2: median KL < 10^-3.5 -> "freeze" (deep visual updates change nothing:
+       layer-level inactivity, LLaVA's ~1e-5 in Fig. 2d) else "topk" (they still matter: Qwen's ~1e-2).
+       The last layer is left out: a visual row's update there cannot reach the last-token logits, so its KL is 0
+       by construction, whatever the model.
+  rho, alpha, sigma: the paper's values for the backbone. Any field can be overridden from the CLI.
+A rule that cannot apply (too shallow a model, NaN curves) falls back to the paper's value at the same relative depth.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from ..graphs.adapter import BackboneAdapter, LoadedModel
+from ..graphs.halfv import HalfVReference
+from ..graphs.tme import DEFAULT_K, kl_last_token, truncated_entropy
+from .calib_data import Sample
+from .schedule import FIELDS, check_values, paper_fallback
+
+KL_FREEZE_THRESHOLD = 10 ** -3.5
+DEFAULT_SSR_RATIO = 0.05  # HalfV's sigma, used when a freeze-mode backbone's probe asks for topk
+
+
+def measure_probes(adapter: BackboneAdapter, loaded: LoadedModel, samples: list[Sample], k: int = DEFAULT_K,
+                   kl_probe: bool = True, progress: Callable[[Iterable], Iterable] = iter) -> dict:
+    """Per-layer curves averaged over samples: {"visual", "text", "whole": [L+1], "kl_visual_update": [L]}."""
+    stack = adapter.text_stack(loaded)
+    depth = stack.num_layers
+    reference = HalfVReference(stack, None)
+    per_sample = {"visual": [], "text": [], "whole": [], "kl_visual_update": []}
+    for sample in progress(samples):
+        inputs = adapter.prepare(loaded, [sample.image], [sample.prompt])
+        captured: list = []
+        full = reference.prefill(inputs, capture=captured)
+        s, n = int(inputs.visual_start[0]), inputs.num_visual
+        rows = {"visual": [], "text": [], "whole": []}
+        with torch.no_grad():
+            for h, _, _ in captured:
+                z = stack.norm(h)[0]  # [S, D] batch of one, no padding
+                rows["visual"].append(truncated_entropy(z[s:s + n], k) if n > 1 else math.nan)
+                rows["text"].append(truncated_entropy(torch.cat([z[:s], z[s + n:]]), k))
+                rows["whole"].append(truncated_entropy(z, k))
+        for key, values in rows.items():
+            per_sample[key].append(values)
+        if kl_probe and n > 0:
+            kl = [float(kl_last_token(reference.prefill(inputs, freeze_layers=frozenset({i})).logits, full.logits)[0])
+                  for i in range(depth)]
+            per_sample["kl_visual_update"].append(kl)
+    curves = {}
+    for key, table in per_sample.items():
+        if table:
+            with np.errstate(all="ignore"):
+                mean = np.nanmean(np.array(table, dtype=np.float64), axis=0)
+            curves[key] = [None if not np.isfinite(v) else float(v) for v in mean]
+        else:
+            curves[key] = None
+    return curves
+
+
+def derive_schedule(curves: dict | None, depth: int, adapter: BackboneAdapter, overrides: dict,
+                    use_rules: bool = True) -> tuple[dict, dict]:
+    """Apply the rules to the curves -> (the six schedule values, which rule chose each)."""
+    paper = paper_fallback(adapter.paper, depth)
+    paper_note = f"paper: {adapter.paper.reference_model}" + (
+        "" if depth == adapter.paper.reference_depth else f" (layers scaled {adapter.paper.reference_depth}->{depth})")
+    values = dict(paper)
+    chosen = {key: paper_note for key in FIELDS}
+    visual = (curves or {}).get("visual")
+    kl = (curves or {}).get("kl_visual_update")
+
+    if use_rules and visual and depth >= 4:
+        shallow = range(1, min(max(1, depth // 4), depth - 2) + 1)
+        if all(visual[i] is not None for i in shallow):
+            values["ivr_layer"] = max(shallow, key=lambda i: (visual[i], -i))
+            chosen["ivr_layer"] = f"rule: peak of visual TME over points 1..{shallow[-1]} (end of stage I)"
+        deep = range(values["ivr_layer"] + 1, depth - 1)
+        if len(deep) and all(visual[i] is not None for i in deep):
+            values["ssr_layer"] = min(deep, key=lambda i: (visual[i], i))
+            chosen["ssr_layer"] = f"rule: minimum of visual TME over points {deep[0]}..{deep[-1]} (start of stage III)"
+        elif values["ssr_layer"] <= values["ivr_layer"]:
+            values["ssr_layer"] = min(values["ivr_layer"] + 1, depth - 1)
+    if use_rules and kl:
+        deep_kl = [v for v in kl[values["ssr_layer"]:depth - 1] if v is not None]
+        if deep_kl:
+            median = float(np.median(deep_kl))
+            values["ssr_mode"] = "freeze" if median < KL_FREEZE_THRESHOLD else "topk"
+            chosen["ssr_mode"] = (f"rule: median visual-update KL over layers {values['ssr_layer']}..{depth - 2} is {median:.3g} "
+                                  f"({'<' if median < KL_FREEZE_THRESHOLD else '>='} {KL_FREEZE_THRESHOLD:.2g})")
+    if values["ssr_mode"] == "freeze":
+        values["ssr_ratio"], chosen["ssr_ratio"] = None, "unused in freeze mode"
+    elif values["ssr_ratio"] is None:
+        values["ssr_ratio"], chosen["ssr_ratio"] = DEFAULT_SSR_RATIO, "HalfV default sigma (paper gives none)"
+
+    for key, value in overrides.items():
+        if value is not None:
+            values[key], chosen[key] = value, "cli"
+    if overrides.get("ssr_mode") == "freeze" and overrides.get("ssr_ratio") is None:
+        values["ssr_ratio"], chosen["ssr_ratio"] = None, "unused in freeze mode"
+    check_values(values, depth, where="calibrated schedule")
+    return values, chosen

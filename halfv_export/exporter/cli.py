@@ -1,0 +1,168 @@
+"""The `halfv-export` command line. Each command is a thin shell over a library function; user errors come out
+as one line and a non-zero exit (2: bad input, 1: a stage failed), tracebacks only with --debug."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .. import __version__
+from ..errors import HalfvError
+
+EPILOG_CALIBRATE = """\b
+Examples:
+  halfv-export calibrate --backbone qwen2.5-vl --out build/
+  halfv-export calibrate --backbone qwen2.5-vl --model ./Qwen2.5-VL-3B-Instruct --data calib/ --out build/
+  halfv-export calibrate --backbone qwen2.5-vl --paper-values --ssr-layer 5 --out build/
+"""
+
+EPILOG_FLOPS = """\b
+Examples:
+  halfv-export flops --config Qwen2.5-VL-7B/config.json --visual-tokens 4096 --text-tokens 64
+  halfv-export flops --config config.json --schedule build/schedule.json --visual-tokens 576 --visual-tokens 2304
+  halfv-export flops --config config.json --ivr-layer 3 --keep-ratio 0.5 --anchor-ratio 0.2 \\
+      --ssr-layer 15 --ssr-mode freeze --visual-tokens 576
+"""
+
+
+class CliError(click.ClickException):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def user_errors(fn):
+    """HalfvError -> one line with its exit code; anything unexpected -> one line unless --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        debug = (click.get_current_context().find_root().obj or {}).get("debug", False)
+        try:
+            return fn(*args, **kwargs)
+        except HalfvError as e:
+            if debug:
+                raise
+            raise CliError(str(e), e.exit_code) from None
+        except (click.ClickException, click.Abort, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - the one place that turns surprises into a line
+            if debug:
+                raise
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise CliError(f"unexpected {e.__class__.__name__}: {first} (re-run with --debug for the traceback)", 1) \
+                from None
+
+    return wrapper
+
+
+def schedule_options(fn):
+    """The six schedule fields as flags; each overrides calibration or the paper default."""
+    options = [
+        click.option("--ivr-layer", type=int, help="L1: IVR runs before this layer (>= 1)."),
+        click.option("--keep-ratio", type=float, help="rho: IVR keeps floor(N*rho) visual tokens."),
+        click.option("--anchor-ratio", type=float, help="alpha: share of the kept tokens chosen by attention."),
+        click.option("--ssr-layer", type=int, help="L2: SSR acts from this layer on (> L1)."),
+        click.option("--ssr-mode", type=click.Choice(["topk", "freeze"]), help="SSR: top-K prune or freeze visual rows."),
+        click.option("--ssr-ratio", type=float, help="sigma (topk): keeps min(floor(N*sigma), K1) visual tokens."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def pick_overrides(kwargs: dict) -> dict:
+    return {key: kwargs.pop(key) for key in ("ivr_layer", "keep_ratio", "anchor_ratio", "ssr_layer", "ssr_mode",
+                                             "ssr_ratio")}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="halfv-export")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx, debug):
+    """HalfV visual-token pruning baked into deployable VLM engines.
+
+    \b
+    Stages: calibrate -> export -> engine -> validate (`build` runs all four).
+    Backbones: qwen2.5-vl. Without --model, each backbone's embedded default (a small seeded model) is used.
+    """
+    ctx.obj = {"debug": debug}
+
+
+@cli.command(epilog=EPILOG_CALIBRATE)
+@click.option("--backbone", required=True, help="Backbone adapter, e.g. qwen2.5-vl.")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Local checkpoint directory (safetensors).")
+@click.option("--data", type=click.Path(path_type=Path), help="prompts.jsonl or a folder with one; default: synthetic set.")
+@click.option("--samples", type=click.IntRange(1), default=8, show_default=True, help="Synthetic samples to generate.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the embedded default's weights and data.")
+@click.option("--tme-k", type=click.IntRange(1), default=50, show_default=True, help="Eigenvalues kept by the TME.")
+@click.option("--kl-probe/--no-kl-probe", default=True, show_default=True,
+              help="Run the visual-update KL probe (L extra prefills per sample) to pick the SSR mode.")
+@click.option("--paper-values", is_flag=True, help="Skip the rules: paper values (at the model's relative depth).")
+@schedule_options
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@user_errors
+def calibrate(backbone, model_dir, data, samples, seed, tme_k, kl_probe, paper_values, out, **kwargs):
+    """Measure per-layer redundancy and write schedule.json + tme.png.
+
+    Runs calibration images + prompts through the unpruned eager model, computes truncated matrix entropy of the
+    visual / text / whole hidden states per layer and the visual-update KL probe, and derives the HalfV schedule
+    (IVR layer, SSR layer, SSR mode); the paper's values fill the rest and any field can be overridden.
+    """
+    from .pipeline import run_calibrate
+
+    overrides = pick_overrides(kwargs)
+    doc = run_calibrate(backbone=backbone, model_dir=model_dir, data=data, samples=samples, seed=seed, tme_k=tme_k,
+                        kl_probe=kl_probe, use_rules=not paper_values, overrides=overrides, out=out)
+    s = doc["schedule"]
+    click.echo(f"schedule: IVR before layer {s['ivr_layer']} keep {s['keep_ratio']} (anchors {s['anchor_ratio']}), "
+               f"SSR {s['ssr_mode']} from layer {s['ssr_layer']}"
+               + (f" keep {s['ssr_ratio']}" if s["ssr_ratio"] is not None else ""))
+    click.echo(f"wrote {out / 'schedule.json'} and {out / 'tme.png'}")
+
+
+@cli.command(epilog=EPILOG_FLOPS)
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path), help="A HF config.json.")
+@click.option("--schedule", "schedule_path", type=click.Path(path_type=Path), help="schedule.json to read.")
+@schedule_options
+@click.option("--visual-tokens", "visual", type=click.IntRange(0), multiple=True, required=True,
+              help="Visual tokens N (repeat for a sweep).")
+@click.option("--text-tokens", type=click.IntRange(0), default=64, show_default=True, help="Other prompt tokens T.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@user_errors
+def flops(config_path, schedule_path, visual, text_tokens, as_json, **kwargs):
+    """Prefill FLOPs of the LLM, full vs HalfV, and their ratio.
+
+    Counts GQA projections, the full attention rectangle, and SwiGLU MLPs per layer; frozen visual rows (freeze
+    mode) still pay their K/V projections. Selection overhead (scores, farthest-point similarity) is reported
+    separately and not in the ratio. Without --schedule or flags, the backbone's paper schedule is used.
+    """
+    from .pipeline import flops_table
+
+    rows, described = flops_table(config_path, schedule_path, pick_overrides(kwargs), list(visual), text_tokens)
+    if as_json:
+        click.echo(json.dumps({"schedule": described, "rows": rows}, indent=2))
+        return
+    click.echo(f"schedule: {described}")
+    click.echo(f"{'visual':>7} {'text':>5} {'full TFLOP':>11} {'halfv TFLOP':>12} {'overhead GFLOP':>15} {'ratio':>7}")
+    for r in rows:
+        click.echo(f"{r['visual']:>7} {r['text']:>5} {r['full'] / 1e12:>11.3f} {r['halfv'] / 1e12:>12.3f} "
+                   f"{r['overhead'] / 1e9:>15.2f} {r['ratio']:>7.3f}")
+    for r in rows:
+        click.echo(f"ratio: {r['ratio']:.3f}" + (f"  (N={r['visual']})" if len(rows) > 1 else ""))
+
+
+def main(argv=None):
+    try:
+        cli.main(args=argv, prog_name="halfv-export", standalone_mode=True)
+    except KeyboardInterrupt:
+        click.echo("interrupted; nothing half-written was left behind", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

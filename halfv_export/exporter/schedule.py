@@ -1,0 +1,113 @@
+"""schedule.json: the static HalfV schedule, where each value came from, and the calibration curves.
+
+Reading is strict: a malformed file, a value out of range, or a schedule made for another model is refused with
+one line that names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+from ..errors import BadInput
+from ..graphs.adapter import PaperSchedule
+from ..graphs.pruning import SSR_MODES, PruneSchedule
+from .atomic import write_text_atomic
+
+SCHEMA_VERSION = 1
+FIELDS = ("ivr_layer", "keep_ratio", "anchor_ratio", "ssr_layer", "ssr_mode", "ssr_ratio")
+
+
+def paper_fallback(paper: PaperSchedule, depth: int) -> dict:
+    """The paper's values; layers are moved to the same relative depth when the model is not as deep as the one
+    the paper tuned (e.g. Qwen's L2 = 21 of 28 -> 6 of 8), and kept inside 1 <= L1 < L2 < depth."""
+    scale = depth / paper.reference_depth
+    l1 = paper.ivr_layer if depth == paper.reference_depth else max(1, round(paper.ivr_layer * scale))
+    l2 = paper.ssr_layer if depth == paper.reference_depth else round(paper.ssr_layer * scale)
+    l1 = min(l1, depth - 2)
+    l2 = min(max(l2, l1 + 1), depth - 1)
+    return {"ivr_layer": l1, "keep_ratio": paper.keep_ratio, "anchor_ratio": paper.anchor_ratio, "ssr_layer": l2,
+            "ssr_mode": paper.ssr_mode, "ssr_ratio": paper.ssr_ratio}
+
+
+def check_values(values: dict, depth: int | None, where: str = "schedule") -> PruneSchedule:
+    """Range-check the six schedule fields (depth None: layers checked only against each other)."""
+    for key in FIELDS:
+        if key not in values:
+            raise BadInput(f"{where}: field '{key}' is missing; re-run calibrate or add it")
+
+    def ratio(key, optional=False):
+        v = values[key]
+        if v is None and optional:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v <= 1:
+            raise BadInput(f"{where}: {key}={v!r} must be a number in (0, 1]")
+        return float(v)
+
+    def layer(key):
+        v = values[key]
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise BadInput(f"{where}: {key}={v!r} must be an integer layer index")
+        return v
+
+    l1, l2 = layer("ivr_layer"), layer("ssr_layer")
+    mode = values["ssr_mode"]
+    if mode not in SSR_MODES:
+        raise BadInput(f"{where}: ssr_mode={mode!r} must be one of {', '.join(SSR_MODES)}")
+    sched = PruneSchedule(ivr_layer=l1, keep_ratio=ratio("keep_ratio"), anchor_ratio=ratio("anchor_ratio"),
+                          ssr_layer=l2, ssr_mode=mode, ssr_ratio=ratio("ssr_ratio", optional=(mode == "freeze")))
+    if mode == "topk" and sched.ssr_ratio is None:
+        raise BadInput(f"{where}: ssr_mode=topk needs ssr_ratio in (0, 1]")
+    if l1 < 1:
+        raise BadInput(f"{where}: ivr_layer={l1} must be >= 1 (IVR scores come from the layer before it)")
+    if l2 <= l1:
+        raise BadInput(f"{where}: ssr_layer={l2} must be greater than ivr_layer={l1}")
+    if depth is not None and l2 >= depth:
+        raise BadInput(f"{where}: ssr_layer={l2} must be below the model's depth {depth}")
+    return sched
+
+
+def build_document(backbone: str, fingerprint: str, source: str, depth: int, values: dict, chosen_by: dict,
+                   calibration: dict | None, tool_version: str) -> dict:
+    sched = check_values(values, depth)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "backbone": backbone,
+        "model": {"fingerprint": fingerprint, "source": source, "num_layers": depth},
+        "schedule": asdict(sched),
+        "chosen_by": chosen_by,
+        "calibration": calibration,
+        "created_by": f"halfv-export {tool_version}",
+    }
+
+
+def write_schedule(path: Path, document: dict) -> None:
+    write_text_atomic(Path(path), json.dumps(document, indent=2) + "\n")
+
+
+def read_schedule(path: Path, backbone: str | None = None, fingerprint: str | None = None,
+                  depth: int | None = None) -> tuple[PruneSchedule, dict]:
+    """Parse and check a schedule.json; with backbone / fingerprint / depth given, it must be for that model."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BadInput(f"schedule {path} does not exist; run `halfv-export calibrate` to make one") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BadInput(f"schedule {path} is not valid JSON; re-run `halfv-export calibrate`") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("schedule"), dict) or not isinstance(doc.get("model"), dict):
+        raise BadInput(f"schedule {path} lacks the 'schedule'/'model' sections; re-run `halfv-export calibrate`")
+    if doc.get("schema_version") != SCHEMA_VERSION:
+        raise BadInput(f"schedule {path} has schema_version {doc.get('schema_version')!r}, this tool reads "
+                       f"{SCHEMA_VERSION}; re-run `halfv-export calibrate`")
+    if backbone is not None and doc.get("backbone") != backbone:
+        raise BadInput(f"schedule {path} is for backbone '{doc.get('backbone')}', not '{backbone}'; "
+                       "calibrate this backbone or pass its schedule")
+    if fingerprint is not None and doc["model"].get("fingerprint") != fingerprint:
+        raise BadInput(f"schedule {path} was calibrated for another model (fingerprint mismatch); "
+                       "re-run `halfv-export calibrate` on this model")
+    sched = check_values(doc["schedule"], depth if depth is not None else doc["model"].get("num_layers"),
+                         where=f"schedule {path}")
+    return sched, doc

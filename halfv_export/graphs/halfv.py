@@ -1,0 +1,174 @@
+"""The eager HalfV reference: the model's own decoder layers, driven layer by layer with the pruning stages
+cut in (method §4-§6, §8 interpretation). Everything exported later is measured against this.
+
+    h = embeddings                                     [B, S, D]
+    for l in layers:
+        if l == L1:  IVR   scores(layer L1-1 input, no RoPE) -> A anchors + FPS fill -> K1 rows    [B, S-N+K1, D]
+        if l == L2:  SSR   topk:   scores(layer L2-1 input, RoPE) -> K2 rows                      [B, S-N+K2, D]
+                           freeze: from here on the visual rows get no update, but stay keys/values
+        h = layer(h)   (KV cache of layer l keeps exactly the rows layer l saw)
+    logits = lm_head(norm(h[:, -1]))
+
+Kept rows keep their original (M-)RoPE positions: cos/sin and positions are gathered with the same index.
+Batches are left-padded and share N; selection is per sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from ..errors import BadInput
+from .adapter import PrefillInputs, TextStack
+from .pruning import (Budgets, PruneSchedule, budgets, diversity_features, gather_rows, ivr_select, keep_index,
+                      relevance_scores, top_indices, visual_rows)
+
+
+def additive_mask(key_valid: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """Causal + key-padding mask, [B, 1, q_len, kv_len] additive (0 = attend).
+
+    key_valid [B, kv_len]; the q_len queries are the last q_len rows. A padding query attends to itself only,
+    so no softmax row is empty."""
+    b, kv = key_valid.shape
+    q_rows = torch.arange(kv - q_len, kv)[:, None]  # [q, 1]
+    k_cols = torch.arange(kv)[None, :]  # [1, kv]
+    allowed = (k_cols <= q_rows)[None] & key_valid.bool()[:, None, :]  # [B, q, kv]
+    allowed = allowed | (k_cols == q_rows)[None]
+    return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)[:, None]
+
+
+@dataclass
+class PrunedCache:
+    """Per-layer K/V (lengths differ by layer group) plus which cached rows are real (not padding)."""
+
+    kv: DynamicCache
+    key_valid: list[torch.Tensor]  # per layer [B, len_l]
+    next_positions: torch.Tensor  # [P, B] rope position of the next token
+
+    def lengths(self) -> list[int]:
+        return [v.shape[1] for v in self.key_valid]
+
+
+@dataclass
+class PrefillResult:
+    logits: torch.Tensor  # [B, V] last-token logits
+    cache: PrunedCache
+    kept: dict[str, torch.Tensor] = field(default_factory=dict)  # stage -> [B, K] kept visual indices (original numbering)
+    budgets: Budgets | None = None
+
+
+class HalfVReference:
+    """Eager HalfV over a TextStack. `schedule=None` is the unpruned model (the fidelity baseline)."""
+
+    def __init__(self, stack: TextStack, schedule: PruneSchedule | None = None):
+        self.stack = stack
+        self.schedule = schedule
+        if schedule is not None:
+            n_layers = stack.num_layers
+            if not 1 <= schedule.ivr_layer < schedule.ssr_layer < n_layers:
+                raise BadInput(
+                    f"schedule needs 1 <= ivr_layer < ssr_layer < {n_layers} (the model's depth); got "
+                    f"ivr_layer={schedule.ivr_layer}, ssr_layer={schedule.ssr_layer}"
+                )
+
+    # ------------------------------------------------------------------------------------------- prefill
+    @torch.no_grad()
+    def prefill(self, inputs: PrefillInputs, freeze_layers: frozenset[int] = frozenset(),
+                capture: list | None = None) -> PrefillResult:
+        """Prefill. `freeze_layers` zeroes the visual rows' updates at those layers (the calibration KL probe);
+        `capture`, when a list, receives the L+1 hidden states (input of every layer, then the last output),
+        each with the visual span as (start [B], N)."""
+        st, sched = self.stack, self.schedule
+        h = inputs.embeds  # [B, S, D]
+        positions, valid = inputs.positions, inputs.attention_mask  # [P, B, S], [B, S]
+        start, n = inputs.visual_start, inputs.num_visual
+        cos, sin = st.rotary(h, positions)  # [B, S, hd] each
+        plan = budgets(n, sched) if (sched is not None and n > 0) else None
+        if plan is not None and (plan.k1 < 1 or (sched.ssr_mode == "topk" and plan.k2 < 1)):
+            raise BadInput(
+                f"{n} visual tokens give K1={plan.k1}, K2={plan.k2} at keep_ratio={sched.keep_ratio}, "
+                f"ssr_ratio={sched.ssr_ratio}; use a larger image or larger ratios"
+            )
+        kept: dict[str, torch.Tensor] = {}
+        original = visual_rows(torch.zeros_like(start), n)  # [B, n] original index of each visual row
+        cache = DynamicCache()
+        key_valid: list[torch.Tensor] = []
+        prev_input = h
+
+        for i, layer in enumerate(st.layers):
+            cut = None
+            if plan is not None and i == sched.ivr_layer:
+                scores = relevance_scores(st.layers[i - 1], prev_input, start, n, st.num_heads, st.num_kv_heads,
+                                          st.head_dim, rope=None)  # [B, n]
+                feats = diversity_features(st.norm, h, start, n)  # [B, n, D]
+                cut = ("ivr", ivr_select(scores, feats, plan.k1, plan.anchors))  # [B, K1]
+            elif plan is not None and i == sched.ssr_layer and sched.ssr_mode == "topk":
+                scores = relevance_scores(st.layers[i - 1], prev_input, start, n, st.num_heads, st.num_kv_heads,
+                                          st.head_dim, rope=(cos, sin))  # [B, K1]
+                cut = ("ssr", top_indices(scores, plan.k2))  # [B, K2]
+            if cut is not None:
+                stage, selected = cut
+                index = keep_index(start, selected, n, h.shape[1])  # [B, S']
+                h, cos, sin, valid = (gather_rows(t, index) for t in (h, cos, sin, valid))
+                positions = torch.stack([gather_rows(p, index) for p in positions])  # [P, B, S']
+                original = original.gather(1, selected)
+                kept[stage] = original
+                n = selected.shape[1]
+
+            frozen = (i in freeze_layers) or (plan is not None and sched.ssr_mode == "freeze" and i >= sched.ssr_layer)
+            prev_input = h
+            if capture is not None:
+                capture.append((h, start, n))
+            out = layer(h, attention_mask=additive_mask(valid, h.shape[1], h.dtype), position_embeddings=(cos, sin),
+                        past_key_values=cache, use_cache=True)
+            if frozen and n > 0:
+                # visual rows keep their input (no attention/MLP update); their K/V, computed above from that
+                # same frozen input, still serve the text rows.
+                is_visual = torch.zeros(h.shape[:2], dtype=torch.bool)
+                is_visual.scatter_(1, visual_rows(start, n), True)
+                out = torch.where(is_visual[..., None], h, out)
+            h = out
+            key_valid.append(valid)
+
+        if capture is not None:
+            capture.append((h, start, n))
+        logits = st.lm_head(st.norm(h[:, -1]))  # [B, V]
+        if plan is not None and sched.ssr_mode == "freeze":
+            kept["ssr"] = original
+        return PrefillResult(logits=logits, cache=PrunedCache(cache, key_valid, inputs.next_positions.clone()),
+                             kept=kept, budgets=plan)
+
+    # ------------------------------------------------------------------------------------------- decode
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, cache: PrunedCache) -> torch.Tensor:
+        """One greedy step: tokens [B] -> logits [B, V]. Every layer runs normally over its own (pruned) cache;
+        the position continues from the unpruned prompt length (method §6: never renumber)."""
+        st = self.stack
+        h = st.embed_tokens(tokens[:, None])  # [B, 1, D]
+        positions = cache.next_positions[..., None]  # [P, B, 1]
+        cos, sin = st.rotary(h, positions)
+        for i, layer in enumerate(st.layers):
+            cache.key_valid[i] = torch.cat([cache.key_valid[i], torch.ones_like(tokens)[:, None]], dim=1)
+            h = layer(h, attention_mask=additive_mask(cache.key_valid[i], 1, h.dtype), position_embeddings=(cos, sin),
+                      past_key_values=cache.kv, use_cache=True)
+        cache.next_positions = cache.next_positions + 1
+        return st.lm_head(st.norm(h[:, -1]))
+
+    @torch.no_grad()
+    def generate(self, inputs: PrefillInputs, max_new_tokens: int, eos_ids: set[int] = frozenset()) -> torch.Tensor:
+        """Greedy generation -> [B, <= max_new_tokens]; a sample that hit EOS keeps emitting EOS."""
+        result = self.prefill(inputs)
+        logits, cache = result.logits, result.cache
+        out, done = [], torch.zeros(logits.shape[0], dtype=torch.bool)
+        for step in range(max_new_tokens):
+            token = logits.argmax(dim=-1)  # [B]
+            if out and eos_ids:
+                token = torch.where(done, out[-1], token)
+            out.append(token)
+            done = done | torch.isin(token, torch.tensor(sorted(eos_ids), dtype=token.dtype)) if eos_ids else done
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            logits = self.decode_step(token, cache)
+        return torch.stack(out, dim=1) if out else torch.zeros((logits.shape[0], 0), dtype=torch.long)

@@ -1,0 +1,156 @@
+"""HalfV's pruning stages as plain tensor ops (method notes §4-§5, with the §8 interpretation).
+
+Everything here is batched with per-sample indices, uses static shapes (N, K1, A, K2 are Python ints) and no
+data-dependent shapes, so the same functions trace into ONNX: selection is sort/argmax, compaction is one gather.
+
+Shapes: B batch, S sequence rows, N visual rows, D hidden, H query heads, G kv heads, hd head dim.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+import torch.nn.functional as F
+
+SSR_MODES = ("topk", "freeze")
+
+
+@dataclass(frozen=True)
+class PruneSchedule:
+    """The static HalfV schedule: IVR before layer `ivr_layer`, SSR from layer `ssr_layer` on."""
+
+    ivr_layer: int  # L1 >= 1
+    keep_ratio: float  # rho: IVR keeps K1 = floor(N * rho) visual tokens
+    anchor_ratio: float  # alpha: A = floor(K1 * alpha) of them are attention anchors
+    ssr_layer: int  # L2 > L1
+    ssr_mode: str  # "topk" (Qwen: extreme token sparsity) | "freeze" (LLaVA: layer-level inactivity)
+    ssr_ratio: float | None = None  # sigma, topk only: K2 = min(floor(N * sigma), K1)
+
+
+@dataclass(frozen=True)
+class Budgets:
+    n: int  # visual tokens before pruning
+    k1: int  # kept by IVR
+    anchors: int  # A, of which chosen by attention
+    k2: int  # visual rows from L2 on (= k1 in freeze mode: frozen rows stay as keys/values)
+
+
+def floor_ratio(n: int, ratio: float) -> int:
+    """floor(n * ratio) with the ratio read as the decimal it was written as (0.1 = 1/10), so that
+    e.g. floor(10 * 0.1) = 1 exactly; matches the reference's int(n * ratio) for the paper's ratios."""
+    r = Fraction(repr(float(ratio)))
+    return n * r.numerator // r.denominator
+
+
+def budgets(n: int, schedule: PruneSchedule) -> Budgets:
+    k1 = floor_ratio(n, schedule.keep_ratio)
+    anchors = floor_ratio(k1, schedule.anchor_ratio)
+    k2 = min(floor_ratio(n, schedule.ssr_ratio), k1) if schedule.ssr_mode == "topk" else k1
+    return Budgets(n=n, k1=k1, anchors=anchors, k2=k2)
+
+
+# --------------------------------------------------------------------------------------------- row gathers
+def visual_rows(start: torch.Tensor, n: int) -> torch.Tensor:
+    """start [B] -> row indices of the visual block [B, n]."""
+    return start[:, None] + torch.arange(n, device=start.device)[None, :]
+
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x [B, S, *rest], rows [B, R] -> [B, R, *rest] (one int64 gather on axis 1)."""
+    index = rows.reshape(rows.shape + (1,) * (x.dim() - 2)).expand(rows.shape + x.shape[2:])
+    return x.gather(1, index)
+
+
+def keep_index(start: torch.Tensor, selected: torch.Tensor, n: int, seq_len: int) -> torch.Tensor:
+    """The ascending row index that keeps every text row and the selected visual rows.
+
+    start [B], selected [B, K] (ascending, relative to the visual block) -> [B, seq_len - n + K]
+        keep = [0, s) ∪ (s + selected) ∪ [s + n, S)
+    Built arithmetically (no masks, no NonZero) so that it exports with static shapes.
+    """
+    k = selected.shape[1]
+    j = torch.arange(seq_len - n + k, device=start.device)[None, :]  # [1, S']
+    s = start[:, None]  # [B, 1]
+    in_block = (j - s).clamp(0, max(k - 1, 0))  # [B, S']
+    visual = s + selected.gather(1, in_block) if k > 0 else j.expand_as(in_block)
+    return torch.where(j < s, j, torch.where(j < s + k, visual, j + (n - k)))
+
+
+# --------------------------------------------------------------------------------------------- scores
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, R, hd], cos/sin [B, R, hd] (already M-RoPE-recomposed for Qwen)."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def relevance_scores(layer, hidden: torch.Tensor, start: torch.Tensor, n: int, num_heads: int, num_kv_heads: int,
+                     head_dim: int, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """How much the last prompt token attends to each visual token, at `layer` (method §4a / §5.1).
+
+    hidden [B, S, D] is the input of `layer`; returns scores [B, n] in fp32.
+    As in the reference: the query of the LAST row only, the visual keys only, NO 1/sqrt(hd) scaling, softmax over
+    the visual keys per head, mean over heads. RoPE is applied only when `rope` (cos, sin [B, S, hd]) is given (SSR).
+    """
+    b = hidden.shape[0]
+    x = layer.input_layernorm(hidden)  # [B, S, D]
+    rows = visual_rows(start, n)  # [B, n]
+    attn = layer.self_attn
+    q = attn.q_proj(x[:, -1:, :]).view(b, 1, num_heads, head_dim).transpose(1, 2)  # [B, H, 1, hd]
+    k = attn.k_proj(gather_rows(x, rows)).view(b, n, num_kv_heads, head_dim).transpose(1, 2)  # [B, G, n, hd]
+    if rope is not None:
+        cos, sin = rope
+        q = apply_rope(q, cos[:, -1:], sin[:, -1:])
+        k = apply_rope(k, gather_rows(cos, rows), gather_rows(sin, rows))
+    k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)  # [B, H, n, hd]
+    logits = q.float() @ k.float().transpose(-1, -2)  # [B, H, 1, n], unscaled on purpose
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0]  # [B, n]
+
+
+def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k highest scores, ties -> lower index (stable descending sort), returned ascending. [B, n] -> [B, k]."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+    return torch.sort(order, dim=-1).values
+
+
+# --------------------------------------------------------------------------------------------- IVR
+def diversity_features(final_norm, hidden: torch.Tensor, start: torch.Tensor, n: int) -> torch.Tensor:
+    """F = L2-normalise(finalRMSNorm(h_L1)[visual]) in fp32: hidden [B, S, D] -> [B, n, D] (method §4d)."""
+    return F.normalize(final_norm(gather_rows(hidden, visual_rows(start, n))).float(), dim=-1)
+
+
+def farthest_point_fill(features: torch.Tensor, anchors: torch.Tensor, k: int) -> torch.Tensor:
+    """Greedy max-min farthest-point sampling seeded with the anchors (`hybrid_prune`, method §4d).
+
+    features [B, n, C] unit rows, anchors [B, A] -> selected [B, k] ascending, relative visual indices.
+        dist(u, v) = 1 - <F_u, F_v>
+        md[u] = min over selected v of dist(u, v)   (2.0 everywhere when there are no anchors)
+        md[selected] = -1
+        repeat k - A times: u* = argmax md (lowest index on ties); select u*; md = min(md, dist(., u*)); md[u*] = -1
+    """
+    b, n, _ = features.shape
+    a = anchors.shape[1]
+    dist = 1.0 - features @ features.transpose(1, 2)  # [B, n, n]
+    if a > 0:
+        md = dist.gather(2, anchors[:, None, :].expand(b, n, a)).min(dim=2).values  # [B, n]
+    else:
+        md = torch.full((b, n), 2.0, dtype=dist.dtype, device=dist.device)
+    md = md.scatter(1, anchors, -1.0)
+    picks = [anchors]
+    for _ in range(k - a):
+        u = md.argmax(dim=1, keepdim=True)  # [B, 1], torch.argmax returns the first maximum
+        picks.append(u)
+        md = torch.minimum(md, dist.gather(1, u[:, :, None].expand(b, 1, n))[:, 0])
+        md = md.scatter(1, u, -1.0)
+    return torch.sort(torch.cat(picks, dim=1), dim=1).values
+
+
+def ivr_select(scores: torch.Tensor, features: torch.Tensor, k1: int, num_anchors: int) -> torch.Tensor:
+    """IVR: A attention anchors + (K1 - A) farthest-point picks. scores [B, n], features [B, n, C] -> [B, K1]."""
+    anchors = top_indices(scores, num_anchors)
+    return farthest_point_fill(features, anchors, k1)

@@ -1,0 +1,1 @@
+"""FLOPs model, parity / fidelity / latency measurement, reports and plots."""

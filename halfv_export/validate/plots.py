@@ -1,0 +1,65 @@
+"""Pictures people look at: the TME curves with the chosen layers (calibration)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ..exporter.atomic import write_bytes_atomic  # noqa: E402
+
+_NAN = float("nan")
+
+
+def _series(values):
+    return [_NAN if v is None else v for v in values]
+
+
+def save_figure(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    write_bytes_atomic(Path(path), buf.getvalue())
+
+
+def tme_plot(curves: dict, schedule: dict, title: str, path: Path, kl_threshold: float | None = None) -> None:
+    """Top: TME H1 of visual / text / whole rows per layer point, stages shaded, L1 and L2 marked.
+    Bottom: the visual-update KL probe per layer (log scale) with the freeze/topk threshold."""
+    l1, l2 = schedule["ivr_layer"], schedule["ssr_layer"]
+    depth = len(curves["whole"]) - 1
+    x = list(range(depth + 1))
+    has_kl = bool(curves.get("kl_visual_update"))
+    fig, axes = plt.subplots(2 if has_kl else 1, 1, figsize=(8, 6.5 if has_kl else 4), sharex=True, squeeze=False)
+    ax = axes[0][0]
+    for key, color in (("visual", "tab:red"), ("text", "tab:blue"), ("whole", "tab:gray")):
+        if curves.get(key):
+            ax.plot(x, _series(curves[key]), marker="o", ms=3, color=color, label=f"{key} TME")
+    for lo, hi, label, shade in ((0, l1, "I: alignment", "#f3e9d2"), (l1, l2, "II: aggregation", "#dfeedd"),
+                                 (l2, depth, "III: saturation", "#e4e4f3")):
+        ax.axvspan(lo, hi, color=shade, alpha=0.6, lw=0)
+        ax.text((lo + hi) / 2, 1.01, label, transform=ax.get_xaxis_transform(), ha="center", va="bottom", fontsize=8)
+    ax.axvline(l1, color="tab:green", ls="--", label=f"IVR before layer {l1} (keep {schedule['keep_ratio']})")
+    ssr = f"SSR {schedule['ssr_mode']} from layer {l2}"
+    if schedule.get("ssr_ratio") is not None:
+        ssr += f" (keep {schedule['ssr_ratio']})"
+    ax.axvline(l2, color="tab:purple", ls="--", label=ssr)
+    ax.set_ylabel("truncated matrix entropy H1 (nats)")
+    ax.set_title(title, pad=16)
+    ax.legend(fontsize=8, loc="best")
+    if has_kl:
+        ax2 = axes[1][0]
+        # the last layer's KL is 0 by construction (its visual updates cannot reach the last token): not drawn
+        kl = [v if (v is not None and v > 0) else _NAN for v in curves["kl_visual_update"][:-1]]
+        ax2.semilogy(range(depth - 1), kl, marker="s", ms=3, color="tab:orange",
+                     label="KL, visual updates zeroed at layer")
+        if kl_threshold:
+            ax2.axhline(kl_threshold, color="k", ls=":", label=f"freeze threshold {kl_threshold:.2g}")
+        ax2.axvline(l2, color="tab:purple", ls="--")
+        ax2.set_ylabel("KL(p_probe || p_full)")
+        ax2.legend(fontsize=8)
+    axes[-1][0].set_xlabel("layer point (i = input of layer i; last = final output)")
+    save_figure(fig, path)

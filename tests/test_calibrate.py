@@ -1,0 +1,146 @@
+"""calibrate end to end through the CLI, the rules, and schedule.json strictness."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from halfv_export.errors import BadInput
+from halfv_export.exporter.calibrate import derive_schedule
+from halfv_export.exporter.schedule import read_schedule
+from halfv_export.graphs import get_adapter
+from tests.conftest import make_image
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    from click.testing import CliRunner
+
+    from halfv_export.exporter.cli import cli
+
+    out = tmp_path_factory.mktemp("calib")
+    result = CliRunner().invoke(cli, ["calibrate", "--backbone", "qwen2.5-vl", "--samples", "4", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_calibrate_writes_schedule_and_plot(calibrated):
+    doc = json.loads((calibrated / "schedule.json").read_text())
+    assert doc["schema_version"] == 1 and doc["backbone"] == "qwen2.5-vl"
+    assert doc["model"]["num_layers"] == 8 and doc["model"]["fingerprint"].startswith("sha256:")
+    curves = doc["calibration"]["curves"]
+    assert len(curves["visual"]) == len(curves["text"]) == len(curves["whole"]) == 9
+    assert len(curves["kl_visual_update"]) == 8
+    assert all(0 < v < np.log(50) for v in curves["whole"])
+    assert doc["chosen_by"]["ssr_layer"].startswith("rule:") and doc["chosen_by"]["ssr_mode"].startswith("rule:")
+    png = (calibrated / "tme.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    assert not list(calibrated.glob(".*.tmp"))  # no temp file left behind
+    adapter = get_adapter("qwen2.5-vl")
+    sched, _ = read_schedule(calibrated / "schedule.json", backbone="qwen2.5-vl",
+                             fingerprint=doc["model"]["fingerprint"], depth=8)
+    assert 1 <= sched.ivr_layer < sched.ssr_layer < 8
+    assert adapter.paper.keep_ratio == sched.keep_ratio
+
+
+def test_cli_overrides_and_paper_values(run_cli, tmp_path):
+    result = run_cli("calibrate", "--backbone", "qwen2.5-vl", "--paper-values", "--ssr-layer", 5,
+                     "--keep-ratio", 0.5, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "schedule.json").read_text())
+    assert doc["schedule"] == {"ivr_layer": 1, "keep_ratio": 0.5, "anchor_ratio": 0.1, "ssr_layer": 5,
+                               "ssr_mode": "topk", "ssr_ratio": 0.05}
+    assert doc["chosen_by"]["ssr_layer"] == "cli" and doc["chosen_by"]["ivr_layer"].startswith("paper:")
+    assert doc["calibration"] is None and not (tmp_path / "tme.png").exists()
+
+
+def test_tiny_checkpoint_loads_through_model_flag(run_cli, tiny_qwen_dir, tmp_path, calibrated):
+    result = run_cli("calibrate", "--backbone", "qwen2.5-vl", "--model", tiny_qwen_dir, "--samples", "2",
+                     "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "schedule.json").read_text())
+    assert doc["model"]["num_layers"] == 6 and doc["model"]["source"] == str(tiny_qwen_dir.resolve())
+    embedded = json.loads((calibrated / "schedule.json").read_text())
+    assert doc["model"]["fingerprint"] != embedded["model"]["fingerprint"]
+    # a schedule for one model is refused for the other
+    adapter = get_adapter("qwen2.5-vl")
+    from halfv_export.graphs.checkpoint import config_fingerprint
+
+    tiny = adapter.load(tiny_qwen_dir)
+    assert tiny.config.text_config.hidden_size == 96
+    with pytest.raises(BadInput, match="another model"):
+        read_schedule(calibrated / "schedule.json", fingerprint=config_fingerprint(tiny.config))
+
+
+def test_data_folder_with_odd_images(run_cli, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    make_image(300, 200).convert("L").save(data / "gray.png")
+    make_image(250, 250).convert("RGBA").save(data / "rgba.png")
+    Image.fromarray((np.arange(200 * 160).reshape(160, 200) % 65535).astype(np.uint16)).save(data / "deep.png")
+    lines = [{"image": "gray.png", "prompt": "What is this?"}, {"image": "rgba.png", "prompt": "Describe it."},
+             {"image": "deep.png", "prompt": "Any text?"}]
+    (data / "prompts.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    result = run_cli("calibrate", "--backbone", "qwen2.5-vl", "--data", data, "--no-kl-probe", "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "o" / "schedule.json").read_text())
+    assert doc["calibration"]["samples"] == ["gray.png", "rgba.png", "deep.png"]
+    assert doc["calibration"]["curves"]["kl_visual_update"] is None
+
+
+class _Adapter:
+    paper = get_adapter("qwen2.5-vl").paper
+
+
+def test_rules_pick_stage_boundaries_and_mode():
+    depth = 12
+    visual = [1.0, 1.1, 1.3, 1.2, 1.0, 0.9, 0.8, 0.6, 0.7, 0.9, 1.0, 1.1, 1.2]  # peak at 2, minimum at 7
+    tiny_kl = [1e-2] * 7 + [1e-6] * 5
+    values, chosen = derive_schedule({"visual": visual, "kl_visual_update": tiny_kl}, depth, _Adapter, {})
+    assert (values["ivr_layer"], values["ssr_layer"], values["ssr_mode"]) == (2, 7, "freeze")
+    assert values["ssr_ratio"] is None
+    big_kl = [1e-2] * 12
+    values, _ = derive_schedule({"visual": visual, "kl_visual_update": big_kl}, depth, _Adapter, {})
+    assert values["ssr_mode"] == "topk" and values["ssr_ratio"] == 0.05
+    # no curves -> paper values at the same relative depth (Qwen 2/28, 21/28 -> 1/12, 9/12)
+    values, chosen = derive_schedule(None, depth, _Adapter, {})
+    assert (values["ivr_layer"], values["ssr_layer"]) == (1, 9) and chosen["ssr_layer"].startswith("paper:")
+    values, _ = derive_schedule(None, 28, _Adapter, {})
+    assert (values["ivr_layer"], values["ssr_layer"]) == (2, 21)
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: d["schedule"].update(keep_ratio=1.5), "keep_ratio=1.5 must be a number in \\(0, 1\\]"),
+    (lambda d: d["schedule"].update(keep_ratio=0), "keep_ratio=0 must be"),
+    (lambda d: d["schedule"].update(ivr_layer=0), "ivr_layer=0 must be >= 1"),
+    (lambda d: d["schedule"].update(ssr_layer=1, ivr_layer=1), "ssr_layer=1 must be greater than ivr_layer=1"),
+    (lambda d: d["schedule"].update(ssr_layer=8), "below the model's depth 8"),
+    (lambda d: d["schedule"].update(ssr_mode="skip"), "ssr_mode='skip'"),
+    (lambda d: d["schedule"].pop("anchor_ratio"), "field 'anchor_ratio' is missing"),
+    (lambda d: d.update(schema_version=99), "schema_version 99"),
+    (lambda d: d.update(backbone="llava-1.5"), "for backbone 'llava-1.5'"),
+])
+def test_malformed_schedules_are_refused_with_one_line(calibrated, tmp_path, edit, message):
+    doc = json.loads((calibrated / "schedule.json").read_text())
+    edit(doc)
+    path = tmp_path / "schedule.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(BadInput, match=message) as err:
+        read_schedule(path, backbone="qwen2.5-vl")
+    assert "\n" not in str(err.value)
+
+
+def test_truncated_schedule_file(tmp_path):
+    path = tmp_path / "schedule.json"
+    path.write_text('{"schema_version": 1, "sched')
+    with pytest.raises(BadInput, match="not valid JSON"):
+        read_schedule(path)
+
+
+def test_same_seed_same_weights_other_seed_other_weights():
+    adapter = get_adapter("qwen2.5-vl")
+    a, b, c = (adapter.load(None, seed=s).model.state_dict() for s in (0, 0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["lm_head.weight"], c["lm_head.weight"])

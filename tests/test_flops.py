@@ -1,0 +1,95 @@
+"""Analytic FLOPs vs torch's FlopCounterMode on real small models, and the published-config ratios."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from halfv_export.graphs import get_adapter
+from halfv_export.graphs.halfv import HalfVReference
+from halfv_export.graphs.pruning import PruneSchedule
+from halfv_export.validate.flops import LMShape, layer_flops, prefill_flops
+from tests.conftest import make_image
+
+CONFIGS = Path(__file__).parent / "data" / "model-configs.json"  # copy of shared/reference/model-configs.json
+
+
+def published(name: str) -> dict:
+    models = {m["_model"]: m for m in json.loads(CONFIGS.read_text())["models"]}
+    return models[name]
+
+
+def counted(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("model", ["embedded", "tiny"])
+@pytest.mark.parametrize("size", [(448, 336), (224, 224)])
+def test_analytic_flops_match_flop_counter(model, size, tiny_qwen_dir):
+    adapter = get_adapter("qwen2.5-vl")
+    loaded = adapter.load(None if model == "embedded" else tiny_qwen_dir)
+    loaded.model.set_attn_implementation("eager")  # explicit matmuls, which FlopCounterMode sees on CPU
+    stack = adapter.text_stack(loaded)
+    inputs = adapter.prepare(loaded, [make_image(*size)], ["What is in this picture?"])
+    n, t = inputs.num_visual, inputs.seq_len - inputs.num_visual
+    shape = LMShape.from_config(loaded.config.to_dict())
+    depth = shape.layers
+    schedule = PruneSchedule(2, 0.25, 0.1, depth - 2, "topk", 0.05)
+
+    full = prefill_flops(shape, n, t, None)
+    measured_full = counted(lambda: HalfVReference(stack, None).prefill(inputs))
+    assert full.full == pytest.approx(measured_full, rel=0.02)
+
+    halfv = prefill_flops(shape, n, t, schedule)
+    measured_halfv = counted(lambda: HalfVReference(stack, schedule).prefill(inputs))
+    assert halfv.halfv + halfv.overhead == pytest.approx(measured_halfv, rel=0.02)
+    assert halfv.ratio > 1.5
+
+
+def test_qwen7b_paper_schedule_ratios():
+    shape = LMShape.from_config(published("Qwen/Qwen2.5-VL-7B-Instruct"))
+    assert (shape.layers, shape.hidden, shape.kv_heads, shape.intermediate) == (28, 3584, 4, 18944)
+    paper = PruneSchedule(2, 0.25, 0.1, 21, "topk", 0.05)
+    assert 4.0 <= prefill_flops(shape, 4096, 64, paper).ratio <= 4.2
+    assert 3.0 <= prefill_flops(shape, 576, 64, paper).ratio <= 3.4
+
+
+def test_freeze_mode_pays_kv_for_frozen_rows():
+    shape = LMShape.from_config(published("llava-hf/llava-1.5-7b-hf"))
+    assert (shape.layers, shape.hidden, shape.kv_heads) == (32, 4096, 32)  # Llama defaults filled in
+    freeze = PruneSchedule(3, 0.5, 0.2, 15, "freeze")
+    f = prefill_flops(shape, 576, 64, freeze)
+    assert f.rows_per_layer[15] == (64, 288 + 64) and f.rows_per_layer[14] == (352, 352)
+    # a frozen layer costs exactly the text rows' work plus K/V projections of the 288 frozen rows and the text
+    # queries' attention over them
+    d, hd = shape.hidden, shape.head_dim
+    extra = 2 * (2 * 288 * d * shape.kv_heads * hd) + 2 * 2 * 64 * 288 * shape.heads * hd
+    assert layer_flops(shape, 64, 352) - layer_flops(shape, 64, 64) == extra
+    assert 1.5 < f.ratio < 4
+
+
+def test_flops_cli_prints_ratio_lines(run_cli, tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(published("Qwen/Qwen2.5-VL-7B-Instruct")))
+    result = run_cli("flops", "--config", config, "--visual-tokens", 4096, "--text-tokens", 64)
+    assert result.exit_code == 0, result.output
+    ratio = float([line for line in result.output.splitlines() if line.startswith("ratio:")][0].split()[1])
+    assert 4.0 <= ratio <= 4.2
+    sweep = run_cli("flops", "--config", config, "--visual-tokens", 576, "--visual-tokens", 16384)
+    ratios = [float(line.split()[1]) for line in sweep.output.splitlines() if line.startswith("ratio:")]
+    assert len(ratios) == 2 and ratios[0] < ratios[1]
+
+
+def test_flops_cli_needs_a_schedule_for_unknown_backbones(run_cli, tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(published("llava-hf/llava-v1.6-mistral-7b-hf")))
+    result = run_cli("flops", "--config", config, "--visual-tokens", 2340)
+    assert result.exit_code == 2 and "pass --schedule" in result.output
+    ok = run_cli("flops", "--config", config, "--visual-tokens", 2340, "--ivr-layer", 2, "--keep-ratio", 0.5,
+                 "--anchor-ratio", 0.1, "--ssr-layer", 16, "--ssr-mode", "freeze", "--json")
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.output)["rows"][0]["ratio"] > 1.5

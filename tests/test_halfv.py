@@ -1,0 +1,134 @@
+"""The eager HalfV reference against HF's own forward and against itself across batch layouts."""
+
+import pytest
+import torch
+
+from halfv_export.graphs.halfv import HalfVReference
+from halfv_export.graphs.pruning import PruneSchedule
+from tests.conftest import make_image
+
+TOPK = PruneSchedule(ivr_layer=2, keep_ratio=0.25, anchor_ratio=0.1, ssr_layer=6, ssr_mode="topk", ssr_ratio=0.05)
+FREEZE = PruneSchedule(ivr_layer=2, keep_ratio=0.5, anchor_ratio=0.2, ssr_layer=5, ssr_mode="freeze")
+
+
+def hf_last_logits(loaded, inputs):
+    with torch.no_grad():
+        out = loaded.model.model.language_model(inputs_embeds=inputs.embeds, position_ids=inputs.positions,
+                                                attention_mask=inputs.attention_mask)
+        return loaded.model.lm_head(out.last_hidden_state[:, -1])
+
+
+def test_unpruned_reference_equals_hf_forward_with_padding(qwen):
+    adapter, loaded, stack = qwen
+    inputs = adapter.prepare(loaded, [make_image(448, 336, 1), make_image(448, 336, 2)],
+                             ["What is here?", "Describe every colour you can see in this picture."])
+    assert int(inputs.attention_mask[0].sum()) < inputs.seq_len  # the first sample is left-padded
+    ours = HalfVReference(stack, None).prefill(inputs).logits
+    torch.testing.assert_close(ours, hf_last_logits(loaded, inputs), atol=1e-4, rtol=1e-4)
+
+
+def test_keep_everything_schedule_is_the_unpruned_model(qwen):
+    adapter, loaded, stack = qwen
+    inputs = adapter.prepare(loaded, [make_image(336, 336, 3)], ["What is in the image?"])
+    keep_all = PruneSchedule(2, 1.0, 0.1, 6, "topk", 1.0)
+    result = HalfVReference(stack, keep_all).prefill(inputs)
+    assert result.kept["ivr"].tolist() == [list(range(inputs.num_visual))]
+    torch.testing.assert_close(result.logits, HalfVReference(stack, None).prefill(inputs).logits)
+
+
+def test_cache_lengths_follow_the_three_layer_groups(qwen):
+    adapter, loaded, stack = qwen
+    inputs = adapter.prepare(loaded, [make_image(448, 448, 4)], ["Describe the image."])
+    s, n = inputs.seq_len, inputs.num_visual
+    result = HalfVReference(stack, TOPK).prefill(inputs)
+    k1, k2 = result.budgets.k1, result.budgets.k2
+    assert (n, k1, k2) == (256, 64, 12)
+    assert result.cache.lengths() == [s] * 2 + [s - n + k1] * 4 + [s - n + k2] * 2
+    assert set(result.kept["ssr"][0].tolist()) <= set(result.kept["ivr"][0].tolist())
+    assert result.kept["ivr"].shape == (1, k1) and torch.all(result.kept["ivr"].diff() > 0)
+
+
+@pytest.mark.parametrize("schedule", [TOPK, FREEZE], ids=["topk", "freeze"])
+def test_batch_of_two_selects_like_two_batches_of_one(qwen, schedule):
+    adapter, loaded, stack = qwen
+    images = [make_image(392, 280, 5), make_image(392, 280, 6)]
+    prompts = ["What is in this image?", "Please describe the shapes, the colours and the text in the picture."]
+    ref = HalfVReference(stack, schedule)
+    batch = ref.prefill(adapter.prepare(loaded, images, prompts))
+    for i in range(2):
+        single = ref.prefill(adapter.prepare(loaded, [images[i]], [prompts[i]]))
+        for stage in ("ivr", "ssr"):
+            assert batch.kept[stage][i].tolist() == single.kept[stage][0].tolist(), stage
+        torch.testing.assert_close(batch.logits[i], single.logits[0], atol=1e-4, rtol=1e-4)
+
+
+def test_text_only_prompt_is_the_identity(qwen):
+    adapter, loaded, stack = qwen
+    inputs = adapter.prepare(loaded, [None], ["Count from one to five."])
+    assert inputs.num_visual == 0
+    pruned = HalfVReference(stack, TOPK).prefill(inputs)
+    assert pruned.kept == {} and pruned.cache.lengths() == [inputs.seq_len] * 8
+    torch.testing.assert_close(pruned.logits, HalfVReference(stack, None).prefill(inputs).logits)
+
+
+def test_freeze_keeps_visual_rows_constant_but_they_still_serve_as_keys(qwen):
+    adapter, loaded, stack = qwen
+    inputs = adapter.prepare(loaded, [make_image(336, 336, 7)], ["What do you see?"])
+    captured = []
+    result = HalfVReference(stack, FREEZE).prefill(inputs, capture=captured)
+    h_l2, s, k1 = captured[FREEZE.ssr_layer]
+    rows = slice(int(s[0]), int(s[0]) + k1)
+    for h, _, _ in captured[FREEZE.ssr_layer + 1:]:
+        assert torch.equal(h[:, rows], h_l2[:, rows])  # no update from L2 on
+    # ... while text rows still change, and the frozen rows' K/V are in every frozen layer's cache
+    assert not torch.equal(captured[-1][0][:, -1], h_l2[:, -1])
+    assert result.cache.lengths()[FREEZE.ssr_layer:] == [inputs.seq_len - inputs.num_visual + k1] * 3
+    # zeroing the frozen rows' values changes the text output: they really are attended to
+    layer = stack.layers[FREEZE.ssr_layer]
+    saved = layer.self_attn.v_proj.bias.data.clone()
+    try:
+        layer.self_attn.v_proj.bias.data += 5.0
+        assert not torch.allclose(HalfVReference(stack, FREEZE).prefill(inputs).logits, result.logits)
+    finally:
+        layer.self_attn.v_proj.bias.data = saved
+
+
+def test_decode_on_unpruned_cache_equals_hf_on_the_extended_prompt(qwen):
+    adapter, loaded, stack = qwen
+    inputs = adapter.prepare(loaded, [make_image(280, 280, 8)], ["Name the colours."])
+    ref = HalfVReference(stack, None)
+    first = ref.prefill(inputs)
+    token = first.logits.argmax(-1)
+    step_logits = ref.decode_step(token, first.cache)
+    with torch.no_grad():
+        embeds = torch.cat([inputs.embeds, stack.embed_tokens(token[:, None])], dim=1)
+        positions = torch.cat([inputs.positions, inputs.next_positions[..., None]], dim=2)
+        out = loaded.model.model.language_model(inputs_embeds=embeds, position_ids=positions)
+        want = loaded.model.lm_head(out.last_hidden_state[:, -1])
+    torch.testing.assert_close(step_logits, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("schedule", [TOPK, FREEZE], ids=["topk", "freeze"])
+def test_pruned_prefill_then_greedy_decoding_runs(qwen, schedule):
+    adapter, loaded, stack = qwen
+    inputs = adapter.prepare(loaded, [make_image(448, 336, 9), make_image(448, 336, 10)],
+                             ["What is this?", "Describe the picture in detail."])
+    ref = HalfVReference(stack, schedule)
+    tokens = ref.generate(inputs, max_new_tokens=6)
+    assert tokens.shape == (2, 6)
+    # greedy decoding is deterministic and matches a step-by-step replay on a fresh cache
+    replay = ref.prefill(inputs)
+    logits = replay.logits
+    for step in range(6):
+        assert torch.equal(logits.argmax(-1), tokens[:, step])
+        logits = ref.decode_step(tokens[:, step], replay.cache)
+    lengths = replay.cache.lengths()
+    assert lengths[0] == inputs.seq_len + 6 and lengths[-1] < lengths[0]
+
+
+def test_schedule_deeper_than_model_is_refused(qwen):
+    from halfv_export.errors import BadInput
+
+    _, _, stack = qwen
+    with pytest.raises(BadInput, match="depth"):
+        HalfVReference(stack, PruneSchedule(2, 0.25, 0.1, 21, "topk", 0.05))

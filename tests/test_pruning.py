@@ -1,0 +1,82 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from halfv_export.graphs.pruning import (PruneSchedule, budgets, farthest_point_fill, floor_ratio, keep_index,
+                                         top_indices)
+
+
+def brute_force_fps(feats: np.ndarray, anchors: list[int], k: int) -> list[int]:
+    """Textbook max-min farthest-point sampling, recomputing every distance each step, float64."""
+    n = feats.shape[0]
+    chosen = list(anchors)
+    while len(chosen) < k:
+        best, best_d = None, -np.inf
+        for u in range(n):
+            if u in chosen:
+                continue
+            d = 2.0 if not chosen else min(1.0 - float(feats[u] @ feats[v]) for v in chosen)
+            if d > best_d + 1e-12:  # strict: the lowest index wins ties
+                best, best_d = u, d
+        chosen.append(best)
+    return sorted(chosen)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("n,k,a", [(40, 10, 1), (64, 16, 0), (25, 25, 5), (50, 12, 3)])
+def test_fps_matches_brute_force(seed, n, k, a):
+    g = torch.Generator().manual_seed(seed)
+    feats = F.normalize(torch.randn(2, n, 8, generator=g, dtype=torch.float64), dim=-1)
+    anchors = torch.stack([torch.randperm(n, generator=g)[:a] for _ in range(2)])
+    got = farthest_point_fill(feats, anchors, k)
+    for b in range(2):
+        assert got[b].tolist() == brute_force_fps(feats[b].numpy(), anchors[b].tolist(), k)
+
+
+def test_fps_without_anchors_starts_at_token_zero_and_breaks_ties_low():
+    feats = F.normalize(torch.ones(1, 6, 4), dim=-1)  # all identical: every distance ties
+    assert farthest_point_fill(feats, torch.zeros(1, 0, dtype=torch.long), 3).tolist() == [[0, 1, 2]]
+
+
+def test_top_indices_ties_go_to_lower_index_and_come_back_sorted():
+    scores = torch.tensor([[0.1, 0.5, 0.5, 0.2, 0.5]])
+    assert top_indices(scores, 2).tolist() == [[1, 2]]
+    assert top_indices(scores, 4).tolist() == [[1, 2, 3, 4]]
+
+
+def test_budget_formulas_match_paper_example():
+    # method §7: N = 1000 on Qwen -> K1 = 250, A = 25 anchors, K2 = 50
+    plan = budgets(1000, PruneSchedule(2, 0.25, 0.1, 21, "topk", 0.05))
+    assert (plan.k1, plan.anchors, plan.k2) == (250, 25, 50)
+    # K2 is relative to the original N and capped by K1
+    assert budgets(100, PruneSchedule(2, 0.1, 0.1, 5, "topk", 0.5)).k2 == 10
+    # freeze keeps the K1 rows (as frozen keys/values)
+    assert budgets(576, PruneSchedule(3, 0.5, 0.2, 15, "freeze")).k2 == 288
+    assert floor_ratio(10, 0.1) == 1 and floor_ratio(3, 0.25) == 0 and floor_ratio(7, 1.0) == 7
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(0, 40000), num=st.integers(1, 1000))
+def test_floor_ratio_is_exact_decimal_floor(n, num):
+    ratio = num / 1000  # ratios as written with up to three decimals
+    assert floor_ratio(n, ratio) == (n * num) // 1000
+    assert 0 <= floor_ratio(n, ratio) <= n
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_keep_index_is_text_plus_selected_visual_ascending(data):
+    b = data.draw(st.integers(1, 3))
+    n = data.draw(st.integers(1, 20))
+    k = data.draw(st.integers(1, n))
+    seq = n + data.draw(st.integers(0, 15))
+    starts = [data.draw(st.integers(0, seq - n)) for _ in range(b)]
+    selected = [sorted(data.draw(st.permutations(range(n)))[:k]) for _ in range(b)]
+    got = keep_index(torch.tensor(starts), torch.tensor(selected), n, seq)
+    for i in range(b):
+        s = starts[i]
+        want = list(range(s)) + [s + j for j in selected[i]] + list(range(s + n, seq))
+        assert got[i].tolist() == want
