@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -31,6 +31,15 @@ class PaperSchedule:
     ssr_ratio: float | None
     reference_depth: int
     reference_model: str
+
+
+@dataclass
+class Processing:
+    """The pre-processing half of a model: enough to build host inputs and decode text."""
+
+    tokenizer: Any
+    image_processor: Any
+    config: Any
 
 
 @dataclass
@@ -70,6 +79,20 @@ class PrefillInputs:
 
 
 @dataclass
+class HostInputs:
+    """What the host computes before any graph runs: token ids, image patches, rope positions, the visual span."""
+
+    input_ids: torch.Tensor  # [B, S] int64, left-padded
+    attention_mask: torch.Tensor  # [B, S] int64
+    positions: torch.Tensor  # [P, B, S] int64
+    visual_start: torch.Tensor  # [B] int64
+    num_visual: int
+    next_positions: torch.Tensor  # [P, B] int64
+    pixel_values: list  # per image: the vision encoder's input tensor (backbone-specific layout)
+    bucket: tuple[int, int] | None  # (height, width) the images were resized to; None for text-only
+
+
+@dataclass
 class TextStack:
     """The language model as the HalfV code sees it. Decoder layers follow the HF Llama layout
     (self_attn.{q,k,v,o}_proj, input_layernorm, post_attention_layernorm, mlp), which Qwen2, Llama and Mistral share."""
@@ -78,7 +101,8 @@ class TextStack:
     norm: nn.Module  # final RMSNorm
     lm_head: nn.Module
     embed_tokens: nn.Module
-    rotary: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (x, positions[P,B,S]) -> cos, sin [B,S,hd]
+    rotary_emb: nn.Module  # the model's rotary module
+    mrope: bool  # True: it takes positions [3, B, S] (M-RoPE); False: [B, S]
     num_heads: int
     num_kv_heads: int
     head_dim: int
@@ -87,6 +111,10 @@ class TextStack:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def rotary(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [P, B, S] -> cos, sin [B, S, hd] (already recomposed for M-RoPE)."""
+        return self.rotary_emb(x, positions if self.mrope else positions[0])
 
 
 class BackboneAdapter(abc.ABC):
@@ -100,8 +128,42 @@ class BackboneAdapter(abc.ABC):
         """A local checkpoint directory, or the embedded default with weights seeded by `seed`."""
 
     @abc.abstractmethod
+    def host_inputs(self, processing: "Processing", images: list, prompts: list[str]) -> HostInputs:
+        """PIL images (or None for a text-only prompt) and prompts -> host inputs, chat template applied.
+        Needs only the tokenizer, image processor and config, never the weights."""
+
+    @abc.abstractmethod
+    def vision_graph(self, loaded: LoadedModel, bucket: tuple[int, int]) -> nn.Module:
+        """A static-shape vision encoder for one image-size bucket: pixel input -> [N, D] visual features."""
+
+    @abc.abstractmethod
+    def load_processing(self, directory: Path) -> "Processing":
+        """Tokenizer, image processor and config from a directory (a checkpoint or an artifacts folder)."""
+
+    @abc.abstractmethod
+    def save_processing(self, loaded: LoadedModel, directory: Path) -> list[str]:
+        """Write what load_processing needs into `directory`; returns the file names written."""
+
+    def bucket_for(self, processing: "Processing", image_size: tuple[int, int]) -> tuple[tuple[int, int], int]:
+        """An image size (h, w) -> (the bucket it resizes to, its visual token count N)."""
+        raise NotImplementedError
+
     def prepare(self, loaded: LoadedModel, images: list, prompts: list[str]) -> PrefillInputs:
-        """PIL images (or None for a text-only prompt) and prompts -> prefill inputs, chat template applied."""
+        """Host inputs + the eager embedding and vision tower -> prefill inputs (the reference path)."""
+        host = self.host_inputs(Processing(loaded.tokenizer, loaded.image_processor, loaded.config), images, prompts)
+        with torch.no_grad():
+            embeds = self.text_stack(loaded).embed_tokens(host.input_ids)  # [B, S, D]
+            if host.num_visual > 0:
+                feats = torch.stack([self.eager_vision(loaded, px, host.bucket) for px in host.pixel_values])
+                rows = (host.visual_start[:, None] + torch.arange(host.num_visual)[None, :])
+                embeds = embeds.scatter(1, rows[..., None].expand(-1, -1, embeds.shape[-1]), feats.to(embeds.dtype))
+        return PrefillInputs(input_ids=host.input_ids, embeds=embeds, attention_mask=host.attention_mask,
+                             positions=host.positions, visual_start=host.visual_start, num_visual=host.num_visual,
+                             next_positions=host.next_positions)
+
+    @abc.abstractmethod
+    def eager_vision(self, loaded: LoadedModel, pixel_values: torch.Tensor, bucket: tuple[int, int]) -> torch.Tensor:
+        """The model's own vision tower for one image of the bucket -> [N, D]."""
 
     @abc.abstractmethod
     def text_stack(self, loaded: LoadedModel) -> TextStack:

@@ -112,10 +112,21 @@ def relevance_scores(layer, hidden: torch.Tensor, start: torch.Tensor, n: int, n
     return logits.softmax(dim=-1).mean(dim=1)[:, 0]  # [B, n]
 
 
-def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """The k highest scores, ties -> lower index (stable descending sort), returned ascending. [B, n] -> [B, k]."""
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
-    return torch.sort(order, dim=-1).values
+def ascending(indices: torch.Tensor) -> torch.Tensor:
+    """Sort distinct int64 indices [B, K] ascending with TopK(largest=False): ONNX has no Sort op (export rule 4)."""
+    return torch.topk(indices, indices.shape[1], dim=1, largest=False, sorted=True).values
+
+
+def top_indices(scores: torch.Tensor, k: int, exporting: bool = False) -> torch.Tensor:
+    """The k highest scores, ties -> lower index, returned ascending. [B, n] -> [B, k].
+
+    Eager: a stable descending sort (torch.topk does not promise an order among ties on CPU). Exported: TopK
+    (sorted, largest), whose ONNX spec breaks ties toward the lower index, so both agree."""
+    if exporting:
+        order = torch.topk(scores, k, dim=-1, largest=True, sorted=True).indices
+    else:
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+    return ascending(order)
 
 
 # --------------------------------------------------------------------------------------------- IVR
@@ -136,21 +147,24 @@ def farthest_point_fill(features: torch.Tensor, anchors: torch.Tensor, k: int) -
     b, n, _ = features.shape
     a = anchors.shape[1]
     dist = 1.0 - features @ features.transpose(1, 2)  # [B, n, n]
+    token = torch.arange(n, device=features.device)[None, :]  # [1, n]
     if a > 0:
         md = dist.gather(2, anchors[:, None, :].expand(b, n, a)).min(dim=2).values  # [B, n]
+        is_anchor = (token[:, :, None] == anchors[:, None, :]).any(dim=2)  # [B, n] one-hot, no ScatterElements
+        md = torch.where(is_anchor, -1.0, md)
     else:
         md = torch.full((b, n), 2.0, dtype=dist.dtype, device=dist.device)
-    md = md.scatter(1, anchors, -1.0)
     picks = [anchors]
-    for _ in range(k - a):
-        u = md.argmax(dim=1, keepdim=True)  # [B, 1], torch.argmax returns the first maximum
+    for _ in range(k - a):  # unrolled: a fixed trip count, constant-shape state
+        u = md.argmax(dim=1, keepdim=True)  # [B, 1], the first maximum (ONNX ArgMax select_last_index=0)
         picks.append(u)
         md = torch.minimum(md, dist.gather(1, u[:, :, None].expand(b, 1, n))[:, 0])
-        md = md.scatter(1, u, -1.0)
-    return torch.sort(torch.cat(picks, dim=1), dim=1).values
+        md = torch.where(token == u, -1.0, md)
+    return ascending(torch.cat(picks, dim=1))
 
 
-def ivr_select(scores: torch.Tensor, features: torch.Tensor, k1: int, num_anchors: int) -> torch.Tensor:
+def ivr_select(scores: torch.Tensor, features: torch.Tensor, k1: int, num_anchors: int,
+               exporting: bool = False) -> torch.Tensor:
     """IVR: A attention anchors + (K1 - A) farthest-point picks. scores [B, n], features [B, n, C] -> [B, K1]."""
-    anchors = top_indices(scores, num_anchors)
+    anchors = top_indices(scores, num_anchors, exporting)
     return farthest_point_fill(features, anchors, k1)

@@ -2,22 +2,89 @@
 
 Inputs are built the way the Qwen2.5-VL processor builds them, without the processor class (which needs
 torchvision in transformers 5 for its video half): chat template -> `<|image_pad|>` expanded to N = t*h*w/merge^2
-tokens -> tokenizer, and the PIL Qwen2-VL image processor for pixel patches and the (t, h, w) grid.
+tokens -> tokenizer, and the PIL Qwen2-VL image processor for pixel patches and the (t, h, w) grid. M-RoPE
+positions come from the model's own get_rope_index, which reads only the config.
 """
 
 from __future__ import annotations
 
+import functools
+import shutil
+import types
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel, apply_rotary_pos_emb_vision
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
+from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
 
 from ..errors import BadInput
-from .adapter import BackboneAdapter, LoadedModel, PaperSchedule, PrefillInputs, TextStack, register, visual_span
+from .adapter import (BackboneAdapter, HostInputs, LoadedModel, PaperSchedule, Processing, TextStack, register,
+                      visual_span)
 from .checkpoint import EMBEDDED_ROOT, check_checkpoint_dir, load_chat_template, load_pretrained, seeded_model
 
 IMAGE_PAD = "<|image_pad|>"
+PROCESSING_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "preprocessor_config.json")
+
+
+def _rope_index_fn(config):
+    """Qwen2_5_VLModel.get_rope_index without a model instance (it only reads the config)."""
+    owner = types.SimpleNamespace(config=config)
+    owner.get_vision_position_ids = functools.partial(Qwen2_5_VLModel.get_vision_position_ids, owner)
+    return functools.partial(Qwen2_5_VLModel.get_rope_index, owner)
+
+
+class QwenVisionBucket(nn.Module):
+    """Qwen2.5-VL's vision tower for one (h, w) bucket: pixel patches [P, C*T*p*p] -> merged features [N, D].
+
+    Everything data-dependent in the HF forward (window permutation, cu_seqlens, rotary positions) is computed on
+    the host for the bucket's grid and stored: the permutation as an index, the windows as one window id per patch
+    (the graph builds the block mask from it), the rotary tables as constants."""
+
+    def __init__(self, visual: nn.Module, grid_thw: tuple[int, int, int]):
+        super().__init__()
+        cfg = visual.config
+        grid = torch.tensor([grid_thw])
+        unit = visual.spatial_merge_size ** 2
+        self.visual, self.unit = visual, unit
+        positions = get_vision_position_ids(grid, visual.spatial_merge_size, kwargs={})
+        window_index, cu_window = get_vision_window_index(grid, visual.spatial_merge_size, visual.window_size,
+                                                          visual.patch_size, kwargs={})
+        cu_full, _ = get_vision_attention_seqlens(grid, cfg, kwargs={})
+        patches = int(grid.prod())
+        with torch.no_grad():
+            cos, sin = visual.rotary_pos_emb(torch.zeros(patches, 1), positions)
+        permute = lambda t: t.reshape(patches // unit, unit, -1)[window_index].reshape(patches, -1)  # noqa: E731
+        self.register_buffer("window_index", window_index.long(), persistent=False)
+        self.register_buffer("reverse_index", torch.argsort(window_index).long(), persistent=False)
+        self.register_buffer("cos", permute(cos).float(), persistent=False)  # [P, hd]
+        self.register_buffer("sin", permute(sin).float(), persistent=False)
+        ids = torch.arange(patches)
+        self.register_buffer("window_id", torch.bucketize(ids, cu_window[1:].long(), right=True), persistent=False)
+        self.register_buffer("image_id", torch.bucketize(ids, cu_full[1:].long(), right=True), persistent=False)
+        self.patches = patches
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        v = self.visual
+        h = v.patch_embed(pixel_values)  # [P, C]
+        h = h.reshape(self.patches // self.unit, self.unit, -1)[self.window_index].reshape(self.patches, -1)
+        window_mask = torch.where(self.window_id[:, None] == self.window_id[None, :], 0.0, torch.finfo(h.dtype).min)
+        full_mask = torch.where(self.image_id[:, None] == self.image_id[None, :], 0.0, torch.finfo(h.dtype).min)
+        for i, block in enumerate(v.blocks):
+            mask = full_mask if i in v.fullatt_block_indexes else window_mask
+            attn = block.attn
+            x = block.norm1(h)
+            q, k, val = attn.qkv(x).reshape(self.patches, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q, k = apply_rotary_pos_emb_vision(q, k, self.cos, self.sin)  # [P, heads, hd]
+            q, k, val = (t.transpose(0, 1) for t in (q, k, val))  # [heads, P, hd]
+            weights = (q @ k.transpose(-1, -2)) * attn.scaling + mask
+            out = (weights.float().softmax(-1).to(val.dtype) @ val).transpose(0, 1).reshape(self.patches, -1)
+            h = h + attn.proj(out)
+            h = h + block.mlp(block.norm2(h))
+        return v.merger(h)[self.reverse_index]  # [N, D]
 
 
 @register
@@ -42,62 +109,88 @@ class Qwen25VLAdapter(BackboneAdapter):
             check_checkpoint_dir(model_dir, self.model_types)
             model = load_pretrained(Qwen2_5_VLForConditionalGeneration, model_dir)
             source, files_dir = str(model_dir.resolve()), model_dir
-        tokenizer = AutoTokenizer.from_pretrained(str(files_dir), local_files_only=True, trust_remote_code=False)
-        load_chat_template(tokenizer, files_dir)
+        proc = self.load_processing(files_dir, config=model.config)
+        return LoadedModel(model=model, tokenizer=proc.tokenizer, image_processor=proc.image_processor, source=source)
+
+    def load_processing(self, directory: Path, config=None) -> Processing:
+        directory = Path(directory)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+        load_chat_template(tokenizer, directory)
         tokenizer.padding_side = "left"
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(files_dir), local_files_only=True)
-        return LoadedModel(model=model, tokenizer=tokenizer, image_processor=image_processor, source=source)
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(directory), local_files_only=True)
+        if config is None:
+            config = Qwen2_5_VLConfig.from_pretrained(str(directory))
+        return Processing(tokenizer, image_processor, config)
+
+    def save_processing(self, loaded: LoadedModel, directory: Path) -> list[str]:
+        directory = Path(directory)
+        loaded.tokenizer.save_pretrained(str(directory))
+        loaded.image_processor.save_pretrained(str(directory))
+        loaded.config.save_pretrained(str(directory))
+        if loaded.tokenizer.chat_template and not (directory / "chat_template.jinja").exists():
+            (directory / "chat_template.jinja").write_text(loaded.tokenizer.chat_template)
+        return sorted(p.name for p in directory.iterdir() if p.name in PROCESSING_FILES)
 
     # ---------------------------------------------------------------- inputs
-    def prepare(self, loaded: LoadedModel, images: list, prompts: list[str]) -> PrefillInputs:
+    def bucket_for(self, processing: Processing, image_size: tuple[int, int]) -> tuple[tuple[int, int], int]:
+        ip = processing.image_processor
+        factor = ip.patch_size * ip.merge_size
+        h, w = smart_resize(image_size[0], image_size[1], factor=factor, min_pixels=ip.size.shortest_edge,
+                            max_pixels=ip.size.longest_edge)
+        return (h, w), (h // factor) * (w // factor)
+
+    def host_inputs(self, processing: Processing, images: list, prompts: list[str]) -> HostInputs:
         if len(images) != len(prompts):
             raise BadInput(f"{len(images)} images for {len(prompts)} prompts; give one image (or none) per prompt")
-        model, cfg, tok = loaded.model, loaded.config, loaded.tokenizer
+        cfg, tok = processing.config, processing.tokenizer
         has_image = [im is not None for im in images]
         if any(has_image) and not all(has_image):
             raise BadInput("a batch mixes text-only prompts and images; batch them separately")
 
         merge = cfg.vision_config.spatial_merge_size
-        pixel_values = grid_thw = None
-        n_per_image = 0
+        pixel_values, grid_thw, n_per_image, bucket = [], None, 0, None
         if all(has_image):
-            processed = loaded.image_processor(images=list(images), return_tensors="pt")
-            pixel_values, grid_thw = processed["pixel_values"], processed["image_grid_thw"]  # [sum patches, C*T*P*P], [B, 3]
-            counts = (grid_thw.prod(-1) // merge**2).tolist()
-            if len(set(counts)) != 1 or len({tuple(g) for g in grid_thw.tolist()}) != 1:
+            processed = processing.image_processor(images=list(images), return_tensors="pt")
+            grid_thw = processed["image_grid_thw"]  # [B, 3]
+            if len({tuple(g) for g in grid_thw.tolist()}) != 1:
                 raise BadInput(
                     f"images in one batch resize to different grids {grid_thw.tolist()}; batch one size bucket at a time"
                 )
-            n_per_image = counts[0]
+            n_per_image = int(grid_thw[0].prod()) // merge**2
+            pixel_values = list(processed["pixel_values"].split(int(grid_thw[0].prod())))  # per image [P, C*T*p*p]
+            patch = processing.image_processor.patch_size
+            bucket = (int(grid_thw[0, 1]) * patch, int(grid_thw[0, 2]) * patch)
 
         texts = []
         for image, prompt in zip(images, prompts):
             content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
-            text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+            text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                           add_generation_prompt=True)
             texts.append(text.replace(IMAGE_PAD, IMAGE_PAD * n_per_image))
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         input_ids, attention_mask = enc["input_ids"], enc["attention_mask"].long()  # [B, S], left-padded
 
         start, n = visual_span(input_ids, cfg.image_token_id)
-        with torch.no_grad():
-            embeds = model.model.get_input_embeddings()(input_ids)  # [B, S, D]
-            if n > 0:
-                feats = model.model.get_image_features(pixel_values, grid_thw, return_dict=True).pooler_output
-                feats = torch.stack(list(feats)).to(embeds.dtype)  # [B, N, D]
-                rows = (start[:, None] + torch.arange(n)[None, :])[..., None].expand(-1, -1, embeds.shape[-1])
-                embeds = embeds.scatter(1, rows, feats)
-                mm_types = (input_ids == cfg.image_token_id).int()
-                positions, _ = model.model.get_rope_index(
-                    input_ids, mm_token_type_ids=mm_types, image_grid_thw=grid_thw, attention_mask=attention_mask
-                )  # [3, B, S]
-            else:
-                text_pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, S]
-                positions = text_pos[None].expand(3, -1, -1).clone()
+        if n > 0:
+            mm_types = (input_ids == cfg.image_token_id).int()
+            positions, _ = _rope_index_fn(cfg)(input_ids, mm_token_type_ids=mm_types, image_grid_thw=grid_thw,
+                                               attention_mask=attention_mask)  # [3, B, S]
+        else:
+            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[None].expand(3, -1, -1).clone()
         next_positions = positions.max(dim=2).values.max(dim=0, keepdim=True).values.expand(3, -1) + 1  # [3, B]
-        return PrefillInputs(
-            input_ids=input_ids, embeds=embeds, attention_mask=attention_mask, positions=positions.long(),
-            visual_start=start, num_visual=n, next_positions=next_positions.long().clone(),
-        )
+        return HostInputs(input_ids=input_ids, attention_mask=attention_mask, positions=positions.long(),
+                          visual_start=start, num_visual=n, next_positions=next_positions.long().clone(),
+                          pixel_values=pixel_values, bucket=bucket)
+
+    def _grid(self, image_processor, bucket: tuple[int, int]) -> tuple[int, int, int]:
+        return (1, bucket[0] // image_processor.patch_size, bucket[1] // image_processor.patch_size)
+
+    def eager_vision(self, loaded: LoadedModel, pixel_values: torch.Tensor, bucket: tuple[int, int]) -> torch.Tensor:
+        grid = torch.tensor([self._grid(loaded.image_processor, bucket)])
+        return loaded.model.model.get_image_features(pixel_values, grid, return_dict=True).pooler_output[0]
+
+    def vision_graph(self, loaded: LoadedModel, bucket: tuple[int, int]) -> nn.Module:
+        return QwenVisionBucket(loaded.model.model.visual, self._grid(loaded.image_processor, bucket)).eval()
 
     # ---------------------------------------------------------------- model view
     def text_stack(self, loaded: LoadedModel) -> TextStack:
@@ -105,7 +198,7 @@ class Qwen25VLAdapter(BackboneAdapter):
         tc = loaded.config.text_config
         return TextStack(
             layers=list(lm.layers), norm=lm.norm, lm_head=loaded.model.lm_head, embed_tokens=lm.embed_tokens,
-            rotary=lambda x, positions: lm.rotary_emb(x, positions),  # positions [3, B, S] -> cos, sin [B, S, hd]
+            rotary_emb=lm.rotary_emb, mrope=True,
             num_heads=tc.num_attention_heads, num_kv_heads=tc.num_key_value_heads,
             head_dim=tc.hidden_size // tc.num_attention_heads, vocab_size=tc.vocab_size,
         )

@@ -1,0 +1,91 @@
+"""Trace the graph modules into ONNX with torch.onnx (dynamo) and check them.
+
+Checks after every export: onnx.checker, full shape inference, and the TensorRT-clean rules that can be read off
+the graph without TensorRT (no NonZero / Sort / Unique / Compress / Sequence ops; every TopK sorted with a constant
+K <= 3840). Files over 2 GB get external data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch.export import Dim
+
+from ..errors import RuntimeFailure
+
+TOPK_LIMIT = 3840
+FORBIDDEN_OPS = {"NonZero", "Sort", "Unique", "Compress", "SequenceAt", "SequenceConstruct", "SequenceInsert",
+                 "SplitToSequence", "ConcatFromSequence", "Loop", "If"}
+EXTERNAL_DATA_BYTES = 1_800_000_000  # below protobuf's 2 GB cap, with room for the graph itself
+OPSET = 20
+
+
+def export_module(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
+                  dynamic_shapes) -> Path:
+    """torch.onnx.export(dynamo=True) -> path, then check_graph. Quiet unless it fails."""
+    params = sum(p.numel() * p.element_size() for p in module.parameters())
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(module, args, dynamo=True, input_names=input_names, output_names=output_names,
+                                        dynamic_shapes=dynamic_shapes, opset_version=OPSET, optimize=True,
+                                        verbose=False, report=False)
+        except Exception as e:  # noqa: BLE001 - the exporter raises many types; one line names the graph
+            first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:300]
+            raise RuntimeFailure(f"exporting {path.name} failed: {first}") from e
+    external = params > EXTERNAL_DATA_BYTES
+    data = Path(f"{path}.data")
+    data.unlink(missing_ok=True)  # re-saving into an existing .data file appends
+    program.save(str(path), external_data=external)
+    check_graph(path)
+    return path
+
+
+def check_graph(path: Path) -> dict:
+    """onnx.checker + shape inference + the TensorRT-clean op rules. Returns op counts."""
+    onnx.checker.check_model(str(path), full_check=False)
+    model = onnx.load(str(path), load_external_data=False)
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    counts: dict[str, int] = {}
+    constants = {init.name for init in model.graph.initializer}
+    constants |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    for node in inferred.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+        if node.op_type in FORBIDDEN_OPS:
+            raise RuntimeFailure(f"{path.name}: contains {node.op_type}, which TensorRT cannot build statically")
+        if node.op_type == "TopK":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            if attrs.get("sorted", 1) != 1:
+                raise RuntimeFailure(f"{path.name}: unsorted TopK {node.name}")
+            if node.input[1] not in constants:
+                raise RuntimeFailure(f"{path.name}: TopK {node.name} has a K computed at run time")
+    return counts
+
+
+def topk_values(path: Path) -> list[int]:
+    """The constant K of every TopK in a graph (for the K <= 3840 check and tests)."""
+    model = onnx.load(str(path), load_external_data=False)
+    values = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            values[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
+    return [int(values[n.input[1]].reshape(-1)[0]) for n in model.graph.node if n.op_type == "TopK"]
+
+
+def batch_dim() -> Dim:
+    return Dim("batch", min=1, max=256)
+
+
+def seq_dim(min_len: int, name: str = "seq") -> Dim:
+    return Dim(name, min=max(2, min_len), max=32768)
+
+
+def file_size(path: Path) -> int:
+    extra = Path(f"{path}.data")
+    return os.path.getsize(path) + (os.path.getsize(extra) if extra.exists() else 0)

@@ -1,0 +1,178 @@
+"""Export-friendly forwards: the same HalfV prefill as graphs/halfv.py, written as one traceable nn.Module with
+explicit tensors in and out (no cache objects, no Python-side state), plus the decode step and a per-bucket
+vision encoder. Static per bucket: N, K1, A, K2. Dynamic: batch, prompt length, past length.
+
+Attention is written out (matmul, additive mask, fp32 softmax, matmul) so the graph needs nothing but plain ONNX
+ops; the pruning stages are TopK / ArgMax / Gather (graphs/pruning.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adapter import TextStack
+from .halfv import additive_mask
+from .pruning import (PruneSchedule, budgets, diversity_features, gather_rows, ivr_select, keep_index,
+                      relevance_scores, rotate_half, top_indices, visual_rows)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]  # x [B, heads, R, hd], cos/sin [B, R, hd]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, H, q, hd], k/v [B, G, kv, hd], mask [B, 1, q, kv] additive -> [B, q, H*hd]."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)
+    v = v.repeat_interleave(groups, dim=1)
+    weights = (q @ k.transpose(-1, -2)) * scale + mask  # [B, H, q, kv]
+    out = weights.float().softmax(dim=-1).to(v.dtype) @ v  # [B, H, q, hd]
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+def decoder_layer(stack: TextStack, layer, h, cos, sin, mask, past_k=None, past_v=None):
+    """One Llama-layout decoder layer. h [B, q, D] -> (h, k, v) with k/v [B, G, past+q, hd] (RoPE applied)."""
+    b, q_len, _ = h.shape
+    attn = layer.self_attn
+    x = layer.input_layernorm(h)
+    q = attn.q_proj(x).view(b, q_len, stack.num_heads, stack.head_dim).transpose(1, 2)
+    k = attn.k_proj(x).view(b, q_len, stack.num_kv_heads, stack.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(b, q_len, stack.num_kv_heads, stack.head_dim).transpose(1, 2)
+    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    if past_k is not None:
+        k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+    h = h + attn.o_proj(attend(q, k, v, mask, stack.head_dim ** -0.5))
+    h = h + layer.mlp(layer.post_attention_layernorm(h))
+    return h, k, v
+
+
+def frozen_decoder_layer(stack: TextStack, layer, h, cos, sin, key_valid, start, n):
+    """SSR freeze: the n visual rows [s, s+n) compute keys/values only; queries, attention output and MLP run on
+    the other rows. h [B, S, D] -> (h, k, v); the visual rows of h come back unchanged."""
+    b, seq, _ = h.shape
+    attn = layer.self_attn
+    text = keep_index(start, torch.zeros((b, 0), dtype=torch.long), n, seq)  # [B, S-n] non-visual rows
+    x = layer.input_layernorm(h)  # [B, S, D]: K/V for every row
+    k = attn.k_proj(x).view(b, seq, stack.num_kv_heads, stack.head_dim).transpose(1, 2)
+    v = attn.v_proj(x).view(b, seq, stack.num_kv_heads, stack.head_dim).transpose(1, 2)
+    k = _rope(k, cos, sin)
+    xq = gather_rows(x, text)  # [B, S-n, D]
+    q = attn.q_proj(xq).view(b, seq - n, stack.num_heads, stack.head_dim).transpose(1, 2)
+    q = _rope(q, gather_rows(cos, text), gather_rows(sin, text))
+    mask = gather_rows(additive_mask(key_valid, seq, h.dtype)[:, 0], text)[:, None]  # [B, 1, S-n, S]
+    ht = gather_rows(h, text)
+    ht = ht + attn.o_proj(attend(q, k, v, mask, stack.head_dim ** -0.5))
+    ht = ht + layer.mlp(layer.post_attention_layernorm(ht))
+    # reassemble: row j < s -> ht[j]; s <= j < s+n -> h[j] (frozen); j >= s+n -> ht[j-n]
+    j = torch.arange(seq)[None, :]
+    s = start[:, None]
+    is_visual = (j >= s) & (j < s + n)
+    from_text = torch.where(j >= s + n, j - n, j).clamp(max=seq - n - 1)
+    h = torch.where(is_visual[..., None], h, gather_rows(ht, from_text))
+    return h, k, v
+
+
+class PrefillGraph(nn.Module):
+    """Prefill for one bucket (N visual tokens per sample; N = 0 for text-only).
+
+    inputs:  embeds [B, S, D], attention_mask [B, S] int64, positions [P, B, S] int64, visual_start [B] int64
+    outputs: logits [B, V], kept_ivr [B, K1], kept_ssr [B, K2] (original visual numbering; absent when unpruned),
+             then present_key_i / present_value_i [B, G, len_i, hd] for every layer, and cache_valid_g [B, len_g]
+             for each length group g (which cached rows are real, not padding)."""
+
+    def __init__(self, stack: TextStack, schedule: PruneSchedule | None, num_visual: int):
+        super().__init__()
+        self.stack = stack
+        self.layers = nn.ModuleList(stack.layers)
+        self.norm, self.lm_head, self.rotary_emb = stack.norm, stack.lm_head, stack.rotary_emb
+        self.schedule = schedule if num_visual > 0 else None
+        self.n = num_visual
+        self.plan = budgets(num_visual, schedule) if self.schedule is not None else None
+
+    def group_of_layer(self) -> list[int]:
+        """Cache length group per layer: 0 before L1, 1 from L1, 2 from L2 (topk). One group when unpruned."""
+        if self.schedule is None:
+            return [0] * len(self.layers)
+        s = self.schedule
+        return [0 if i < s.ivr_layer else (2 if (i >= s.ssr_layer and s.ssr_mode == "topk") else 1)
+                for i in range(len(self.layers))]
+
+    def output_names(self) -> list[str]:
+        names = ["logits"] + (["kept_ivr", "kept_ssr"] if self.schedule is not None else [])
+        for i in range(len(self.layers)):
+            names += [f"present_key_{i}", f"present_value_{i}"]
+        return names + [f"cache_valid_{g}" for g in sorted(set(self.group_of_layer()))]
+
+    def forward(self, embeds, attention_mask, positions, visual_start):
+        st, sched, plan = self.stack, self.schedule, self.plan
+        h, valid, start, n = embeds, attention_mask, visual_start, self.n
+        cos, sin = st.rotary(h, positions)  # [B, S, hd]
+        original = visual_rows(torch.zeros_like(start), n)  # [B, N]
+        kept, presents, valids = [], [], {}
+        prev_input = h
+        for i, layer in enumerate(self.layers):
+            selected = None
+            if sched is not None and i == sched.ivr_layer:
+                scores = relevance_scores(self.layers[i - 1], prev_input, start, n, st.num_heads, st.num_kv_heads,
+                                          st.head_dim)  # [B, N] fp32, no RoPE
+                feats = diversity_features(self.norm, h, start, n)  # [B, N, D]
+                selected = ivr_select(scores, feats, plan.k1, plan.anchors, exporting=True)  # [B, K1]
+            elif sched is not None and i == sched.ssr_layer and sched.ssr_mode == "topk":
+                scores = relevance_scores(self.layers[i - 1], prev_input, start, n, st.num_heads, st.num_kv_heads,
+                                          st.head_dim, rope=(cos, sin))  # [B, K1]
+                selected = top_indices(scores, plan.k2, exporting=True)  # [B, K2]
+            if selected is not None:
+                index = keep_index(start, selected, n, h.shape[1])  # [B, S - n + K]
+                h, cos, sin, valid = (gather_rows(t, index) for t in (h, cos, sin, valid))
+                original = original.gather(1, selected)
+                kept.append(original)
+                n = selected.shape[1]
+            prev_input = h
+            if sched is not None and sched.ssr_mode == "freeze" and i >= sched.ssr_layer:
+                h, k, v = frozen_decoder_layer(st, layer, h, cos, sin, valid, start, n)
+            else:
+                h, k, v = decoder_layer(st, layer, h, cos, sin, additive_mask(valid, h.shape[1], h.dtype))
+            presents += [k, v]
+            valids[self.group_of_layer()[i]] = valid
+        if sched is not None and sched.ssr_mode == "freeze":
+            kept.append(original)
+        logits = self.lm_head(self.norm(h[:, -1]))  # [B, V]
+        return (logits, *kept, *presents, *[valids[g] for g in sorted(valids)])
+
+
+class DecodeGraph(nn.Module):
+    """One greedy step over the pruned cache.
+
+    inputs:  input_ids [B, 1], positions [P, B, 1], cache_valid_g [B, len_g] (g per group, the new token's 1
+             appended by the caller), past_key_i / past_value_i [B, G, len_i, hd]
+    outputs: logits [B, V], present_key_i / present_value_i [B, G, len_i + 1, hd]"""
+
+    def __init__(self, stack: TextStack, groups: list[int]):
+        super().__init__()
+        self.stack = stack
+        self.layers = nn.ModuleList(stack.layers)
+        self.norm, self.lm_head, self.rotary_emb = stack.norm, stack.lm_head, stack.rotary_emb
+        self.embed_tokens = stack.embed_tokens
+        self.groups = groups
+
+    def input_names(self) -> list[str]:
+        names = ["input_ids", "positions"] + [f"cache_valid_{g}" for g in sorted(set(self.groups))]
+        for i in range(len(self.layers)):
+            names += [f"past_key_{i}", f"past_value_{i}"]
+        return names
+
+    def output_names(self) -> list[str]:
+        return ["logits"] + [f"present_{kind}_{i}" for i in range(len(self.layers)) for kind in ("key", "value")]
+
+    def forward(self, input_ids, positions, *rest):
+        n_groups = len(set(self.groups))
+        valids, past = rest[:n_groups], rest[n_groups:]
+        h = self.embed_tokens(input_ids)  # [B, 1, D]
+        cos, sin = self.stack.rotary(h, positions)
+        presents = []
+        for i, layer in enumerate(self.layers):
+            mask = additive_mask(valids[self.groups[i]], 1, h.dtype)  # [B, 1, 1, len+1]
+            h, k, v = decoder_layer(self.stack, layer, h, cos, sin, mask, past[2 * i], past[2 * i + 1])
+            presents += [k, v]
+        return (self.lm_head(self.norm(h[:, -1])), *presents)
