@@ -1,4 +1,7 @@
-"""Runtime sessions over exported graphs (ONNX Runtime, TensorRT) and the generation loop over them.
+"""Runtime over exported graphs: a Runner runs one named graph on numpy feeds (ONNX Runtime now, TensorRT behind
+the same interface later) and EnginePipeline does host pre-processing, prefill and greedy decoding over a Runner."""
 
-Empty until the export stage lands (issue 3): nothing here is imported by the calibrate/flops commands.
-"""
+from .ort import OrtRunner, build_ort_engines
+from .pipeline import EnginePipeline
+
+__all__ = ["EnginePipeline", "OrtRunner", "build_ort_engines"]

@@ -156,6 +156,175 @@ def flops(config_path, schedule_path, visual, text_tokens, as_json, **kwargs):
         click.echo(f"ratio: {r['ratio']:.3f}" + (f"  (N={r['visual']})" if len(rows) > 1 else ""))
 
 
+EPILOG_EXPORT = """\b
+Examples:
+  halfv-export export --schedule build/schedule.json --out build/
+  halfv-export export --schedule build/schedule.json --model ./Qwen2.5-VL-3B-Instruct --image-size 448x448 \\
+      --image-size 336x504 --out build/
+"""
+
+
+def image_size_option(fn):
+    return click.option("--image-size", "image_sizes", multiple=True,
+                        help="HEIGHTxWIDTH bucket to export (repeatable); default: the buckets of 448x448 and 336x504.")(fn)
+
+
+@cli.command(epilog=EPILOG_EXPORT)
+@click.option("--schedule", "schedule_path", required=True, type=click.Path(path_type=Path), help="schedule.json.")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Local checkpoint (default: as calibrated).")
+@image_size_option
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Artifacts directory.")
+@user_errors
+def export(schedule_path, model_dir, image_sizes, out):
+    """Trace the model with the schedule baked in -> ONNX graphs.
+
+    Per image-size bucket: vision_HxW.onnx (pixels -> visual features) and prefill_HxW.onnx (IVR and SSR as
+    TopK / ArgMax / Gather ops with static K); once: embed.onnx, prefill_full.onnx, decode.onnx (three cache-length
+    groups), decode_full.onnx; artifacts.json and manifest.json (sha256 of every file).
+    """
+    from .export import parse_image_size
+    from .pipeline import run_export
+
+    meta = run_export(schedule_path, model_dir, [parse_image_size(s) for s in image_sizes], out)
+    for b in meta["buckets"]:
+        click.echo(f"bucket {b['size'][0]}x{b['size'][1]}: N={b['num_visual']} -> K1={b['k1']} -> K2={b['k2']}")
+    click.echo(f"wrote {len(meta['graphs'])} graphs to {out}")
+
+
+@cli.command(epilog="""\b
+Examples:
+  halfv-export engine --artifacts build/ --target onnxruntime
+  halfv-export engine --artifacts build/ --target onnxruntime --ep cuda
+""")
+@click.option("--artifacts", required=True, type=click.Path(path_type=Path), help="Directory written by export.")
+@click.option("--target", default="onnxruntime", show_default=True, help="onnxruntime or tensorrt.")
+@click.option("--ep", default="cpu", show_default=True, help="ONNX Runtime execution provider: cpu, cuda, tensorrt.")
+@user_errors
+def engine(artifacts, target, ep):
+    """Build engines for this machine: ONNX Runtime sessions with their optimised models saved in ort/."""
+    from .pipeline import run_engine
+
+    info = run_engine(artifacts, target, ep)
+    click.echo(f"{info['target']} ({', '.join(info['providers'])}): {len(info['graphs'])} graphs optimised into "
+               f"{artifacts / 'ort'}")
+
+
+@cli.command(epilog="""\b
+Examples:
+  halfv-export run --artifacts build/ --image photo.png --prompt "What is in this picture?"
+  halfv-export run --artifacts build/ --image photo.png --prompt "Read the sign." --max-new-tokens 64 --full
+""")
+@click.option("--artifacts", required=True, type=click.Path(path_type=Path), help="Directory written by export.")
+@click.option("--image", type=click.Path(path_type=Path), help="Image file (omit for a text-only prompt).")
+@click.option("--prompt", required=True, help="The question.")
+@click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=32, show_default=True)
+@click.option("--full", is_flag=True, help="Use the unpruned graphs instead of HalfV.")
+@user_errors
+def run(artifacts, image, prompt, max_new_tokens, full):
+    """Greedy generation over the exported engines; prints the answer."""
+    from .pipeline import run_generate
+
+    click.echo(run_generate(artifacts, image, prompt, max_new_tokens, halfv=not full))
+
+
+@cli.command(epilog="""\b
+Examples:
+  halfv-export validate --artifacts build/
+  halfv-export validate --artifacts build/ --data heldout/ --fail-under parity.kept_indices_match=1.0 \\
+      --fail-over parity.logits_max_abs_diff=1e-3
+""")
+@click.option("--artifacts", required=True, type=click.Path(path_type=Path), help="Directory written by export.")
+@click.option("--data", type=click.Path(path_type=Path), help="prompts.jsonl or a folder with one; default: held-out synthetic.")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Eager reference checkpoint (default: as exported).")
+@click.option("--fail-under", multiple=True, help="KEY=VALUE: fail (exit 1) when the metric is below VALUE.")
+@click.option("--fail-over", multiple=True, help="KEY=VALUE: fail (exit 1) when the metric is above VALUE.")
+@user_errors
+def validate(artifacts, data, model_dir, fail_under, fail_over):
+    """Compare the engines with the eager reference -> report.json, report.md, latency.png.
+
+    Parity (kept indices, logits, 16 greedy tokens) against eager HalfV with the same schedule; fidelity of HalfV
+    against the unpruned eager model; prefill and decode latency; FLOPs. Thresholds make it a CI gate.
+    """
+    from ..validate.report import parse_thresholds
+    from .pipeline import run_validate
+
+    report, failures = run_validate(artifacts, data, model_dir, parse_thresholds(fail_under, "--fail-under"),
+                                    parse_thresholds(fail_over, "--fail-over"))
+    _print_summary(report)
+    if failures:
+        raise CliError("validation failed: " + "; ".join(failures), 1)
+
+
+def _print_summary(report: dict) -> None:
+    p, lat = report["parity"], report["latency_ms"]
+    click.echo(f"kept_indices_match {p['kept_indices_match']:.4f}  logits_max_abs_diff {p['logits_max_abs_diff']:.3g}"
+               f"  greedy_tokens_match {p['greedy_tokens_match']:.4f}  top1_agreement "
+               f"{report['fidelity']['top1_agreement']:.4f} ({report['fidelity']['weights']} weights)")
+    click.echo(f"prefill ms: engine full {lat['engine_full_prefill']:.1f} / HalfV {lat['engine_halfv_prefill']:.1f};"
+               f" eager full {lat['eager_full_prefill']:.1f} / HalfV {lat['eager_halfv_prefill']:.1f};"
+               f" FLOPs ratio {report['flops']['ratio']:.2f}")
+
+
+@cli.command(epilog="""\b
+Examples:
+  halfv-export build --backbone qwen2.5-vl --out build/
+  halfv-export build --backbone qwen2.5-vl --model ./Qwen2.5-VL-3B-Instruct --image-size 448x448 --out build/
+""")
+@click.option("--backbone", required=True, help="Backbone adapter, e.g. qwen2.5-vl.")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Local checkpoint directory (safetensors).")
+@click.option("--data", type=click.Path(path_type=Path), help="Calibration data (prompts.jsonl or folder).")
+@image_size_option
+@click.option("--target", default="onnxruntime", show_default=True, help="Engine target: onnxruntime or tensorrt.")
+@click.option("--paper-values", is_flag=True, help="Skip the calibration rules: paper values.")
+@schedule_options
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@user_errors
+def build(backbone, model_dir, data, image_sizes, target, paper_values, out, **kwargs):
+    """calibrate -> export -> engine -> validate, gated on parity (kept indices 1.0, greedy tokens 1.0,
+    logits within 1e-3)."""
+    from .export import parse_image_size
+    from .pipeline import DEFAULT_GATES_OVER, DEFAULT_GATES_UNDER, run_calibrate, run_engine, run_export, run_validate
+
+    sizes = [parse_image_size(s) for s in image_sizes]
+    overrides = pick_overrides(kwargs)
+    click.echo("[1/4] calibrate", err=True)
+    run_calibrate(backbone=backbone, model_dir=model_dir, data=data, samples=8, seed=0, tme_k=50, kl_probe=True,
+                  use_rules=not paper_values, overrides=overrides, out=out)
+    click.echo("[2/4] export", err=True)
+    meta = run_export(out / "schedule.json", model_dir, sizes, out)
+    click.echo(f"[3/4] engine ({target})", err=True)
+    run_engine(out, target, "cpu")
+    click.echo("[4/4] validate", err=True)
+    report, failures = run_validate(out, None, model_dir, list(DEFAULT_GATES_UNDER), list(DEFAULT_GATES_OVER))
+    _summary_table(meta, report)
+    if failures:
+        raise CliError("validation failed: " + "; ".join(failures), 1)
+    click.echo(f"build complete: {out}")
+
+
+def _summary_table(meta: dict, report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="halfv-export build")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    s = meta["schedule"]
+    table.add_row("schedule", f"IVR@{s['ivr_layer']} keep {s['keep_ratio']} | SSR {s['ssr_mode']}@{s['ssr_layer']}")
+    for b in meta["buckets"]:
+        table.add_row(f"bucket {b['size'][0]}x{b['size'][1]}", f"N {b['num_visual']} -> {b['k1']} -> {b['k2']}")
+    p, lat = report["parity"], report["latency_ms"]
+    table.add_row("kept_indices_match", f"{p['kept_indices_match']:.4f}")
+    table.add_row("logits_max_abs_diff", f"{p['logits_max_abs_diff']:.2e}")
+    table.add_row("greedy_tokens_match", f"{p['greedy_tokens_match']:.4f}")
+    table.add_row(f"top1_agreement ({report['fidelity']['weights']} weights)",
+                  f"{report['fidelity']['top1_agreement']:.4f}")
+    table.add_row("engine prefill full / HalfV (ms)",
+                  f"{lat['engine_full_prefill']:.1f} / {lat['engine_halfv_prefill']:.1f}")
+    table.add_row("FLOPs ratio", f"{report['flops']['ratio']:.2f}x")
+    Console().print(table)
+
+
 def main(argv=None):
     try:
         cli.main(args=argv, prog_name="halfv-export", standalone_mode=True)

@@ -101,3 +101,128 @@ def flops_table(config_path: Path, schedule_path: Path | None, overrides: dict, 
         rows.append({"visual": n, "text": text_tokens, "full": f.full, "halfv": f.halfv, "overhead": f.overhead,
                      "ratio": f.ratio, "ratio_with_overhead": f.ratio_with_overhead})
     return rows, describe(values)
+
+
+# ------------------------------------------------------------------------------------------------ export .. build
+DEFAULT_IMAGE_SIZES = ((448, 448), (336, 504))  # mapped to the processor's buckets when --image-size is not given
+DEFAULT_GATES_UNDER = (("parity.kept_indices_match", 1.0), ("parity.greedy_tokens_match", 1.0))
+DEFAULT_GATES_OVER = (("parity.logits_max_abs_diff", 1e-3),)
+
+
+def load_for_source(adapter, source: str, model_dir: Path | None):
+    """The eager model an artifacts folder or schedule was made from: --model wins, else the recorded source."""
+    if model_dir is not None:
+        return adapter.load(model_dir)
+    if source.startswith("embedded:"):
+        return adapter.load(None, seed=int(source.rsplit("seed=", 1)[-1]))
+    if not Path(source).is_dir():
+        raise BadInput(f"the model these artifacts were made from ({source}) is not here; pass --model DIR")
+    return adapter.load(Path(source))
+
+
+def run_export(schedule_path: Path, model_dir: Path | None, image_sizes: list[tuple[int, int]], out: Path,
+               seed: int | None = None) -> dict:
+    from .export import export_artifacts
+    from .manifest import write_manifest
+
+    _, doc = read_schedule(schedule_path)
+    adapter = get_adapter(doc.get("backbone", "?"))
+    source = doc["model"].get("source", "")
+    with console.status("loading the model"):
+        loaded = adapter.load(model_dir) if model_dir is not None else (
+            adapter.load(None, seed=seed if seed is not None else int(source.rsplit("seed=", 1)[-1]))
+            if source.startswith("embedded:") else load_for_source(adapter, source, None))
+    depth = adapter.text_stack(loaded).num_layers
+    sched, doc = read_schedule(schedule_path, backbone=adapter.name, fingerprint=config_fingerprint(loaded.config),
+                               depth=depth)
+    if not image_sizes:
+        from ..graphs.adapter import Processing
+
+        processing = Processing(loaded.tokenizer, loaded.image_processor, loaded.config)
+        image_sizes = list(dict.fromkeys(adapter.bucket_for(processing, s)[0] for s in DEFAULT_IMAGE_SIZES))
+    with _progress() as progress:
+        task = progress.add_task("exporting", total=2 * len(image_sizes) + 4)
+
+        def step(name):
+            progress.update(task, description=f"exporting {name}")
+            progress.advance(task)
+
+        meta = export_artifacts(adapter, loaded, sched, doc, image_sizes, out, step=step)
+    write_manifest(out)
+    return meta
+
+
+def run_engine(artifacts: Path, target: str, ep: str) -> dict:
+    from ..engines.ort import build_ort_engines
+    from .manifest import verify_manifest, write_manifest
+
+    verify_manifest(artifacts)
+    if target == "onnxruntime":
+        with console.status(f"building ONNX Runtime sessions ({ep})"):
+            info = build_ort_engines(artifacts, ep)
+    elif target == "tensorrt":
+        raise BadInput("the TensorRT target is not implemented yet; use --target onnxruntime")
+    else:
+        raise BadInput(f"unknown target '{target}'; choose onnxruntime or tensorrt")
+    write_manifest(artifacts)
+    return info
+
+
+def open_pipeline(artifacts: Path, ep: str = "cpu"):
+    from ..engines import EnginePipeline, OrtRunner
+    from .manifest import verify_manifest
+
+    verify_manifest(artifacts)
+    return EnginePipeline(artifacts, OrtRunner(artifacts, ep=ep))
+
+
+def run_generate(artifacts: Path, image: Path | None, prompt: str, max_new_tokens: int, halfv: bool) -> str:
+    from .calib_data import load_image
+
+    pipeline = open_pipeline(artifacts)
+    picture = load_image(image) if image is not None else None
+    tokens = pipeline.generate([picture], [prompt], max_new_tokens, halfv=halfv)
+    return pipeline.decode_text(tokens[0])
+
+
+def run_validate(artifacts: Path, data: Path | None, model_dir: Path | None, fail_under: list, fail_over: list,
+                 weights: str | None = None) -> tuple[dict, list[str]]:
+    import platform
+
+    from ..validate.report import check_thresholds, held_out_samples, measure_latency, run_validation, write_report
+    from .manifest import write_manifest
+
+    pipeline = open_pipeline(artifacts)
+    meta = pipeline.meta
+    adapter = pipeline.adapter
+    with console.status("loading the eager reference"):
+        loaded = load_for_source(adapter, meta["source"], model_dir)
+    from ..graphs.pruning import PruneSchedule
+
+    schedule = PruneSchedule(**meta["schedule"])
+    buckets = [tuple(b["size"]) for b in meta["buckets"]]
+    samples = load_data(data) if data is not None else held_out_samples(buckets)
+    weights = weights or ("random" if meta["source"].startswith("embedded:") else "trained")
+    with _progress() as progress:
+        task = progress.add_task("validating (parity, fidelity)", total=None)
+
+        def track(items):
+            items = list(items)
+            progress.update(task, total=len(items))
+            for item in items:
+                yield item
+                progress.advance(task)
+
+        report = run_validation(pipeline, loaded, samples, schedule, weights, progress=track)
+    with console.status("measuring latency"):
+        largest = max(buckets, key=lambda b: b[0] * b[1])
+        latency, flops = measure_latency(pipeline, loaded, held_out_samples([largest], 1, seed=2000)[0], schedule)
+    report = {"backbone": meta["backbone"], "source": meta["source"], "schedule": meta["schedule"],
+              "buckets": [f"{h}x{w}" for h, w in buckets], "device": f"CPU ({platform.machine()}), ONNX Runtime "
+              + ("optimised" if pipeline.runner.optimized else "unoptimised"), **report, "latency_ms": latency,
+              "flops": flops}
+    failures = check_thresholds(report, fail_under, fail_over)
+    report["thresholds"] = {"fail_under": dict(fail_under), "fail_over": dict(fail_over), "failures": failures}
+    write_report(Path(artifacts), report)
+    write_manifest(artifacts)
+    return report, failures

@@ -63,3 +63,20 @@ def tme_plot(curves: dict, schedule: dict, title: str, path: Path, kl_threshold:
         ax2.legend(fontsize=8)
     axes[-1][0].set_xlabel("layer point (i = input of layer i; last = final output)")
     save_figure(fig, path)
+
+
+def latency_plot(latency: dict, title: str, path: Path) -> None:
+    """Bars: eager vs engine prefill, full vs HalfV, plus the engine decode step."""
+    labels = ["eager\nfull", "eager\nHalfV", "engine\nfull", "engine\nHalfV", "engine\ndecode step"]
+    keys = ["eager_full_prefill", "eager_halfv_prefill", "engine_full_prefill", "engine_halfv_prefill",
+            "engine_decode_step"]
+    values = [latency[k] for k in keys]
+    colors = ["#9aa5b1", "tab:red", "#6b7a89", "tab:green", "tab:blue"]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    bars = ax.bar(labels, values, color=colors)
+    for bar, value in zip(bars, values):
+        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{value:.1f}", ha="center", va="bottom",
+                fontsize=8)
+    ax.set_ylabel("milliseconds (median)")
+    ax.set_title(title, fontsize=10)
+    save_figure(fig, path)

@@ -1,0 +1,115 @@
+"""Prefill and greedy decoding over exported graphs, with the same tokenizer, image processor and chat template as
+the eager path (the adapter's host_inputs). Works on any Runner: `run(graph, feeds) -> outputs`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BadInput
+from ..graphs import get_adapter
+
+
+@dataclass
+class EngineState:
+    logits: np.ndarray  # [B, V]
+    kept: dict  # stage -> [B, K]
+    past: list  # per layer: key, value
+    valid: list  # per cache-length group [B, len_g]
+    next_positions: np.ndarray  # [P, B]
+    decode_graph: str
+    groups: list
+
+
+class EnginePipeline:
+    def __init__(self, artifacts: Path, runner):
+        self.artifacts = Path(artifacts)
+        meta_path = self.artifacts / "artifacts.json"
+        if not meta_path.exists():
+            raise BadInput(f"{self.artifacts} has no artifacts.json; run `halfv-export export` into it first")
+        self.meta = json.loads(meta_path.read_text())
+        self.adapter = get_adapter(self.meta["backbone"])
+        self.processing = self.adapter.load_processing(self.artifacts)
+        self.runner = runner
+        self.buckets = {tuple(b["size"]): b for b in self.meta["buckets"]}
+
+    # -------------------------------------------------------------------------------------------- inputs
+    def fit_image(self, image):
+        """Resize an image whose natural bucket was not exported to the exported bucket of closest aspect ratio."""
+        if image is None:
+            return None
+        natural, _ = self.adapter.bucket_for(self.processing, (image.height, image.width))
+        if natural in self.buckets:
+            return image
+        aspect = image.width / image.height
+        h, w = min(self.buckets, key=lambda b: (abs(np.log((b[1] / b[0]) / aspect)), -b[0] * b[1]))
+        return image.resize((w, h))
+
+    def host(self, images: list, prompts: list[str]):
+        return self.adapter.host_inputs(self.processing, [self.fit_image(im) for im in images], prompts)
+
+    # -------------------------------------------------------------------------------------------- prefill
+    def embeds(self, host) -> np.ndarray:
+        embeds = self.runner.run("embed.onnx", {"input_ids": host.input_ids.numpy()})["embeds"]  # [B, S, D]
+        if host.num_visual > 0:
+            bucket = self.buckets[host.bucket]
+            for b, pixels in enumerate(host.pixel_values):
+                feats = self.runner.run(bucket["vision"], {"pixel_values": pixels.numpy()})["visual_features"]
+                s = int(host.visual_start[b])
+                embeds[b, s:s + host.num_visual] = feats
+        return embeds
+
+    def prefill(self, host, halfv: bool = True, embeds: np.ndarray | None = None) -> EngineState:
+        pruned = halfv and host.num_visual > 0
+        graph = self.buckets[host.bucket]["prefill"] if pruned else "prefill_full.onnx"
+        feeds = {"embeds": self.embeds(host) if embeds is None else embeds,
+                 "attention_mask": host.attention_mask.numpy(), "positions": host.positions.numpy(),
+                 "visual_start": host.visual_start.numpy()}
+        out = self.runner.run(graph, feeds)
+        layers = self.meta["num_layers"]
+        groups = self.meta["groups"] if pruned else [0] * layers
+        return EngineState(
+            logits=out["logits"], kept={k[5:]: out[k] for k in ("kept_ivr", "kept_ssr") if k in out},
+            past=[out[f"present_{kind}_{i}"] for i in range(layers) for kind in ("key", "value")],
+            valid=[out[f"cache_valid_{g}"] for g in sorted(set(groups))],
+            next_positions=host.next_positions.numpy(), decode_graph="decode.onnx" if pruned else "decode_full.onnx",
+            groups=groups)
+
+    # -------------------------------------------------------------------------------------------- decode
+    def decode_step(self, tokens: np.ndarray, state: EngineState) -> np.ndarray:
+        batch = tokens.shape[0]
+        state.valid = [np.concatenate([v, np.ones((batch, 1), dtype=v.dtype)], axis=1) for v in state.valid]
+        feeds = {"input_ids": tokens.reshape(batch, 1).astype(np.int64),
+                 "positions": state.next_positions[..., None].astype(np.int64)}
+        feeds.update({f"cache_valid_{g}": v for g, v in enumerate(state.valid)})
+        layers = self.meta["num_layers"]
+        for i in range(layers):
+            feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = state.past[2 * i], state.past[2 * i + 1]
+        out = self.runner.run(state.decode_graph, feeds)
+        state.past = [out[f"present_{kind}_{i}"] for i in range(layers) for kind in ("key", "value")]
+        state.next_positions = state.next_positions + 1
+        state.logits = out["logits"]
+        return state.logits
+
+    def generate(self, images: list, prompts: list[str], max_new_tokens: int, halfv: bool = True,
+                 stop_at_eos: bool = True) -> np.ndarray:
+        """Greedy tokens [B, <= max_new_tokens]; a finished sample repeats EOS until all are done."""
+        state = self.prefill(self.host(images, prompts), halfv)
+        eos = set(self.meta["eos_token_ids"]) if stop_at_eos else set()
+        tokens, done = [], np.zeros(state.logits.shape[0], dtype=bool)
+        for step in range(max_new_tokens):
+            token = state.logits.argmax(-1)
+            if tokens and eos:
+                token = np.where(done, tokens[-1], token)
+            tokens.append(token)
+            done |= np.isin(token, list(eos))
+            if (eos and done.all()) or step == max_new_tokens - 1:
+                break
+            self.decode_step(token, state)
+        return np.stack(tokens, axis=1)
+
+    def decode_text(self, token_ids) -> str:
+        return self.processing.tokenizer.decode([int(t) for t in token_ids], skip_special_tokens=True)

@@ -1,0 +1,204 @@
+"""validate: exported engines against the eager HalfV reference (parity), HalfV against the unpruned model
+(fidelity), latency and FLOPs, on held-out samples -> report.json, report.md, latency.png.
+
+Parity compares like with like: the same schedule, inputs, batch layout. Eager inputs come from the model's own
+vision tower and embeddings; engine inputs from vision_*.onnx and embed.onnx.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..errors import BadInput
+from ..exporter.atomic import write_text_atomic
+from ..exporter.calib_data import Sample, synthetic_set
+from ..graphs.halfv import HalfVReference
+from ..graphs.pruning import PruneSchedule
+from ..graphs.tme import kl_last_token
+from .flops import LMShape, prefill_flops
+from .plots import latency_plot
+
+GREEDY_TOKENS = 16
+LATENCY_RUNS = 7
+
+
+def held_out_samples(buckets: list[tuple[int, int]], per_bucket: int = 2, seed: int = 1000) -> list[Sample]:
+    """Synthetic samples not seen by calibration (other seed), resized to each exported bucket."""
+    samples = []
+    for i, (h, w) in enumerate(buckets):
+        for s in synthetic_set(per_bucket, seed=seed + i):
+            samples.append(Sample(f"{s.name}@{h}x{w}", s.image.resize((w, h)), s.prompt))
+    return samples
+
+
+def median_ms(fn: Callable[[], object], runs: int = LATENCY_RUNS) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+
+def run_validation(pipeline, loaded, samples: list[Sample], schedule: PruneSchedule, weights: str,
+                   progress: Callable = iter, batch_size: int = 2) -> dict:
+    adapter = pipeline.adapter
+    stack = adapter.text_stack(loaded)
+    eager_halfv, eager_full = HalfVReference(stack, schedule), HalfVReference(stack, None)
+
+    # group samples into batches of one bucket each
+    groups: dict = {}
+    for sample in samples:
+        image = pipeline.fit_image(sample.image)
+        key = None if image is None else adapter.bucket_for(pipeline.processing, (image.height, image.width))[0]
+        groups.setdefault(key, []).append((sample, image))
+    batches = [items[i:i + batch_size] for items in groups.values() for i in range(0, len(items), batch_size)]
+
+    kept_match, max_abs, cos_min, tokens_match, top1, kls, n_samples = [], 0.0, 1.0, [], [], [], 0
+    for batch in progress(batches):
+        images, prompts = [im for _, im in batch], [s.prompt for s, _ in batch]
+        host = pipeline.host(images, prompts)
+        ref_inputs = adapter.prepare(loaded, images, prompts)
+        engine = pipeline.prefill(host, halfv=True)
+        eager = eager_halfv.prefill(ref_inputs)
+        full = eager_full.prefill(ref_inputs)
+        ref_logits = eager.logits.numpy()
+        max_abs = max(max_abs, float(np.abs(engine.logits - ref_logits).max()))
+        for b in range(len(batch)):
+            cos_min = min(cos_min, _cosine(engine.logits[b], ref_logits[b]))
+            for stage, kept in eager.kept.items():
+                kept_match.append(bool(np.array_equal(engine.kept.get(stage, np.empty(0))[b], kept[b].numpy())))
+        engine_tokens = pipeline.generate(images, prompts, GREEDY_TOKENS, stop_at_eos=False)
+        eager_tokens = eager_halfv.generate(ref_inputs, GREEDY_TOKENS).numpy()
+        tokens_match += [bool(np.array_equal(engine_tokens[b], eager_tokens[b])) for b in range(len(batch))]
+        top1 += (eager.logits.argmax(-1) == full.logits.argmax(-1)).tolist()
+        kls += kl_last_token(full.logits, eager.logits).tolist()
+        n_samples += len(batch)
+
+    parity = {
+        "kept_indices_match": float(np.mean(kept_match)) if kept_match else 1.0,
+        "kept_pairs": len(kept_match),
+        "logits_max_abs_diff": max_abs, "logits_cosine_min": cos_min,
+        "greedy_tokens_match": float(np.mean(tokens_match)), "greedy_tokens": GREEDY_TOKENS,
+    }
+    fidelity = {"top1_agreement": float(np.mean(top1)), "kl_mean": float(np.mean(kls)), "weights": weights,
+                "note": ("random weights: agreement with the unpruned model measures the graphs, not accuracy"
+                         if weights == "random" else "first-token agreement with the unpruned model")}
+    return {"samples": n_samples, "parity": parity, "fidelity": fidelity}
+
+
+def measure_latency(pipeline, loaded, sample: Sample, schedule: PruneSchedule) -> tuple[dict, dict]:
+    """Medians of LATENCY_RUNS runs after a warm-up, batch 1, on one sample: prefill (LLM only, embeddings
+    ready) eager/engine x full/HalfV, and one engine decode step on the pruned cache. Also that sample's FLOPs."""
+    adapter = pipeline.adapter
+    stack = adapter.text_stack(loaded)
+    image = pipeline.fit_image(sample.image)
+    host = pipeline.host([image], [sample.prompt])
+    inputs = adapter.prepare(loaded, [image], [sample.prompt])
+    embeds = pipeline.embeds(host)
+    halfv, full = HalfVReference(stack, schedule), HalfVReference(stack, None)
+    state = pipeline.prefill(host, halfv=True, embeds=embeds)
+    token = state.logits.argmax(-1)
+
+    def decode_once():
+        saved = (list(state.past), list(state.valid), state.next_positions.copy())
+        pipeline.decode_step(token, state)
+        state.past, state.valid, state.next_positions = saved
+
+    latency = {
+        "eager_full_prefill": median_ms(lambda: full.prefill(inputs)),
+        "eager_halfv_prefill": median_ms(lambda: halfv.prefill(inputs)),
+        "engine_full_prefill": median_ms(lambda: pipeline.prefill(host, halfv=False, embeds=embeds)),
+        "engine_halfv_prefill": median_ms(lambda: pipeline.prefill(host, halfv=True, embeds=embeds)),
+        "engine_decode_step": median_ms(decode_once),
+        "runs": LATENCY_RUNS, "batch": 1, "visual_tokens": host.num_visual, "sequence": int(host.input_ids.shape[1]),
+    }
+    shape = LMShape.from_config(loaded.config.to_dict())
+    f = prefill_flops(shape, host.num_visual, int(host.input_ids.shape[1]) - host.num_visual, schedule)
+    flops = {"full": f.full, "halfv": f.halfv, "overhead": f.overhead, "ratio": f.ratio,
+             "visual_tokens": host.num_visual, "text_tokens": int(host.input_ids.shape[1]) - host.num_visual}
+    return latency, flops
+
+
+def lookup(report: dict, key: str):
+    node = report
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise BadInput(f"threshold names unknown metric '{key}'; e.g. parity.kept_indices_match")
+        node = node[part]
+    if not isinstance(node, (int, float)) or isinstance(node, bool):
+        raise BadInput(f"metric '{key}' is not a number")
+    return float(node)
+
+
+def parse_thresholds(items: tuple[str, ...], flag: str) -> list[tuple[str, float]]:
+    parsed = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            parsed.append((key.strip(), float(value)))
+        except ValueError:
+            raise BadInput(f"{flag} {item!r}: write KEY=VALUE, e.g. parity.kept_indices_match=1.0") from None
+        if not sep:
+            raise BadInput(f"{flag} {item!r}: write KEY=VALUE, e.g. parity.kept_indices_match=1.0")
+    return parsed
+
+
+def check_thresholds(report: dict, under: list[tuple[str, float]], over: list[tuple[str, float]]) -> list[str]:
+    """Failures as 'metric value < limit' lines (fail-under: value must be >= limit; fail-over: <= limit)."""
+    failures = []
+    for key, limit in under:
+        if (value := lookup(report, key)) < limit:
+            failures.append(f"{key} = {value:.6g} is under {limit:g}")
+    for key, limit in over:
+        if (value := lookup(report, key)) > limit:
+            failures.append(f"{key} = {value:.6g} is over {limit:g}")
+    return failures
+
+
+def render_markdown(report: dict) -> str:
+    p, f, lat, fl = report["parity"], report["fidelity"], report["latency_ms"], report["flops"]
+    lines = [
+        f"# halfv-export validation: {report['backbone']} ({report['source']})", "",
+        f"{report['samples']} held-out samples, buckets {', '.join(report['buckets'])}; schedule "
+        f"`{json.dumps(report['schedule'])}`.", "",
+        "## Parity: exported engines vs eager HalfV", "", "| metric | value |", "|---|---|",
+        f"| kept_indices_match ({p['kept_pairs']} sample-stage pairs) | {p['kept_indices_match']:.4f} |",
+        f"| logits_max_abs_diff | {p['logits_max_abs_diff']:.3g} |",
+        f"| logits_cosine_min | {p['logits_cosine_min']:.6f} |",
+        f"| greedy_tokens_match ({p['greedy_tokens']} tokens) | {p['greedy_tokens_match']:.4f} |", "",
+        f"## Fidelity: eager HalfV vs the unpruned model ({f['weights']} weights)", "",
+        f"top-1 agreement {f['top1_agreement']:.4f}, mean KL {f['kl_mean']:.4g}. {f['note']}.", "",
+        f"## Latency (ms, median of {lat['runs']} after warm-up, batch 1, N = {lat['visual_tokens']}, "
+        f"S = {lat['sequence']}, {report['device']})", "", "| | full | HalfV | full/HalfV |", "|---|---|---|---|",
+        f"| eager prefill | {lat['eager_full_prefill']:.2f} | {lat['eager_halfv_prefill']:.2f} | "
+        f"{lat['eager_full_prefill'] / lat['eager_halfv_prefill']:.2f}x |",
+        f"| engine prefill | {lat['engine_full_prefill']:.2f} | {lat['engine_halfv_prefill']:.2f} | "
+        f"{lat['engine_full_prefill'] / lat['engine_halfv_prefill']:.2f}x |",
+        f"| engine decode step | | {lat['engine_decode_step']:.2f} | |", "",
+        f"## FLOPs (LLM prefill, that sample)", "",
+        f"full {fl['full'] / 1e9:.3f} GFLOP, HalfV {fl['halfv'] / 1e9:.3f} GFLOP, ratio {fl['ratio']:.2f}x "
+        f"(selection overhead {fl['overhead'] / 1e6:.2f} MFLOP, not in the ratio).", "",
+    ]
+    if report.get("thresholds"):
+        lines += ["## Gates", ""] + [f"- {line}" for line in report["thresholds"]["failures"] or ["all passed"]]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, report: dict) -> None:
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    write_text_atomic(out / "report.md", render_markdown(report))
+    latency_plot(report["latency_ms"], f"{report['backbone']}: prefill latency, N = "
+                 f"{report['latency_ms']['visual_tokens']} ({report['device']})", out / "latency.png")
