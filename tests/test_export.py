@@ -1,0 +1,152 @@
+"""Exported graphs vs the eager reference, through real ONNX Runtime sessions."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from halfv_export.engines import EnginePipeline, OrtRunner
+from halfv_export.exporter.onnx_export import FORBIDDEN_OPS, topk_values
+from halfv_export.graphs import get_adapter
+from halfv_export.graphs.halfv import HalfVReference
+from halfv_export.graphs.pruning import PruneSchedule
+from tests.conftest import make_image
+
+SCHEDULE = PruneSchedule(ivr_layer=2, keep_ratio=0.25, anchor_ratio=0.1, ssr_layer=6, ssr_mode="topk", ssr_ratio=0.05)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, qwen):
+    """Embedded default, schedule via the CLI flags, two buckets: 448x448 and non-square 336x504."""
+    from click.testing import CliRunner
+
+    from halfv_export.exporter.cli import cli
+
+    out = tmp_path_factory.mktemp("artifacts")
+    runner = CliRunner()
+    result = runner.invoke(cli, ["calibrate", "--backbone", "qwen2.5-vl", "--paper-values", "--ivr-layer", "2",
+                                 "--ssr-layer", "6", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["export", "--schedule", str(out / "schedule.json"), "--image-size", "448x448",
+                                 "--image-size", "336x504", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_artifacts_and_graph_hygiene(exported):
+    meta = json.loads((exported / "artifacts.json").read_text())
+    assert [b["size"] for b in meta["buckets"]] == [[448, 448], [336, 504]]
+    assert (meta["buckets"][1]["num_visual"], meta["buckets"][1]["k1"], meta["buckets"][1]["k2"]) == (216, 54, 10)
+    for graph in meta["graphs"]:
+        model = onnx.load(str(exported / graph))
+        onnx.checker.check_model(model)
+        onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        ops = {n.op_type for n in model.graph.node}
+        assert not ops & FORBIDDEN_OPS, graph
+        for node in model.graph.node:
+            for attr in node.attribute:
+                if attr.name == "axis" or attr.name == "axes":
+                    assert attr.type in (onnx.AttributeProto.INT, onnx.AttributeProto.INTS)
+    # IVR anchors, K1 re-sort, SSR top-K2 and its re-sort: every K a constant, <= 3840, as planned
+    ks = topk_values(exported / "prefill_448x448.onnx")
+    assert sorted(set(ks)) == sorted({6, 64, 12})
+    assert "TopK" not in {n.op_type for n in onnx.load(str(exported / "prefill_full.onnx")).graph.node}
+
+
+def test_present_kv_shapes_show_the_cuts(exported):
+    model = onnx.load(str(exported / "prefill_448x448.onnx"), load_external_data=False)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    dims = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in inferred.graph.output}
+    assert dims["kept_ivr"][1] == 64 and dims["kept_ssr"][1] == 12
+    lengths = [dims[f"present_key_{i}"][2] for i in range(8)]
+    assert lengths[0] == lengths[1] and len({lengths[1], lengths[2], lengths[6]}) == 3  # S, S-N+K1, S-N+K2
+
+
+@pytest.mark.parametrize("batch", [
+    [(448, 448, 1, "What is in this image?")],
+    [(336, 504, 2, "Describe it."), (336, 504, 3, "Which colours, shapes and words can you see in the picture?")],
+    [(448, 448, 4, "Count the shapes."), (448, 448, 5, "What is written here? Answer briefly please.")],
+    [(None, None, 0, "Tell me a short story about a red circle.")],
+], ids=["square-b1", "nonsquare-b2", "square-b2", "text-only"])
+def test_engine_matches_eager(exported, qwen, batch):
+    adapter, loaded, stack = qwen
+    pipeline = EnginePipeline(exported, OrtRunner(exported))
+    images = [None if h is None else make_image(w, h, seed) for h, w, seed, _ in batch]
+    prompts = [p for *_, p in batch]
+    state = pipeline.prefill(pipeline.host(images, prompts))
+    eager = HalfVReference(stack, SCHEDULE).prefill(adapter.prepare(loaded, images, prompts))
+    np.testing.assert_allclose(state.logits, eager.logits.numpy(), atol=1e-4, rtol=1e-4)
+    assert state.kept.keys() == eager.kept.keys()
+    for stage in eager.kept:
+        np.testing.assert_array_equal(state.kept[stage], eager.kept[stage].numpy())
+    assert [p.shape[2] for p in state.past[::2]] == eager.cache.lengths()
+    tokens = pipeline.generate(images, prompts, 16, stop_at_eos=False)
+    np.testing.assert_array_equal(tokens, HalfVReference(stack, SCHEDULE).generate(
+        adapter.prepare(loaded, images, prompts), 16).numpy())
+
+
+def test_unbucketed_image_is_fitted_to_the_nearest_bucket(exported):
+    pipeline = EnginePipeline(exported, OrtRunner(exported))
+    host = pipeline.host([make_image(700, 460, 6)], ["What is this?"])  # wide: the 336x504 bucket
+    assert host.bucket == (336, 504)
+
+
+def test_engine_stage_run_and_manifest(exported, run_cli, tmp_path):
+    result = run_cli("engine", "--artifacts", exported, "--target", "onnxruntime")
+    assert result.exit_code == 0, result.output
+    assert (exported / "ort" / "engine.json").exists()
+    make_image(400, 300, 7).save(tmp_path / "photo.png")
+    answer = run_cli("run", "--artifacts", exported, "--image", tmp_path / "photo.png", "--prompt", "What is this?",
+                     "--max-new-tokens", 4)
+    assert answer.exit_code == 0 and answer.output.strip(), answer.output
+    manifest = json.loads((exported / "manifest.json").read_text())
+    assert {"prefill_448x448.onnx", "ort/prefill_448x448.onnx", "schedule.json"} <= set(manifest["files"])
+    assert manifest["versions"]["onnxruntime"] and manifest["schedule"]["ssr_layer"] == 6
+
+
+def test_tampered_artifact_is_refused(exported, run_cli, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(exported, copy)
+    with open(copy / "decode.onnx", "ab") as f:
+        f.write(b"\0")
+    result = run_cli("run", "--artifacts", copy, "--prompt", "hi")
+    assert result.exit_code == 2 and "does not match its sha256" in result.output
+
+
+def test_validate_gates(exported, run_cli):
+    ok = run_cli("validate", "--artifacts", exported, "--fail-under", "parity.kept_indices_match=1.0",
+                 "--fail-over", "parity.logits_max_abs_diff=1e-3")
+    assert ok.exit_code == 0, ok.output
+    report = json.loads((exported / "report.json").read_text())
+    assert report["parity"]["kept_indices_match"] == 1.0 and report["parity"]["greedy_tokens_match"] == 1.0
+    assert report["parity"]["logits_max_abs_diff"] <= 1e-3 and report["fidelity"]["weights"] == "random"
+    for key in ("eager_full_prefill", "eager_halfv_prefill", "engine_full_prefill", "engine_halfv_prefill",
+                "engine_decode_step"):
+        assert report["latency_ms"][key] > 0
+    assert report["flops"]["ratio"] > 1 and (exported / "latency.png").stat().st_size > 10_000
+    failing = run_cli("validate", "--artifacts", exported, "--fail-over", "parity.logits_max_abs_diff=0")
+    assert failing.exit_code == 1 and "parity.logits_max_abs_diff" in failing.output
+    unknown = run_cli("validate", "--artifacts", exported, "--fail-under", "parity.nope=1")
+    assert unknown.exit_code == 2 and "unknown metric" in unknown.output
+
+
+def test_build_on_a_differently_shaped_checkpoint_with_a_non_square_bucket(tiny_qwen_dir, run_cli, tmp_path):
+    out = tmp_path / "build"
+    result = run_cli("build", "--backbone", "qwen2.5-vl", "--model", tiny_qwen_dir, "--image-size", "252x336",
+                     "--out", out)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["buckets"] == ["252x336"]
+    assert report["parity"]["kept_indices_match"] == 1.0 and report["parity"]["greedy_tokens_match"] == 1.0
+    assert report["parity"]["logits_max_abs_diff"] <= 1e-3
+    meta = json.loads((out / "artifacts.json").read_text())
+    assert meta["num_layers"] == 6 and meta["num_kv_heads"] == 1
+
+
+def test_export_refuses_sizes_the_processor_never_produces(exported, run_cli, tmp_path):
+    result = run_cli("export", "--schedule", exported / "schedule.json", "--image-size", "450x450",
+                     "--out", tmp_path)
+    assert result.exit_code == 2 and "use --image-size 448x448" in result.output
