@@ -6,11 +6,9 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from halfv_export.engines import EnginePipeline, OrtRunner
 from halfv_export.exporter.onnx_export import FORBIDDEN_OPS, topk_values
-from halfv_export.graphs import get_adapter
 from halfv_export.graphs.halfv import HalfVReference
 from halfv_export.graphs.pruning import PruneSchedule
 from tests.conftest import make_image

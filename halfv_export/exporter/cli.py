@@ -325,6 +325,41 @@ def _summary_table(meta: dict, report: dict) -> None:
     Console().print(table)
 
 
+@cli.command(epilog="""\b
+Examples:
+  halfv-export bench --out bench/
+  halfv-export bench --visual-tokens 256 --layers 8 --out bench-small/
+""")
+@click.option("--visual-tokens", type=click.IntRange(4), default=1024, show_default=True,
+              help="N, a square number (a square merged image grid).")
+@click.option("--text-tokens", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--hidden", type=int, default=896, show_default=True)
+@click.option("--layers", type=click.IntRange(4), default=24, show_default=True)
+@click.option("--heads", type=int, default=14, show_default=True)
+@click.option("--kv-heads", type=int, default=2, show_default=True)
+@click.option("--intermediate", type=int, default=4864, show_default=True)
+@click.option("--vocab", type=int, default=151936, show_default=True)
+@click.option("--runs", type=click.IntRange(1), default=5, show_default=True, help="Timed runs after one warm-up.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Where graphs and bench_prefill.json go.")
+@user_errors
+def bench(visual_tokens, text_tokens, hidden, layers, heads, kv_heads, intermediate, vocab, runs, out):
+    """ONNX Runtime CPU prefill, full vs HalfV graph, on a Qwen2.5-VL-shaped LLM with random weights.
+
+    Default: the 0.5B class (hidden 896, 24 layers, 14/2 heads) at 1024 visual tokens, the paper schedule at that
+    depth. Prints the measured latency ratio beside the FLOPs ratio.
+    """
+    from ..validate.bench import BenchShape, run_bench
+
+    shape = BenchShape(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, intermediate=intermediate,
+                       vocab=vocab)
+    r = run_bench(out, shape, visual_tokens, text_tokens, runs, log=lambda m: click.echo(m, err=True))
+    click.echo(f"prefill full {r['prefill_ms']['full']:.1f} ms, HalfV {r['prefill_ms']['halfv']:.1f} ms "
+               f"(N={visual_tokens}, T={text_tokens}, median of {runs})")
+    click.echo(f"measured ratio: {r['measured_ratio']:.2f}")
+    click.echo(f"FLOPs ratio: {r['flops_ratio']:.2f}")
+    click.echo(f"efficiency: {r['efficiency']:.2f}")
+
+
 def main(argv=None):
     try:
         cli.main(args=argv, prog_name="halfv-export", standalone_mode=True)

@@ -13,8 +13,7 @@ from torch import nn
 
 from .adapter import TextStack
 from .halfv import additive_mask
-from .pruning import (PruneSchedule, budgets, diversity_features, gather_rows, ivr_select, keep_index,
-                      relevance_scores, rotate_half, top_indices, visual_rows)
+from .pruning import PruneSchedule, budgets, gather_rows, keep_index, rotate_half, select_before_layer, visual_rows
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -112,16 +111,8 @@ class PrefillGraph(nn.Module):
         kept, presents, valids = [], [], {}
         prev_input = h
         for i, layer in enumerate(self.layers):
-            selected = None
-            if sched is not None and i == sched.ivr_layer:
-                scores = relevance_scores(self.layers[i - 1], prev_input, start, n, st.num_heads, st.num_kv_heads,
-                                          st.head_dim)  # [B, N] fp32, no RoPE
-                feats = diversity_features(self.norm, h, start, n)  # [B, N, D]
-                selected = ivr_select(scores, feats, plan.k1, plan.anchors, exporting=True)  # [B, K1]
-            elif sched is not None and i == sched.ssr_layer and sched.ssr_mode == "topk":
-                scores = relevance_scores(self.layers[i - 1], prev_input, start, n, st.num_heads, st.num_kv_heads,
-                                          st.head_dim, rope=(cos, sin))  # [B, K1]
-                selected = top_indices(scores, plan.k2, exporting=True)  # [B, K2]
+            selected = None if sched is None else select_before_layer(st, sched, plan, i, prev_input, h, start, n,
+                                                                      cos, sin, exporting=True)
             if selected is not None:
                 index = keep_index(start, selected, n, h.shape[1])  # [B, S - n + K]
                 h, cos, sin, valid = (gather_rows(t, index) for t in (h, cos, sin, valid))

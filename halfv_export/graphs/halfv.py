@@ -22,8 +22,7 @@ from transformers import DynamicCache
 
 from ..errors import BadInput
 from .adapter import PrefillInputs, TextStack
-from .pruning import (Budgets, PruneSchedule, budgets, diversity_features, gather_rows, ivr_select, keep_index,
-                      relevance_scores, top_indices, visual_rows)
+from .pruning import Budgets, PruneSchedule, budgets, gather_rows, keep_index, select_before_layer, visual_rows
 
 
 def additive_mask(key_valid: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
@@ -98,23 +97,14 @@ class HalfVReference:
         prev_input = h
 
         for i, layer in enumerate(st.layers):
-            cut = None
-            if plan is not None and i == sched.ivr_layer:
-                scores = relevance_scores(st.layers[i - 1], prev_input, start, n, st.num_heads, st.num_kv_heads,
-                                          st.head_dim, rope=None)  # [B, n]
-                feats = diversity_features(st.norm, h, start, n)  # [B, n, D]
-                cut = ("ivr", ivr_select(scores, feats, plan.k1, plan.anchors))  # [B, K1]
-            elif plan is not None and i == sched.ssr_layer and sched.ssr_mode == "topk":
-                scores = relevance_scores(st.layers[i - 1], prev_input, start, n, st.num_heads, st.num_kv_heads,
-                                          st.head_dim, rope=(cos, sin))  # [B, K1]
-                cut = ("ssr", top_indices(scores, plan.k2))  # [B, K2]
-            if cut is not None:
-                stage, selected = cut
-                index = keep_index(start, selected, n, h.shape[1])  # [B, S']
+            selected = None if plan is None else select_before_layer(st, sched, plan, i, prev_input, h, start, n,
+                                                                     cos, sin)
+            if selected is not None:
+                index = keep_index(start, selected, n, h.shape[1])  # [B, S - n + K]
                 h, cos, sin, valid = (gather_rows(t, index) for t in (h, cos, sin, valid))
                 positions = torch.stack([gather_rows(p, index) for p in positions])  # [P, B, S']
                 original = original.gather(1, selected)
-                kept[stage] = original
+                kept["ivr" if i == sched.ivr_layer else "ssr"] = original
                 n = selected.shape[1]
 
             frozen = (i in freeze_layers) or (plan is not None and sched.ssr_mode == "freeze" and i >= sched.ssr_layer)

@@ -168,3 +168,25 @@ def ivr_select(scores: torch.Tensor, features: torch.Tensor, k1: int, num_anchor
     """IVR: A attention anchors + (K1 - A) farthest-point picks. scores [B, n], features [B, n, C] -> [B, K1]."""
     anchors = top_indices(scores, num_anchors, exporting)
     return farthest_point_fill(features, anchors, k1)
+
+
+# --------------------------------------------------------------------------------------------- the cut
+def select_before_layer(stack, schedule: PruneSchedule, plan: Budgets, layer_index: int, prev_input: torch.Tensor,
+                        hidden: torch.Tensor, start: torch.Tensor, n: int, cos: torch.Tensor, sin: torch.Tensor,
+                        exporting: bool = False) -> torch.Tensor | None:
+    """HalfV's decision just before `layer_index` runs: the visual rows to keep [B, K] (ascending, relative to the
+    current visual block), or None when no stage acts there. Shared by the eager reference and the export graph.
+
+        layer L1:          IVR  scores(layer L1-1 on its input, no RoPE) -> top-A anchors + FPS fill -> K1
+        layer L2 (topk):   SSR  scores(layer L2-1 on its input, RoPE at the kept positions) -> top-K2
+    prev_input is the input of layer_index - 1; hidden the input of layer_index; cos/sin [B, S, hd].
+    """
+    heads = (stack.num_heads, stack.num_kv_heads, stack.head_dim)
+    if layer_index == schedule.ivr_layer:
+        scores = relevance_scores(stack.layers[layer_index - 1], prev_input, start, n, *heads)  # [B, N]
+        features = diversity_features(stack.norm, hidden, start, n)  # [B, N, D]
+        return ivr_select(scores, features, plan.k1, plan.anchors, exporting)  # [B, K1]
+    if layer_index == schedule.ssr_layer and schedule.ssr_mode == "topk":
+        scores = relevance_scores(stack.layers[layer_index - 1], prev_input, start, n, *heads, rope=(cos, sin))
+        return top_indices(scores, plan.k2, exporting)  # [B, K2]
+    return None

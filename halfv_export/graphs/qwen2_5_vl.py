@@ -9,7 +9,6 @@ positions come from the model's own get_rope_index, which reads only the config.
 from __future__ import annotations
 
 import functools
-import shutil
 import types
 from pathlib import Path
 

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
 from ..errors import BadInput
 from ..exporter.atomic import write_text_atomic
@@ -188,7 +187,7 @@ def render_markdown(report: dict) -> str:
         f"| engine prefill | {lat['engine_full_prefill']:.2f} | {lat['engine_halfv_prefill']:.2f} | "
         f"{lat['engine_full_prefill'] / lat['engine_halfv_prefill']:.2f}x |",
         f"| engine decode step | | {lat['engine_decode_step']:.2f} | |", "",
-        f"## FLOPs (LLM prefill, that sample)", "",
+        "## FLOPs (LLM prefill, that sample)", "",
         f"full {fl['full'] / 1e9:.3f} GFLOP, HalfV {fl['halfv'] / 1e9:.3f} GFLOP, ratio {fl['ratio']:.2f}x "
         f"(selection overhead {fl['overhead'] / 1e6:.2f} MFLOP, not in the ratio).", "",
     ]
