@@ -88,7 +88,8 @@ def cli(ctx, debug):
 
     \b
     Stages: calibrate -> export -> engine -> validate (`build` runs all four).
-    Backbones: qwen2.5-vl. Without --model, each backbone's embedded default (a small seeded model) is used.
+    Backbones: qwen2.5-vl, llava-1.5, llava-next. Without --model, each backbone's embedded default (a small
+    seeded model) is used.
     """
     ctx.obj = {"debug": debug}
 

@@ -122,10 +122,53 @@ class BackboneAdapter(abc.ABC):
     model_types: ClassVar[tuple[str, ...]]  # config.model_type values this adapter loads
     paper: ClassVar[PaperSchedule]
     default_prompt: ClassVar[str] = "Describe the image."
+    model_class: ClassVar[type]  # the transformers ...ForConditionalGeneration class
+    config_class: ClassVar[type]
+    image_processor_class: ClassVar[type]  # a PIL image processor (no torchvision)
+    embedded_dir: ClassVar[Path]  # shipped checkpoint directory without weights
 
-    @abc.abstractmethod
     def load(self, model_dir: Path | None = None, seed: int = 0) -> LoadedModel:
         """A local checkpoint directory, or the embedded default with weights seeded by `seed`."""
+        from .checkpoint import check_checkpoint_dir, load_pretrained, seeded_model
+
+        if model_dir is None:
+            config = self.config_class.from_pretrained(self.embedded_dir)
+            model = seeded_model(self.model_class, config, seed)
+            source, files_dir = f"embedded:{self.name}:seed={seed}", self.embedded_dir
+        else:
+            model_dir = Path(model_dir)
+            check_checkpoint_dir(model_dir, self.model_types)
+            model = load_pretrained(self.model_class, model_dir)
+            source, files_dir = str(model_dir.resolve()), model_dir
+        proc = self.load_processing(files_dir, config=model.config)
+        return LoadedModel(model=model, tokenizer=proc.tokenizer, image_processor=proc.image_processor, source=source)
+
+    def load_processing(self, directory: Path, config=None) -> "Processing":
+        """Tokenizer (left padding), chat template, image processor and config from a directory (a checkpoint or an
+        artifacts folder). Needs no weights."""
+        from transformers import AutoTokenizer
+
+        from .checkpoint import load_chat_template
+
+        directory = Path(directory)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
+        load_chat_template(tokenizer, directory)
+        tokenizer.padding_side = "left"
+        image_processor = self.image_processor_class.from_pretrained(str(directory), local_files_only=True)
+        if config is None:
+            config = self.config_class.from_pretrained(str(directory))
+        return Processing(tokenizer, image_processor, config)
+
+    def save_processing(self, loaded: LoadedModel, directory: Path) -> list[str]:
+        """Write what load_processing needs into `directory`; returns the file names written."""
+        directory = Path(directory)
+        before = set(directory.iterdir())
+        loaded.tokenizer.save_pretrained(str(directory))
+        loaded.image_processor.save_pretrained(str(directory))
+        loaded.config.save_pretrained(str(directory))
+        if loaded.tokenizer.chat_template and not (directory / "chat_template.jinja").exists():
+            (directory / "chat_template.jinja").write_text(loaded.tokenizer.chat_template)
+        return sorted(p.name for p in set(directory.iterdir()) - before)
 
     @abc.abstractmethod
     def host_inputs(self, processing: "Processing", images: list, prompts: list[str]) -> HostInputs:
@@ -135,14 +178,6 @@ class BackboneAdapter(abc.ABC):
     @abc.abstractmethod
     def vision_graph(self, loaded: LoadedModel, bucket: tuple[int, int]) -> nn.Module:
         """A static-shape vision encoder for one image-size bucket: pixel input -> [N, D] visual features."""
-
-    @abc.abstractmethod
-    def load_processing(self, directory: Path) -> "Processing":
-        """Tokenizer, image processor and config from a directory (a checkpoint or an artifacts folder)."""
-
-    @abc.abstractmethod
-    def save_processing(self, loaded: LoadedModel, directory: Path) -> list[str]:
-        """Write what load_processing needs into `directory`; returns the file names written."""
 
     def bucket_for(self, processing: "Processing", image_size: tuple[int, int]) -> tuple[tuple[int, int], int]:
         """An image size (h, w) -> (the bucket it resizes to, its visual token count N)."""
@@ -185,8 +220,12 @@ def register(cls: type[BackboneAdapter]) -> type[BackboneAdapter]:
     return cls
 
 
+def _register_builtin() -> None:
+    from . import llava, qwen2_5_vl  # noqa: F401  (each registers itself)
+
+
 def get_adapter(name: str) -> BackboneAdapter:
-    from . import qwen2_5_vl  # noqa: F401  (registers itself)
+    _register_builtin()
 
     if name not in ADAPTERS:
         raise BadInput(f"unknown backbone '{name}'; choose one of: {', '.join(sorted(ADAPTERS))}")
@@ -194,7 +233,7 @@ def get_adapter(name: str) -> BackboneAdapter:
 
 
 def adapter_for_model_type(model_type: str) -> BackboneAdapter | None:
-    from . import qwen2_5_vl  # noqa: F401
+    _register_builtin()
 
     for cls in ADAPTERS.values():
         if model_type in cls.model_types:

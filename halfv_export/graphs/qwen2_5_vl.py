@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import functools
 import types
-from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel, apply_rotary_pos_emb_vision
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
@@ -22,11 +21,9 @@ from transformers.vision_utils import get_vision_attention_seqlens, get_vision_p
 from ..errors import BadInput
 from .adapter import (BackboneAdapter, HostInputs, LoadedModel, PaperSchedule, Processing, TextStack, register,
                       visual_span)
-from .checkpoint import EMBEDDED_ROOT, check_checkpoint_dir, load_chat_template, load_pretrained, seeded_model
+from .checkpoint import EMBEDDED_ROOT
 
 IMAGE_PAD = "<|image_pad|>"
-PROCESSING_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "preprocessor_config.json")
 
 
 def _rope_index_fn(config):
@@ -95,40 +92,10 @@ class Qwen25VLAdapter(BackboneAdapter):
         reference_depth=28, reference_model="Qwen2.5-VL-7B-Instruct",
     )
     default_prompt = "Describe this image."
+    model_class = Qwen2_5_VLForConditionalGeneration
+    config_class = Qwen2_5_VLConfig
+    image_processor_class = Qwen2VLImageProcessorPil
     embedded_dir = EMBEDDED_ROOT / "qwen2_5_vl"
-
-    # ---------------------------------------------------------------- loading
-    def load(self, model_dir: Path | None = None, seed: int = 0) -> LoadedModel:
-        if model_dir is None:
-            config = Qwen2_5_VLConfig.from_pretrained(self.embedded_dir)
-            model = seeded_model(Qwen2_5_VLForConditionalGeneration, config, seed)
-            source, files_dir = f"embedded:{self.name}:seed={seed}", self.embedded_dir
-        else:
-            model_dir = Path(model_dir)
-            check_checkpoint_dir(model_dir, self.model_types)
-            model = load_pretrained(Qwen2_5_VLForConditionalGeneration, model_dir)
-            source, files_dir = str(model_dir.resolve()), model_dir
-        proc = self.load_processing(files_dir, config=model.config)
-        return LoadedModel(model=model, tokenizer=proc.tokenizer, image_processor=proc.image_processor, source=source)
-
-    def load_processing(self, directory: Path, config=None) -> Processing:
-        directory = Path(directory)
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True, trust_remote_code=False)
-        load_chat_template(tokenizer, directory)
-        tokenizer.padding_side = "left"
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(directory), local_files_only=True)
-        if config is None:
-            config = Qwen2_5_VLConfig.from_pretrained(str(directory))
-        return Processing(tokenizer, image_processor, config)
-
-    def save_processing(self, loaded: LoadedModel, directory: Path) -> list[str]:
-        directory = Path(directory)
-        loaded.tokenizer.save_pretrained(str(directory))
-        loaded.image_processor.save_pretrained(str(directory))
-        loaded.config.save_pretrained(str(directory))
-        if loaded.tokenizer.chat_template and not (directory / "chat_template.jinja").exists():
-            (directory / "chat_template.jinja").write_text(loaded.tokenizer.chat_template)
-        return sorted(p.name for p in directory.iterdir() if p.name in PROCESSING_FILES)
 
     # ---------------------------------------------------------------- inputs
     def bucket_for(self, processing: Processing, image_size: tuple[int, int]) -> tuple[tuple[int, int], int]:
