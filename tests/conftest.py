@@ -9,11 +9,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
 from halfv_export.exporter.cli import cli
 from halfv_export.graphs import get_adapter
-from halfv_export.graphs.checkpoint import EMBEDDED_ROOT, seeded_model
+from halfv_export.graphs.checkpoint import seeded_model
 
 QWEN_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
@@ -32,24 +30,61 @@ def make_image(w: int, h: int, seed: int = 0) -> Image.Image:
     return Image.fromarray((base * 255).astype(np.uint8))
 
 
-@pytest.fixture(scope="session")
-def tiny_qwen_dir(tmp_path_factory):
-    """A Qwen2.5-VL checkpoint shaped unlike the embedded default (6 layers, hidden 96, 3 heads / 1 kv head,
-    2-block vision tower, other pixel limits), saved as a real checkpoint directory with safetensors."""
-    root = tmp_path_factory.mktemp("tiny-qwen")
-    src = EMBEDDED_ROOT / "qwen2_5_vl"
+def save_tiny_checkpoint(root, backbone: str, text: dict, vision: dict, preprocessor: dict, seed: int = 7):
+    """A checkpoint directory shaped unlike the backbone's embedded default: config + safetensors (real
+    save_pretrained) + the embedded tokenizer, chat template and an edited preprocessor config."""
+    adapter = get_adapter(backbone)
+    src = adapter.embedded_dir
     cfg = json.loads((src / "config.json").read_text())
-    cfg["text_config"].update(hidden_size=96, intermediate_size=200, num_hidden_layers=6, num_attention_heads=3,
-                              num_key_value_heads=1)
-    cfg["vision_config"].update(depth=2, hidden_size=48, num_heads=3, intermediate_size=96, out_hidden_size=96,
-                                fullatt_block_indexes=[1])
-    model = seeded_model(Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig(**cfg), seed=7)
+    cfg["text_config"].update(text)
+    cfg["vision_config"].update(vision)
+    model = seeded_model(adapter.model_class, adapter.config_class(**cfg), seed=seed)
     model.save_pretrained(root)
     for name in QWEN_FILES:
         shutil.copy(src / name, root / name)
     pre = json.loads((src / "preprocessor_config.json").read_text())
-    pre.update(min_pixels=56 * 56, max_pixels=336 * 336)
+    pre.update(preprocessor)
     (root / "preprocessor_config.json").write_text(json.dumps(pre))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory):
+    """Qwen2.5-VL: 6 layers, hidden 96, 3 heads / 1 kv head, 2-block vision tower, other pixel limits."""
+    return save_tiny_checkpoint(
+        tmp_path_factory.mktemp("tiny-qwen"), "qwen2.5-vl",
+        text=dict(hidden_size=96, intermediate_size=200, num_hidden_layers=6, num_attention_heads=3,
+                  num_key_value_heads=1),
+        vision=dict(depth=2, hidden_size=48, num_heads=3, intermediate_size=96, out_hidden_size=96,
+                    fullatt_block_indexes=[1]),
+        preprocessor=dict(min_pixels=56 * 56, max_pixels=336 * 336))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory):
+    """LLaVA-1.5: 6 Llama layers with GQA (4 heads / 2 kv), hidden 64, a 2-layer CLIP tower at 168 px."""
+    return save_tiny_checkpoint(
+        tmp_path_factory.mktemp("tiny-llava"), "llava-1.5",
+        text=dict(hidden_size=64, intermediate_size=160, num_hidden_layers=6, num_attention_heads=4,
+                  num_key_value_heads=2),
+        vision=dict(num_hidden_layers=2, hidden_size=48, intermediate_size=96, num_attention_heads=3, image_size=168),
+        preprocessor=dict(size={"shortest_edge": 168}, crop_size={"height": 168, "width": 168}))
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_next_dir(tmp_path_factory):
+    """LLaVA-NeXT: 6 Mistral layers (4 heads / 1 kv), hidden 64, other anyres pinpoints."""
+    pinpoints = [[112, 224], [224, 112], [224, 224]]
+    root = tmp_path_factory.mktemp("tiny-llava-next")
+    save_tiny_checkpoint(
+        root, "llava-next",
+        text=dict(hidden_size=64, intermediate_size=160, num_hidden_layers=6, num_attention_heads=4,
+                  num_key_value_heads=1),
+        vision=dict(num_hidden_layers=2, hidden_size=48, intermediate_size=96, num_attention_heads=3),
+        preprocessor=dict(image_grid_pinpoints=pinpoints))
+    cfg = json.loads((root / "config.json").read_text())
+    cfg["image_grid_pinpoints"] = pinpoints
+    (root / "config.json").write_text(json.dumps(cfg))
     return root
 
 
