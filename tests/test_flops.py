@@ -85,10 +85,10 @@ def test_flops_cli_prints_ratio_lines(run_cli, tmp_path):
 
 def test_flops_cli_needs_a_schedule_for_unknown_backbones(run_cli, tmp_path):
     config = tmp_path / "config.json"
-    config.write_text(json.dumps(published("llava-hf/llava-v1.6-mistral-7b-hf")))
-    result = run_cli("flops", "--config", config, "--visual-tokens", 2340)
-    assert result.exit_code == 2 and "pass --schedule" in result.output
-    ok = run_cli("flops", "--config", config, "--visual-tokens", 2340, "--ivr-layer", 2, "--keep-ratio", 0.5,
+    config.write_text(json.dumps(published("Qwen/Qwen2-VL-2B-Instruct")))  # qwen2_vl: no adapter registered
+    result = run_cli("flops", "--config", config, "--visual-tokens", 1024)
+    assert result.exit_code == 2 and "no paper schedule for model_type 'qwen2_vl'" in result.output
+    ok = run_cli("flops", "--config", config, "--visual-tokens", 1024, "--ivr-layer", 2, "--keep-ratio", 0.5,
                  "--anchor-ratio", 0.1, "--ssr-layer", 16, "--ssr-mode", "freeze", "--json")
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.output)["rows"][0]["ratio"] > 1.5
