@@ -88,6 +88,24 @@ def tiny_llava_next_dir(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, qwen):
+    """Embedded default, schedule via the CLI flags, two buckets: 448x448 and non-square 336x504."""
+    from click.testing import CliRunner
+
+    from halfv_export.exporter.cli import cli
+
+    out = tmp_path_factory.mktemp("artifacts")
+    runner = CliRunner()
+    result = runner.invoke(cli, ["calibrate", "--backbone", "qwen2.5-vl", "--paper-values", "--ivr-layer", "2",
+                                 "--ssr-layer", "6", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["export", "--schedule", str(out / "schedule.json"), "--image-size", "448x448",
+                                 "--image-size", "336x504", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
 @pytest.fixture
 def run_cli():
     def invoke(*args):

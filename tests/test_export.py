@@ -16,24 +16,6 @@ from tests.conftest import make_image
 SCHEDULE = PruneSchedule(ivr_layer=2, keep_ratio=0.25, anchor_ratio=0.1, ssr_layer=6, ssr_mode="topk", ssr_ratio=0.05)
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, qwen):
-    """Embedded default, schedule via the CLI flags, two buckets: 448x448 and non-square 336x504."""
-    from click.testing import CliRunner
-
-    from halfv_export.exporter.cli import cli
-
-    out = tmp_path_factory.mktemp("artifacts")
-    runner = CliRunner()
-    result = runner.invoke(cli, ["calibrate", "--backbone", "qwen2.5-vl", "--paper-values", "--ivr-layer", "2",
-                                 "--ssr-layer", "6", "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    result = runner.invoke(cli, ["export", "--schedule", str(out / "schedule.json"), "--image-size", "448x448",
-                                 "--image-size", "336x504", "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    return out
-
-
 def test_artifacts_and_graph_hygiene(exported):
     meta = json.loads((exported / "artifacts.json").read_text())
     assert [b["size"] for b in meta["buckets"]] == [[448, 448], [336, 504]]

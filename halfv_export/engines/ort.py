@@ -80,6 +80,12 @@ class OrtRunner:
         self.optimized = engine.exists() and json.loads(engine.read_text()).get("ep") == ep
         self._sessions: dict = {}
 
+    def describe(self) -> str:
+        import platform
+
+        return (f"{platform.machine()} CPU, ONNX Runtime {_ort().__version__} {self.providers[0]}"
+                + (" (optimised)" if self.optimized else ""))
+
     def session(self, graph: str):
         if graph not in self._sessions:
             path = self.artifacts / ORT_DIR / graph if self.optimized else self.artifacts / graph

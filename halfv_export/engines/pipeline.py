@@ -35,6 +35,11 @@ class EnginePipeline:
         self.processing = self.adapter.load_processing(self.artifacts)
         self.runner = runner
         self.buckets = {tuple(b["size"]): b for b in self.meta["buckets"]}
+        precision = self.meta.get("precision", "fp32")
+        if precision == "bf16" and type(runner).__name__ == "OrtRunner":
+            raise BadInput("these graphs are bf16, which ONNX Runtime's CPU provider does not run; use "
+                           "--target tensorrt, or export with --precision fp16 / fp32")
+        self.float_dtype = np.float16 if precision == "fp16" else np.float32
 
     # -------------------------------------------------------------------------------------------- inputs
     def fit_image(self, image):
@@ -57,7 +62,8 @@ class EnginePipeline:
         if host.num_visual > 0:
             bucket = self.buckets[host.bucket]
             for b, pixels in enumerate(host.pixel_values):
-                feats = self.runner.run(bucket["vision"], {"pixel_values": pixels.numpy()})["visual_features"]
+                feats = self.runner.run(bucket["vision"],
+                                        {"pixel_values": pixels.numpy().astype(self.float_dtype)})["visual_features"]
                 s = int(host.visual_start[b])
                 embeds[b, s:s + host.num_visual] = feats
         return embeds

@@ -174,9 +174,11 @@ def image_size_option(fn):
 @click.option("--schedule", "schedule_path", required=True, type=click.Path(path_type=Path), help="schedule.json.")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Local checkpoint (default: as calibrated).")
 @image_size_option
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Weights and activations; scores, softmax, norms and the FPS fill stay fp32.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Artifacts directory.")
 @user_errors
-def export(schedule_path, model_dir, image_sizes, out):
+def export(schedule_path, model_dir, image_sizes, precision, out):
     """Trace the model with the schedule baked in -> ONNX graphs.
 
     Per image-size bucket: vision_HxW.onnx (pixels -> visual features) and prefill_HxW.onnx (IVR and SSR as
@@ -186,7 +188,7 @@ def export(schedule_path, model_dir, image_sizes, out):
     from .export import parse_image_size
     from .pipeline import run_export
 
-    meta = run_export(schedule_path, model_dir, [parse_image_size(s) for s in image_sizes], out)
+    meta = run_export(schedule_path, model_dir, [parse_image_size(s) for s in image_sizes], out, precision=precision)
     for b in meta["buckets"]:
         click.echo(f"bucket {b['size'][0]}x{b['size'][1]}: N={b['num_visual']} -> K1={b['k1']} -> K2={b['k2']}")
     click.echo(f"wrote {len(meta['graphs'])} graphs to {out}")
@@ -200,14 +202,51 @@ Examples:
 @click.option("--artifacts", required=True, type=click.Path(path_type=Path), help="Directory written by export.")
 @click.option("--target", default="onnxruntime", show_default=True, help="onnxruntime or tensorrt.")
 @click.option("--ep", default="cpu", show_default=True, help="ONNX Runtime execution provider: cpu, cuda, tensorrt.")
+@click.option("--max-batch", type=click.IntRange(1), default=4, show_default=True, help="TensorRT profiles: batch.")
+@click.option("--min-text", type=click.IntRange(1), default=8, show_default=True, help="TensorRT profiles: text tokens.")
+@click.option("--opt-text", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--max-text", type=click.IntRange(1), default=512, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(1), default=512, show_default=True,
+              help="TensorRT decode profiles: cache growth.")
+@click.option("--workspace-mib", type=click.IntRange(64), default=4096, show_default=True)
 @user_errors
-def engine(artifacts, target, ep):
-    """Build engines for this machine: ONNX Runtime sessions with their optimised models saved in ort/."""
+def engine(artifacts, target, ep, max_batch, min_text, opt_text, max_text, max_new_tokens, workspace_mib):
+    """Build engines for this machine.
+
+    \b
+    onnxruntime: sessions with their optimised models saved in ort/ (CPU, or --ep cuda / tensorrt with
+                 onnxruntime-gpu installed).
+    tensorrt:    TensorRT plans in trt/, one optimisation profile per image bucket with text-length min/opt/max,
+                 strongly typed (the graphs' fp32 scores, norms and softmax stay fp32), timing cache reused, and
+                 trt/engine.json (TensorRT version, GPU, compute capability, profiles, ONNX sha256).
+    """
+    from ..engines.trt_plan import PlanOptions
     from .pipeline import run_engine
 
-    info = run_engine(artifacts, target, ep)
-    click.echo(f"{info['target']} ({', '.join(info['providers'])}): {len(info['graphs'])} graphs optimised into "
-               f"{artifacts / 'ort'}")
+    options = PlanOptions(max_batch=max_batch, min_text=min_text, opt_text=opt_text, max_text=max_text,
+                          max_new_tokens=max_new_tokens, workspace_mib=workspace_mib)
+    info = run_engine(artifacts, target, ep, options)
+    where = artifacts / ("ort" if target == "onnxruntime" else "trt")
+    click.echo(f"{info['target']} ({', '.join(info['providers'])}): {len(info['graphs'])} graphs built into {where}")
+
+
+@cli.command(epilog="""\b
+Examples:
+  halfv-export lint --artifacts build/
+""")
+@click.option("--artifacts", required=True, type=click.Path(path_type=Path), help="Directory written by export.")
+@user_errors
+def lint(artifacts):
+    """TensorRT-readiness without TensorRT: supported ops, sorted TopK with constant K <= 3840, no data-dependent
+    shapes, constant axes, supported opset. Exit 1 on any finding."""
+    from .pipeline import run_lint
+
+    graphs, findings = run_lint(artifacts)
+    for finding in findings:
+        click.echo(str(finding))
+    if findings:
+        raise CliError(f"{len(findings)} TensorRT-readiness finding(s) in {len(graphs)} graphs", 1)
+    click.echo(f"{len(graphs)} graphs TensorRT-ready: no findings")
 
 
 @cli.command(epilog="""\b
@@ -220,12 +259,13 @@ Examples:
 @click.option("--prompt", required=True, help="The question.")
 @click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=32, show_default=True)
 @click.option("--full", is_flag=True, help="Use the unpruned graphs instead of HalfV.")
+@click.option("--target", default="onnxruntime", show_default=True, help="Engines to run: onnxruntime or tensorrt.")
 @user_errors
-def run(artifacts, image, prompt, max_new_tokens, full):
+def run(artifacts, image, prompt, max_new_tokens, full, target):
     """Greedy generation over the exported engines; prints the answer."""
     from .pipeline import run_generate
 
-    click.echo(run_generate(artifacts, image, prompt, max_new_tokens, halfv=not full))
+    click.echo(run_generate(artifacts, image, prompt, max_new_tokens, halfv=not full, target=target))
 
 
 @cli.command(epilog="""\b
@@ -239,8 +279,9 @@ Examples:
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Eager reference checkpoint (default: as exported).")
 @click.option("--fail-under", multiple=True, help="KEY=VALUE: fail (exit 1) when the metric is below VALUE.")
 @click.option("--fail-over", multiple=True, help="KEY=VALUE: fail (exit 1) when the metric is above VALUE.")
+@click.option("--target", default="onnxruntime", show_default=True, help="Engines to check: onnxruntime or tensorrt.")
 @user_errors
-def validate(artifacts, data, model_dir, fail_under, fail_over):
+def validate(artifacts, data, model_dir, fail_under, fail_over, target):
     """Compare the engines with the eager reference -> report.json, report.md, latency.png.
 
     Parity (kept indices, logits, 16 greedy tokens) against eager HalfV with the same schedule; fidelity of HalfV
@@ -250,7 +291,7 @@ def validate(artifacts, data, model_dir, fail_under, fail_over):
     from .pipeline import run_validate
 
     report, failures = run_validate(artifacts, data, model_dir, parse_thresholds(fail_under, "--fail-under"),
-                                    parse_thresholds(fail_over, "--fail-over"))
+                                    parse_thresholds(fail_over, "--fail-over"), target=target)
     _print_summary(report)
     if failures:
         raise CliError("validation failed: " + "; ".join(failures), 1)
@@ -276,13 +317,15 @@ Examples:
 @click.option("--data", type=click.Path(path_type=Path), help="Calibration data (prompts.jsonl or folder).")
 @image_size_option
 @click.option("--target", default="onnxruntime", show_default=True, help="Engine target: onnxruntime or tensorrt.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="Exported precision (fp16/bf16 keep scores, softmax and norms in fp32).")
 @click.option("--paper-values", is_flag=True, help="Skip the calibration rules: paper values.")
 @schedule_options
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @user_errors
-def build(backbone, model_dir, data, image_sizes, target, paper_values, out, **kwargs):
-    """calibrate -> export -> engine -> validate, gated on parity (kept indices 1.0, greedy tokens 1.0,
-    logits within 1e-3)."""
+def build(backbone, model_dir, data, image_sizes, target, precision, paper_values, out, **kwargs):
+    """calibrate -> export -> engine -> validate, gated on parity with the fp32 eager reference (kept indices 1.0,
+    greedy tokens 1.0, logits within 1e-3; fp16/bf16 builds are reported, not gated)."""
     from .export import parse_image_size
     from .pipeline import DEFAULT_GATES_OVER, DEFAULT_GATES_UNDER, run_calibrate, run_engine, run_export, run_validate
 
@@ -292,11 +335,19 @@ def build(backbone, model_dir, data, image_sizes, target, paper_values, out, **k
     run_calibrate(backbone=backbone, model_dir=model_dir, data=data, samples=8, seed=0, tme_k=50, kl_probe=True,
                   use_rules=not paper_values, overrides=overrides, out=out)
     click.echo("[2/4] export", err=True)
-    meta = run_export(out / "schedule.json", model_dir, sizes, out)
+    meta = run_export(out / "schedule.json", model_dir, sizes, out, precision=precision)
     click.echo(f"[3/4] engine ({target})", err=True)
-    run_engine(out, target, "cpu")
+    try:
+        run_engine(out, target, "cpu")
+    except HalfvError as e:
+        if target != "tensorrt":
+            raise
+        raise CliError(f"stopped after export: {e}. {out} holds complete ONNX graphs that ONNX Runtime can use "
+                       f"(halfv-export engine --artifacts {out} --target onnxruntime)", e.exit_code) from None
     click.echo("[4/4] validate", err=True)
-    report, failures = run_validate(out, None, model_dir, list(DEFAULT_GATES_UNDER), list(DEFAULT_GATES_OVER))
+    gated = precision == "fp32"
+    report, failures = run_validate(out, None, model_dir, list(DEFAULT_GATES_UNDER) if gated else [],
+                                    list(DEFAULT_GATES_OVER) if gated else [], target=target)
     _summary_table(meta, report)
     if failures:
         raise CliError("validation failed: " + "; ".join(failures), 1)

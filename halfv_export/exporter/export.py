@@ -31,6 +31,7 @@ from .atomic import prepare_out_dir, write_text_atomic
 from .onnx_export import TOPK_LIMIT, batch_dim, export_module, seq_dim
 
 ARTIFACTS_FORMAT = 1
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def parse_image_size(text: str) -> tuple[int, int]:
@@ -75,7 +76,13 @@ def _prefill_example(adapter, loaded, processing, bucket, batch=2):
 
 
 def export_artifacts(adapter: BackboneAdapter, loaded: LoadedModel, schedule: PruneSchedule, schedule_doc: dict,
-                     sizes: list[tuple[int, int]], out: Path, step: Callable[[str], None] = lambda name: None) -> dict:
+                     sizes: list[tuple[int, int]], out: Path, step: Callable[[str], None] = lambda name: None,
+                     precision: str = "fp32") -> dict:
+    """Export every graph. precision fp16/bf16 casts the weights; the graph code keeps scores, softmax, norms and
+    the farthest-point fill in fp32 with explicit casts, which strongly typed TensorRT builds honour."""
+    if precision not in PRECISIONS:
+        raise BadInput(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[precision]
     out = prepare_out_dir(out)
     processing = Processing(loaded.tokenizer, loaded.image_processor, loaded.config)
     buckets = resolve_buckets(adapter, processing, sizes, schedule)
@@ -87,6 +94,7 @@ def export_artifacts(adapter: BackboneAdapter, loaded: LoadedModel, schedule: Pr
         write_text_atomic(staging / "schedule.json", json.dumps(schedule_doc, indent=2) + "\n")
         b, s = batch_dim(), seq_dim(4)
 
+        loaded.model.to(dtype)
         step("embed.onnx")
         ids = torch.zeros((2, 8), dtype=torch.long)
         export_module(stack.embed_tokens, (ids,), staging / "embed.onnx", ["input_ids"], ["embeds"],
@@ -96,7 +104,7 @@ def export_artifacts(adapter: BackboneAdapter, loaded: LoadedModel, schedule: Pr
             size = tuple(bucket["size"])
             example = _prefill_example(adapter, loaded, processing, size)
             step(bucket["vision"])
-            pixels = adapter.host_inputs(processing, [_blank(size)], ["x"]).pixel_values[0]
+            pixels = adapter.host_inputs(processing, [_blank(size)], ["x"]).pixel_values[0].to(dtype)
             export_module(adapter.vision_graph(loaded, size), (pixels,), staging / bucket["vision"],
                           ["pixel_values"], ["visual_features"], None)
             step(bucket["prefill"])
@@ -117,10 +125,10 @@ def export_artifacts(adapter: BackboneAdapter, loaded: LoadedModel, schedule: Pr
 
         for name, groups in (("decode.onnx", buckets[0]["groups"]), ("decode_full.onnx", [0] * stack.num_layers)):
             step(name)
-            _export_decode(stack, groups, staging / name, example)
+            _export_decode(stack, groups, staging / name, example, dtype)
 
         meta = {
-            "format": ARTIFACTS_FORMAT, "backbone": adapter.name, "source": loaded.source,
+            "format": ARTIFACTS_FORMAT, "backbone": adapter.name, "source": loaded.source, "precision": precision,
             "schedule": asdict(schedule), "buckets": buckets, "groups": buckets[0]["groups"],
             "num_layers": stack.num_layers, "num_kv_heads": stack.num_kv_heads, "head_dim": stack.head_dim,
             "hidden_size": stack.embed_tokens.embedding_dim, "position_rows": 3 if stack.mrope else 1,
@@ -142,7 +150,7 @@ def _blank(size: tuple[int, int]):
     return Image.new("RGB", (size[1], size[0]), (127, 127, 127))
 
 
-def _export_decode(stack, groups: list[int], path: Path, example) -> None:
+def _export_decode(stack, groups: list[int], path: Path, example, dtype=torch.float32) -> None:
     """Decode graph: a batch of 2, past lengths per group as separate dynamic dims (valid mask = past + 1)."""
     graph = DecodeGraph(stack, groups).eval()
     b = batch_dim()
@@ -155,7 +163,7 @@ def _export_decode(stack, groups: list[int], path: Path, example) -> None:
     past = []
     for i in range(stack.num_layers):
         shape = (2, stack.num_kv_heads, lengths[groups[i]], stack.head_dim)
-        past += [torch.randn(shape), torch.randn(shape)]
+        past += [torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)]
     rest = [{0: b, 1: past_dims[g] + 1} for g in range(n_groups)]
     rest += [{0: b, 2: past_dims[groups[i]]} for i in range(stack.num_layers) for _ in range(2)]
     export_module(graph, (ids, positions, *valids, *past), path, graph.input_names(), graph.output_names(),

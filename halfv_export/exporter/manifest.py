@@ -37,8 +37,18 @@ def artifact_files(out: Path) -> list[Path]:
                   and not p.name.startswith(".") and not any(part.startswith(".") for part in p.relative_to(out).parts))
 
 
+_STANDARD = {"tool", "versions", "python", "schedule", "files"}
+
+
 def write_manifest(out: Path, extra: dict | None = None) -> dict:
+    """Re-hash everything; keys beyond the standard ones (e.g. "trtexec") carry over unless `extra` replaces them."""
     out = Path(out)
+    previous = {}
+    if (out / MANIFEST).exists():
+        try:
+            previous = {k: v for k, v in json.loads((out / MANIFEST).read_text()).items() if k not in _STANDARD}
+        except (json.JSONDecodeError, AttributeError):
+            previous = {}
     schedule = json.loads((out / "schedule.json").read_text()) if (out / "schedule.json").exists() else None
     manifest = {
         "tool": f"halfv-export {__version__}",
@@ -47,7 +57,7 @@ def write_manifest(out: Path, extra: dict | None = None) -> dict:
         "python": platform.python_version(),
         "schedule": schedule["schedule"] if schedule else None,
         "files": {str(p.relative_to(out)): sha256_file(p) for p in artifact_files(out)},
-        **(extra or {}),
+        **previous, **(extra or {}),
     }
     write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest

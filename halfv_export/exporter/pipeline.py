@@ -121,7 +121,7 @@ def load_for_source(adapter, source: str, model_dir: Path | None):
 
 
 def run_export(schedule_path: Path, model_dir: Path | None, image_sizes: list[tuple[int, int]], out: Path,
-               seed: int | None = None) -> dict:
+               seed: int | None = None, precision: str = "fp32") -> dict:
     from .export import export_artifacts
     from .manifest import write_manifest
 
@@ -147,12 +147,20 @@ def run_export(schedule_path: Path, model_dir: Path | None, image_sizes: list[tu
             progress.update(task, description=f"exporting {name}")
             progress.advance(task)
 
-        meta = export_artifacts(adapter, loaded, sched, doc, image_sizes, out, step=step)
-    write_manifest(out)
+        meta = export_artifacts(adapter, loaded, sched, doc, image_sizes, out, step=step, precision=precision)
+    write_manifest(out, trt_extra(out))
     return meta
 
 
-def run_engine(artifacts: Path, target: str, ep: str) -> dict:
+def trt_extra(artifacts: Path, options=None) -> dict:
+    """The TensorRT build plan's trtexec lines, for the manifest (computed without TensorRT)."""
+    from ..engines.trt_plan import PlanOptions, make_plan, trtexec_command
+
+    plan = make_plan(artifacts, options or PlanOptions())
+    return {"trtexec": {g.graph: trtexec_command(plan, g) for g in plan.graphs}}
+
+
+def run_engine(artifacts: Path, target: str, ep: str, plan_options=None) -> dict:
     from ..engines.ort import build_ort_engines
     from .manifest import verify_manifest, write_manifest
 
@@ -161,38 +169,51 @@ def run_engine(artifacts: Path, target: str, ep: str) -> dict:
         with console.status(f"building ONNX Runtime sessions ({ep})"):
             info = build_ort_engines(artifacts, ep)
     elif target == "tensorrt":
-        raise BadInput("the TensorRT target is not implemented yet; use --target onnxruntime")
+        from ..engines.trt import build_trt_engines, import_tensorrt, require_gpu
+        from ..engines.trt_plan import PlanOptions, make_plan
+
+        import_tensorrt()  # fail fast, with one sentence, before planning
+        require_gpu()
+        plan = make_plan(artifacts, plan_options or PlanOptions())
+        info = build_trt_engines(artifacts, plan, log=lambda m: console.print(m))
+        info["providers"] = [f"TensorRT {info['tensorrt']} on {info['gpu']}"]
+        info["graphs"] = [g.graph for g in plan.graphs]
     else:
         raise BadInput(f"unknown target '{target}'; choose onnxruntime or tensorrt")
-    write_manifest(artifacts)
+    write_manifest(artifacts, trt_extra(artifacts, plan_options) if target == "tensorrt" else None)
     return info
 
 
-def open_pipeline(artifacts: Path, ep: str = "cpu"):
+def open_pipeline(artifacts: Path, target: str = "onnxruntime", ep: str = "cpu"):
     from ..engines import EnginePipeline, OrtRunner
     from .manifest import verify_manifest
 
     verify_manifest(artifacts)
+    if target == "tensorrt":
+        from ..engines.trt import TrtRunner
+
+        return EnginePipeline(artifacts, TrtRunner(artifacts))
+    if target != "onnxruntime":
+        raise BadInput(f"unknown target '{target}'; choose onnxruntime or tensorrt")
     return EnginePipeline(artifacts, OrtRunner(artifacts, ep=ep))
 
 
-def run_generate(artifacts: Path, image: Path | None, prompt: str, max_new_tokens: int, halfv: bool) -> str:
+def run_generate(artifacts: Path, image: Path | None, prompt: str, max_new_tokens: int, halfv: bool,
+                 target: str = "onnxruntime") -> str:
     from .calib_data import load_image
 
-    pipeline = open_pipeline(artifacts)
+    pipeline = open_pipeline(artifacts, target)
     picture = load_image(image) if image is not None else None
     tokens = pipeline.generate([picture], [prompt], max_new_tokens, halfv=halfv)
     return pipeline.decode_text(tokens[0])
 
 
 def run_validate(artifacts: Path, data: Path | None, model_dir: Path | None, fail_under: list, fail_over: list,
-                 weights: str | None = None) -> tuple[dict, list[str]]:
-    import platform
-
+                 weights: str | None = None, target: str = "onnxruntime") -> tuple[dict, list[str]]:
     from ..validate.report import check_thresholds, held_out_samples, measure_latency, run_validation, write_report
     from .manifest import write_manifest
 
-    pipeline = open_pipeline(artifacts)
+    pipeline = open_pipeline(artifacts, target)
     meta = pipeline.meta
     adapter = pipeline.adapter
     with console.status("loading the eager reference"):
@@ -218,11 +239,23 @@ def run_validate(artifacts: Path, data: Path | None, model_dir: Path | None, fai
         largest = max(buckets, key=lambda b: b[0] * b[1])
         latency, flops = measure_latency(pipeline, loaded, held_out_samples([largest], 1, seed=2000)[0], schedule)
     report = {"backbone": meta["backbone"], "source": meta["source"], "schedule": meta["schedule"],
-              "buckets": [f"{h}x{w}" for h, w in buckets], "device": f"CPU ({platform.machine()}), ONNX Runtime "
-              + ("optimised" if pipeline.runner.optimized else "unoptimised"), **report, "latency_ms": latency,
+              "buckets": [f"{h}x{w}" for h, w in buckets], "device": pipeline.runner.describe(), **report,
+              "latency_ms": latency,
               "flops": flops}
     failures = check_thresholds(report, fail_under, fail_over)
     report["thresholds"] = {"fail_under": dict(fail_under), "fail_over": dict(fail_over), "failures": failures}
     write_report(Path(artifacts), report)
     write_manifest(artifacts)
     return report, failures
+
+
+def run_lint(artifacts: Path) -> tuple[list[str], list]:
+    import json as _json
+
+    from ..validate.lint import lint_file
+
+    meta_path = Path(artifacts) / "artifacts.json"
+    if not meta_path.exists():
+        raise BadInput(f"{artifacts} has no artifacts.json; run `halfv-export export` into it first")
+    graphs = _json.loads(meta_path.read_text())["graphs"]
+    return graphs, [f for g in graphs for f in lint_file(Path(artifacts) / g)]
