@@ -1,27 +1,53 @@
-"""The prefill benchmark on a small Qwen2.5-VL-shaped LLM: both graphs export, run in ONNX Runtime, agree with the
-FLOPs model on what was pruned, and the result file says what was measured (random weights, medians)."""
+"""`halfv-export bench` end to end on a small Qwen2.5-VL-shaped LLM: every section runs on real ONNX Runtime
+sessions (and the ONNX Runtime GenAI builder when installed), results land in bench.json / bench.md / plots, and the
+README section is replaced between its markers. Speed is not asserted here: the bench measures it."""
 
 import json
 
+import pytest
+
+from halfv_export.errors import BadInput
 from halfv_export.validate.bench import BenchShape, bench_config
+from halfv_export.validate.bench_report import END, START, update_readme
 
 
 def test_bench_command_small_shape(run_cli, tmp_path):
-    result = run_cli("bench", "--visual-tokens", 64, "--text-tokens", 32, "--layers", 6, "--hidden", 64, "--heads", 4,
-                     "--kv-heads", 1, "--intermediate", 128, "--vocab", 500, "--runs", 2, "--out", tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n## Performance\n{START}\nold\n{END}\n\n## Next\n")
+    result = run_cli("bench", "--visual-tokens", 64, "--visual-tokens", 144, "--reference-visual", 64,
+                     "--text-tokens", 32, "--layers", 6, "--hidden", 64, "--heads", 4, "--kv-heads", 1,
+                     "--intermediate", 128, "--vocab", 500, "--runs", 2, "--readme", readme, "--out", tmp_path / "b")
     assert result.exit_code == 0, result.output
-    data = json.loads((tmp_path / "bench_prefill.json").read_text())
+    data = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert data["weights"] == "random" and data["runs"] == 2
     assert data["schedule"]["ivr_layer"] == 1 and data["schedule"]["ssr_layer"] == 4  # paper 2/28, 21/28 at depth 6
-    assert data["prefill_ms"]["full"] > 0 and data["prefill_ms"]["halfv"] > 0
-    assert 1 < data["flops_ratio"] < 6
-    lines = result.output.splitlines()
-    assert any(line.startswith("measured ratio:") for line in lines)
-    assert any(line.startswith("FLOPs ratio:") for line in lines)
+    assert [row["visual"] for row in data["cpu_prefill"]] == [64, 144]
+    for row in data["cpu_prefill"]:
+        assert row["full"]["median_ms"] > 0 and row["halfv"]["peak_rss_mb"] > 0 and 1 < row["flops_ratio"] < 6
+    assert data["eager"]["halfv"]["median_ms"] > 0 and 0 < data["selection"]["flops_share"] < 1
+    decode = data["decode"]
+    assert decode["halfv"]["kv_cache_bytes"] < decode["full"]["kv_cache_bytes"]
+    assert len(decode["halfv"]["cache_lengths"]) == 3 and len(decode["full"]["cache_lengths"]) == 1
+    assert "median_ms" in data["genai"] or "skipped" in data["genai"], data["genai"]
+    if "median_ms" in data["genai"]:
+        assert "GroupQueryAttention" in data["genai"]["contrib_ops"]
+    assert {c["backbone"] for c in data["flops_curves"]} == {"qwen2.5-vl", "llava-1.5", "llava-next"}
+    assert data["gpu"] == {"skipped": "no CUDA device"}
+    for png in ("flops_ratio.png", "prefill_latency.png"):
+        assert (tmp_path / "b" / png).stat().st_size > 10_000
+    text = readme.read_text()
+    assert "old" not in text and "ONNX Runtime CPU prefill" in text and text.endswith("## Next\n")
+    assert not (tmp_path / "b" / "work").exists()  # the 2 GB-class graphs are not left behind
+
+
+def test_readme_without_markers_is_refused(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    with pytest.raises(BadInput, match="markers"):
+        update_readme(readme, "x")
 
 
 def test_bench_config_is_the_half_billion_class():
-    config = bench_config(BenchShape())
-    text = config.text_config
+    text = bench_config(BenchShape()).text_config
     assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (896, 24, 14, 2)
     assert sum(text.rope_parameters["mrope_section"]) == 896 // 14 // 2

@@ -379,11 +379,13 @@ def _summary_table(meta: dict, report: dict) -> None:
 
 @cli.command(epilog="""\b
 Examples:
-  halfv-export bench --out bench/
-  halfv-export bench --visual-tokens 256 --layers 8 --out bench-small/
+  halfv-export bench --out bench/ --readme README.md
+  halfv-export bench --visual-tokens 256 --layers 8 --no-genai --out bench-small/
 """)
-@click.option("--visual-tokens", type=click.IntRange(4), default=1024, show_default=True,
-              help="N, a square number (a square merged image grid).")
+@click.option("--visual-tokens", "visual", type=click.IntRange(4), multiple=True,
+              help="N to sweep (square numbers); default 256, 1024, 2048.")
+@click.option("--reference-visual", type=click.IntRange(4), default=1024, show_default=True,
+              help="N of the side-by-side, selection, decode and GenAI comparisons.")
 @click.option("--text-tokens", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--hidden", type=int, default=896, show_default=True)
 @click.option("--layers", type=click.IntRange(4), default=24, show_default=True)
@@ -392,24 +394,40 @@ Examples:
 @click.option("--intermediate", type=int, default=4864, show_default=True)
 @click.option("--vocab", type=int, default=151936, show_default=True)
 @click.option("--runs", type=click.IntRange(1), default=5, show_default=True, help="Timed runs after one warm-up.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Where graphs and bench_prefill.json go.")
+@click.option("--genai/--no-genai", default=True, show_default=True, help="Build and time the ONNX Runtime GenAI peer.")
+@click.option("--readme", type=click.Path(path_type=Path), help="Replace this README's performance section with bench.md.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Where bench.json, bench.md and plots go.")
 @user_errors
-def bench(visual_tokens, text_tokens, hidden, layers, heads, kv_heads, intermediate, vocab, runs, out):
-    """ONNX Runtime CPU prefill, full vs HalfV graph, on a Qwen2.5-VL-shaped LLM with random weights.
+def bench(visual, reference_visual, text_tokens, hidden, layers, heads, kv_heads, intermediate, vocab, runs, genai,
+          readme, out):
+    """Speed, memory and FLOPs side by side, in one process, on the same inputs.
 
-    Default: the 0.5B class (hidden 896, 24 layers, 14/2 heads) at 1024 visual tokens, the paper schedule at that
-    depth. Prints the measured latency ratio beside the FLOPs ratio.
+    FLOPs ratio curves of the published configs; ONNX Runtime CPU prefill of the exported full vs HalfV graphs on a
+    Qwen2.5-VL-shaped LLM with random weights (default 0.5B class) at each N; at the reference N: eager PyTorch
+    HalfV and unpruned, the selection work alone, ONNX Runtime GenAI's unpruned graph, and a decode step with
+    KV-cache bytes; peak memory of each; a GPU section when CUDA is present. Writes bench.json, bench.md,
+    flops_ratio.png, prefill_latency.png.
     """
     from ..validate.bench import BenchShape, run_bench
+    from ..validate.bench_report import update_readme
 
+    visual = tuple(visual) or (256, 1024, 2048)
+    if reference_visual not in visual:
+        raise CliError(f"--reference-visual {reference_visual} must be one of --visual-tokens {visual}", 2)
+    for n in visual:
+        if int(round(n ** 0.5)) ** 2 != n:
+            raise CliError(f"--visual-tokens {n} is not a square number (the bench uses a square image grid)", 2)
     shape = BenchShape(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, intermediate=intermediate,
                        vocab=vocab)
-    r = run_bench(out, shape, visual_tokens, text_tokens, runs, log=lambda m: click.echo(m, err=True))
-    click.echo(f"prefill full {r['prefill_ms']['full']:.1f} ms, HalfV {r['prefill_ms']['halfv']:.1f} ms "
-               f"(N={visual_tokens}, T={text_tokens}, median of {runs})")
-    click.echo(f"measured ratio: {r['measured_ratio']:.2f}")
-    click.echo(f"FLOPs ratio: {r['flops_ratio']:.2f}")
-    click.echo(f"efficiency: {r['efficiency']:.2f}")
+    r = run_bench(out, shape, visual, text_tokens, runs, reference_visual, genai, log=lambda m: click.echo(m, err=True))
+    click.echo((out / "bench.md").read_text())
+    if readme is not None:
+        update_readme(readme, (out / "bench.md").read_text())
+        click.echo(f"updated the performance section of {readme}")
+    ref = next(row for row in r["cpu_prefill"] if row["visual"] == reference_visual)
+    click.echo(f"measured ratio: {ref['measured_ratio']:.2f}")
+    click.echo(f"FLOPs ratio: {ref['flops_ratio']:.2f}")
+    click.echo(f"efficiency: {ref['efficiency']:.2f}")
 
 
 def main(argv=None):

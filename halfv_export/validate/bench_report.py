@@ -1,0 +1,107 @@
+"""bench.json -> bench.md, flops_ratio.png, prefill_latency.png; and the README's performance section, which is
+bench.md verbatim between two markers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import BadInput
+from ..exporter.atomic import write_text_atomic
+from .plots import plt, save_figure
+
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def _ms(entry: dict) -> str:
+    return f"{entry['median_ms']:.1f}"
+
+
+def render_bench(r: dict) -> str:
+    s, sched = r["shape"], r["schedule"]
+    lines = [
+        f"Command: `halfv-export bench --out bench/` — {r['device']}; medians of {r['runs']} runs after a warm-up.",
+        f"Model: Qwen2.5-VL-shaped LLM, hidden {s['hidden']}, {s['layers']} layers, {s['heads']}/{s['kv_heads']} "
+        f"heads, MLP {s['intermediate']}, vocab {s['vocab']}, **random weights** (speed only); {r['text_tokens']} text "
+        f"tokens; paper schedule at this depth: IVR before layer {sched['ivr_layer']} keep {sched['keep_ratio']}, "
+        f"SSR {sched['ssr_mode']} from layer {sched['ssr_layer']} keep {sched['ssr_ratio']}.", "",
+        "**ONNX Runtime CPU prefill, exported graphs, same inputs**", "",
+        "| visual tokens | full ms | HalfV ms | measured ratio | FLOPs ratio | efficiency | peak RSS full / HalfV MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in r["cpu_prefill"]:
+        lines.append(f"| {row['visual']} | {_ms(row['full'])} | {_ms(row['halfv'])} | {row['measured_ratio']:.2f}× | "
+                     f"{row['flops_ratio']:.2f}× | {row['efficiency']:.2f} | {row['full']['peak_rss_mb']:.0f} / "
+                     f"{row['halfv']['peak_rss_mb']:.0f} |")
+    ref = next(row for row in r["cpu_prefill"] if row["visual"] == r["eager"]["visual"])
+    e, sel, dec, peer = r["eager"], r["selection"], r["decode"], r["genai"]
+    lines += ["", f"**Side by side at {e['visual']} visual tokens**", "", "| prefill | ms | vs exported HalfV |",
+              "|---|---|---|",
+              f"| exported HalfV (ONNX Runtime) | {_ms(ref['halfv'])} | 1.00× |",
+              f"| exported unpruned (ONNX Runtime) | {_ms(ref['full'])} | {ref['full']['median_ms'] / ref['halfv']['median_ms']:.2f}× |",
+              f"| eager PyTorch HalfV reference | {_ms(e['halfv'])} | {e['halfv']['median_ms'] / ref['halfv']['median_ms']:.2f}× |",
+              f"| eager PyTorch unpruned | {_ms(e['full'])} | {e['full']['median_ms'] / ref['halfv']['median_ms']:.2f}× |"]
+    if "median_ms" in peer:
+        lines.append(f"| ONNX Runtime GenAI builder, unpruned ({', '.join(peer['contrib_ops'])}) | {_ms(peer)} | "
+                     f"{peer['halfv_speedup_over_genai']:.2f}× (needed ≥ {peer['needed']:.2f}) |")
+    else:
+        lines.append(f"| ONNX Runtime GenAI | — | {peer.get('error') or peer.get('skipped')} |")
+    lines += ["", f"Selection work alone (scores at L1−1 and L2−1, anchors, farthest-point fill, gathers; its own "
+                  f"graph): {sel['median_ms']:.1f} ms = {100 * sel['share_of_halfv_prefill']:.1f}% of the HalfV prefill "
+                  f"({100 * sel['flops_share']:.2f}% of its FLOPs).", "",
+              "**Decode step (batch 1) and KV cache after the prefill**", "",
+              "| cache | step ms | KV-cache MB | cache lengths | peak RSS MB |", "|---|---|---|---|---|"]
+    for name in ("full", "halfv"):
+        d = dec[name]
+        lines.append(f"| {name} | {_ms(d)} | {d['kv_cache_bytes'] / 2**20:.1f} | {', '.join(map(str, d['cache_lengths']))} "
+                     f"| {d['peak_rss_mb']:.0f} |")
+    lines += ["", f"KV cache {dec['kv_cache_ratio']:.2f}× smaller with HalfV.", "",
+              "**FLOPs ratio of the published configs (paper schedules, 64 text tokens)**", "",
+              "| model | " + " | ".join(str(p["visual"]) for p in r["flops_curves"][0]["points"]) + " |",
+              "|---|" + "---|" * len(r["flops_curves"][0]["points"])]
+    for curve in r["flops_curves"]:
+        lines.append(f"| {curve['model']} | " + " | ".join(f"{p['ratio']:.2f}×" for p in curve["points"]) + " |")
+    gpu = r["gpu"]
+    lines += ["", "**GPU**: " + (gpu["skipped"] if "skipped" in gpu else "; ".join(
+        f"N={row['visual']}: eager {gpu['dtype']} full {row['full_ms']:.1f} ms / HalfV {row['halfv_ms']:.1f} ms "
+        f"({row['measured_ratio']:.2f}× vs FLOPs {row['flops_ratio']:.2f}×)" for row in gpu["eager_prefill"])
+        + f" on {gpu['device']}") + "."]
+    return "\n".join(lines) + "\n"
+
+
+def bench_plots(r: dict, out: Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for curve in r["flops_curves"]:
+        xs = [p["visual"] for p in curve["points"]]
+        ax.plot(xs, [p["ratio"] for p in curve["points"]], marker="o", label=curve["model"].split("/")[-1])
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("visual tokens N")
+    ax.set_ylabel("prefill FLOPs full / HalfV")
+    ax.set_title("FLOPs ratio, paper schedules (64 text tokens)", fontsize=10)
+    ax.legend(fontsize=8)
+    save_figure(fig, out / "flops_ratio.png")
+
+    rows = r["cpu_prefill"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.38
+    xs = range(len(rows))
+    ax.bar([x - width / 2 for x in xs], [row["full"]["median_ms"] for row in rows], width, label="exported full",
+           color="#8a96a3")
+    ax.bar([x + width / 2 for x in xs], [row["halfv"]["median_ms"] for row in rows], width, label="exported HalfV",
+           color="tab:green")
+    for x, row in zip(xs, rows):
+        ax.text(x + width / 2, row["halfv"]["median_ms"], f"{row['measured_ratio']:.2f}×", ha="center", va="bottom",
+                fontsize=8)
+    ax.set_xticks(list(xs), [f"N={row['visual']}" for row in rows])
+    ax.set_ylabel("prefill ms (median), ONNX Runtime CPU")
+    ax.set_title(f"{r['shape']['layers']}-layer, hidden {r['shape']['hidden']} LLM, random weights", fontsize=10)
+    ax.legend(fontsize=8)
+    save_figure(fig, out / "prefill_latency.png")
+
+
+def update_readme(readme: Path, bench_md: str) -> None:
+    text = Path(readme).read_text()
+    if START not in text or END not in text:
+        raise BadInput(f"{readme} has no '{START}' ... '{END}' markers around its performance section")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    write_text_atomic(Path(readme), f"{head}{START}\n{bench_md}{END}{tail}")
