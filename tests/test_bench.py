@@ -13,7 +13,7 @@ from halfv_export.validate.bench_report import END, START, update_readme
 
 def test_bench_command_small_shape(run_cli, tmp_path):
     readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n## Performance\n{START}\nold\n{END}\n\n## Next\n")
+    readme.write_text(f"# x\n\n## Performance\n{START}\nSTALE-SECTION\n{END}\n\n## Next\n")
     result = run_cli("bench", "--visual-tokens", 64, "--visual-tokens", 144, "--reference-visual", 64,
                      "--text-tokens", 32, "--layers", 6, "--hidden", 64, "--heads", 4, "--kv-heads", 1,
                      "--intermediate", 128, "--vocab", 500, "--runs", 2, "--readme", readme, "--out", tmp_path / "b")
@@ -36,7 +36,7 @@ def test_bench_command_small_shape(run_cli, tmp_path):
     for png in ("flops_ratio.png", "prefill_latency.png"):
         assert (tmp_path / "b" / png).stat().st_size > 10_000
     text = readme.read_text()
-    assert "old" not in text and "ONNX Runtime CPU prefill" in text and text.endswith("## Next\n")
+    assert "STALE-SECTION" not in text and "ONNX Runtime CPU prefill" in text and text.endswith("## Next\n")
     assert not (tmp_path / "b" / "work").exists()  # the 2 GB-class graphs are not left behind
 
 

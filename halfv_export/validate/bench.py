@@ -131,11 +131,11 @@ def bench_config(shape: BenchShape) -> Qwen2_5_VLConfig:
 
 
 def bench_inputs(config, stack, visual: int, text: int, seed: int = 0) -> tuple[PrefillInputs, torch.Tensor]:
-    """One prompt: `text` ordinary tokens around a square grid of `visual` merged image tokens (M-RoPE positions as
-    the model computes them). Visual embeddings are random features; returns the inputs and the token ids."""
-    side = int(round(visual ** 0.5))
-    if side * side != visual:
-        raise ValueError(f"--visual-tokens {visual} must be a square number (a square image grid)")
+    """One prompt: `text` ordinary tokens around an h x w grid of `visual` merged image tokens, the most square
+    factorisation (2048 -> 32 x 64), with M-RoPE positions as the model computes them. Visual embeddings are random
+    features; returns the inputs and the token ids."""
+    rows = max(d for d in range(1, int(visual ** 0.5) + 1) if visual % d == 0)
+    cols = visual // rows
     g = torch.Generator().manual_seed(seed)
     before = text // 3
     vocab = config.text_config.vocab_size - 8
@@ -143,7 +143,7 @@ def bench_inputs(config, stack, visual: int, text: int, seed: int = 0) -> tuple[
                      torch.randint(0, vocab, (text - before,), generator=g)])[None]
     mask = torch.ones_like(ids)
     positions, _ = _rope_index_fn(config)(ids, mm_token_type_ids=(ids == config.image_token_id).int(),
-                                          image_grid_thw=torch.tensor([[1, 2 * side, 2 * side]]), attention_mask=mask)
+                                          image_grid_thw=torch.tensor([[1, 2 * rows, 2 * cols]]), attention_mask=mask)
     with torch.no_grad():
         embeds = stack.embed_tokens(ids)
         embeds[:, before:before + visual] = torch.randn(1, visual, config.text_config.hidden_size, generator=g) * 0.05

@@ -16,6 +16,10 @@ def _ms(entry: dict) -> str:
     return f"{entry['median_ms']:.1f}"
 
 
+def _mem(entry: dict) -> str:
+    return f"{entry['peak_rss_mb']:.0f} (+{entry['rise_mb']:.0f})"
+
+
 def render_bench(r: dict) -> str:
     s, sched = r["shape"], r["schedule"]
     lines = [
@@ -25,13 +29,12 @@ def render_bench(r: dict) -> str:
         f"tokens; paper schedule at this depth: IVR before layer {sched['ivr_layer']} keep {sched['keep_ratio']}, "
         f"SSR {sched['ssr_mode']} from layer {sched['ssr_layer']} keep {sched['ssr_ratio']}.", "",
         "**ONNX Runtime CPU prefill, exported graphs, same inputs**", "",
-        "| visual tokens | full ms | HalfV ms | measured ratio | FLOPs ratio | efficiency | peak RSS full / HalfV MB |",
+        "| visual tokens | full ms | HalfV ms | measured ratio | FLOPs ratio | efficiency | peak RSS MB (rise) full / HalfV |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in r["cpu_prefill"]:
         lines.append(f"| {row['visual']} | {_ms(row['full'])} | {_ms(row['halfv'])} | {row['measured_ratio']:.2f}× | "
-                     f"{row['flops_ratio']:.2f}× | {row['efficiency']:.2f} | {row['full']['peak_rss_mb']:.0f} / "
-                     f"{row['halfv']['peak_rss_mb']:.0f} |")
+                     f"{row['flops_ratio']:.2f}× | {row['efficiency']:.2f} | {_mem(row['full'])} / {_mem(row['halfv'])} |")
     ref = next(row for row in r["cpu_prefill"] if row["visual"] == r["eager"]["visual"])
     e, sel, dec, peer = r["eager"], r["selection"], r["decode"], r["genai"]
     lines += ["", f"**Side by side at {e['visual']} visual tokens**", "", "| prefill | ms | vs exported HalfV |",
@@ -49,12 +52,17 @@ def render_bench(r: dict) -> str:
                   f"graph): {sel['median_ms']:.1f} ms = {100 * sel['share_of_halfv_prefill']:.1f}% of the HalfV prefill "
                   f"({100 * sel['flops_share']:.2f}% of its FLOPs).", "",
               "**Decode step (batch 1) and KV cache after the prefill**", "",
-              "| cache | step ms | KV-cache MB | cache lengths | peak RSS MB |", "|---|---|---|---|---|"]
+              "| cache | step ms | KV-cache MB | cache lengths | peak RSS MB (rise) |", "|---|---|---|---|---|"]
     for name in ("full", "halfv"):
         d = dec[name]
         lines.append(f"| {name} | {_ms(d)} | {d['kv_cache_bytes'] / 2**20:.1f} | {', '.join(map(str, d['cache_lengths']))} "
-                     f"| {d['peak_rss_mb']:.0f} |")
-    lines += ["", f"KV cache {dec['kv_cache_ratio']:.2f}× smaller with HalfV.", "",
+                     f"| {_mem(d)} |")
+    lines += ["", f"KV cache {dec['kv_cache_ratio']:.2f}× smaller with HalfV; at batch 1 a decode step is bound by "
+                  "reading the weights, so its time barely changes.", "",
+              "Memory: peak resident set of the whole process while a measurement ran (session creation included) and, "
+              "in brackets, its rise over the resident set just before; the process also holds the PyTorch model, and "
+              "the allocator reuses memory freed by earlier sessions, so compare rises within a row, not across rows.",
+              "",
               "**FLOPs ratio of the published configs (paper schedules, 64 text tokens)**", "",
               "| model | " + " | ".join(str(p["visual"]) for p in r["flops_curves"][0]["points"]) + " |",
               "|---|" + "---|" * len(r["flops_curves"][0]["points"])]
