@@ -329,29 +329,44 @@ def build(backbone, model_dir, data, image_sizes, target, precision, paper_value
     from .export import parse_image_size
     from .pipeline import DEFAULT_GATES_OVER, DEFAULT_GATES_UNDER, run_calibrate, run_engine, run_export, run_validate
 
+    from .staging import staged_build
+
     sizes = [parse_image_size(s) for s in image_sizes]
     overrides = pick_overrides(kwargs)
-    click.echo("[1/4] calibrate", err=True)
-    run_calibrate(backbone=backbone, model_dir=model_dir, data=data, samples=8, seed=0, tme_k=50, kl_probe=True,
-                  use_rules=not paper_values, overrides=overrides, out=out)
-    click.echo("[2/4] export", err=True)
-    meta = run_export(out / "schedule.json", model_dir, sizes, out, precision=precision)
-    click.echo(f"[3/4] engine ({target})", err=True)
-    try:
-        run_engine(out, target, "cpu")
-    except HalfvError as e:
-        if target != "tensorrt":
-            raise
-        raise CliError(f"stopped after export: {e}. {out} holds complete ONNX graphs that ONNX Runtime can use "
-                       f"(halfv-export engine --artifacts {out} --target onnxruntime)", e.exit_code) from None
-    click.echo("[4/4] validate", err=True)
-    gated = precision == "fp32"
-    report, failures = run_validate(out, None, model_dir, list(DEFAULT_GATES_UNDER) if gated else [],
-                                    list(DEFAULT_GATES_OVER) if gated else [], target=target)
-    _summary_table(meta, report)
-    if failures:
-        raise CliError("validation failed: " + "; ".join(failures), 1)
+    with staged_build(out) as work:  # the previous build in `out` stays intact until this one has passed
+        click.echo("[1/4] calibrate", err=True)
+        run_calibrate(backbone=backbone, model_dir=model_dir, data=data, samples=8, seed=0, tme_k=50, kl_probe=True,
+                      use_rules=not paper_values, overrides=overrides, out=work)
+        click.echo("[2/4] export", err=True)
+        meta = run_export(work / "schedule.json", model_dir, sizes, work, precision=precision)
+        click.echo(f"[3/4] engine ({target})", err=True)
+        try:
+            run_engine(work, target, "cpu")
+        except HalfvError as e:
+            if target != "tensorrt":
+                raise
+            _keep_partial_as(work, out)
+            raise CliError(f"stopped after export: {e}. {out} holds complete ONNX graphs that ONNX Runtime can use "
+                           f"(halfv-export engine --artifacts {out} --target onnxruntime)", e.exit_code) from None
+        click.echo("[4/4] validate", err=True)
+        gated = precision == "fp32"
+        report, failures = run_validate(work, None, model_dir, list(DEFAULT_GATES_UNDER) if gated else [],
+                                        list(DEFAULT_GATES_OVER) if gated else [], target=target)
+        _summary_table(meta, report)
+        if failures:
+            raise CliError("validation failed: " + "; ".join(failures) + f"; the previous build in {out} is kept", 1)
     click.echo(f"build complete: {out}")
+
+
+def _keep_partial_as(work: Path, out: Path) -> None:
+    """TensorRT missing: the exported folder is still a complete ONNX Runtime deliverable, so it becomes `out`."""
+    import shutil
+
+    previous = out.parent / f".{out.name}.previous"
+    if out.exists():
+        out.rename(previous)
+    work.rename(out)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def _summary_table(meta: dict, report: dict) -> None:

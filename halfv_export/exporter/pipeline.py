@@ -187,7 +187,9 @@ def run_engine(artifacts: Path, target: str, ep: str, plan_options=None) -> dict
 def open_pipeline(artifacts: Path, target: str = "onnxruntime", ep: str = "cpu"):
     from ..engines import EnginePipeline, OrtRunner
     from .manifest import verify_manifest
+    from .staging import recover
 
+    recover(artifacts)  # a build killed in the middle of its final swap: bring the previous build back
     verify_manifest(artifacts)
     if target == "tensorrt":
         from ..engines.trt import TrtRunner
