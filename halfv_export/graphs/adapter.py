@@ -204,6 +204,19 @@ class BackboneAdapter(abc.ABC):
     def text_stack(self, loaded: LoadedModel) -> TextStack:
         ...
 
+    def tokenize_prompts(self, tokenizer, images: list, prompts: list[str], placeholder: str, count: int,
+                         add_special_tokens: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chat template per prompt (an image part where there is an image), the image placeholder expanded to
+        `count` tokens as the processors do, then one left-padded batch -> (input_ids, attention_mask) [B, S]."""
+        texts = []
+        for image, prompt in zip(images, prompts):
+            content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
+            text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                 add_generation_prompt=True)
+            texts.append(text.replace(placeholder, placeholder * count))
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+        return enc["input_ids"], enc["attention_mask"].long()
+
     def decode_text(self, loaded: LoadedModel, token_ids: list[int]) -> str:
         return loaded.tokenizer.decode(token_ids, skip_special_tokens=True)
 

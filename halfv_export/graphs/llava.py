@@ -87,14 +87,7 @@ class LlavaFamilyAdapter(BackboneAdapter):
             bucket, n_per_image = buckets.pop()
             processed = processing.image_processor(images=list(images), return_tensors="pt")
             pixel_values = [p if p.dim() == 4 else p[None] for p in processed["pixel_values"]]  # per image [T, 3, h, w]
-        texts = []
-        for image, prompt in zip(images, prompts):
-            content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
-            text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                           add_generation_prompt=True)
-            texts.append(text.replace(IMAGE_TOKEN, IMAGE_TOKEN * n_per_image))
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=self.add_bos)
-        input_ids, attention_mask = enc["input_ids"], enc["attention_mask"].long()  # [B, S] left-padded
+        input_ids, attention_mask = self.tokenize_prompts(tok, images, prompts, IMAGE_TOKEN, n_per_image, self.add_bos)
         start, n = visual_span(input_ids, cfg.image_token_id)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[None]  # [1, B, S] 1-D RoPE
         return HostInputs(input_ids=input_ids, attention_mask=attention_mask, positions=positions, visual_start=start,

@@ -127,14 +127,7 @@ class Qwen25VLAdapter(BackboneAdapter):
             patch = processing.image_processor.patch_size
             bucket = (int(grid_thw[0, 1]) * patch, int(grid_thw[0, 2]) * patch)
 
-        texts = []
-        for image, prompt in zip(images, prompts):
-            content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
-            text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                           add_generation_prompt=True)
-            texts.append(text.replace(IMAGE_PAD, IMAGE_PAD * n_per_image))
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        input_ids, attention_mask = enc["input_ids"], enc["attention_mask"].long()  # [B, S], left-padded
+        input_ids, attention_mask = self.tokenize_prompts(tok, images, prompts, IMAGE_PAD, n_per_image, False)
 
         start, n = visual_span(input_ids, cfg.image_token_id)
         if n > 0:

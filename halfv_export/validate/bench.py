@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import threading
@@ -42,6 +41,7 @@ from ..graphs.halfv import HalfVReference
 from ..graphs.pruning import PruneSchedule, budgets, gather_rows, keep_index, select_before_layer
 from ..graphs.qwen2_5_vl import Qwen25VLAdapter, _rope_index_fn
 from .flops import LMShape, prefill_flops
+from .report import timed
 
 CONFIGS = Path(__file__).parent / "data" / "model-configs.json"
 CURVE_POINTS = (576, 1024, 2048, 4096, 8192, 16384)
@@ -84,16 +84,6 @@ class PeakRss:
 
     def result(self) -> dict:
         return {"peak_rss_mb": round(self.peak / 2**20, 1), "rise_mb": round((self.peak - self.before) / 2**20, 1)}
-
-
-def timed(fn: Callable[[], object], runs: int) -> dict:
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return {"median_ms": round(statistics.median(times), 2), "min_ms": round(min(times), 2), "runs": runs}
 
 
 def ort_session(path: Path):

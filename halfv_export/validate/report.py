@@ -37,14 +37,19 @@ def held_out_samples(buckets: list[tuple[int, int]], per_bucket: int = 2, seed: 
     return samples
 
 
-def median_ms(fn: Callable[[], object], runs: int = LATENCY_RUNS) -> float:
-    fn()  # warm-up
+def timed(fn: Callable[[], object], runs: int = LATENCY_RUNS) -> dict:
+    """One warm-up, then `runs` timed calls: median and min in ms."""
+    fn()
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+    return {"median_ms": round(statistics.median(times), 3), "min_ms": round(min(times), 3), "runs": runs}
+
+
+def median_ms(fn: Callable[[], object], runs: int = LATENCY_RUNS) -> float:
+    return timed(fn, runs)["median_ms"]
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
