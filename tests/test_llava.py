@@ -102,6 +102,9 @@ def test_calibration_picks_the_mode_from_the_probe(backbone):
     quiet = derive_schedule({"visual": visual, "kl_visual_update": [1e-2] * 3 + [1e-6] * 5}, 8, adapter, {})[0]
     loud = derive_schedule({"visual": visual, "kl_visual_update": [1e-2] * 8}, 8, adapter, {})[0]
     assert quiet["ssr_mode"] == "freeze" and loud["ssr_mode"] == "topk"
+    # a topk override on a backbone whose paper schedule is freeze gets HalfV's sigma, not an error
+    forced, why = derive_schedule(None, 32, adapter, {"ssr_mode": "topk"})
+    assert forced["ssr_ratio"] == 0.05 and why["ssr_mode"] == "cli" and why["ssr_ratio"].startswith("HalfV default")
     paper = derive_schedule(None, 32, adapter, {})[0]
     assert paper["ssr_mode"] == "freeze" and paper["ivr_layer"] == adapter.paper.ivr_layer == (3 if backbone == "llava-1.5" else 2)
 

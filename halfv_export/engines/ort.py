@@ -72,6 +72,8 @@ def build_ort_engines(artifacts: Path, ep: str = "cpu") -> dict:
 class OrtRunner:
     """Runs named graphs of an artifacts folder; prefers the optimised copies in ort/ when the engine stage ran."""
 
+    runs_bf16 = False  # the CPU provider has no bfloat16 kernels for these graphs
+
     def __init__(self, artifacts: Path, ep: str = "cpu", threads: int | None = None):
         self.artifacts = Path(artifacts)
         self.providers = providers_for(ep)

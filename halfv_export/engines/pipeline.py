@@ -36,7 +36,7 @@ class EnginePipeline:
         self.runner = runner
         self.buckets = {tuple(b["size"]): b for b in self.meta["buckets"]}
         precision = self.meta.get("precision", "fp32")
-        if precision == "bf16" and type(runner).__name__ == "OrtRunner":
+        if precision == "bf16" and not getattr(runner, "runs_bf16", False):
             raise BadInput("these graphs are bf16, which ONNX Runtime's CPU provider does not run; use "
                            "--target tensorrt, or export with --precision fp16 / fp32")
         self.float_dtype = np.float16 if precision == "fp16" else np.float32

@@ -99,6 +99,8 @@ def build_trt_engines(artifacts: Path, plan: TrtBuildPlan, log=print) -> dict:
 class TrtRunner:
     """Runs plans from trt/ on CUDA buffers owned by torch; picks the first profile whose ranges fit the feeds."""
 
+    runs_bf16 = True
+
     def __init__(self, artifacts: Path):
         self.trt = import_tensorrt()
         self.torch = require_gpu()

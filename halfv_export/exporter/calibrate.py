@@ -30,10 +30,9 @@ from ..graphs.adapter import BackboneAdapter, LoadedModel
 from ..graphs.halfv import HalfVReference
 from ..graphs.tme import DEFAULT_K, kl_last_token, truncated_entropy
 from .calib_data import Sample
-from .schedule import FIELDS, check_values, paper_fallback
+from .schedule import FIELDS, apply_overrides, check_values, paper_fallback
 
 KL_FREEZE_THRESHOLD = 10 ** -3.5
-DEFAULT_SSR_RATIO = 0.05  # HalfV's sigma, used when a freeze-mode backbone's probe asks for topk
 
 
 def measure_probes(adapter: BackboneAdapter, loaded: LoadedModel, samples: list[Sample], k: int = DEFAULT_K,
@@ -101,15 +100,6 @@ def derive_schedule(curves: dict | None, depth: int, adapter: BackboneAdapter, o
             values["ssr_mode"] = "freeze" if median < KL_FREEZE_THRESHOLD else "topk"
             chosen["ssr_mode"] = (f"rule: median visual-update KL over layers {values['ssr_layer']}..{depth - 2} is {median:.3g} "
                                   f"({'<' if median < KL_FREEZE_THRESHOLD else '>='} {KL_FREEZE_THRESHOLD:.2g})")
-    if values["ssr_mode"] == "freeze":
-        values["ssr_ratio"], chosen["ssr_ratio"] = None, "unused in freeze mode"
-    elif values["ssr_ratio"] is None:
-        values["ssr_ratio"], chosen["ssr_ratio"] = DEFAULT_SSR_RATIO, "HalfV default sigma (paper gives none)"
-
-    for key, value in overrides.items():
-        if value is not None:
-            values[key], chosen[key] = value, "cli"
-    if overrides.get("ssr_mode") == "freeze" and overrides.get("ssr_ratio") is None:
-        values["ssr_ratio"], chosen["ssr_ratio"] = None, "unused in freeze mode"
+    chosen.update(apply_overrides(values, overrides))
     check_values(values, depth, where="calibrated schedule")
     return values, chosen

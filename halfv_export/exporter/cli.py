@@ -329,7 +329,7 @@ def build(backbone, model_dir, data, image_sizes, target, precision, paper_value
     from .export import parse_image_size
     from .pipeline import DEFAULT_GATES_OVER, DEFAULT_GATES_UNDER, run_calibrate, run_engine, run_export, run_validate
 
-    from .staging import staged_build
+    from .staging import promote, staged_build
 
     sizes = [parse_image_size(s) for s in image_sizes]
     overrides = pick_overrides(kwargs)
@@ -345,7 +345,7 @@ def build(backbone, model_dir, data, image_sizes, target, precision, paper_value
         except HalfvError as e:
             if target != "tensorrt":
                 raise
-            _keep_partial_as(work, out)
+            promote(work, out)  # the exported folder is a complete ONNX Runtime deliverable
             raise CliError(f"stopped after export: {e}. {out} holds complete ONNX graphs that ONNX Runtime can use "
                            f"(halfv-export engine --artifacts {out} --target onnxruntime)", e.exit_code) from None
         click.echo("[4/4] validate", err=True)
@@ -356,17 +356,6 @@ def build(backbone, model_dir, data, image_sizes, target, precision, paper_value
         if failures:
             raise CliError("validation failed: " + "; ".join(failures) + f"; the previous build in {out} is kept", 1)
     click.echo(f"build complete: {out}")
-
-
-def _keep_partial_as(work: Path, out: Path) -> None:
-    """TensorRT missing: the exported folder is still a complete ONNX Runtime deliverable, so it becomes `out`."""
-    import shutil
-
-    previous = out.parent / f".{out.name}.previous"
-    if out.exists():
-        out.rename(previous)
-    work.rename(out)
-    shutil.rmtree(previous, ignore_errors=True)
 
 
 def _summary_table(meta: dict, report: dict) -> None:

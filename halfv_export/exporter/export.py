@@ -100,9 +100,11 @@ def export_artifacts(adapter: BackboneAdapter, loaded: LoadedModel, schedule: Pr
         export_module(stack.embed_tokens, (ids,), staging / "embed.onnx", ["input_ids"], ["embeds"],
                       ({0: b, 1: s},))
 
+        first_example = None
         for bucket in buckets:
             size = tuple(bucket["size"])
             example = _prefill_example(adapter, loaded, processing, size)
+            first_example = first_example or example
             step(bucket["vision"])
             pixels = adapter.host_inputs(processing, [_blank(size)], ["x"]).pixel_values[0].to(dtype)
             export_module(adapter.vision_graph(loaded, size), (pixels,), staging / bucket["vision"],
@@ -117,7 +119,7 @@ def export_artifacts(adapter: BackboneAdapter, loaded: LoadedModel, schedule: Pr
 
         step("prefill_full.onnx")
         full = PrefillGraph(stack, None, 0).eval()
-        example = _prefill_example(adapter, loaded, processing, tuple(buckets[0]["size"]))
+        example = first_example
         seq = seq_dim(4)
         export_module(full, (example.embeds, example.attention_mask, example.positions, example.visual_start),
                       staging / "prefill_full.onnx", ["embeds", "attention_mask", "positions", "visual_start"],

@@ -1,8 +1,7 @@
 """Trace the graph modules into ONNX with torch.onnx (dynamo) and check them.
 
-Checks after every export: onnx.checker, full shape inference, and the TensorRT-clean rules that can be read off
-the graph without TensorRT (no NonZero / Sort / Unique / Compress / Sequence ops; every TopK sorted with a constant
-K <= 3840). Files over 2 GB get external data.
+Checks after every export: onnx.checker, shape inference, and the TensorRT-readiness lint (validate/lint.py: supported
+ops, sorted TopK with a constant K <= 3840, no data-dependent shapes, constant axes). Files over 2 GB get external data.
 """
 
 from __future__ import annotations
@@ -17,10 +16,8 @@ import torch
 from torch.export import Dim
 
 from ..errors import RuntimeFailure
+from ..validate.lint import TOPK_LIMIT, lint_model  # noqa: F401  (TOPK_LIMIT re-exported)
 
-TOPK_LIMIT = 3840
-FORBIDDEN_OPS = {"NonZero", "Sort", "Unique", "Compress", "SequenceAt", "SequenceConstruct", "SequenceInsert",
-                 "SplitToSequence", "ConcatFromSequence", "Loop", "If"}
 EXTERNAL_DATA_BYTES = 1_800_000_000  # below protobuf's 2 GB cap, with room for the graph itself
 OPSET = 20
 
@@ -47,25 +44,14 @@ def export_module(module: torch.nn.Module, args: tuple, path: Path, input_names:
     return path
 
 
-def check_graph(path: Path) -> dict:
-    """onnx.checker + shape inference + the TensorRT-clean op rules. Returns op counts."""
+def check_graph(path: Path) -> None:
+    """onnx.checker + shape inference + the TensorRT-readiness lint; the first finding fails the export."""
     onnx.checker.check_model(str(path), full_check=False)
     model = onnx.load(str(path), load_external_data=False)
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    counts: dict[str, int] = {}
-    constants = {init.name for init in model.graph.initializer}
-    constants |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
-    for node in inferred.graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-        if node.op_type in FORBIDDEN_OPS:
-            raise RuntimeFailure(f"{path.name}: contains {node.op_type}, which TensorRT cannot build statically")
-        if node.op_type == "TopK":
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-            if attrs.get("sorted", 1) != 1:
-                raise RuntimeFailure(f"{path.name}: unsorted TopK {node.name}")
-            if node.input[1] not in constants:
-                raise RuntimeFailure(f"{path.name}: TopK {node.name} has a K computed at run time")
-    return counts
+    onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    findings = lint_model(model, path.name)
+    if findings:
+        raise RuntimeFailure(f"{findings[0]} ({len(findings)} TensorRT-readiness finding(s))")
 
 
 def topk_values(path: Path) -> list[int]:

@@ -18,7 +18,8 @@ from ..validate.plots import tme_plot
 from .atomic import prepare_out_dir
 from .calib_data import load_data, synthetic_set
 from .calibrate import KL_FREEZE_THRESHOLD, derive_schedule, measure_probes
-from .schedule import FIELDS, build_document, check_values, paper_fallback, read_schedule, write_schedule
+from .schedule import (FIELDS, apply_overrides, build_document, check_values, paper_fallback, read_schedule,
+                       write_schedule)
 
 console = Console(stderr=True)
 
@@ -90,10 +91,7 @@ def flops_table(config_path: Path, schedule_path: Path | None, overrides: dict, 
         else:
             raise BadInput(f"no paper schedule for model_type '{config.get('model_type')}'; pass --schedule or "
                            "--ivr-layer/--keep-ratio/--anchor-ratio/--ssr-layer/--ssr-mode")
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    values.setdefault("ssr_ratio", None)
-    if values.get("ssr_mode") == "freeze" and overrides.get("ssr_ratio") is None:
-        values["ssr_ratio"] = None
+    apply_overrides(values, overrides)
     sched = check_values(values, shape.layers, where="flops schedule")
     rows = []
     for n in visual:
@@ -121,17 +119,14 @@ def load_for_source(adapter, source: str, model_dir: Path | None):
 
 
 def run_export(schedule_path: Path, model_dir: Path | None, image_sizes: list[tuple[int, int]], out: Path,
-               seed: int | None = None, precision: str = "fp32") -> dict:
+               precision: str = "fp32") -> dict:
     from .export import export_artifacts
     from .manifest import write_manifest
 
     _, doc = read_schedule(schedule_path)
     adapter = get_adapter(doc.get("backbone", "?"))
-    source = doc["model"].get("source", "")
     with console.status("loading the model"):
-        loaded = adapter.load(model_dir) if model_dir is not None else (
-            adapter.load(None, seed=seed if seed is not None else int(source.rsplit("seed=", 1)[-1]))
-            if source.startswith("embedded:") else load_for_source(adapter, source, None))
+        loaded = load_for_source(adapter, doc["model"].get("source", ""), model_dir)
     depth = adapter.text_stack(loaded).num_layers
     sched, doc = read_schedule(schedule_path, backbone=adapter.name, fingerprint=config_fingerprint(loaded.config),
                                depth=depth)
@@ -252,12 +247,12 @@ def run_validate(artifacts: Path, data: Path | None, model_dir: Path | None, fai
 
 
 def run_lint(artifacts: Path) -> tuple[list[str], list]:
-    import json as _json
+    import json
 
     from ..validate.lint import lint_file
 
     meta_path = Path(artifacts) / "artifacts.json"
     if not meta_path.exists():
         raise BadInput(f"{artifacts} has no artifacts.json; run `halfv-export export` into it first")
-    graphs = _json.loads(meta_path.read_text())["graphs"]
+    graphs = json.loads(meta_path.read_text())["graphs"]
     return graphs, [f for g in graphs for f in lint_file(Path(artifacts) / g)]

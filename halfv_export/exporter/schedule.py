@@ -18,6 +18,20 @@ from .atomic import write_text_atomic
 
 SCHEMA_VERSION = 1
 FIELDS = ("ivr_layer", "keep_ratio", "anchor_ratio", "ssr_layer", "ssr_mode", "ssr_ratio")
+DEFAULT_SSR_RATIO = 0.05  # HalfV's sigma, for a topk schedule whose paper values give none (LLaVA)
+
+
+def apply_overrides(values: dict, overrides: dict) -> dict[str, str]:
+    """Put the CLI's fields over `values`, then settle ssr_ratio for the resulting mode (None in freeze mode, HalfV's
+    sigma in topk mode when nothing gave one). Returns {field: why} for every field this set."""
+    why = {key: "cli" for key, value in overrides.items() if value is not None}
+    values.update({key: overrides[key] for key in why})
+    if "ssr_ratio" not in why:
+        if values.get("ssr_mode") == "freeze":
+            values["ssr_ratio"], why["ssr_ratio"] = None, "unused in freeze mode"
+        elif values.get("ssr_ratio") is None:
+            values["ssr_ratio"], why["ssr_ratio"] = DEFAULT_SSR_RATIO, "HalfV default sigma (paper gives none)"
+    return why
 
 
 def paper_fallback(paper: PaperSchedule, depth: int) -> dict:

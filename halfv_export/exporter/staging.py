@@ -63,6 +63,11 @@ def staged_build(out: Path):
     except BaseException:  # a failed or interrupted (SIGINT) build: drop it, keep the previous one
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    promote(partial, out)
+
+
+def promote(partial: Path, out: Path) -> None:
+    """Make `partial` the new `out`: two renames, the previous folder parked under .NAME.previous between them."""
     previous = out.parent / f".{out.name}.previous"
     if out.exists():
         out.rename(previous)

@@ -121,7 +121,6 @@ class BackboneAdapter(abc.ABC):
     name: ClassVar[str]  # CLI name, e.g. "qwen2.5-vl"
     model_types: ClassVar[tuple[str, ...]]  # config.model_type values this adapter loads
     paper: ClassVar[PaperSchedule]
-    default_prompt: ClassVar[str] = "Describe the image."
     model_class: ClassVar[type]  # the transformers ...ForConditionalGeneration class
     config_class: ClassVar[type]
     image_processor_class: ClassVar[type]  # a PIL image processor (no torchvision)

@@ -91,7 +91,6 @@ class Qwen25VLAdapter(BackboneAdapter):
         ivr_layer=2, keep_ratio=0.25, anchor_ratio=0.1, ssr_layer=21, ssr_mode="topk", ssr_ratio=0.05,
         reference_depth=28, reference_model="Qwen2.5-VL-7B-Instruct",
     )
-    default_prompt = "Describe this image."
     model_class = Qwen2_5_VLForConditionalGeneration
     config_class = Qwen2_5_VLConfig
     image_processor_class = Qwen2VLImageProcessorPil
