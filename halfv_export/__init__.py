@@ -1,10 +1,11 @@
 """halfv-export: HalfV visual-token pruning baked into deployable VLM engines.
 
-Subpackages, one per stage:
-  graphs/    backbone adapters, the eager HalfV reference, pruning ops, TME probes
-  exporter/  the CLI, calibration driver and schedule I/O
-  engines/   runtime sessions (ONNX Runtime, TensorRT) and generation over them
-  validate/  FLOPs model, parity/fidelity/latency measurement, reports and plots
+Subpackages; imports only point down (exporter -> validate -> engines -> graphs -> base):
+  exporter/  the CLI, the stage functions it calls (pipeline), calibration driver, schedule I/O, the export stage
+  validate/  FLOPs model, parity/fidelity/latency measurement, reports, plots, bench
+  engines/   the Runner protocol, the engine-target registry (ONNX Runtime, TensorRT), generation over graphs
+  graphs/    backbone adapters, graph specs, the eager HalfV reference, pruning ops, TME probes, ONNX export + lint
+  base/      one-line errors, atomic artifact I/O, manifest, staged builds, data loading
 """
 
-__version__ = "0.1.0"
+from .base.version import VERSION as __version__  # noqa: F401

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from halfv_export.errors import BadInput
+from halfv_export.base.errors import BadInput
 from halfv_export.validate.bench import BenchShape, bench_config
 from halfv_export.validate.bench_report import END, START, update_readme
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from halfv_export.errors import BadInput
+from halfv_export.base.errors import BadInput
 from halfv_export.exporter.calibrate import derive_schedule
 from halfv_export.exporter.schedule import read_schedule
 from halfv_export.graphs import get_adapter

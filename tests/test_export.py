@@ -8,10 +8,10 @@ import onnx
 import pytest
 
 from halfv_export.engines import EnginePipeline, OrtRunner
-from halfv_export.exporter.onnx_export import topk_values
+from halfv_export.graphs.onnx_export import topk_values
 from halfv_export.graphs.halfv import HalfVReference
 from halfv_export.graphs.pruning import PruneSchedule
-from halfv_export.validate.lint import lint_model
+from halfv_export.graphs.lint import lint_model
 from tests.conftest import make_image
 
 SCHEDULE = PruneSchedule(ivr_layer=2, keep_ratio=0.25, anchor_ratio=0.1, ssr_layer=6, ssr_mode="topk", ssr_ratio=0.05)

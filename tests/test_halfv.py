@@ -127,7 +127,7 @@ def test_pruned_prefill_then_greedy_decoding_runs(qwen, schedule):
 
 
 def test_schedule_deeper_than_model_is_refused(qwen):
-    from halfv_export.errors import BadInput
+    from halfv_export.base.errors import BadInput
 
     _, _, stack = qwen
     with pytest.raises(BadInput, match="depth"):

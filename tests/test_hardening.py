@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from halfv_export.errors import BadInput
-from halfv_export.exporter.calib_data import load_image
+from halfv_export.base.errors import BadInput
+from halfv_export.base.data import load_image
 from halfv_export.exporter.cli import cli
 from halfv_export.exporter.schedule import check_values, read_schedule
 from halfv_export.graphs.pruning import PruneSchedule, budgets

@@ -13,8 +13,8 @@ from onnx import TensorProto, helper
 
 from halfv_export.engines import trt as trt_module
 from halfv_export.engines.trt_plan import PlanOptions, make_plan, trtexec_command
-from halfv_export.errors import BadInput
-from halfv_export.validate.lint import lint_model
+from halfv_export.base.errors import BadInput
+from halfv_export.graphs.lint import lint_model
 
 
 def tiny_graph(nodes, inputs, outputs, initializers=(), opset=20, value_info=()):

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BadInput
-from ..exporter.atomic import write_text_atomic
+from ..base.errors import BadInput
+from ..base.atomic import write_text_atomic
 
 ORT_DIR = "ort"
 

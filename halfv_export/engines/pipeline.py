@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BadInput
+from ..base.errors import BadInput
 from ..graphs import get_adapter
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BadInput, RuntimeFailure
-from ..exporter.atomic import write_bytes_atomic, write_text_atomic
+from ..base.errors import BadInput, RuntimeFailure
+from ..base.atomic import write_bytes_atomic, write_text_atomic
 from .trt_plan import TRT_DIR, TrtBuildPlan, trtexec_command
 
 NO_TENSORRT = ("TensorRT is not installed here (its pip packages fetch NVIDIA's libraries from NVIDIA's own index); "

@@ -16,7 +16,7 @@ from pathlib import Path
 import onnx
 import sympy
 
-from ..errors import BadInput
+from ..base.errors import BadInput
 
 TRT_DIR = "trt"
 
@@ -101,7 +101,7 @@ def _profile(shapes: dict[str, list], ranges: dict[str, tuple[int, int, int]]) -
 
 
 def make_plan(artifacts: Path, options: PlanOptions = PlanOptions()) -> TrtBuildPlan:
-    from ..exporter.manifest import sha256_file
+    from ..base.manifest import sha256_file
 
     options.check()
     artifacts = Path(artifacts)

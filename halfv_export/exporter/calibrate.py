@@ -29,8 +29,8 @@ import torch
 from ..graphs.adapter import BackboneAdapter, LoadedModel
 from ..graphs.halfv import HalfVReference
 from ..graphs.tme import DEFAULT_K, kl_last_token, truncated_entropy
-from .calib_data import Sample
-from .schedule import FIELDS, apply_overrides, check_values, paper_fallback
+from ..base.data import Sample
+from .schedule import FIELDS, apply_overrides, check_values
 
 KL_FREEZE_THRESHOLD = 10 ** -3.5
 
@@ -74,7 +74,7 @@ def measure_probes(adapter: BackboneAdapter, loaded: LoadedModel, samples: list[
 def derive_schedule(curves: dict | None, depth: int, adapter: BackboneAdapter, overrides: dict,
                     use_rules: bool = True) -> tuple[dict, dict]:
     """Apply the rules to the curves -> (the six schedule values, which rule chose each)."""
-    paper = paper_fallback(adapter.paper, depth)
+    paper = adapter.paper.at_depth(depth)
     paper_note = f"paper: {adapter.paper.reference_model}" + (
         "" if depth == adapter.paper.reference_depth else f" (layers scaled {adapter.paper.reference_depth}->{depth})")
     values = dict(paper)

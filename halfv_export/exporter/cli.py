@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
-from .. import __version__
-from ..errors import HalfvError
+from ..base.version import VERSION
+from ..base.errors import HalfvError
 
 EPILOG_CALIBRATE = """\b
 Examples:
@@ -80,7 +80,7 @@ def pick_overrides(kwargs: dict) -> dict:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.version_option(__version__, prog_name="halfv-export")
+@click.version_option(VERSION, prog_name="halfv-export")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
 @click.pass_context
 def cli(ctx, debug):
@@ -329,7 +329,7 @@ def build(backbone, model_dir, data, image_sizes, target, precision, paper_value
     from .export import parse_image_size
     from .pipeline import DEFAULT_GATES_OVER, DEFAULT_GATES_UNDER, run_calibrate, run_engine, run_export, run_validate
 
-    from .staging import promote, staged_build
+    from ..base.staging import promote, staged_build
 
     sizes = [parse_image_size(s) for s in image_sizes]
     overrides = pick_overrides(kwargs)

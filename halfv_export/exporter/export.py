@@ -23,12 +23,12 @@ from typing import Callable
 import torch
 from torch.export import Dim
 
-from ..errors import BadInput
+from ..base.errors import BadInput
 from ..graphs.adapter import BackboneAdapter, LoadedModel, Processing
 from ..graphs.export_forward import DecodeGraph, PrefillGraph
 from ..graphs.pruning import PruneSchedule, budgets
-from .atomic import prepare_out_dir, write_text_atomic
-from .onnx_export import TOPK_LIMIT, batch_dim, export_module, seq_dim
+from ..base.atomic import prepare_out_dir, write_text_atomic
+from ..graphs.onnx_export import TOPK_LIMIT, batch_dim, export_module, seq_dim
 
 ARTIFACTS_FORMAT = 1
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -68,7 +68,7 @@ def resolve_buckets(adapter: BackboneAdapter, processing: Processing, sizes: lis
 
 
 def _prefill_example(adapter, loaded, processing, bucket, batch=2):
-    from .calib_data import synthetic_set
+    from ..base.data import synthetic_set
 
     images = [s.image.resize((bucket[1], bucket[0])) for s in synthetic_set(batch, seed=99)]
     prompts = ["What is shown here?", "Describe the shapes, colours and any text in this picture."][:batch]

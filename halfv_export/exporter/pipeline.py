@@ -9,16 +9,16 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .. import __version__
-from ..errors import BadInput
+from ..base.version import VERSION
+from ..base.errors import BadInput
 from ..graphs.adapter import adapter_for_model_type, get_adapter
 from ..graphs.checkpoint import config_fingerprint, read_config_json
 from ..validate.flops import LMShape, prefill_flops
 from ..validate.plots import tme_plot
-from .atomic import prepare_out_dir
-from .calib_data import load_data, synthetic_set
+from ..base.atomic import prepare_out_dir
+from ..base.data import load_data, synthetic_set
 from .calibrate import KL_FREEZE_THRESHOLD, derive_schedule, measure_probes
-from .schedule import (FIELDS, apply_overrides, build_document, check_values, paper_fallback, read_schedule,
+from .schedule import (FIELDS, apply_overrides, build_document, check_values, read_schedule,
                        write_schedule)
 
 console = Console(stderr=True)
@@ -61,7 +61,7 @@ def run_calibrate(backbone: str, model_dir: Path | None, data: Path | None, samp
             "seconds": round(time.perf_counter() - started, 2),
         }
     doc = build_document(backbone, config_fingerprint(loaded.config), loaded.source, depth, values, chosen,
-                         calibration, __version__)
+                         calibration, VERSION)
     if curves is not None:
         tme_plot(curves, doc["schedule"], f"{backbone} ({loaded.source}): truncated matrix entropy per layer",
                  out / "tme.png", kl_threshold=KL_FREEZE_THRESHOLD if kl_probe else None)
@@ -85,7 +85,7 @@ def flops_table(config_path: Path, schedule_path: Path | None, overrides: dict, 
     else:
         adapter = adapter_for_model_type(str(config.get("model_type")))
         if adapter is not None:
-            values = paper_fallback(adapter.paper, shape.layers)
+            values = adapter.paper.at_depth(shape.layers)
         elif all(overrides.get(k) is not None for k in FIELDS if k != "ssr_ratio"):
             values = {}
         else:
@@ -121,7 +121,7 @@ def load_for_source(adapter, source: str, model_dir: Path | None):
 def run_export(schedule_path: Path, model_dir: Path | None, image_sizes: list[tuple[int, int]], out: Path,
                precision: str = "fp32") -> dict:
     from .export import export_artifacts
-    from .manifest import write_manifest
+    from ..base.manifest import write_manifest
 
     _, doc = read_schedule(schedule_path)
     adapter = get_adapter(doc.get("backbone", "?"))
@@ -157,7 +157,7 @@ def trt_extra(artifacts: Path, options=None) -> dict:
 
 def run_engine(artifacts: Path, target: str, ep: str, plan_options=None) -> dict:
     from ..engines.ort import build_ort_engines
-    from .manifest import verify_manifest, write_manifest
+    from ..base.manifest import verify_manifest, write_manifest
 
     verify_manifest(artifacts)
     if target == "onnxruntime":
@@ -181,8 +181,8 @@ def run_engine(artifacts: Path, target: str, ep: str, plan_options=None) -> dict
 
 def open_pipeline(artifacts: Path, target: str = "onnxruntime", ep: str = "cpu"):
     from ..engines import EnginePipeline, OrtRunner
-    from .manifest import verify_manifest
-    from .staging import recover
+    from ..base.manifest import verify_manifest
+    from ..base.staging import recover
 
     recover(artifacts)  # a build killed in the middle of its final swap: bring the previous build back
     verify_manifest(artifacts)
@@ -197,7 +197,7 @@ def open_pipeline(artifacts: Path, target: str = "onnxruntime", ep: str = "cpu")
 
 def run_generate(artifacts: Path, image: Path | None, prompt: str, max_new_tokens: int, halfv: bool,
                  target: str = "onnxruntime") -> str:
-    from .calib_data import load_image
+    from ..base.data import load_image
 
     pipeline = open_pipeline(artifacts, target)
     picture = load_image(image) if image is not None else None
@@ -208,7 +208,7 @@ def run_generate(artifacts: Path, image: Path | None, prompt: str, max_new_token
 def run_validate(artifacts: Path, data: Path | None, model_dir: Path | None, fail_under: list, fail_over: list,
                  weights: str | None = None, target: str = "onnxruntime") -> tuple[dict, list[str]]:
     from ..validate.report import check_thresholds, held_out_samples, measure_latency, run_validation, write_report
-    from .manifest import write_manifest
+    from ..base.manifest import write_manifest
 
     pipeline = open_pipeline(artifacts, target)
     meta = pipeline.meta
@@ -249,7 +249,7 @@ def run_validate(artifacts: Path, data: Path | None, model_dir: Path | None, fai
 def run_lint(artifacts: Path) -> tuple[list[str], list]:
     import json
 
-    from ..validate.lint import lint_file
+    from ..graphs.lint import lint_file
 
     meta_path = Path(artifacts) / "artifacts.json"
     if not meta_path.exists():

@@ -11,10 +11,9 @@ import math
 from dataclasses import asdict
 from pathlib import Path
 
-from ..errors import BadInput
-from ..graphs.adapter import PaperSchedule
+from ..base.errors import BadInput
 from ..graphs.pruning import SSR_MODES, PruneSchedule
-from .atomic import write_text_atomic
+from ..base.atomic import write_text_atomic
 
 SCHEMA_VERSION = 1
 FIELDS = ("ivr_layer", "keep_ratio", "anchor_ratio", "ssr_layer", "ssr_mode", "ssr_ratio")
@@ -32,18 +31,6 @@ def apply_overrides(values: dict, overrides: dict) -> dict[str, str]:
         elif values.get("ssr_ratio") is None:
             values["ssr_ratio"], why["ssr_ratio"] = DEFAULT_SSR_RATIO, "HalfV default sigma (paper gives none)"
     return why
-
-
-def paper_fallback(paper: PaperSchedule, depth: int) -> dict:
-    """The paper's values; layers are moved to the same relative depth when the model is not as deep as the one
-    the paper tuned (e.g. Qwen's L2 = 21 of 28 -> 6 of 8), and kept inside 1 <= L1 < L2 < depth."""
-    scale = depth / paper.reference_depth
-    l1 = paper.ivr_layer if depth == paper.reference_depth else max(1, round(paper.ivr_layer * scale))
-    l2 = paper.ssr_layer if depth == paper.reference_depth else round(paper.ssr_layer * scale)
-    l1 = min(l1, depth - 2)
-    l2 = min(max(l2, l1 + 1), depth - 1)
-    return {"ivr_layer": l1, "keep_ratio": paper.keep_ratio, "anchor_ratio": paper.anchor_ratio, "ssr_layer": l2,
-            "ssr_mode": paper.ssr_mode, "ssr_ratio": paper.ssr_ratio}
 
 
 def check_values(values: dict, depth: int | None, where: str = "schedule") -> PruneSchedule:

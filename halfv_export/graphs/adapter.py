@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..errors import BadInput
+from ..base.errors import BadInput
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,18 @@ class PaperSchedule:
     ssr_ratio: float | None
     reference_depth: int
     reference_model: str
+
+    def at_depth(self, depth: int) -> dict:
+        """The paper's values as schedule fields; layers are moved to the same relative depth when the model is not
+        as deep as the one the paper tuned (e.g. Qwen's L2 = 21 of 28 -> 6 of 8), and kept inside
+        1 <= L1 < L2 < depth."""
+        scale = depth / self.reference_depth
+        l1 = self.ivr_layer if depth == self.reference_depth else max(1, round(self.ivr_layer * scale))
+        l2 = self.ssr_layer if depth == self.reference_depth else round(self.ssr_layer * scale)
+        l1 = min(l1, depth - 2)
+        l2 = min(max(l2, l1 + 1), depth - 1)
+        return {"ivr_layer": l1, "keep_ratio": self.keep_ratio, "anchor_ratio": self.anchor_ratio, "ssr_layer": l2,
+                "ssr_mode": self.ssr_mode, "ssr_ratio": self.ssr_ratio}
 
 
 @dataclass

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from ..errors import BadInput
+from ..base.errors import BadInput
 from .adapter import PrefillInputs, TextStack
 from .pruning import Budgets, PruneSchedule, budgets, gather_rows, keep_index, select_before_layer, visual_rows
 

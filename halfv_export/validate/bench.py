@@ -31,9 +31,8 @@ import torch
 from torch import nn
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from ..exporter.atomic import prepare_out_dir, write_text_atomic
-from ..exporter.onnx_export import batch_dim, export_module, seq_dim
-from ..exporter.schedule import paper_fallback
+from ..base.atomic import prepare_out_dir, write_text_atomic
+from ..graphs.onnx_export import batch_dim, export_module, seq_dim
 from ..graphs.adapter import LoadedModel, PrefillInputs, adapter_for_model_type
 from ..graphs.checkpoint import seeded_model
 from ..graphs.export_forward import DecodeGraph, PrefillGraph
@@ -186,7 +185,7 @@ def flops_curves(points=CURVE_POINTS, text: int = 64) -> list[dict]:
         if adapter is None:
             continue
         shape = LMShape.from_config(model)
-        sched = PruneSchedule(**paper_fallback(adapter.paper, shape.layers))
+        sched = PruneSchedule(**adapter.paper.at_depth(shape.layers))
         rows = [{"visual": n, "ratio": round(prefill_flops(shape, n, text, sched).ratio, 3),
                  "full_tflop": round(prefill_flops(shape, n, text, sched).full / 1e12, 3)} for n in points]
         curves.append({"model": model["_model"], "backbone": adapter.name, "schedule": asdict(sched), "text": text,
@@ -246,7 +245,7 @@ def gpu_section(runs: int) -> dict:
         model = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16).eval()
     adapter = Qwen25VLAdapter()
     stack = adapter.text_stack(LoadedModel(model=model, tokenizer=None, image_processor=None, source="bench-7b"))
-    sched = PruneSchedule(**paper_fallback(adapter.paper, shape.layers))
+    sched = PruneSchedule(**adapter.paper.at_depth(shape.layers))
     rows = []
     for n in (1024, 4096):
         inputs, _ = bench_inputs(config, stack, n, 64)
@@ -278,7 +277,7 @@ def run_bench(out: Path, shape: BenchShape = BenchShape(), visual: tuple[int, ..
     log(f"building a random-weight Qwen2.5-VL-shaped LLM: {shape}")
     model = seeded_model(Qwen2_5_VLForConditionalGeneration, config, seed=0)
     stack = adapter.text_stack(LoadedModel(model=model, tokenizer=None, image_processor=None, source="bench"))
-    sched = PruneSchedule(**paper_fallback(adapter.paper, shape.layers))
+    sched = PruneSchedule(**adapter.paper.at_depth(shape.layers))
     lm = LMShape.from_config(config.to_dict())
     result = {"shape": asdict(shape), "schedule": asdict(sched), "text_tokens": text, "weights": "random",
               "device": f"CPU ({os.cpu_count()} cores), ONNX Runtime {ort.__version__} CPU, ORT_ENABLE_ALL, "

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import BadInput
-from ..exporter.atomic import write_text_atomic
+from ..base.errors import BadInput
+from ..base.atomic import write_text_atomic
 from .plots import plt, save_figure
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"

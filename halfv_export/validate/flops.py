@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import BadInput
+from ..base.errors import BadInput
 from ..graphs.pruning import PruneSchedule, budgets
 
 # Library defaults for configs that leave them out (LLaVA's text_config omits Llama/Mistral defaults).

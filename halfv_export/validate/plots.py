@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ..exporter.atomic import write_bytes_atomic  # noqa: E402
+from ..base.atomic import write_bytes_atomic  # noqa: E402
 
 _NAN = float("nan")
 

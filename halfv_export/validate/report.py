@@ -15,9 +15,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..errors import BadInput
-from ..exporter.atomic import write_text_atomic
-from ..exporter.calib_data import Sample, synthetic_set
+from ..base.errors import BadInput
+from ..base.atomic import write_text_atomic
+from ..base.data import Sample, synthetic_set
 from ..graphs.halfv import HalfVReference
 from ..graphs.pruning import PruneSchedule
 from ..graphs.tme import kl_last_token

@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from ..errors import BadInput
+from .errors import BadInput
 
 
 def prepare_out_dir(out: Path) -> Path:

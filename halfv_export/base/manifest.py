@@ -9,8 +9,8 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from .. import __version__
-from ..errors import BadInput
+from .version import VERSION
+from .errors import BadInput
 from .atomic import write_text_atomic
 
 MANIFEST = "manifest.json"
@@ -51,7 +51,7 @@ def write_manifest(out: Path, extra: dict | None = None) -> dict:
             previous = {}
     schedule = json.loads((out / "schedule.json").read_text()) if (out / "schedule.json").exists() else None
     manifest = {
-        "tool": f"halfv-export {__version__}",
+        "tool": f"halfv-export {VERSION}",
         "versions": {pkg: _version(pkg) for pkg in ("torch", "transformers", "onnx", "onnxscript", "onnxruntime",
                                                      "onnxruntime-gpu", "tensorrt")},
         "python": platform.python_version(),

@@ -14,7 +14,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import BadInput
+from .errors import BadInput
 
 
 def _alive(pid: int) -> bool:

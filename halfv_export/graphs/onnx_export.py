@@ -15,8 +15,8 @@ import onnx
 import torch
 from torch.export import Dim
 
-from ..errors import RuntimeFailure
-from ..validate.lint import TOPK_LIMIT, lint_model  # noqa: F401  (TOPK_LIMIT re-exported)
+from ..base.errors import RuntimeFailure
+from .lint import TOPK_LIMIT, lint_model  # noqa: F401  (TOPK_LIMIT re-exported)
 
 EXTERNAL_DATA_BYTES = 1_800_000_000  # below protobuf's 2 GB cap, with room for the graph itself
 OPSET = 20

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, UnidentifiedImageError
 
-from ..errors import BadInput
+from .errors import BadInput
 
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # refuse decompression bombs with a clear line instead of a PIL warning
 
