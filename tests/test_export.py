@@ -7,7 +7,8 @@ import numpy as np
 import onnx
 import pytest
 
-from halfv_export.engines import EnginePipeline, OrtRunner
+from halfv_export.engines import EnginePipeline
+from halfv_export.engines.ort import OrtRunner
 from halfv_export.graphs.onnx_export import topk_values
 from halfv_export.graphs.halfv import HalfVReference
 from halfv_export.graphs.pruning import PruneSchedule

@@ -1,7 +1,9 @@
-"""Runtime over exported graphs: a Runner runs one named graph on numpy feeds (ONNX Runtime now, TensorRT behind
-the same interface later) and EnginePipeline does host pre-processing, prefill and greedy decoding over a Runner."""
+"""Runtime over exported graphs: a `Runner` runs one named graph on numpy feeds, an `EngineTarget` builds engines
+and opens runners (ONNX Runtime and TensorRT register themselves), and EnginePipeline does host pre-processing,
+prefill and greedy decoding over any Runner."""
 
-from .ort import OrtRunner, build_ort_engines
+from .base import DEFAULT_TARGET, EngineOptions, EngineTarget, Runner, all_targets, get_target, register_target
 from .pipeline import EnginePipeline
 
-__all__ = ["EnginePipeline", "OrtRunner", "build_ort_engines"]
+__all__ = ["DEFAULT_TARGET", "EngineOptions", "EngineTarget", "EnginePipeline", "Runner", "all_targets", "get_target",
+           "register_target"]

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..base.errors import BadInput
 from ..base.atomic import write_text_atomic
+from .base import EngineTarget, register_target
 
 ORT_DIR = "ort"
 
@@ -102,3 +103,10 @@ class OrtRunner:
         names = [o.name for o in session.get_outputs()]
         wanted = {i.name for i in session.get_inputs()}
         return dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in wanted})))
+
+
+register_target(EngineTarget(
+    name="onnxruntime", engine_dir=ORT_DIR,
+    build=lambda artifacts, options, log: build_ort_engines(artifacts, options.ep),
+    open=lambda artifacts, options: OrtRunner(artifacts, ep=options.ep, threads=options.threads),
+    summary="ONNX Runtime sessions, optimised models saved in ort/ (cpu; cuda / tensorrt EPs with onnxruntime-gpu)"))

@@ -11,6 +11,8 @@ import numpy as np
 
 from ..base.errors import BadInput
 from ..graphs import get_adapter
+from ..graphs.specs import DECODE, DECODE_FULL, EMBED, PREFILL_FULL
+from .base import Runner
 
 
 @dataclass
@@ -25,7 +27,7 @@ class EngineState:
 
 
 class EnginePipeline:
-    def __init__(self, artifacts: Path, runner):
+    def __init__(self, artifacts: Path, runner: Runner):
         self.artifacts = Path(artifacts)
         meta_path = self.artifacts / "artifacts.json"
         if not meta_path.exists():
@@ -36,7 +38,7 @@ class EnginePipeline:
         self.runner = runner
         self.buckets = {tuple(b["size"]): b for b in self.meta["buckets"]}
         precision = self.meta.get("precision", "fp32")
-        if precision == "bf16" and not getattr(runner, "runs_bf16", False):
+        if precision == "bf16" and not runner.runs_bf16:
             raise BadInput("these graphs are bf16, which ONNX Runtime's CPU provider does not run; use "
                            "--target tensorrt, or export with --precision fp16 / fp32")
         self.float_dtype = np.float16 if precision == "fp16" else np.float32
@@ -58,7 +60,7 @@ class EnginePipeline:
 
     # -------------------------------------------------------------------------------------------- prefill
     def embeds(self, host) -> np.ndarray:
-        embeds = self.runner.run("embed.onnx", {"input_ids": host.input_ids.numpy()})["embeds"]  # [B, S, D]
+        embeds = self.runner.run(EMBED.file(), {"input_ids": host.input_ids.numpy()})["embeds"]  # [B, S, D]
         if host.num_visual > 0:
             bucket = self.buckets[host.bucket]
             for b, pixels in enumerate(host.pixel_values):
@@ -70,7 +72,7 @@ class EnginePipeline:
 
     def prefill(self, host, halfv: bool = True, embeds: np.ndarray | None = None) -> EngineState:
         pruned = halfv and host.num_visual > 0
-        graph = self.buckets[host.bucket]["prefill"] if pruned else "prefill_full.onnx"
+        graph = self.buckets[host.bucket]["prefill"] if pruned else PREFILL_FULL.file()
         feeds = {"embeds": self.embeds(host) if embeds is None else embeds,
                  "attention_mask": host.attention_mask.numpy(), "positions": host.positions.numpy(),
                  "visual_start": host.visual_start.numpy()}
@@ -81,7 +83,7 @@ class EnginePipeline:
             logits=out["logits"], kept={k[5:]: out[k] for k in ("kept_ivr", "kept_ssr") if k in out},
             past=[out[f"present_{kind}_{i}"] for i in range(layers) for kind in ("key", "value")],
             valid=[out[f"cache_valid_{g}"] for g in sorted(set(groups))],
-            next_positions=host.next_positions.numpy(), decode_graph="decode.onnx" if pruned else "decode_full.onnx",
+            next_positions=host.next_positions.numpy(), decode_graph=(DECODE if pruned else DECODE_FULL).file(),
             groups=groups)
 
     # -------------------------------------------------------------------------------------------- decode

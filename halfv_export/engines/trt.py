@@ -16,7 +16,8 @@ import numpy as np
 
 from ..base.errors import BadInput, RuntimeFailure
 from ..base.atomic import write_bytes_atomic, write_text_atomic
-from .trt_plan import TRT_DIR, TrtBuildPlan, trtexec_command
+from .base import EngineOptions, EngineTarget, register_target
+from .trt_plan import TRT_DIR, PlanOptions, TrtBuildPlan, make_plan, trtexec_command, trtexec_lines
 
 NO_TENSORRT = ("TensorRT is not installed here (its pip packages fetch NVIDIA's libraries from NVIDIA's own index); "
                "build TensorRT engines on a GPU machine with TensorRT 10 or 11, or use --target onnxruntime")
@@ -96,6 +97,17 @@ def build_trt_engines(artifacts: Path, plan: TrtBuildPlan, log=print) -> dict:
     return info
 
 
+def build_engines(artifacts: Path, options: EngineOptions, log=print) -> dict:
+    """The engine stage for --target tensorrt: fail fast (no TensorRT / no GPU, one sentence) before planning."""
+    import_tensorrt()
+    require_gpu()
+    plan = make_plan(artifacts, options.plan or PlanOptions())
+    info = build_trt_engines(artifacts, plan, log=log)
+    info["providers"] = [f"TensorRT {info['tensorrt']} on {info['gpu']}"]
+    info["graphs"] = [g.graph for g in plan.graphs]
+    return info
+
+
 class TrtRunner:
     """Runs plans from trt/ on CUDA buffers owned by torch; picks the first profile whose ranges fit the feeds."""
 
@@ -167,3 +179,10 @@ class TrtRunner:
             raise RuntimeFailure(f"TensorRT execution of {graph} failed")
         self.stream.synchronize()
         return {name: tensor.cpu().numpy() for name, tensor in outputs.items()}
+
+
+register_target(EngineTarget(
+    name="tensorrt", engine_dir=TRT_DIR, build=build_engines,
+    open=lambda artifacts, options: TrtRunner(artifacts),
+    manifest_extra=lambda artifacts, options: trtexec_lines(artifacts, options.plan),
+    summary="TensorRT plans in trt/, one optimisation profile per image bucket (needs TensorRT 10/11 and a GPU)"))

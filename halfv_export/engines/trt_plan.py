@@ -17,6 +17,8 @@ import onnx
 import sympy
 
 from ..base.errors import BadInput
+from ..base.manifest import sha256_file
+from ..graphs.specs import DECODE, DECODE_FULL, EMBED, PREFILL_FULL
 
 TRT_DIR = "trt"
 
@@ -101,8 +103,6 @@ def _profile(shapes: dict[str, list], ranges: dict[str, tuple[int, int, int]]) -
 
 
 def make_plan(artifacts: Path, options: PlanOptions = PlanOptions()) -> TrtBuildPlan:
-    from ..base.manifest import sha256_file
-
     options.check()
     artifacts = Path(artifacts)
     meta = json.loads((artifacts / "artifacts.json").read_text())
@@ -123,14 +123,14 @@ def make_plan(artifacts: Path, options: PlanOptions = PlanOptions()) -> TrtBuild
 
     text_only = _ranges(options, 0, [0], decode=False)
     longest = max(b["num_visual"] for b in buckets)
-    add("embed.onnx", [{"batch": (1, 1, options.max_batch),
+    add(EMBED.file(), [{"batch": (1, 1, options.max_batch),
                         "seq": (options.min_text, longest + options.opt_text, longest + options.max_text)}])
     for b in buckets:
         add(b["vision"], [{}])
         add(b["prefill"], [_ranges(options, b["num_visual"], [], False)])
-    add("prefill_full.onnx", [_ranges(options, b["num_visual"], [], False) for b in buckets] + [text_only])
-    add("decode.onnx", [_ranges(options, b["num_visual"], kept_rows(b), True) for b in buckets])
-    add("decode_full.onnx", [_ranges(options, b["num_visual"], [b["num_visual"]], True) for b in buckets]
+    add(PREFILL_FULL.file(), [_ranges(options, b["num_visual"], [], False) for b in buckets] + [text_only])
+    add(DECODE.file(), [_ranges(options, b["num_visual"], kept_rows(b), True) for b in buckets])
+    add(DECODE_FULL.file(), [_ranges(options, b["num_visual"], [b["num_visual"]], True) for b in buckets]
         + [_ranges(options, 0, [0], True)])
     return TrtBuildPlan(precision=meta.get("precision", "fp32"), timing_cache=f"{TRT_DIR}/timing.cache",
                         graphs=graphs, options=options)
@@ -147,3 +147,9 @@ def trtexec_command(plan: TrtBuildPlan, graph: GraphPlan) -> str:
             parts.append(flag + "=" + ",".join(f"{name}:{'x'.join(str(v) for v in shapes[which])}"
                                                for name, shapes in profile.items()))
     return " ".join(parts)
+
+
+def trtexec_lines(artifacts: Path, options: PlanOptions | None = None) -> dict:
+    """The build plan's trtexec lines, for the manifest (computed without TensorRT)."""
+    plan = make_plan(artifacts, options or PlanOptions())
+    return {"trtexec": {g.graph: trtexec_command(plan, g) for g in plan.graphs}}

@@ -220,13 +220,14 @@ def engine(artifacts, target, ep, max_batch, min_text, opt_text, max_text, max_n
                  strongly typed (the graphs' fp32 scores, norms and softmax stay fp32), timing cache reused, and
                  trt/engine.json (TensorRT version, GPU, compute capability, profiles, ONNX sha256).
     """
+    from ..engines import EngineOptions, get_target
     from ..engines.trt_plan import PlanOptions
     from .pipeline import run_engine
 
-    options = PlanOptions(max_batch=max_batch, min_text=min_text, opt_text=opt_text, max_text=max_text,
-                          max_new_tokens=max_new_tokens, workspace_mib=workspace_mib)
-    info = run_engine(artifacts, target, ep, options)
-    where = artifacts / ("ort" if target == "onnxruntime" else "trt")
+    plan = PlanOptions(max_batch=max_batch, min_text=min_text, opt_text=opt_text, max_text=max_text,
+                       max_new_tokens=max_new_tokens, workspace_mib=workspace_mib)
+    info = run_engine(artifacts, target, EngineOptions(ep=ep, plan=plan))
+    where = artifacts / get_target(target).engine_dir
     click.echo(f"{info['target']} ({', '.join(info['providers'])}): {len(info['graphs'])} graphs built into {where}")
 
 
@@ -327,6 +328,7 @@ def build(backbone, model_dir, data, image_sizes, target, precision, paper_value
     """calibrate -> export -> engine -> validate, gated on parity with the fp32 eager reference (kept indices 1.0,
     greedy tokens 1.0, logits within 1e-3; fp16/bf16 builds are reported, not gated)."""
     from .export import parse_image_size
+    from ..engines import DEFAULT_TARGET
     from .pipeline import DEFAULT_GATES_OVER, DEFAULT_GATES_UNDER, run_calibrate, run_engine, run_export, run_validate
 
     from ..base.staging import promote, staged_build
@@ -341,9 +343,9 @@ def build(backbone, model_dir, data, image_sizes, target, precision, paper_value
         meta = run_export(work / "schedule.json", model_dir, sizes, work, precision=precision)
         click.echo(f"[3/4] engine ({target})", err=True)
         try:
-            run_engine(work, target, "cpu")
+            run_engine(work, target)
         except HalfvError as e:
-            if target != "tensorrt":
+            if target == DEFAULT_TARGET:
                 raise
             promote(work, out)  # the exported folder is a complete ONNX Runtime deliverable
             raise CliError(f"stopped after export: {e}. {out} holds complete ONNX graphs that ONNX Runtime can use "

@@ -1,14 +1,6 @@
-"""The export stage: every graph a deployment needs, for every image-size bucket, plus artifacts.json.
-
-    embed.onnx              input_ids [B, S] -> embeds [B, S, D]
-    vision_HxW.onnx         pixel patches of one HxW image -> visual features [N, D]
-    prefill_HxW.onnx        HalfV prefill for N = N(HxW): IVR + SSR as TopK/ArgMax/Gather ops
-    prefill_full.onnx       the unpruned prefill (any N), for comparison and text-only prompts
-    decode.onnx             one token over the pruned cache (one valid-mask input per cache-length group)
-    decode_full.onnx        one token over the unpruned cache
-
-Everything is written into a staging folder inside --out and renamed into place when all graphs passed their
-checks; artifacts.json is written last.
+"""The export stage: every graph a deployment needs (graphs/specs.py lists the kinds), for every image-size bucket,
+plus artifacts.json. Everything is written into a staging folder inside --out and renamed into place when all
+graphs passed their checks; artifacts.json is written last.
 """
 
 from __future__ import annotations
@@ -21,14 +13,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from torch.export import Dim
 
 from ..base.errors import BadInput
 from ..graphs.adapter import BackboneAdapter, LoadedModel, Processing
-from ..graphs.export_forward import DecodeGraph, PrefillGraph
+from ..graphs.lint import TOPK_LIMIT
 from ..graphs.pruning import PruneSchedule, budgets
+from ..graphs.specs import PREFILL, VISION, decode_spec, embed_spec, prefill_spec, vision_spec
 from ..base.atomic import prepare_out_dir, write_text_atomic
-from ..graphs.onnx_export import TOPK_LIMIT, batch_dim, export_module, seq_dim
 
 ARTIFACTS_FORMAT = 1
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -62,17 +53,8 @@ def resolve_buckets(adapter: BackboneAdapter, processing: Processing, sizes: lis
             raise BadInput(f"bucket {size[0]}x{size[1]} needs TopK with K={plan.k1} > {TOPK_LIMIT} (TensorRT's "
                            "limit); use a smaller image size or a smaller keep ratio")
         buckets[bucket] = {"size": list(bucket), "num_visual": n, **{k: v for k, v in asdict(plan).items() if k != "n"},
-                           "vision": f"vision_{bucket[0]}x{bucket[1]}.onnx",
-                           "prefill": f"prefill_{bucket[0]}x{bucket[1]}.onnx"}
+                           "vision": VISION.file(bucket), "prefill": PREFILL.file(bucket)}
     return list(buckets.values())
-
-
-def _prefill_example(adapter, loaded, processing, bucket, batch=2):
-    from ..base.data import synthetic_set
-
-    images = [s.image.resize((bucket[1], bucket[0])) for s in synthetic_set(batch, seed=99)]
-    prompts = ["What is shown here?", "Describe the shapes, colours and any text in this picture."][:batch]
-    return adapter.prepare(loaded, images, prompts)
 
 
 def export_artifacts(adapter: BackboneAdapter, loaded: LoadedModel, schedule: PruneSchedule, schedule_doc: dict,
@@ -92,42 +74,20 @@ def export_artifacts(adapter: BackboneAdapter, loaded: LoadedModel, schedule: Pr
     try:
         files = adapter.save_processing(loaded, staging)
         write_text_atomic(staging / "schedule.json", json.dumps(schedule_doc, indent=2) + "\n")
-        b, s = batch_dim(), seq_dim(4)
-
         loaded.model.to(dtype)
-        step("embed.onnx")
-        ids = torch.zeros((2, 8), dtype=torch.long)
-        export_module(stack.embed_tokens, (ids,), staging / "embed.onnx", ["input_ids"], ["embeds"],
-                      ({0: b, 1: s},))
-
-        first_example = None
+        specs = [embed_spec(stack)]
         for bucket in buckets:
             size = tuple(bucket["size"])
-            example = _prefill_example(adapter, loaded, processing, size)
-            first_example = first_example or example
-            step(bucket["vision"])
             pixels = adapter.host_inputs(processing, [_blank(size)], ["x"]).pixel_values[0].to(dtype)
-            export_module(adapter.vision_graph(loaded, size), (pixels,), staging / bucket["vision"],
-                          ["pixel_values"], ["visual_features"], None)
-            step(bucket["prefill"])
-            graph = PrefillGraph(stack, schedule, bucket["num_visual"]).eval()
-            seq = seq_dim(bucket["num_visual"] + 2)
-            export_module(graph, (example.embeds, example.attention_mask, example.positions, example.visual_start),
-                          staging / bucket["prefill"], ["embeds", "attention_mask", "positions", "visual_start"],
-                          graph.output_names(), ({0: b, 1: seq}, {0: b, 1: seq}, {1: b, 2: seq}, {0: b}))
-            bucket["groups"] = graph.group_of_layer()
-
-        step("prefill_full.onnx")
-        full = PrefillGraph(stack, None, 0).eval()
-        example = first_example
-        seq = seq_dim(4)
-        export_module(full, (example.embeds, example.attention_mask, example.positions, example.visual_start),
-                      staging / "prefill_full.onnx", ["embeds", "attention_mask", "positions", "visual_start"],
-                      full.output_names(), ({0: b, 1: seq}, {0: b, 1: seq}, {1: b, 2: seq}, {0: b}))
-
-        for name, groups in (("decode.onnx", buckets[0]["groups"]), ("decode_full.onnx", [0] * stack.num_layers)):
-            step(name)
-            _export_decode(stack, groups, staging / name, example, dtype)
+            specs.append(vision_spec(adapter.vision_graph(loaded, size), pixels, size))
+            prefill = prefill_spec(stack, schedule, bucket["num_visual"], size)
+            bucket["groups"] = prefill.module.group_of_layer()
+            specs.append(prefill)
+        specs += [prefill_spec(stack, None, 0), decode_spec(stack, buckets[0]["groups"], pruned=True),
+                  decode_spec(stack, [0] * stack.num_layers, pruned=False)]
+        for spec in specs:
+            step(spec.file)
+            spec.export(staging)
 
         meta = {
             "format": ARTIFACTS_FORMAT, "backbone": adapter.name, "source": loaded.source, "precision": precision,
@@ -135,8 +95,7 @@ def export_artifacts(adapter: BackboneAdapter, loaded: LoadedModel, schedule: Pr
             "num_layers": stack.num_layers, "num_kv_heads": stack.num_kv_heads, "head_dim": stack.head_dim,
             "hidden_size": stack.embed_tokens.embedding_dim, "position_rows": 3 if stack.mrope else 1,
             "eos_token_ids": sorted(adapter.eos_token_ids(loaded)), "processing_files": files,
-            "graphs": ["embed.onnx", "prefill_full.onnx", "decode.onnx", "decode_full.onnx"]
-            + [x for bk in buckets for x in (bk["vision"], bk["prefill"])],
+            "graphs": [spec.file for spec in specs],
         }
         for item in sorted(staging.iterdir()):
             item.replace(out / item.name)
@@ -150,23 +109,3 @@ def _blank(size: tuple[int, int]):
     from PIL import Image
 
     return Image.new("RGB", (size[1], size[0]), (127, 127, 127))
-
-
-def _export_decode(stack, groups: list[int], path: Path, example, dtype=torch.float32) -> None:
-    """Decode graph: a batch of 2, past lengths per group as separate dynamic dims (valid mask = past + 1)."""
-    graph = DecodeGraph(stack, groups).eval()
-    b = batch_dim()
-    n_groups = len(set(groups))
-    past_dims = [Dim(f"past_{g}", min=2, max=32768) for g in range(n_groups)]
-    lengths = [7 + 3 * g for g in range(n_groups)]
-    ids = torch.zeros((2, 1), dtype=torch.long)
-    positions = torch.full((example.positions.shape[0], 2, 1), 9, dtype=torch.long)
-    valids = [torch.ones((2, lengths[g] + 1), dtype=torch.long) for g in range(n_groups)]
-    past = []
-    for i in range(stack.num_layers):
-        shape = (2, stack.num_kv_heads, lengths[groups[i]], stack.head_dim)
-        past += [torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)]
-    rest = [{0: b, 1: past_dims[g] + 1} for g in range(n_groups)]
-    rest += [{0: b, 2: past_dims[groups[i]]} for i in range(stack.num_layers) for _ in range(2)]
-    export_module(graph, (ids, positions, *valids, *past), path, graph.input_names(), graph.output_names(),
-                  ({0: b}, {1: b}, tuple(rest)))  # forward(input_ids, positions, *rest)

@@ -16,7 +16,9 @@ from ..graphs.checkpoint import config_fingerprint, read_config_json
 from ..validate.flops import LMShape, prefill_flops
 from ..validate.plots import tme_plot
 from ..base.atomic import prepare_out_dir
-from ..base.data import load_data, synthetic_set
+from ..base.data import load_data, load_image, synthetic_set
+from ..base.manifest import verify_manifest, write_manifest
+from ..base.staging import recover
 from .calibrate import KL_FREEZE_THRESHOLD, derive_schedule, measure_probes
 from .schedule import (FIELDS, apply_overrides, build_document, check_values, read_schedule,
                        write_schedule)
@@ -121,7 +123,6 @@ def load_for_source(adapter, source: str, model_dir: Path | None):
 def run_export(schedule_path: Path, model_dir: Path | None, image_sizes: list[tuple[int, int]], out: Path,
                precision: str = "fp32") -> dict:
     from .export import export_artifacts
-    from ..base.manifest import write_manifest
 
     _, doc = read_schedule(schedule_path)
     adapter = get_adapter(doc.get("backbone", "?"))
@@ -143,62 +144,45 @@ def run_export(schedule_path: Path, model_dir: Path | None, image_sizes: list[tu
             progress.advance(task)
 
         meta = export_artifacts(adapter, loaded, sched, doc, image_sizes, out, step=step, precision=precision)
-    write_manifest(out, trt_extra(out))
+    write_manifest(out, export_manifest_extra(out))
     return meta
 
 
-def trt_extra(artifacts: Path, options=None) -> dict:
-    """The TensorRT build plan's trtexec lines, for the manifest (computed without TensorRT)."""
-    from ..engines.trt_plan import PlanOptions, make_plan, trtexec_command
+def export_manifest_extra(artifacts: Path) -> dict:
+    """What each engine target records at export time (e.g. TensorRT's trtexec lines), computed without it."""
+    from ..engines import EngineOptions, all_targets
 
-    plan = make_plan(artifacts, options or PlanOptions())
-    return {"trtexec": {g.graph: trtexec_command(plan, g) for g in plan.graphs}}
+    extra = {}
+    for target in all_targets():
+        if target.manifest_extra is not None:
+            extra.update(target.manifest_extra(artifacts, EngineOptions()))
+    return extra
 
 
-def run_engine(artifacts: Path, target: str, ep: str, plan_options=None) -> dict:
-    from ..engines.ort import build_ort_engines
-    from ..base.manifest import verify_manifest, write_manifest
+def run_engine(artifacts: Path, target: str, options=None) -> dict:
+    from ..engines import EngineOptions, get_target
 
+    options = options or EngineOptions()
+    engine_target = get_target(target)
     verify_manifest(artifacts)
-    if target == "onnxruntime":
-        with console.status(f"building ONNX Runtime sessions ({ep})"):
-            info = build_ort_engines(artifacts, ep)
-    elif target == "tensorrt":
-        from ..engines.trt import build_trt_engines, import_tensorrt, require_gpu
-        from ..engines.trt_plan import PlanOptions, make_plan
-
-        import_tensorrt()  # fail fast, with one sentence, before planning
-        require_gpu()
-        plan = make_plan(artifacts, plan_options or PlanOptions())
-        info = build_trt_engines(artifacts, plan, log=lambda m: console.print(m))
-        info["providers"] = [f"TensorRT {info['tensorrt']} on {info['gpu']}"]
-        info["graphs"] = [g.graph for g in plan.graphs]
-    else:
-        raise BadInput(f"unknown target '{target}'; choose onnxruntime or tensorrt")
-    write_manifest(artifacts, trt_extra(artifacts, plan_options) if target == "tensorrt" else None)
+    with console.status(f"building {target} engines"):
+        info = engine_target.build(artifacts, options, lambda m: console.print(m))
+    extra = engine_target.manifest_extra(artifacts, options) if engine_target.manifest_extra else None
+    write_manifest(artifacts, extra)
     return info
 
 
-def open_pipeline(artifacts: Path, target: str = "onnxruntime", ep: str = "cpu"):
-    from ..engines import EnginePipeline, OrtRunner
-    from ..base.manifest import verify_manifest
-    from ..base.staging import recover
+def open_pipeline(artifacts: Path, target: str = "onnxruntime", options=None):
+    from ..engines import EngineOptions, EnginePipeline, get_target
 
+    engine_target = get_target(target)
     recover(artifacts)  # a build killed in the middle of its final swap: bring the previous build back
     verify_manifest(artifacts)
-    if target == "tensorrt":
-        from ..engines.trt import TrtRunner
-
-        return EnginePipeline(artifacts, TrtRunner(artifacts))
-    if target != "onnxruntime":
-        raise BadInput(f"unknown target '{target}'; choose onnxruntime or tensorrt")
-    return EnginePipeline(artifacts, OrtRunner(artifacts, ep=ep))
+    return EnginePipeline(artifacts, engine_target.open(artifacts, options or EngineOptions()))
 
 
 def run_generate(artifacts: Path, image: Path | None, prompt: str, max_new_tokens: int, halfv: bool,
                  target: str = "onnxruntime") -> str:
-    from ..base.data import load_image
-
     pipeline = open_pipeline(artifacts, target)
     picture = load_image(image) if image is not None else None
     tokens = pipeline.generate([picture], [prompt], max_new_tokens, halfv=halfv)
@@ -208,7 +192,6 @@ def run_generate(artifacts: Path, image: Path | None, prompt: str, max_new_token
 def run_validate(artifacts: Path, data: Path | None, model_dir: Path | None, fail_under: list, fail_over: list,
                  weights: str | None = None, target: str = "onnxruntime") -> tuple[dict, list[str]]:
     from ..validate.report import check_thresholds, held_out_samples, measure_latency, run_validation, write_report
-    from ..base.manifest import write_manifest
 
     pipeline = open_pipeline(artifacts, target)
     meta = pipeline.meta

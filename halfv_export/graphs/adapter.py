@@ -104,10 +104,39 @@ class HostInputs:
     bucket: tuple[int, int] | None  # (height, width) the images were resized to; None for text-only
 
 
+class LayerMaths:
+    """How the generic HalfV graph reads one decoder layer. The default is HF's Llama layout, which Qwen2, Llama and
+    Mistral share: input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp. A backbone whose layers
+    differ (q/k norms as in Qwen3, a fused wqkv as in InternLM) overrides the methods that differ, so the export
+    graph, the pruning scores and the freeze layer never assume one layout.
+
+    Shapes: x [B, R, D] (already input-normed) -> queries [B, H, R, hd], keys / values [B, G, R, hd] (no RoPE yet);
+    output: attention result [B, R, H*hd] -> [B, R, D]."""
+
+    def input_norm(self, layer, h: torch.Tensor) -> torch.Tensor:
+        return layer.input_layernorm(h)
+
+    def queries(self, layer, x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+        return layer.self_attn.q_proj(x).view(x.shape[0], x.shape[1], heads, head_dim).transpose(1, 2)
+
+    def keys(self, layer, x: torch.Tensor, kv_heads: int, head_dim: int) -> torch.Tensor:
+        return layer.self_attn.k_proj(x).view(x.shape[0], x.shape[1], kv_heads, head_dim).transpose(1, 2)
+
+    def values(self, layer, x: torch.Tensor, kv_heads: int, head_dim: int) -> torch.Tensor:
+        return layer.self_attn.v_proj(x).view(x.shape[0], x.shape[1], kv_heads, head_dim).transpose(1, 2)
+
+    def output(self, layer, attended: torch.Tensor) -> torch.Tensor:
+        return layer.self_attn.o_proj(attended)
+
+    def mlp(self, layer, h: torch.Tensor) -> torch.Tensor:
+        """The layer's second residual branch, norm included."""
+        return layer.mlp(layer.post_attention_layernorm(h))
+
+
 @dataclass
 class TextStack:
-    """The language model as the HalfV code sees it. Decoder layers follow the HF Llama layout
-    (self_attn.{q,k,v,o}_proj, input_layernorm, post_attention_layernorm, mlp), which Qwen2, Llama and Mistral share."""
+    """The language model as the HalfV code sees it: decoder layers read through `maths` (LayerMaths), the final
+    norm, lm_head, embeddings and rotary tables, and the attention geometry (head_dim as the layers use it)."""
 
     layers: list[nn.Module]
     norm: nn.Module  # final RMSNorm
@@ -119,6 +148,7 @@ class TextStack:
     num_kv_heads: int
     head_dim: int
     vocab_size: int
+    maths: LayerMaths = field(default_factory=LayerMaths)
 
     @property
     def num_layers(self) -> int:
@@ -127,6 +157,24 @@ class TextStack:
     def rotary(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [P, B, S] -> cos, sin [B, S, hd] (already recomposed for M-RoPE)."""
         return self.rotary_emb(x, positions if self.mrope else positions[0])
+
+    def queries(self, layer, x: torch.Tensor) -> torch.Tensor:
+        return self.maths.queries(layer, x, self.num_heads, self.head_dim)
+
+    def keys(self, layer, x: torch.Tensor) -> torch.Tensor:
+        return self.maths.keys(layer, x, self.num_kv_heads, self.head_dim)
+
+    def values(self, layer, x: torch.Tensor) -> torch.Tensor:
+        return self.maths.values(layer, x, self.num_kv_heads, self.head_dim)
+
+
+def layer_head_dim(layers, text_config) -> int:
+    """The head size the decoder layers really use: their attention module's own `head_dim` (transformers'
+    Qwen2.5-VL derives hidden // heads and ignores a config head_dim; Llama and Mistral honour it), else the
+    config's, else hidden // heads."""
+    found = getattr(layers[0].self_attn, "head_dim", None) if layers else None
+    return int(found or getattr(text_config, "head_dim", None)
+               or text_config.hidden_size // text_config.num_attention_heads)
 
 
 class BackboneAdapter(abc.ABC):

@@ -13,11 +13,7 @@ from torch import nn
 
 from .adapter import TextStack
 from .halfv import additive_mask
-from .pruning import PruneSchedule, budgets, gather_rows, keep_index, rotate_half, select_before_layer, visual_rows
-
-
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos[:, None] + rotate_half(x) * sin[:, None]  # x [B, heads, R, hd], cos/sin [B, R, hd]
+from .pruning import PruneSchedule, apply_rope, budgets, gather_rows, keep_index, select_before_layer, visual_rows
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
@@ -31,18 +27,16 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 
 def decoder_layer(stack: TextStack, layer, h, cos, sin, mask, past_k=None, past_v=None):
-    """One Llama-layout decoder layer. h [B, q, D] -> (h, k, v) with k/v [B, G, past+q, hd] (RoPE applied)."""
-    b, q_len, _ = h.shape
-    attn = layer.self_attn
-    x = layer.input_layernorm(h)
-    q = attn.q_proj(x).view(b, q_len, stack.num_heads, stack.head_dim).transpose(1, 2)
-    k = attn.k_proj(x).view(b, q_len, stack.num_kv_heads, stack.head_dim).transpose(1, 2)
-    v = attn.v_proj(x).view(b, q_len, stack.num_kv_heads, stack.head_dim).transpose(1, 2)
-    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    """One decoder layer read through stack.maths. h [B, q, D] -> (h, k, v) with k/v [B, G, past+q, hd] (RoPE
+    applied)."""
+    maths = stack.maths
+    x = maths.input_norm(layer, h)
+    q, k, v = stack.queries(layer, x), stack.keys(layer, x), stack.values(layer, x)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if past_k is not None:
         k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-    h = h + attn.o_proj(attend(q, k, v, mask, stack.head_dim ** -0.5))
-    h = h + layer.mlp(layer.post_attention_layernorm(h))
+    h = h + maths.output(layer, attend(q, k, v, mask, stack.head_dim ** -0.5))
+    h = h + maths.mlp(layer, h)
     return h, k, v
 
 
@@ -50,19 +44,16 @@ def frozen_decoder_layer(stack: TextStack, layer, h, cos, sin, key_valid, start,
     """SSR freeze: the n visual rows [s, s+n) compute keys/values only; queries, attention output and MLP run on
     the other rows. h [B, S, D] -> (h, k, v); the visual rows of h come back unchanged."""
     b, seq, _ = h.shape
-    attn = layer.self_attn
+    maths = stack.maths
     text = keep_index(start, torch.zeros((b, 0), dtype=torch.long), n, seq)  # [B, S-n] non-visual rows
-    x = layer.input_layernorm(h)  # [B, S, D]: K/V for every row
-    k = attn.k_proj(x).view(b, seq, stack.num_kv_heads, stack.head_dim).transpose(1, 2)
-    v = attn.v_proj(x).view(b, seq, stack.num_kv_heads, stack.head_dim).transpose(1, 2)
-    k = _rope(k, cos, sin)
-    xq = gather_rows(x, text)  # [B, S-n, D]
-    q = attn.q_proj(xq).view(b, seq - n, stack.num_heads, stack.head_dim).transpose(1, 2)
-    q = _rope(q, gather_rows(cos, text), gather_rows(sin, text))
+    x = maths.input_norm(layer, h)  # [B, S, D]: K/V for every row
+    k, v = apply_rope(stack.keys(layer, x), cos, sin), stack.values(layer, x)
+    q = stack.queries(layer, gather_rows(x, text))  # [B, H, S-n, hd]
+    q = apply_rope(q, gather_rows(cos, text), gather_rows(sin, text))
     mask = gather_rows(additive_mask(key_valid, seq, h.dtype)[:, 0], text)[:, None]  # [B, 1, S-n, S]
     ht = gather_rows(h, text)
-    ht = ht + attn.o_proj(attend(q, k, v, mask, stack.head_dim ** -0.5))
-    ht = ht + layer.mlp(layer.post_attention_layernorm(ht))
+    ht = ht + maths.output(layer, attend(q, k, v, mask, stack.head_dim ** -0.5))
+    ht = ht + maths.mlp(layer, ht)
     # reassemble: row j < s -> ht[j]; s <= j < s+n -> h[j] (frozen); j >= s+n -> ht[j-n]
     j = torch.arange(seq)[None, :]
     s = start[:, None]

@@ -22,8 +22,8 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 from transformers.models.llava_next.modeling_llava_next import LlavaNextModel, image_size_to_num_patches
 
 from ..base.errors import BadInput
-from .adapter import (BackboneAdapter, HostInputs, LoadedModel, PaperSchedule, Processing, TextStack, register,
-                      visual_span)
+from .adapter import (BackboneAdapter, HostInputs, LoadedModel, PaperSchedule, Processing, TextStack, layer_head_dim,
+                      register, visual_span)
 from .checkpoint import EMBEDDED_ROOT
 
 IMAGE_TOKEN = "<image>"
@@ -102,7 +102,7 @@ class LlavaFamilyAdapter(BackboneAdapter):
             layers=list(lm.layers), norm=lm.norm, lm_head=loaded.model.lm_head, embed_tokens=lm.embed_tokens,
             rotary_emb=lm.rotary_emb, mrope=False, num_heads=tc.num_attention_heads,
             num_kv_heads=tc.num_key_value_heads,
-            head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads,
+            head_dim=layer_head_dim(lm.layers, tc),
             vocab_size=tc.vocab_size,
         )
 

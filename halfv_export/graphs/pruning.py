@@ -89,25 +89,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
-def relevance_scores(layer, hidden: torch.Tensor, start: torch.Tensor, n: int, num_heads: int, num_kv_heads: int,
-                     head_dim: int, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def relevance_scores(stack, layer, hidden: torch.Tensor, start: torch.Tensor, n: int,
+                     rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """How much the last prompt token attends to each visual token, at `layer` (method §4a / §5.1).
 
     hidden [B, S, D] is the input of `layer`; returns scores [B, n] in fp32.
     As in the reference: the query of the LAST row only, the visual keys only, NO 1/sqrt(hd) scaling, softmax over
     the visual keys per head, mean over heads. RoPE is applied only when `rope` (cos, sin [B, S, hd]) is given (SSR).
     """
-    b = hidden.shape[0]
-    x = layer.input_layernorm(hidden)  # [B, S, D]
+    x = stack.maths.input_norm(layer, hidden)  # [B, S, D]
     rows = visual_rows(start, n)  # [B, n]
-    attn = layer.self_attn
-    q = attn.q_proj(x[:, -1:, :]).view(b, 1, num_heads, head_dim).transpose(1, 2)  # [B, H, 1, hd]
-    k = attn.k_proj(gather_rows(x, rows)).view(b, n, num_kv_heads, head_dim).transpose(1, 2)  # [B, G, n, hd]
+    q = stack.queries(layer, x[:, -1:, :])  # [B, H, 1, hd]
+    k = stack.keys(layer, gather_rows(x, rows))  # [B, G, n, hd]
     if rope is not None:
         cos, sin = rope
         q = apply_rope(q, cos[:, -1:], sin[:, -1:])
         k = apply_rope(k, gather_rows(cos, rows), gather_rows(sin, rows))
-    k = k.repeat_interleave(num_heads // num_kv_heads, dim=1)  # [B, H, n, hd]
+    k = k.repeat_interleave(stack.num_heads // stack.num_kv_heads, dim=1)  # [B, H, n, hd]
     logits = q.float() @ k.float().transpose(-1, -2)  # [B, H, 1, n], unscaled on purpose
     return logits.softmax(dim=-1).mean(dim=1)[:, 0]  # [B, n]
 
@@ -181,12 +179,11 @@ def select_before_layer(stack, schedule: PruneSchedule, plan: Budgets, layer_ind
         layer L2 (topk):   SSR  scores(layer L2-1 on its input, RoPE at the kept positions) -> top-K2
     prev_input is the input of layer_index - 1; hidden the input of layer_index; cos/sin [B, S, hd].
     """
-    heads = (stack.num_heads, stack.num_kv_heads, stack.head_dim)
     if layer_index == schedule.ivr_layer:
-        scores = relevance_scores(stack.layers[layer_index - 1], prev_input, start, n, *heads)  # [B, N]
+        scores = relevance_scores(stack, stack.layers[layer_index - 1], prev_input, start, n)  # [B, N]
         features = diversity_features(stack.norm, hidden, start, n)  # [B, N, D]
         return ivr_select(scores, features, plan.k1, plan.anchors, exporting)  # [B, K1]
     if layer_index == schedule.ssr_layer and schedule.ssr_mode == "topk":
-        scores = relevance_scores(stack.layers[layer_index - 1], prev_input, start, n, *heads, rope=(cos, sin))
+        scores = relevance_scores(stack, stack.layers[layer_index - 1], prev_input, start, n, rope=(cos, sin))
         return top_indices(scores, plan.k2, exporting)  # [B, K2]
     return None

@@ -19,8 +19,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
 
 from ..base.errors import BadInput
-from .adapter import (BackboneAdapter, HostInputs, LoadedModel, PaperSchedule, Processing, TextStack, register,
-                      visual_span)
+from .adapter import (BackboneAdapter, HostInputs, LoadedModel, PaperSchedule, Processing, TextStack, layer_head_dim,
+                      register, visual_span)
 from .checkpoint import EMBEDDED_ROOT
 
 IMAGE_PAD = "<|image_pad|>"
@@ -158,5 +158,5 @@ class Qwen25VLAdapter(BackboneAdapter):
             layers=list(lm.layers), norm=lm.norm, lm_head=loaded.model.lm_head, embed_tokens=lm.embed_tokens,
             rotary_emb=lm.rotary_emb, mrope=True,
             num_heads=tc.num_attention_heads, num_kv_heads=tc.num_key_value_heads,
-            head_dim=tc.hidden_size // tc.num_attention_heads, vocab_size=tc.vocab_size,
+            head_dim=layer_head_dim(lm.layers, tc), vocab_size=tc.vocab_size,
         )

@@ -1,0 +1,135 @@
+"""One declarative description per graph kind: its file name, the module, example inputs, I/O names, dynamic dims
+and which weights it holds. `export`, `bench`, the TensorRT build plan and the runners all read these, so a graph's
+file name is spelled out here and nowhere else.
+
+    embed           embed.onnx              input_ids [B, S] -> embeds [B, S, D]
+    vision          vision_{label}.onnx     pixel input of one image of the bucket -> visual features [N, D]
+    prefill         prefill_{label}.onnx    HalfV prefill for N = N(bucket): IVR + SSR as TopK / ArgMax / Gather
+    prefill_full    prefill_full.onnx       the unpruned prefill (any N), for comparison and text-only prompts
+    decode          decode.onnx             one token over the pruned cache (one valid mask per cache-length group)
+    decode_full     decode_full.onnx        one token over the unpruned cache
+
+`label` is the bucket as HxW (448x448), or any tag a caller gives (bench: n1024).
+Example inputs are synthetic with the right shapes: batch 2 (so the batch dim stays symbolic), one sample left-padded,
+the visual block at different rows per sample. Values never shape the trace; tests compare every graph with eager.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from .adapter import TextStack
+from .export_forward import DecodeGraph, PrefillGraph
+from .onnx_export import batch_dim, export_module, seq_dim
+from .pruning import PruneSchedule
+
+
+@dataclass(frozen=True)
+class GraphKind:
+    name: str
+    pattern: str  # file name, with {label} for per-bucket graphs
+    weights: str  # which weights the graph holds: "embed" | "vision" | "llm"
+
+    def file(self, label: str | tuple[int, int] | None = None) -> str:
+        if "{label}" not in self.pattern:
+            return self.pattern
+        if label is None:
+            raise ValueError(f"graph kind {self.name} is per bucket; give its bucket")
+        return self.pattern.format(label=bucket_label(label) if isinstance(label, tuple) else label)
+
+
+EMBED = GraphKind("embed", "embed.onnx", "embed")
+VISION = GraphKind("vision", "vision_{label}.onnx", "vision")
+PREFILL = GraphKind("prefill", "prefill_{label}.onnx", "llm")
+PREFILL_FULL = GraphKind("prefill_full", "prefill_full.onnx", "llm")
+DECODE = GraphKind("decode", "decode.onnx", "llm")
+DECODE_FULL = GraphKind("decode_full", "decode_full.onnx", "llm")
+PREFILL_INPUTS = ["embeds", "attention_mask", "positions", "visual_start"]
+
+
+def bucket_label(bucket: tuple[int, int]) -> str:
+    return f"{bucket[0]}x{bucket[1]}"
+
+
+@dataclass
+class GraphSpec:
+    kind: GraphKind
+    file: str
+    module: nn.Module
+    example: tuple
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_shapes: tuple | None
+
+    def export(self, directory: Path) -> Path:
+        """Trace to ONNX at directory/file and run the graph checks (onnx_export.check_graph)."""
+        return export_module(self.module, self.example, Path(directory) / self.file, self.input_names,
+                             self.output_names, self.dynamic_shapes)
+
+
+# ------------------------------------------------------------------------------------------------ example inputs
+def prefill_example(stack: TextStack, num_visual: int, text: int = 8, dtype: torch.dtype | None = None) -> tuple:
+    """(embeds [2, S, D], attention_mask [2, S], positions [P, 2, S], visual_start [2]) with S = N + text:
+    sample 0 unpadded with its visual block at row 3, sample 1 left-padded by 2 with its block at row 5."""
+    dtype = dtype or stack.embed_tokens.weight.dtype
+    seq = num_visual + text
+    g = torch.Generator().manual_seed(0)
+    embeds = (torch.randn(2, seq, stack.embed_tokens.embedding_dim, generator=g) * 0.02).to(dtype)
+    mask = torch.ones(2, seq, dtype=torch.long)
+    mask[1, :2] = 0
+    rows = 3 if stack.mrope else 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)[None].expand(rows, -1, -1).contiguous()
+    start = torch.tensor([3, 5]) if num_visual > 0 else torch.zeros(2, dtype=torch.long)
+    return embeds, mask, positions, start
+
+
+# ------------------------------------------------------------------------------------------------ specs
+def embed_spec(stack: TextStack) -> GraphSpec:
+    ids = torch.zeros((2, 8), dtype=torch.long)
+    return GraphSpec(EMBED, EMBED.file(), stack.embed_tokens, (ids,), ["input_ids"], ["embeds"],
+                     ({0: batch_dim(), 1: seq_dim(4)},))
+
+
+def vision_spec(module: nn.Module, pixels: torch.Tensor, bucket: tuple[int, int]) -> GraphSpec:
+    """The adapter's static-shape vision graph for one bucket, traced on one image's pixel input."""
+    return GraphSpec(VISION, VISION.file(bucket), module, (pixels,), ["pixel_values"], ["visual_features"], None)
+
+
+def prefill_spec(stack: TextStack, schedule: PruneSchedule | None, num_visual: int,
+                 label: str | tuple[int, int] | None = None) -> GraphSpec:
+    """HalfV prefill for N = num_visual (schedule given), or the unpruned prefill (schedule None)."""
+    pruned = schedule is not None
+    graph = PrefillGraph(stack, schedule, num_visual if pruned else 0).eval()
+    example = prefill_example(stack, num_visual if pruned else 0)
+    b, s = batch_dim(), seq_dim(num_visual + 2 if pruned else 4)
+    kind = PREFILL if pruned else PREFILL_FULL
+    return GraphSpec(kind, kind.file(label), graph, example, list(PREFILL_INPUTS), graph.output_names(),
+                     ({0: b, 1: s}, {0: b, 1: s}, {1: b, 2: s}, {0: b}))
+
+
+def decode_spec(stack: TextStack, groups: list[int], pruned: bool) -> GraphSpec:
+    """One decode step over caches whose layers fall into len(set(groups)) length groups; each group's past length
+    is its own dynamic dim and its valid mask is past + 1 long."""
+    graph = DecodeGraph(stack, groups).eval()
+    dtype = stack.embed_tokens.weight.dtype
+    b = batch_dim()
+    n_groups = len(set(groups))
+    past_dims = [Dim(f"past_{g}", min=2, max=32768) for g in range(n_groups)]
+    lengths = [7 + 3 * g for g in range(n_groups)]  # distinct example lengths keep the groups' dims apart
+    ids = torch.zeros((2, 1), dtype=torch.long)
+    positions = torch.full((3 if stack.mrope else 1, 2, 1), 9, dtype=torch.long)
+    valids = [torch.ones((2, lengths[g] + 1), dtype=torch.long) for g in range(n_groups)]
+    past = []
+    for i in range(stack.num_layers):
+        shape = (2, stack.num_kv_heads, lengths[groups[i]], stack.head_dim)
+        past += [torch.randn(shape).to(dtype), torch.randn(shape).to(dtype)]
+    rest = [{0: b, 1: past_dims[g] + 1} for g in range(n_groups)]
+    rest += [{0: b, 2: past_dims[groups[i]]} for i in range(stack.num_layers) for _ in range(2)]
+    kind = DECODE if pruned else DECODE_FULL
+    return GraphSpec(kind, kind.file(), graph, (ids, positions, *valids, *past), graph.input_names(),
+                     graph.output_names(), ({0: b}, {1: b}, tuple(rest)))  # forward(input_ids, positions, *rest)
