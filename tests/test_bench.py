@@ -7,7 +7,8 @@ import json
 import pytest
 
 from halfv_export.base.errors import BadInput
-from halfv_export.validate.bench import BenchShape, bench_config
+from halfv_export.graphs import get_adapter
+from halfv_export.validate.bench import BenchShape
 from halfv_export.validate.bench_report import END, START, update_readme
 
 
@@ -48,6 +49,37 @@ def test_readme_without_markers_is_refused(tmp_path):
 
 
 def test_bench_config_is_the_half_billion_class():
-    text = bench_config(BenchShape()).text_config
+    config = get_adapter("qwen2.5-vl").synthetic_config(BenchShape().text_config())
+    text = config.text_config
     assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (896, 24, 14, 2)
     assert sum(text.rope_parameters["mrope_section"]) == 896 // 14 // 2
+    assert config.vision_config.out_hidden_size == 896  # the merger feeds the LLM's width
+
+
+def test_bench_shape_from_a_published_config_with_flag_overrides():
+    from pathlib import Path
+
+    import json
+
+    models = json.loads((Path(__file__).parent / "data" / "model-configs.json").read_text())["models"]
+    q7 = next(m for m in models if m["_model"] == "Qwen/Qwen2.5-VL-7B-Instruct")
+    path = Path(__file__).parent / "data" / "q7.json"
+    try:
+        path.write_text(json.dumps(q7))
+        shape = BenchShape.from_config(path, layers=4, vocab=None)
+    finally:
+        path.unlink()
+    assert (shape.hidden, shape.heads, shape.kv_heads, shape.intermediate, shape.vocab) == (3584, 28, 4, 18944, 152064)
+    assert shape.layers == 4
+
+
+def test_bench_runs_on_another_backbone(run_cli, tmp_path):
+    """The bench is backbone-agnostic: a LLaVA-1.5 (Llama, 1-D RoPE) LLM through the same sections."""
+    result = run_cli("bench", "--backbone", "llava-1.5", "--visual-tokens", 64, "--reference-visual", 64,
+                     "--text-tokens", 16, "--layers", 4, "--hidden", 64, "--heads", 4, "--kv-heads", 2,
+                     "--intermediate", 128, "--vocab", 1100, "--runs", 1, "--no-genai", "--out", tmp_path / "b")
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert data["backbone"] == "llava-1.5" and data["schedule"]["ssr_mode"] == "freeze"
+    assert data["cpu_prefill"][0]["flops_ratio"] > 1 and data["decode"]["kv_cache_ratio"] > 1
+    assert len(data["decode"]["halfv"]["cache_lengths"]) == 2  # freeze: N rows before L1, K1 after

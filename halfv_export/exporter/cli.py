@@ -387,42 +387,54 @@ def _summary_table(meta: dict, report: dict) -> None:
 Examples:
   halfv-export bench --out bench/ --readme README.md
   halfv-export bench --visual-tokens 256 --layers 8 --no-genai --out bench-small/
+  halfv-export bench --backbone llava-1.5 --hidden 1024 --heads 16 --kv-heads 16 --no-genai --out bench-llava/
+  halfv-export bench --config Qwen2.5-VL-7B/config.json --layers 4 --visual-tokens 1024 --no-genai --out bench-7b/
 """)
+@click.option("--backbone", default="qwen2.5-vl", show_default=True, help="Adapter whose LLM family is timed.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path),
+              help="A HF config.json: the LLM widths (and the backbone, from model_type); flags below override.")
 @click.option("--visual-tokens", "visual", type=click.IntRange(4), multiple=True,
               help="N to sweep (an h x w merged grid, as square as N allows); default 256, 1024, 2048.")
 @click.option("--reference-visual", type=click.IntRange(4), default=1024, show_default=True,
               help="N of the side-by-side, selection, decode and GenAI comparisons.")
 @click.option("--text-tokens", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--hidden", type=int, default=896, show_default=True)
-@click.option("--layers", type=click.IntRange(4), default=24, show_default=True)
-@click.option("--heads", type=int, default=14, show_default=True)
-@click.option("--kv-heads", type=int, default=2, show_default=True)
-@click.option("--intermediate", type=int, default=4864, show_default=True)
-@click.option("--vocab", type=int, default=151936, show_default=True)
+@click.option("--hidden", type=click.IntRange(8), help="LLM hidden size [default: 896, or the config's].")
+@click.option("--layers", type=click.IntRange(4), help="LLM layers [default: 24, or the config's].")
+@click.option("--heads", type=click.IntRange(1), help="Attention heads [default: 14, or the config's].")
+@click.option("--kv-heads", type=click.IntRange(1), help="KV heads [default: 2, or the config's].")
+@click.option("--intermediate", type=click.IntRange(1), help="MLP width [default: 4864, or the config's].")
+@click.option("--vocab", type=click.IntRange(16), help="Vocabulary [default: 151936, or the config's].")
 @click.option("--runs", type=click.IntRange(1), default=5, show_default=True, help="Timed runs after one warm-up.")
 @click.option("--genai/--no-genai", default=True, show_default=True, help="Build and time the ONNX Runtime GenAI peer.")
 @click.option("--readme", type=click.Path(path_type=Path), help="Replace this README's performance section with bench.md.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Where bench.json, bench.md and plots go.")
 @user_errors
-def bench(visual, reference_visual, text_tokens, hidden, layers, heads, kv_heads, intermediate, vocab, runs, genai,
-          readme, out):
+def bench(backbone, config_path, visual, reference_visual, text_tokens, runs, genai, readme, out, **widths):
     """Speed, memory and FLOPs side by side, in one process, on the same inputs.
 
-    FLOPs ratio curves of the published configs; ONNX Runtime CPU prefill of the exported full vs HalfV graphs on a
-    Qwen2.5-VL-shaped LLM with random weights (default 0.5B class) at each N; at the reference N: eager PyTorch
-    HalfV and unpruned, the selection work alone, ONNX Runtime GenAI's unpruned graph, and a decode step with
-    KV-cache bytes; peak memory of each; a GPU section when CUDA is present. Writes bench.json, bench.md,
-    flops_ratio.png, prefill_latency.png.
+    FLOPs ratio curves of the published configs; ONNX Runtime CPU prefill of the exported full vs HalfV graphs (the
+    product's own graphs, exported by the same code as `export`) on a random-weight LLM of the backbone's family
+    (default: Qwen2.5-VL at the 0.5B class) at each N; at the reference N: eager PyTorch HalfV and unpruned, the
+    selection work alone, ONNX Runtime GenAI's unpruned graph, and a decode step with KV-cache bytes; peak memory of
+    each; a GPU section when CUDA is present. Writes bench.json, bench.md, flops_ratio.png, prefill_latency.png.
     """
+    from ..graphs.adapter import adapter_for_model_type, get_adapter
+    from ..graphs.checkpoint import read_config_json
     from ..validate.bench import BenchShape, run_bench
     from ..validate.bench_report import update_readme
 
     visual = tuple(visual) or (256, 1024, 2048)
     if reference_visual not in visual:
         raise CliError(f"--reference-visual {reference_visual} must be one of --visual-tokens {visual}", 2)
-    shape = BenchShape(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, intermediate=intermediate,
-                       vocab=vocab)
-    r = run_bench(out, shape, visual, text_tokens, runs, reference_visual, genai, log=lambda m: click.echo(m, err=True))
+    adapter = get_adapter(backbone)
+    if config_path is not None:
+        model_type = str(read_config_json(config_path).get("model_type"))
+        adapter = adapter_for_model_type(model_type) or adapter
+        shape = BenchShape.from_config(config_path, **widths)
+    else:
+        shape = BenchShape(**{k: v for k, v in widths.items() if v is not None})
+    r = run_bench(out, adapter, shape, visual, text_tokens, runs, reference_visual, genai,
+                  log=lambda m: click.echo(m, err=True))
     click.echo((out / "bench.md").read_text())
     if readme is not None:
         update_readme(readme, (out / "bench.md").read_text())

@@ -229,6 +229,30 @@ class BackboneAdapter(abc.ABC):
             (directory / "chat_template.jinja").write_text(loaded.tokenizer.chat_template)
         return sorted(p.name for p in set(directory.iterdir()) - before)
 
+    # ---------------------------------------------------------------- synthetic models (bench)
+    def synthetic_config(self, text: dict):
+        """The embedded default's config with the language model reshaped by `text` (HF text_config keys such as
+        hidden_size, num_hidden_layers): what `bench` builds a random-weight model of published widths from."""
+        import json
+
+        cfg = json.loads((self.embedded_dir / "config.json").read_text())
+        cfg["text_config"].update(text)
+        vocab = cfg["text_config"]["vocab_size"]
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # the embedded tokenizer's ids may not fit
+            for where in (cfg, cfg["text_config"]):
+                if isinstance(where.get(key), int) and where[key] >= vocab:
+                    where[key] = None
+        self.fit_config(cfg)
+        return self.config_class(**cfg)
+
+    def fit_config(self, cfg: dict) -> None:
+        """Keep a config dict coherent after its text_config changed (e.g. widths the vision side must match)."""
+
+    def prompt_positions(self, config, before: int, grid: tuple[int, int], after: int) -> torch.Tensor:
+        """RoPE positions [P, 1, S] of one prompt: `before` text tokens, one image of grid (rows, cols) merged
+        tokens, `after` text tokens. Default: 1-D RoPE, P = 1."""
+        return torch.arange(before + grid[0] * grid[1] + after)[None, None]
+
     @abc.abstractmethod
     def host_inputs(self, processing: "Processing", images: list, prompts: list[str]) -> HostInputs:
         """PIL images (or None for a text-only prompt) and prompts -> host inputs, chat template applied.

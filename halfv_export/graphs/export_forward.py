@@ -84,9 +84,7 @@ class PrefillGraph(nn.Module):
         """Cache length group per layer: 0 before L1, 1 from L1, 2 from L2 (topk). One group when unpruned."""
         if self.schedule is None:
             return [0] * len(self.layers)
-        s = self.schedule
-        return [0 if i < s.ivr_layer else (2 if (i >= s.ssr_layer and s.ssr_mode == "topk") else 1)
-                for i in range(len(self.layers))]
+        return self.schedule.cache_groups(len(self.layers))
 
     def output_names(self) -> list[str]:
         names = ["logits"] + (["kept_ivr", "kept_ssr"] if self.schedule is not None else [])
@@ -158,3 +156,28 @@ class DecodeGraph(nn.Module):
             h, k, v = decoder_layer(self.stack, layer, h, cos, sin, mask, past[2 * i], past[2 * i + 1])
             presents += [k, v]
         return (self.lm_head(self.norm(h[:, -1])), *presents)
+
+
+class SelectionGraph(nn.Module):
+    """The HalfV selection work alone, as it runs inside the prefill graph (for measuring its share): IVR scores at
+    L1-1 + anchors + farthest-point fill + the gathers, then SSR scores at L2-1 + top-K2 + the gathers.
+
+    inputs:  h_prev, h [B, S, D] (inputs of layers L1-1 and L1), cos, sin [B, S, hd], valid [B, S], start [B]
+    outputs: the compacted h, cos, sin, valid [B, S - N + K, ...]"""
+
+    def __init__(self, stack: TextStack, schedule: PruneSchedule, n: int):
+        super().__init__()
+        self.stack, self.schedule, self.n = stack, schedule, n
+        self.layers, self.norm = nn.ModuleList(stack.layers), stack.norm
+        self.plan = budgets(n, schedule)
+
+    def forward(self, h_prev, h, cos, sin, valid, start):
+        st, sched, plan = self.stack, self.schedule, self.plan
+        sel = select_before_layer(st, sched, plan, sched.ivr_layer, h_prev, h, start, self.n, cos, sin, True)
+        index = keep_index(start, sel, self.n, h.shape[1])
+        h, cos, sin, valid = (gather_rows(t, index) for t in (h, cos, sin, valid))
+        if sched.ssr_mode == "topk":
+            sel2 = select_before_layer(st, sched, plan, sched.ssr_layer, h, h, start, plan.k1, cos, sin, True)
+            index = keep_index(start, sel2, plan.k1, h.shape[1])
+            h, cos, sin, valid = (gather_rows(t, index) for t in (h, cos, sin, valid))
+        return h, cos, sin, valid

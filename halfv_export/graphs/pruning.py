@@ -28,6 +28,12 @@ class PruneSchedule:
     ssr_mode: str  # "topk" (Qwen: extreme token sparsity) | "freeze" (LLaVA: layer-level inactivity)
     ssr_ratio: float | None = None  # sigma, topk only: K2 = min(floor(N * sigma), K1)
 
+    def cache_groups(self, num_layers: int) -> list[int]:
+        """KV-cache length group per layer: 0 before L1 (N visual rows), 1 from L1 (K1), 2 from L2 in topk mode
+        (K2). Freeze mode keeps K1 rows to the end, so it has two groups."""
+        return [0 if i < self.ivr_layer else (2 if (i >= self.ssr_layer and self.ssr_mode == "topk") else 1)
+                for i in range(num_layers)]
+
 
 @dataclass(frozen=True)
 class Budgets:

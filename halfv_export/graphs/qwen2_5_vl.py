@@ -140,6 +140,28 @@ class Qwen25VLAdapter(BackboneAdapter):
                           visual_start=start, num_visual=n, next_positions=next_positions.long().clone(),
                           pixel_values=pixel_values, bucket=bucket)
 
+    def fit_config(self, cfg: dict) -> None:
+        """The merger must emit the LLM's width; M-RoPE sections (t, h, w) must sum to head_dim / 2 (Qwen's 2:3:3)."""
+        text = cfg["text_config"]
+        cfg["vision_config"]["out_hidden_size"] = text["hidden_size"]
+        head_dim = text["hidden_size"] // text["num_attention_heads"]
+        t = head_dim // 8
+        h = (head_dim // 2 - t) // 2
+        rope = dict(text.get("rope_parameters") or {"rope_type": "default", "rope_theta": 1e6})
+        rope["mrope_section"] = [t, h, head_dim // 2 - t - h]
+        text["rope_parameters"] = rope
+
+    def prompt_positions(self, config, before: int, grid: tuple[int, int], after: int) -> torch.Tensor:
+        """M-RoPE positions as the model computes them for an image of grid (rows, cols) merged tokens."""
+        n = grid[0] * grid[1]
+        merge = config.vision_config.spatial_merge_size
+        ids = torch.cat([torch.zeros(before, dtype=torch.long), torch.full((n,), config.image_token_id),
+                         torch.zeros(after, dtype=torch.long)])[None]
+        positions, _ = _rope_index_fn(config)(ids, mm_token_type_ids=(ids == config.image_token_id).int(),
+                                              image_grid_thw=torch.tensor([[1, merge * grid[0], merge * grid[1]]]),
+                                              attention_mask=torch.ones_like(ids))
+        return positions.long()  # [3, 1, S]
+
     def _grid(self, image_processor, bucket: tuple[int, int]) -> tuple[int, int, int]:
         return (1, bucket[0] // image_processor.patch_size, bucket[1] // image_processor.patch_size)
 

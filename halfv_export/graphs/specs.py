@@ -8,6 +8,7 @@ file name is spelled out here and nowhere else.
     prefill_full    prefill_full.onnx       the unpruned prefill (any N), for comparison and text-only prompts
     decode          decode.onnx             one token over the pruned cache (one valid mask per cache-length group)
     decode_full     decode_full.onnx        one token over the unpruned cache
+    selection       selection_{label}.onnx  the selection work alone (bench: its share of the HalfV prefill)
 
 `label` is the bucket as HxW (448x448), or any tag a caller gives (bench: n1024).
 Example inputs are synthetic with the right shapes: batch 2 (so the batch dim stays symbolic), one sample left-padded,
@@ -24,7 +25,7 @@ from torch import nn
 from torch.export import Dim
 
 from .adapter import TextStack
-from .export_forward import DecodeGraph, PrefillGraph
+from .export_forward import DecodeGraph, PrefillGraph, SelectionGraph
 from .onnx_export import batch_dim, export_module, seq_dim
 from .pruning import PruneSchedule
 
@@ -49,6 +50,7 @@ PREFILL = GraphKind("prefill", "prefill_{label}.onnx", "llm")
 PREFILL_FULL = GraphKind("prefill_full", "prefill_full.onnx", "llm")
 DECODE = GraphKind("decode", "decode.onnx", "llm")
 DECODE_FULL = GraphKind("decode_full", "decode_full.onnx", "llm")
+SELECTION = GraphKind("selection", "selection_{label}.onnx", "llm")
 PREFILL_INPUTS = ["embeds", "attention_mask", "positions", "visual_start"]
 
 
@@ -133,3 +135,18 @@ def decode_spec(stack: TextStack, groups: list[int], pruned: bool) -> GraphSpec:
     kind = DECODE if pruned else DECODE_FULL
     return GraphSpec(kind, kind.file(), graph, (ids, positions, *valids, *past), graph.input_names(),
                      graph.output_names(), ({0: b}, {1: b}, tuple(rest)))  # forward(input_ids, positions, *rest)
+
+
+def selection_spec(stack: TextStack, schedule: PruneSchedule, num_visual: int, label: str,
+                   positions: torch.Tensor, start: int) -> GraphSpec:
+    """The selection work alone at N = num_visual with the visual block at row `start`, static shapes, traced on
+    random hidden states at `positions` [P, 1, S] (its example is its benchmark input)."""
+    seq = positions.shape[-1]
+    g = torch.Generator().manual_seed(1)
+    dtype = stack.embed_tokens.weight.dtype
+    h_prev, h = (torch.randn(1, seq, stack.embed_tokens.embedding_dim, generator=g).to(dtype) for _ in range(2))
+    cos, sin = stack.rotary(h, positions)
+    example = (h_prev, h, cos, sin, torch.ones(1, seq, dtype=torch.long), torch.tensor([start]))
+    return GraphSpec(SELECTION, SELECTION.file(label), SelectionGraph(stack, schedule, num_visual).eval(), example,
+                     ["h_prev", "h", "cos", "sin", "valid", "start"], ["h_out", "cos_out", "sin_out", "valid_out"],
+                     None)

@@ -2,13 +2,15 @@
 
 Sections (bench.json keys):
   flops_curves   analytic full/HalfV ratio for the published configs, N = 576 .. 16384 (paper schedules)
-  cpu_prefill    exported full vs HalfV prefill in ONNX Runtime CPU on a Qwen2.5-VL-shaped LLM with random weights
-                 (default 0.5B class) for each N: medians, ratio, FLOPs ratio, efficiency = measured / FLOPs ratio
+  cpu_prefill    exported full vs HalfV prefill in ONNX Runtime CPU on a random-weight LLM of the backbone's family
+                 (default: Qwen2.5-VL at the 0.5B class; --config reads published widths) for each N: medians, ratio,
+                 FLOPs ratio, efficiency = measured / FLOPs ratio
   eager          at the reference N: eager PyTorch unpruned and HalfV prefill on the same inputs
   selection      at the reference N: the selection work alone (scores, farthest-point fill, gathers) as its own graph
   genai          ONNX Runtime GenAI's model builder on the same checkpoint, its unpruned prefill on the same ids
   decode         one decode step, full vs HalfV cache, and the KV-cache bytes of each
-  gpu            eager bf16 prefill on a 7B-shaped LLM when CUDA is present (skipped otherwise)
+  gpu            eager bf16 prefill on the backbone's published 7B LLM shape when CUDA is present (skipped otherwise)
+The graphs timed are the product's own (graphs/specs.py), exported by the same code path as `export`.
 Peak memory: each measurement records the peak RSS seen by a sampling thread while it ran (session creation
 included) and its rise over the RSS before it.
 """
@@ -29,16 +31,15 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from ..base.atomic import prepare_out_dir, write_text_atomic
-from ..graphs.onnx_export import batch_dim, export_module, seq_dim
-from ..graphs.adapter import LoadedModel, PrefillInputs, adapter_for_model_type
-from ..graphs.checkpoint import seeded_model
-from ..graphs.export_forward import DecodeGraph, PrefillGraph
+from ..base.errors import BadInput
+from ..engines.ort import session_options
+from ..graphs.adapter import BackboneAdapter, LoadedModel, PrefillInputs, adapter_for_model_type
+from ..graphs.checkpoint import read_config_json, seeded_model
 from ..graphs.halfv import HalfVReference
-from ..graphs.pruning import PruneSchedule, budgets, gather_rows, keep_index, select_before_layer
-from ..graphs.qwen2_5_vl import Qwen25VLAdapter, _rope_index_fn
+from ..graphs.pruning import PruneSchedule
+from ..graphs.specs import decode_spec, prefill_spec, selection_spec
 from .flops import LMShape, prefill_flops
 from .report import timed
 
@@ -48,12 +49,27 @@ CURVE_POINTS = (576, 1024, 2048, 4096, 8192, 16384)
 
 @dataclass(frozen=True)
 class BenchShape:
+    """The LLM shape timed; the default is the 0.5B class (Qwen2-0.5B's widths)."""
+
     hidden: int = 896
     layers: int = 24
     heads: int = 14
     kv_heads: int = 2
     intermediate: int = 4864
     vocab: int = 151936
+
+    @classmethod
+    def from_config(cls, path: Path, **overrides) -> "BenchShape":
+        """Published widths from a HF config.json (text_config or flat); flags that are not None win."""
+        lm = LMShape.from_config(read_config_json(path))
+        shape = cls(hidden=lm.hidden, layers=lm.layers, heads=lm.heads, kv_heads=lm.kv_heads,
+                    intermediate=lm.intermediate, vocab=lm.vocab)
+        return cls(**{**asdict(shape), **{k: v for k, v in overrides.items() if v is not None}})
+
+    def text_config(self) -> dict:
+        return dict(hidden_size=self.hidden, intermediate_size=self.intermediate, num_hidden_layers=self.layers,
+                    num_attention_heads=self.heads, num_key_value_heads=self.kv_heads, vocab_size=self.vocab,
+                    max_position_embeddings=32768, tie_word_embeddings=False)
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -88,10 +104,7 @@ class PeakRss:
 def ort_session(path: Path):
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
 
 
 def measure_ort(path: Path, feeds: dict, runs: int, outputs: list[str] | None = None) -> dict:
@@ -104,38 +117,34 @@ def measure_ort(path: Path, feeds: dict, runs: int, outputs: list[str] | None = 
 
 
 # ------------------------------------------------------------------------------------------------ model
-def bench_config(shape: BenchShape) -> Qwen2_5_VLConfig:
-    head_dim = shape.hidden // shape.heads
-    t = head_dim // 8  # M-RoPE sections (t, h, w) summing to head_dim / 2, in Qwen's 2:3:3 proportion
-    h = (head_dim // 2 - t) // 2
-    text = dict(hidden_size=shape.hidden, intermediate_size=shape.intermediate, num_hidden_layers=shape.layers,
-                num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads, vocab_size=shape.vocab,
-                max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [t, h, head_dim // 2 - t - h]})
-    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=shape.hidden,
-                  fullatt_block_indexes=[0])
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=shape.vocab - 2,
-                            vision_start_token_id=shape.vocab - 4, vision_end_token_id=shape.vocab - 3,
-                            video_token_id=shape.vocab - 1, architectures=["Qwen2_5_VLForConditionalGeneration"])
+def bench_model(adapter: BackboneAdapter, shape: BenchShape, seed: int = 0, device: str = "cpu",
+                dtype: torch.dtype = torch.float32):
+    """A random-weight VLM of the backbone's family whose LLM has `shape` (the vision tower stays the embedded one:
+    it is not timed here) -> (config, model, text stack)."""
+    config = adapter.synthetic_config(shape.text_config())
+    if device == "cpu":
+        model = seeded_model(adapter.model_class, config, seed=seed)
+    else:
+        with torch.device(device):
+            model = adapter.model_class(config).to(dtype).eval()
+    stack = adapter.text_stack(LoadedModel(model=model, tokenizer=None, image_processor=None, source="bench"))
+    return config, model, stack
 
 
-def bench_inputs(config, stack, visual: int, text: int, seed: int = 0) -> tuple[PrefillInputs, torch.Tensor]:
+def bench_inputs(adapter: BackboneAdapter, config, stack, visual: int, text: int,
+                 seed: int = 0) -> tuple[PrefillInputs, torch.Tensor]:
     """One prompt: `text` ordinary tokens around an h x w grid of `visual` merged image tokens, the most square
-    factorisation (2048 -> 32 x 64), with M-RoPE positions as the model computes them. Visual embeddings are random
-    features; returns the inputs and the token ids."""
+    factorisation (2048 -> 32 x 64), with RoPE positions as the model computes them. Visual embeddings are random
+    features; returns the inputs and the token ids (random text ids; the peer graph sees ids only)."""
     rows = max(d for d in range(1, int(visual ** 0.5) + 1) if visual % d == 0)
-    cols = visual // rows
     g = torch.Generator().manual_seed(seed)
     before = text // 3
-    vocab = config.text_config.vocab_size - 8
-    ids = torch.cat([torch.randint(0, vocab, (before,), generator=g), torch.full((visual,), config.image_token_id),
-                     torch.randint(0, vocab, (text - before,), generator=g)])[None]
+    ids = torch.randint(0, stack.vocab_size - 8, (1, text + visual), generator=g)
+    positions = adapter.prompt_positions(config, before, (rows, visual // rows), text - before)  # [P, 1, S]
     mask = torch.ones_like(ids)
-    positions, _ = _rope_index_fn(config)(ids, mm_token_type_ids=(ids == config.image_token_id).int(),
-                                          image_grid_thw=torch.tensor([[1, 2 * rows, 2 * cols]]), attention_mask=mask)
     with torch.no_grad():
         embeds = stack.embed_tokens(ids)
-        embeds[:, before:before + visual] = torch.randn(1, visual, config.text_config.hidden_size, generator=g) * 0.05
+        embeds[:, before:before + visual] = torch.randn(1, visual, embeds.shape[-1], generator=g).to(embeds.dtype) * 0.05
     inputs = PrefillInputs(input_ids=ids, embeds=embeds, attention_mask=mask, positions=positions,
                            visual_start=torch.tensor([before]), num_visual=visual,
                            next_positions=positions.max(dim=2).values + 1)
@@ -145,36 +154,6 @@ def bench_inputs(config, stack, visual: int, text: int, seed: int = 0) -> tuple[
 def feeds_of(inputs: PrefillInputs) -> dict:
     return {"embeds": inputs.embeds.numpy(), "attention_mask": inputs.attention_mask.numpy(),
             "positions": inputs.positions.numpy(), "visual_start": inputs.visual_start.numpy()}
-
-
-def export_prefill(stack, schedule, inputs: PrefillInputs, path: Path) -> Path:
-    graph = PrefillGraph(stack, schedule, inputs.num_visual if schedule is not None else 0).eval()
-    b, s = batch_dim(), seq_dim(inputs.num_visual + 2 if schedule is not None else 4)
-    return export_module(graph, (inputs.embeds, inputs.attention_mask, inputs.positions, inputs.visual_start), path,
-                         list(feeds_of(inputs)), graph.output_names(),
-                         ({0: b, 1: s}, {0: b, 1: s}, {1: b, 2: s}, {0: b}))
-
-
-class SelectionGraph(nn.Module):
-    """The HalfV selection work alone, as it runs inside the prefill graph: IVR scores at L1-1 + anchors + FPS +
-    the gathers, then SSR scores at L2-1 + top-K2 + the gathers. Hidden states are inputs (random in the bench)."""
-
-    def __init__(self, stack, schedule: PruneSchedule, n: int):
-        super().__init__()
-        self.stack, self.schedule, self.n = stack, schedule, n
-        self.layers, self.norm = nn.ModuleList(stack.layers), stack.norm
-        self.plan = budgets(n, schedule)
-
-    def forward(self, h_prev, h, cos, sin, valid, start):
-        st, sched, plan = self.stack, self.schedule, self.plan
-        sel = select_before_layer(st, sched, plan, sched.ivr_layer, h_prev, h, start, self.n, cos, sin, True)
-        index = keep_index(start, sel, self.n, h.shape[1])
-        h, cos, sin, valid = (gather_rows(t, index) for t in (h, cos, sin, valid))
-        if sched.ssr_mode == "topk":
-            sel2 = select_before_layer(st, sched, plan, sched.ssr_layer, h, h, start, plan.k1, cos, sin, True)
-            index = keep_index(start, sel2, plan.k1, h.shape[1])
-            h, cos, sin, valid = (gather_rows(t, index) for t in (h, cos, sin, valid))
-        return h, cos, sin, valid
 
 
 # ------------------------------------------------------------------------------------------------ sections
@@ -219,8 +198,8 @@ def genai_peer(checkpoint: Path, out: Path, ids: torch.Tensor, positions: torch.
             feeds[name] = ids.numpy()
         elif name == "attention_mask":
             feeds[name] = np.ones_like(ids.numpy())
-        elif name == "position_ids":
-            feeds[name] = positions.numpy()
+        elif name == "position_ids":  # [3, B, S] for M-RoPE graphs, [B, S] otherwise
+            feeds[name] = positions.numpy() if len(info.shape) == 3 else positions[0].numpy()
         elif name.startswith("past_key_values"):  # [batch, kv_heads, past_len = 0, head_dim]: an empty cache
             feeds[name] = np.zeros((1, kv_heads, 0, head_dim), dtype=np.float32)
         else:
@@ -236,19 +215,25 @@ def genai_peer(checkpoint: Path, out: Path, ids: torch.Tensor, positions: torch.
         "RotaryEmbedding", "MatMulNBits"))}
 
 
-def gpu_section(runs: int) -> dict:
+def published_shape(adapter: BackboneAdapter) -> tuple[str, BenchShape] | None:
+    """The first published config of the backbone's family in model-configs.json (the 7B for Qwen and LLaVA)."""
+    for model in json.loads(CONFIGS.read_text())["models"]:
+        if model.get("model_type") in adapter.model_types:
+            lm = LMShape.from_config(model)
+            return model["_model"], BenchShape(hidden=lm.hidden, layers=lm.layers, heads=lm.heads,
+                                               kv_heads=lm.kv_heads, intermediate=lm.intermediate, vocab=lm.vocab)
+    return None
+
+
+def gpu_section(adapter: BackboneAdapter, runs: int) -> dict:
     if not torch.cuda.is_available():
         return {"skipped": "no CUDA device"}
-    shape = BenchShape(hidden=3584, layers=28, heads=28, kv_heads=4, intermediate=18944, vocab=152064)
-    config = bench_config(shape)
-    with torch.device("cuda"):
-        model = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16).eval()
-    adapter = Qwen25VLAdapter()
-    stack = adapter.text_stack(LoadedModel(model=model, tokenizer=None, image_processor=None, source="bench-7b"))
+    name, shape = published_shape(adapter)
+    config, _, stack = bench_model(adapter, shape, device="cuda", dtype=torch.bfloat16)
     sched = PruneSchedule(**adapter.paper.at_depth(shape.layers))
     rows = []
     for n in (1024, 4096):
-        inputs, _ = bench_inputs(config, stack, n, 64)
+        inputs, _ = bench_inputs(adapter, config, stack, n, 64)
         inputs = PrefillInputs(**{**inputs.__dict__, **{k: getattr(inputs, k).cuda() for k in (
             "input_ids", "embeds", "attention_mask", "positions", "visual_start", "next_positions")}})
 
@@ -260,36 +245,38 @@ def gpu_section(runs: int) -> dict:
         f = prefill_flops(LMShape.from_config(config.to_dict()), n, 64, sched)
         rows.append({"visual": n, "full_ms": full["median_ms"], "halfv_ms": halfv["median_ms"],
                      "measured_ratio": round(full["median_ms"] / halfv["median_ms"], 3), "flops_ratio": round(f.ratio, 3)})
-    return {"device": torch.cuda.get_device_name(), "dtype": "bf16", "shape": asdict(shape), "eager_prefill": rows}
+    return {"device": torch.cuda.get_device_name(), "dtype": "bf16", "model": name, "shape": asdict(shape),
+            "eager_prefill": rows}
 
 
 # ------------------------------------------------------------------------------------------------ driver
-def run_bench(out: Path, shape: BenchShape = BenchShape(), visual: tuple[int, ...] = (256, 1024, 2048),
-              text: int = 64, runs: int = 5, reference_visual: int = 1024, genai: bool = True,
-              log: Callable[[str], None] = print) -> dict:
+def run_bench(out: Path, adapter: BackboneAdapter, shape: BenchShape = BenchShape(),
+              visual: tuple[int, ...] = (256, 1024, 2048), text: int = 64, runs: int = 5, reference_visual: int = 1024,
+              genai: bool = True, log: Callable[[str], None] = print) -> dict:
     import onnxruntime as ort
 
+    if shape.hidden % shape.heads or shape.heads % shape.kv_heads:
+        raise BadInput(f"--hidden {shape.hidden} / --heads {shape.heads} / --kv-heads {shape.kv_heads}: hidden must "
+                       "divide by heads and heads by kv heads")
     out = prepare_out_dir(out)
     work = out / "work"
     work.mkdir(exist_ok=True)
-    config = bench_config(shape)
-    adapter = Qwen25VLAdapter()
-    log(f"building a random-weight Qwen2.5-VL-shaped LLM: {shape}")
-    model = seeded_model(Qwen2_5_VLForConditionalGeneration, config, seed=0)
-    stack = adapter.text_stack(LoadedModel(model=model, tokenizer=None, image_processor=None, source="bench"))
+    log(f"building a random-weight {adapter.name} LLM: {shape}")
+    config, model, stack = bench_model(adapter, shape)
     sched = PruneSchedule(**adapter.paper.at_depth(shape.layers))
     lm = LMShape.from_config(config.to_dict())
-    result = {"shape": asdict(shape), "schedule": asdict(sched), "text_tokens": text, "weights": "random",
+    result = {"backbone": adapter.name, "shape": asdict(shape), "schedule": asdict(sched), "text_tokens": text, "weights": "random",
               "device": f"CPU ({os.cpu_count()} cores), ONNX Runtime {ort.__version__} CPU, ORT_ENABLE_ALL, "
                         f"torch {torch.__version__}", "runs": runs, "flops_curves": flops_curves(text=text)}
 
-    inputs = {n: bench_inputs(config, stack, n, text) for n in sorted(set(visual) | {reference_visual})}
+    inputs = {n: bench_inputs(adapter, config, stack, n, text) for n in sorted(set(visual) | {reference_visual})}
     log("exporting the unpruned prefill graph")
-    full_path = export_prefill(stack, None, inputs[reference_visual][0], work / "prefill_full.onnx")
+    full_path = prefill_spec(stack, None, 0).export(work)
+    halfv_paths = {}
     rows = []
     for n in visual:
         log(f"N={n}: exporting the HalfV prefill graph and timing both")
-        path = export_prefill(stack, sched, inputs[n][0], work / f"prefill_{n}.onnx")
+        path = halfv_paths[n] = prefill_spec(stack, sched, n, label=f"n{n}").export(work)
         feeds = feeds_of(inputs[n][0])
         full = measure_ort(full_path, feeds, runs, ["logits"])
         halfv = measure_ort(path, feeds, runs, ["logits"])
@@ -314,17 +301,9 @@ def run_bench(out: Path, shape: BenchShape = BenchShape(), visual: tuple[int, ..
     result["eager"] = {"visual": reference_visual, **eager}
 
     log(f"N={reference_visual}: the selection work alone")
-    sel_graph = SelectionGraph(stack, sched, reference_visual).eval()
-    seq = ref_inputs.seq_len
-    g = torch.Generator().manual_seed(1)
-    h_prev, h = (torch.randn(1, seq, shape.hidden, generator=g) for _ in range(2))
-    cos, sin = stack.rotary(h, ref_inputs.positions)
-    sel_args = (h_prev, h, cos, sin, ref_inputs.attention_mask, ref_inputs.visual_start)
-    sel_path = export_module(sel_graph, sel_args, work / "selection.onnx",
-                             ["h_prev", "h", "cos", "sin", "valid", "start"], ["h_out", "cos_out", "sin_out", "valid_out"],
-                             None)
-    selection = measure_ort(sel_path, dict(zip(["h_prev", "h", "cos", "sin", "valid", "start"],
-                                                (t.numpy() for t in sel_args))), runs)
+    spec = selection_spec(stack, sched, reference_visual, f"n{reference_visual}", ref_inputs.positions,
+                          int(ref_inputs.visual_start[0]))
+    selection = measure_ort(spec.export(work), dict(zip(spec.input_names, (t.numpy() for t in spec.example))), runs)
     ref_row = next(r for r in rows if r["visual"] == reference_visual)
     selection["share_of_halfv_prefill"] = round(selection["median_ms"] / ref_row["halfv"]["median_ms"], 4)
     f = prefill_flops(lm, reference_visual, text, sched)
@@ -332,7 +311,7 @@ def run_bench(out: Path, shape: BenchShape = BenchShape(), visual: tuple[int, ..
     result["selection"] = selection
 
     log(f"N={reference_visual}: decode step on the full and the pruned cache")
-    result["decode"] = decode_section(stack, sched, ref_inputs, full_path, work, runs)
+    result["decode"] = decode_section(stack, sched, ref_inputs, full_path, halfv_paths[reference_visual], work, runs)
 
     if genai:
         checkpoint = work / "checkpoint"
@@ -346,7 +325,7 @@ def run_bench(out: Path, shape: BenchShape = BenchShape(), visual: tuple[int, ..
         result["genai"] = peer
     else:
         result["genai"] = {"skipped": "--no-genai"}
-    result["gpu"] = gpu_section(runs)
+    result["gpu"] = gpu_section(adapter, runs)
     write_text_atomic(out / "bench.json", json.dumps(result, indent=2) + "\n")
     from .bench_report import render_bench, bench_plots
 
@@ -356,29 +335,23 @@ def run_bench(out: Path, shape: BenchShape = BenchShape(), visual: tuple[int, ..
     return result
 
 
-def decode_section(stack, sched, inputs: PrefillInputs, full_path: Path, work: Path, runs: int) -> dict:
+def decode_section(stack, sched, inputs: PrefillInputs, full_path: Path, halfv_path: Path, work: Path,
+                   runs: int) -> dict:
+    """One decode step after each prefill, on the caches that prefill produced: the product's decode graphs."""
     layers = stack.num_layers
     section = {}
-    for name, schedule, prefill_path in (("full", None, full_path), ("halfv", sched, work / f"prefill_{inputs.num_visual}.onnx")):
-        graph = PrefillGraph(stack, schedule, inputs.num_visual if schedule is not None else 0)
-        groups = graph.group_of_layer()
+    for name, pruned, prefill_path in (("full", False, full_path), ("halfv", True, halfv_path)):
         session = ort_session(prefill_path)
         outs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds_of(inputs))))
         del session
         past = [outs[f"present_{kind}_{i}"] for i in range(layers) for kind in ("key", "value")]
-        valid = [outs[f"cache_valid_{g}"] for g in sorted(set(groups))]
-        decode = DecodeGraph(stack, groups).eval()
-        b = batch_dim()
-        dims = [torch.export.Dim(f"past_{g}", min=2, max=32768) for g in sorted(set(groups))]
-        rest = [{0: b, 1: dims[g] + 1} for g in sorted(set(groups))]
-        rest += [{0: b, 2: dims[groups[i]]} for i in range(layers) for _ in range(2)]
-        token = torch.tensor([[7]])
-        pos = inputs.next_positions[..., None]
-        valid_t = [torch.from_numpy(np.concatenate([v, np.ones((1, 1), dtype=v.dtype)], 1)) for v in valid]
-        past_t = [torch.from_numpy(p) for p in past]
-        path = export_module(decode, (token, pos, *valid_t, *past_t), work / f"decode_{name}.onnx",
-                             decode.input_names(), decode.output_names(), ({0: b}, {1: b}, tuple(rest)))
-        feeds = dict(zip(decode.input_names(), [token.numpy(), pos.numpy(), *[v.numpy() for v in valid_t], *past]))
+        valid = [outs[k] for k in sorted(k for k in outs if k.startswith("cache_valid_"))]
+        spec = decode_spec(stack, sched.cache_groups(layers) if pruned else [0] * layers, pruned=pruned)
+        path = spec.export(work)
+        feeds = {"input_ids": np.array([[7]]), "positions": inputs.next_positions[..., None].numpy()}
+        feeds.update({f"cache_valid_{g}": np.concatenate([v, np.ones((1, 1), dtype=v.dtype)], 1)
+                      for g, v in enumerate(valid)})
+        feeds.update({n: p for n, p in zip(spec.input_names[-2 * layers:], past)})
         section[name] = {**measure_ort(path, feeds, runs, ["logits"]),
                          "kv_cache_bytes": int(sum(p.nbytes for p in past)),
                          "cache_lengths": sorted({int(p.shape[2]) for p in past})}
