@@ -106,6 +106,23 @@ def exported(tmp_path_factory, qwen):
     return out
 
 
+@pytest.fixture(scope="session")
+def tiny_qwen_build(tmp_path_factory, tiny_qwen_dir):
+    """`build` on the tiny checkpoint at the non-square 252x336 bucket, once per session. Tests that write into a
+    build work on a copy (copy_build)."""
+    out = tmp_path_factory.mktemp("tiny-build") / "build"
+    result = CliRunner().invoke(cli, ["build", "--backbone", "qwen2.5-vl", "--model", str(tiny_qwen_dir),
+                                      "--image-size", "252x336", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def copy_build(source, target):
+    """A private copy of a shared artifacts folder, for a test that writes into it (engines, reports, manifest)."""
+    shutil.copytree(source, target)
+    return target
+
+
 @pytest.fixture
 def run_cli():
     def invoke(*args):

@@ -12,6 +12,7 @@ from halfv_export.validate.bench import BenchShape
 from halfv_export.validate.bench_report import END, START, update_readme
 
 
+@pytest.mark.slow
 def test_bench_command_small_shape(run_cli, tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n## Performance\n{START}\nSTALE-SECTION\n{END}\n\n## Next\n")
@@ -73,6 +74,7 @@ def test_bench_shape_from_a_published_config_with_flag_overrides():
     assert shape.layers == 4
 
 
+@pytest.mark.slow
 def test_bench_runs_on_another_backbone(run_cli, tmp_path):
     """The bench is backbone-agnostic: a LLaVA-1.5 (Llama, 1-D RoPE) LLM through the same sections."""
     result = run_cli("bench", "--backbone", "llava-1.5", "--visual-tokens", 64, "--reference-visual", 64,

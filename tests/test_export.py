@@ -13,7 +13,7 @@ from halfv_export.graphs.onnx_export import topk_values
 from halfv_export.graphs.halfv import HalfVReference
 from halfv_export.graphs.pruning import PruneSchedule
 from halfv_export.graphs.lint import lint_model
-from tests.conftest import make_image
+from tests.conftest import copy_build, make_image
 
 SCHEDULE = PruneSchedule(ivr_layer=2, keep_ratio=0.25, anchor_ratio=0.1, ssr_layer=6, ssr_mode="topk", ssr_ratio=0.05)
 
@@ -72,6 +72,7 @@ def test_unbucketed_image_is_fitted_to_the_nearest_bucket(exported):
 
 
 def test_engine_stage_run_and_manifest(exported, run_cli, tmp_path):
+    exported = copy_build(exported, tmp_path / "artifacts")  # the engine stage writes ort/ and the manifest
     result = run_cli("engine", "--artifacts", exported, "--target", "onnxruntime")
     assert result.exit_code == 0, result.output
     assert (exported / "ort" / "engine.json").exists()
@@ -93,7 +94,8 @@ def test_tampered_artifact_is_refused(exported, run_cli, tmp_path):
     assert result.exit_code == 2 and "does not match its sha256" in result.output
 
 
-def test_validate_gates(exported, run_cli):
+def test_validate_gates(exported, run_cli, tmp_path):
+    exported = copy_build(exported, tmp_path / "artifacts")  # validate writes report.json and the manifest
     ok = run_cli("validate", "--artifacts", exported, "--fail-under", "parity.kept_indices_match=1.0",
                  "--fail-over", "parity.logits_max_abs_diff=1e-3")
     assert ok.exit_code == 0, ok.output
@@ -110,11 +112,8 @@ def test_validate_gates(exported, run_cli):
     assert unknown.exit_code == 2 and "unknown metric" in unknown.output
 
 
-def test_build_on_a_differently_shaped_checkpoint_with_a_non_square_bucket(tiny_qwen_dir, run_cli, tmp_path):
-    out = tmp_path / "build"
-    result = run_cli("build", "--backbone", "qwen2.5-vl", "--model", tiny_qwen_dir, "--image-size", "252x336",
-                     "--out", out)
-    assert result.exit_code == 0, result.output
+def test_build_on_a_differently_shaped_checkpoint_with_a_non_square_bucket(tiny_qwen_build):
+    out = tiny_qwen_build
     report = json.loads((out / "report.json").read_text())
     assert report["buckets"] == ["252x336"]
     assert report["parity"]["kept_indices_match"] == 1.0 and report["parity"]["greedy_tokens_match"] == 1.0
@@ -127,3 +126,17 @@ def test_export_refuses_sizes_the_processor_never_produces(exported, run_cli, tm
     result = run_cli("export", "--schedule", exported / "schedule.json", "--image-size", "450x450",
                      "--out", tmp_path)
     assert result.exit_code == 2 and "use --image-size 448x448" in result.output
+
+
+def test_a_gate_on_kept_indices_fails_when_nothing_was_compared(exported, run_cli, tmp_path):
+    """Text-only data: no kept indices exist to compare, so the metric is absent and a gate on it fails (exit 1)
+    instead of passing on a default."""
+    artifacts = copy_build(exported, tmp_path / "artifacts")
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"image": None, "prompt": "Tell me about circles."}) + "\n")
+    result = run_cli("validate", "--artifacts", artifacts, "--data", tmp_path, "--fail-under",
+                     "parity.kept_indices_match=1.0")
+    assert result.exit_code == 1, result.output
+    assert "parity.kept_indices_match was not measured" in result.output
+    report = json.loads((artifacts / "report.json").read_text())
+    assert "kept_indices_match" not in report["parity"] and report["parity"]["kept_pairs"] == 0
+    assert report["parity"]["greedy_tokens_match"] == 1.0

@@ -109,6 +109,7 @@ def test_calibration_picks_the_mode_from_the_probe(backbone):
     assert paper["ssr_mode"] == "freeze" and paper["ivr_layer"] == adapter.paper.ivr_layer == (3 if backbone == "llava-1.5" else 2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone,fixture,size", [
     ("llava-1.5", None, None), ("llava-next", None, "112x336"),
     ("llava-1.5", "tiny_llava_dir", None), ("llava-next", "tiny_llava_next_dir", "224x112"),
@@ -130,8 +131,9 @@ def test_build_passes_its_parity_gates(backbone, fixture, size, request, run_cli
 def test_pipeline_modules_do_not_name_backbones():
     root = Path(__file__).resolve().parents[1] / "halfv_export"
     for module in ["exporter/pipeline.py", "exporter/export.py", "exporter/calibrate.py", "exporter/schedule.py",
-                   "engines/pipeline.py", "engines/ort.py", "validate/report.py", "validate/flops.py",
-                   "graphs/halfv.py", "graphs/export_forward.py", "graphs/pruning.py"]:
+                   "engines/pipeline.py", "engines/ort.py", "engines/base.py", "validate/report.py",
+                   "validate/flops.py", "validate/bench.py", "validate/bench_report.py", "graphs/halfv.py",
+                   "graphs/export_forward.py", "graphs/pruning.py", "graphs/specs.py"]:
         tree = ast.parse((root / module).read_text())
         names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | {
             n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}

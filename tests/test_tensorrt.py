@@ -107,6 +107,7 @@ def test_without_tensorrt_engine_says_so_and_exits_2(exported, run_cli, monkeypa
     assert lines == ["Error: " + trt_module.NO_TENSORRT]
 
 
+@pytest.mark.slow
 def test_build_with_tensorrt_target_stops_after_export(tiny_qwen_dir, run_cli, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     out = tmp_path / "b"
@@ -223,6 +224,7 @@ def test_builder_applies_the_plan(exported, monkeypatch, tmp_path):
         trt_module.build_trt_engines(art, plan, log=lambda m: None)
 
 
+@pytest.mark.slow
 def test_fp16_export_keeps_selection_in_fp32(tiny_qwen_dir, run_cli, tmp_path):
     out = tmp_path / "fp16"
     assert run_cli("calibrate", "--backbone", "qwen2.5-vl", "--model", tiny_qwen_dir, "--paper-values",

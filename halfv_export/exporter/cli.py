@@ -300,7 +300,8 @@ def validate(artifacts, data, model_dir, fail_under, fail_over, target):
 
 def _print_summary(report: dict) -> None:
     p, lat = report["parity"], report["latency_ms"]
-    click.echo(f"kept_indices_match {p['kept_indices_match']:.4f}  logits_max_abs_diff {p['logits_max_abs_diff']:.3g}"
+    kept = f"{p['kept_indices_match']:.4f}" if "kept_indices_match" in p else "not measured"
+    click.echo(f"kept_indices_match {kept}  logits_max_abs_diff {p['logits_max_abs_diff']:.3g}"
                f"  greedy_tokens_match {p['greedy_tokens_match']:.4f}  top1_agreement "
                f"{report['fidelity']['top1_agreement']:.4f} ({report['fidelity']['weights']} weights)")
     click.echo(f"prefill ms: engine full {lat['engine_full_prefill']:.1f} / HalfV {lat['engine_halfv_prefill']:.1f};"
@@ -372,7 +373,7 @@ def _summary_table(meta: dict, report: dict) -> None:
     for b in meta["buckets"]:
         table.add_row(f"bucket {b['size'][0]}x{b['size'][1]}", f"N {b['num_visual']} -> {b['k1']} -> {b['k2']}")
     p, lat = report["parity"], report["latency_ms"]
-    table.add_row("kept_indices_match", f"{p['kept_indices_match']:.4f}")
+    table.add_row("kept_indices_match", f"{p['kept_indices_match']:.4f}" if "kept_indices_match" in p else "not measured")
     table.add_row("logits_max_abs_diff", f"{p['logits_max_abs_diff']:.2e}")
     table.add_row("greedy_tokens_match", f"{p['greedy_tokens_match']:.4f}")
     table.add_row(f"top1_agreement ({report['fidelity']['weights']} weights)",

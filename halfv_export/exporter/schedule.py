@@ -109,6 +109,9 @@ def read_schedule(path: Path, backbone: str | None = None, fingerprint: str | No
     if fingerprint is not None and doc["model"].get("fingerprint") != fingerprint:
         raise BadInput(f"schedule {path} was calibrated for another model (fingerprint mismatch); "
                        "re-run `halfv-export calibrate` on this model")
-    sched = check_values(doc["schedule"], depth if depth is not None else doc["model"].get("num_layers"),
-                         where=f"schedule {path}")
+    recorded = doc["model"].get("num_layers")
+    if recorded is not None and (isinstance(recorded, bool) or not isinstance(recorded, int) or recorded < 2):
+        raise BadInput(f"schedule {path}: model.num_layers={recorded!r} must be the model's depth, an integer >= 2; "
+                       "re-run `halfv-export calibrate`")
+    sched = check_values(doc["schedule"], depth if depth is not None else recorded, where=f"schedule {path}")
     return sched, doc

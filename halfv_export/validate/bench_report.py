@@ -24,7 +24,7 @@ def render_bench(r: dict) -> str:
     s, sched = r["shape"], r["schedule"]
     lines = [
         f"Command: `halfv-export bench --out bench/` — {r['device']}; medians of {r['runs']} runs after a warm-up.",
-        f"Model: {r.get('backbone', 'qwen2.5-vl')}-family LLM, hidden {s['hidden']}, {s['layers']} layers, {s['heads']}/{s['kv_heads']} "
+        f"Model: {r['backbone']}-family LLM, hidden {s['hidden']}, {s['layers']} layers, {s['heads']}/{s['kv_heads']} "
         f"heads, MLP {s['intermediate']}, vocab {s['vocab']}, **random weights** (speed only); {r['text_tokens']} text "
         f"tokens; paper schedule at this depth: IVR before layer {sched['ivr_layer']} keep {sched['keep_ratio']}, "
         f"SSR {sched['ssr_mode']} from layer {sched['ssr_layer']} keep {sched['ssr_ratio']}.", "",

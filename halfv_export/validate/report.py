@@ -92,7 +92,7 @@ def run_validation(pipeline, loaded, samples: list[Sample], schedule: PruneSched
         n_samples += len(batch)
 
     parity = {
-        "kept_indices_match": float(np.mean(kept_match)) if kept_match else 1.0,
+        **({"kept_indices_match": float(np.mean(kept_match))} if kept_match else {}),  # absent: nothing compared
         "kept_pairs": len(kept_match),
         "logits_max_abs_diff": max_abs, "logits_cosine_min": cos_min,
         "greedy_tokens_match": float(np.mean(tokens_match)), "greedy_tokens": GREEDY_TOKENS,
@@ -163,13 +163,34 @@ def parse_thresholds(items: tuple[str, ...], flag: str) -> list[tuple[str, float
 def check_thresholds(report: dict, under: list[tuple[str, float]], over: list[tuple[str, float]]) -> list[str]:
     """Failures as 'metric value < limit' lines (fail-under: value must be >= limit; fail-over: <= limit)."""
     failures = []
+    for key, limit in under + over:
+        if key in NOT_MEASURED and lookup_optional(report, key) is None:
+            failures.append(f"{key} was not measured ({NOT_MEASURED[key]}); a gate on it cannot pass")
     for key, limit in under:
-        if (value := lookup(report, key)) < limit:
+        if lookup_optional(report, key) is not None and (value := lookup(report, key)) < limit:
             failures.append(f"{key} = {value:.6g} is under {limit:g}")
     for key, limit in over:
-        if (value := lookup(report, key)) > limit:
+        if lookup_optional(report, key) is not None and (value := lookup(report, key)) > limit:
             failures.append(f"{key} = {value:.6g} is over {limit:g}")
     return failures
+
+
+# metrics a report may lack because nothing was there to compare, and why
+NOT_MEASURED = {"parity.kept_indices_match": "no sample had an image, so no kept indices were compared"}
+
+
+def lookup_optional(report: dict, key: str):
+    """lookup for a metric that may be absent (NOT_MEASURED); unknown names are still refused."""
+    try:
+        return lookup(report, key)
+    except BadInput:
+        if key in NOT_MEASURED:
+            return None
+        raise
+
+
+def _value(section: dict, key: str) -> str:
+    return f"{section[key]:.4f}" if key in section else "not measured"
 
 
 def render_markdown(report: dict) -> str:
@@ -179,7 +200,7 @@ def render_markdown(report: dict) -> str:
         f"{report['samples']} held-out samples, buckets {', '.join(report['buckets'])}; schedule "
         f"`{json.dumps(report['schedule'])}`.", "",
         "## Parity: exported engines vs eager HalfV", "", "| metric | value |", "|---|---|",
-        f"| kept_indices_match ({p['kept_pairs']} sample-stage pairs) | {p['kept_indices_match']:.4f} |",
+        f"| kept_indices_match ({p['kept_pairs']} sample-stage pairs) | {_value(p, 'kept_indices_match')} |",
         f"| logits_max_abs_diff | {p['logits_max_abs_diff']:.3g} |",
         f"| logits_cosine_min | {p['logits_cosine_min']:.6f} |",
         f"| greedy_tokens_match ({p['greedy_tokens']} tokens) | {p['greedy_tokens_match']:.4f} |", "",
