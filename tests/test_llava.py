@@ -115,7 +115,7 @@ def test_calibration_picks_the_mode_from_the_probe(backbone):
     ("llava-1.5", "tiny_llava_dir", None), ("llava-next", "tiny_llava_next_dir", "224x112"),
 ])
 def test_build_passes_its_parity_gates(backbone, fixture, size, request, run_cli, tmp_path):
-    args = ["build", "--backbone", backbone, "--ssr-mode", "freeze", "--out", tmp_path / "b"]
+    args = ["build", "--backbone", backbone, "--paper-values", "--ssr-mode", "freeze", "--out", tmp_path / "b"]  # probe tested elsewhere
     if fixture:
         args += ["--model", request.getfixturevalue(fixture)]
     if size:

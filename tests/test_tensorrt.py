@@ -112,7 +112,7 @@ def test_build_with_tensorrt_target_stops_after_export(tiny_qwen_dir, run_cli, t
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     out = tmp_path / "b"
     result = run_cli("build", "--backbone", "qwen2.5-vl", "--model", tiny_qwen_dir, "--image-size", "252x336",
-                     "--target", "tensorrt", "--out", out)
+                     "--paper-values", "--target", "tensorrt", "--out", out)
     assert result.exit_code == 2 and "stopped after export" in result.output
     assert (out / "prefill_252x336.onnx").exists() and not (out / "report.json").exists()
     # ... and what is left is usable by ONNX Runtime
