@@ -106,12 +106,16 @@ def test_validate_gates(exported, run_cli, tmp_path):
                 "engine_decode_step"):
         assert report["latency_ms"][key] > 0
     assert report["flops"]["ratio"] > 1 and (exported / "latency.png").stat().st_size > 10_000
-    failing = run_cli("validate", "--artifacts", exported, "--fail-over", "parity.logits_max_abs_diff=0")
-    assert failing.exit_code == 1 and "parity.logits_max_abs_diff" in failing.output
+    from halfv_export.validate.report import METRICS, lookup
+
+    assert all(lookup(report, key) is not None for key in METRICS)  # the gate vocabulary is what reports carry
+    before = (exported / "report.json").read_text()
     unknown = run_cli("validate", "--artifacts", exported, "--fail-under", "parity.nope=1")
-    assert unknown.exit_code == 2 and "unknown metric" in unknown.output
+    assert unknown.exit_code == 2 and "unknown metric 'parity.nope'" in unknown.output
+    assert (exported / "report.json").read_text() == before  # refused before anything ran
 
 
+@pytest.mark.slow
 def test_build_on_a_differently_shaped_checkpoint_with_a_non_square_bucket(tiny_qwen_build):
     out = tiny_qwen_build
     report = json.loads((out / "report.json").read_text())
@@ -134,9 +138,10 @@ def test_a_gate_on_kept_indices_fails_when_nothing_was_compared(exported, run_cl
     artifacts = copy_build(exported, tmp_path / "artifacts")
     (tmp_path / "prompts.jsonl").write_text(json.dumps({"image": None, "prompt": "Tell me about circles."}) + "\n")
     result = run_cli("validate", "--artifacts", artifacts, "--data", tmp_path, "--fail-under",
-                     "parity.kept_indices_match=1.0")
+                     "parity.kept_indices_match=1.0", "--fail-under", "parity.logits_cosine_min=2")
     assert result.exit_code == 1, result.output
     assert "parity.kept_indices_match was not measured" in result.output
+    assert "parity.logits_cosine_min = " in result.output and "is under 2" in result.output  # a crossed gate
     report = json.loads((artifacts / "report.json").read_text())
     assert "kept_indices_match" not in report["parity"] and report["parity"]["kept_pairs"] == 0
     assert report["parity"]["greedy_tokens_match"] == 1.0

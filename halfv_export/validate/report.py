@@ -147,7 +147,18 @@ def lookup(report: dict, key: str):
     return float(node)
 
 
+# every number a report can carry, so a gate naming anything else is refused before the validation runs
+METRICS = (
+    "parity.kept_indices_match", "parity.kept_pairs", "parity.logits_max_abs_diff", "parity.logits_cosine_min",
+    "parity.greedy_tokens_match", "fidelity.top1_agreement", "fidelity.kl_mean", "latency_ms.eager_full_prefill",
+    "latency_ms.eager_halfv_prefill", "latency_ms.engine_full_prefill", "latency_ms.engine_halfv_prefill",
+    "latency_ms.engine_decode_step", "flops.full", "flops.halfv", "flops.overhead", "flops.ratio",
+)
+OPEN_SECTIONS = ("accuracy.",)  # keys that depend on the data (e.g. per question type)
+
+
 def parse_thresholds(items: tuple[str, ...], flag: str) -> list[tuple[str, float]]:
+    """KEY=VALUE gates; an unknown metric name is refused here, before anything is loaded."""
     parsed = []
     for item in items:
         key, sep, value = item.partition("=")
@@ -157,6 +168,9 @@ def parse_thresholds(items: tuple[str, ...], flag: str) -> list[tuple[str, float
             raise BadInput(f"{flag} {item!r}: write KEY=VALUE, e.g. parity.kept_indices_match=1.0") from None
         if not sep:
             raise BadInput(f"{flag} {item!r}: write KEY=VALUE, e.g. parity.kept_indices_match=1.0")
+        if key.strip() not in METRICS and not key.strip().startswith(OPEN_SECTIONS):
+            raise BadInput(f"{flag} {item!r}: threshold names unknown metric '{key.strip()}'; e.g. "
+                           "parity.kept_indices_match (the metrics are listed in the README's validate section)")
     return parsed
 
 
