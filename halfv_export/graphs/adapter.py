@@ -288,17 +288,13 @@ class BackboneAdapter(abc.ABC):
         ...
 
     def tokenize_prompts(self, tokenizer, images: list, prompts: list[str], placeholder: str, count: int,
-                         add_special_tokens: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chat template per prompt (an image part where there is an image), the image placeholder expanded to
-        `count` tokens as the processors do, then one left-padded batch -> (input_ids, attention_mask) [B, S]."""
-        texts = []
-        for image, prompt in zip(images, prompts):
-            content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": prompt}]
-            text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                 add_generation_prompt=True)
-            texts.append(text.replace(placeholder, placeholder * count))
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
-        return enc["input_ids"], enc["attention_mask"].long()
+                         image_token_id: int, add_special_tokens: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chat template per prompt (an image part where there is an image), the template's image placeholder
+        expanded to `count` tokens as the processors do, the user's text tokenised as text (never as control or
+        image tokens: graphs/prompts.py), then one left-padded batch -> (input_ids, attention_mask) [B, S]."""
+        from .prompts import tokenize_prompts
+
+        return tokenize_prompts(tokenizer, images, prompts, placeholder, count, image_token_id, add_special_tokens)
 
     def decode_text(self, loaded: LoadedModel, token_ids: list[int]) -> str:
         return loaded.tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -355,6 +351,13 @@ def visual_span(input_ids: torch.Tensor, image_token_id: int) -> tuple[torch.Ten
         return torch.zeros(input_ids.shape[0], dtype=torch.long), 0
     start = is_visual.int().argmax(dim=1)  # first True per row
     rows = start[:, None] + torch.arange(n)[None, :]
-    if not bool(is_visual.gather(1, rows.clamp(max=input_ids.shape[1] - 1)).all()):
-        raise BadInput("the image placeholder tokens are not contiguous; use one image per prompt")
+    contiguous = is_visual.gather(1, rows.clamp(max=input_ids.shape[1] - 1)).all(dim=1)  # [B]
+    if not bool(contiguous.all()):
+        # prompt text never yields image tokens (graphs/prompts.py): only a template or tokenizer that splits the
+        # expanded image slot gets here
+        b = int((~contiguous).int().argmax())
+        runs = int((is_visual[b, 1:] & ~is_visual[b, :-1]).sum()) + int(is_visual[b, 0])
+        raise BadInput(f"sample {b}: the {n} image tokens (id {image_token_id}) form {runs} separate blocks instead "
+                       "of one; the chat template or tokenizer splits the image slot, so use the checkpoint's own "
+                       "chat_template.jinja and tokenizer.json")
     return start.long(), n

@@ -87,7 +87,8 @@ class LlavaFamilyAdapter(BackboneAdapter):
             bucket, n_per_image = buckets.pop()
             processed = processing.image_processor(images=list(images), return_tensors="pt")
             pixel_values = [p if p.dim() == 4 else p[None] for p in processed["pixel_values"]]  # per image [T, 3, h, w]
-        input_ids, attention_mask = self.tokenize_prompts(tok, images, prompts, IMAGE_TOKEN, n_per_image, self.add_bos)
+        input_ids, attention_mask = self.tokenize_prompts(tok, images, prompts, IMAGE_TOKEN, n_per_image,
+                                                            cfg.image_token_id, self.add_bos)
         start, n = visual_span(input_ids, cfg.image_token_id)
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[None]  # [1, B, S] 1-D RoPE
         return HostInputs(input_ids=input_ids, attention_mask=attention_mask, positions=positions, visual_start=start,

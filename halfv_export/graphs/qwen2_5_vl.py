@@ -126,7 +126,8 @@ class Qwen25VLAdapter(BackboneAdapter):
             patch = processing.image_processor.patch_size
             bucket = (int(grid_thw[0, 1]) * patch, int(grid_thw[0, 2]) * patch)
 
-        input_ids, attention_mask = self.tokenize_prompts(tok, images, prompts, IMAGE_PAD, n_per_image, False)
+        input_ids, attention_mask = self.tokenize_prompts(tok, images, prompts, IMAGE_PAD, n_per_image,
+                                                            cfg.image_token_id, False)
 
         start, n = visual_span(input_ids, cfg.image_token_id)
         if n > 0:
