@@ -9,3 +9,16 @@ Subpackages; imports only point down (exporter -> validate -> engines -> graphs 
 """
 
 from .base.version import VERSION as __version__  # noqa: F401
+
+_API = ("load", "Model", "Completion", "Piece")
+__all__ = ["load", "Model", "Completion", "Piece", "__version__"]
+
+
+def __getattr__(name: str):
+    """`halfv_export.load` and its result types, imported on first use: `import halfv_export` stays cheap (no torch,
+    no ONNX Runtime) for tools that only read the version."""
+    if name in _API:
+        from .engines import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'halfv_export' has no attribute '{name}'")

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,15 +93,26 @@ def load_image(path: Path) -> Image.Image:
         raise BadInput(f"image {path} does not exist; check the path")
     if path.stat().st_size == 0:
         raise BadInput(f"image {path} is empty (0 bytes); replace the file")
+    return _decode(path, f"image {path}")
+
+
+def image_from_bytes(data: bytes, name: str = "image") -> Image.Image:
+    """An encoded image held in memory (e.g. a data: URL's payload), with the same checks as load_image."""
+    if not data:
+        raise BadInput(f"{name} is empty (0 bytes); send a PNG/JPEG/WebP image")
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(source, name: str) -> Image.Image:
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise BadInput(f"image {path} is {im.width}x{im.height}, over the {MAX_IMAGE_PIXELS} pixel limit; "
+                raise BadInput(f"{name} is {im.width}x{im.height}, over the {MAX_IMAGE_PIXELS} pixel limit; "
                                "downscale it first")
             im.load()
             return to_rgb(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise BadInput(f"image {path} cannot be read ({e.__class__.__name__}); pass a PNG/JPEG/WebP image") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadInput(f"{name} cannot be read ({e.__class__.__name__}); pass a PNG/JPEG/WebP image") from None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -16,9 +16,9 @@ from ..graphs.checkpoint import config_fingerprint, read_config_json
 from ..validate.flops import LMShape, prefill_flops
 from ..validate.plots import tme_plot
 from ..base.atomic import prepare_out_dir
-from ..base.data import load_data, load_image, synthetic_set
+from ..base.data import load_data, synthetic_set
 from ..base.manifest import verify_manifest, write_manifest
-from ..base.staging import recover
+from ..engines.api import open_pipeline
 from .calibrate import KL_FREEZE_THRESHOLD, derive_schedule, measure_probes
 from .schedule import (FIELDS, apply_overrides, build_document, check_values, read_schedule,
                        write_schedule)
@@ -170,23 +170,6 @@ def run_engine(artifacts: Path, target: str, options=None) -> dict:
     extra = engine_target.manifest_extra(artifacts, options) if engine_target.manifest_extra else None
     write_manifest(artifacts, extra)
     return info
-
-
-def open_pipeline(artifacts: Path, target: str = "onnxruntime", options=None):
-    from ..engines import EngineOptions, EnginePipeline, get_target
-
-    engine_target = get_target(target)
-    recover(artifacts)  # a build killed in the middle of its final swap: bring the previous build back
-    verify_manifest(artifacts)
-    return EnginePipeline(artifacts, engine_target.open(artifacts, options or EngineOptions()))
-
-
-def run_generate(artifacts: Path, image: Path | None, prompt: str, max_new_tokens: int, halfv: bool,
-                 target: str = "onnxruntime") -> str:
-    pipeline = open_pipeline(artifacts, target)
-    picture = load_image(image) if image is not None else None
-    tokens = pipeline.generate([picture], [prompt], max_new_tokens, halfv=halfv)
-    return pipeline.decode_text(tokens[0])
 
 
 def run_validate(artifacts: Path, data: Path | None, model_dir: Path | None, fail_under: list, fail_over: list,
