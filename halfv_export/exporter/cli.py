@@ -254,19 +254,80 @@ def lint(artifacts):
 Examples:
   halfv-export run --artifacts build/ --image photo.png --prompt "What is in this picture?"
   halfv-export run --artifacts build/ --image photo.png --prompt "Read the sign." --max-new-tokens 64 --full
+  halfv-export run --artifacts build/ --prompt "Write a haiku about pruning." --stream
 """)
 @click.option("--artifacts", required=True, type=click.Path(path_type=Path), help="Directory written by export.")
 @click.option("--image", type=click.Path(path_type=Path), help="Image file (omit for a text-only prompt).")
 @click.option("--prompt", required=True, help="The question.")
 @click.option("--max-new-tokens", type=click.IntRange(1, 4096), default=32, show_default=True)
 @click.option("--full", is_flag=True, help="Use the unpruned graphs instead of HalfV.")
+@click.option("--stream", is_flag=True, help="Print the answer token by token as it is decoded.")
 @click.option("--target", default="onnxruntime", show_default=True, help="Engines to run: onnxruntime or tensorrt.")
+@click.option("--ep", default="cpu", show_default=True, help="ONNX Runtime execution provider: cpu, cuda, tensorrt.")
 @user_errors
-def run(artifacts, image, prompt, max_new_tokens, full, target):
-    """Greedy generation over the exported engines; prints the answer."""
-    from .pipeline import run_generate
+def run(artifacts, image, prompt, max_new_tokens, full, stream, target, ep):
+    """Greedy generation over the exported engines; prints the answer (halfv_export.load(...).generate)."""
+    from ..engines.api import load
 
-    click.echo(run_generate(artifacts, image, prompt, max_new_tokens, halfv=not full, target=target))
+    model = load(artifacts, target=target, ep=ep)
+    if not stream:
+        click.echo(model.generate(image, prompt, max_new_tokens=max_new_tokens, full=full).text)
+        return
+    for piece in model.stream(image, prompt, max_new_tokens=max_new_tokens, full=full):
+        click.echo(piece.text, nl=False)
+    click.echo()
+
+
+@cli.command(epilog="""\b
+Examples:
+  halfv-export serve --artifacts build/
+  halfv-export serve --artifacts build/ --port 8080 --max-batch 8 --batch-wait-ms 20 --allow-images-from ./images
+\b
+  printf '{"max_tokens": 16, "messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,%s"}}]}]}' "$(base64 -w0 photo.png)" > request.json
+  curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' -d @request.json
+""")
+@click.option("--artifacts", required=True, type=click.Path(path_type=Path), help="Directory written by build/export.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (no authentication: keep "
+              "it on loopback or behind a proxy).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="0 picks a free port.")
+@click.option("--max-batch", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Most requests of one bucket prefilled and decoded together.")
+@click.option("--batch-wait-ms", type=click.FloatRange(0, 10_000), default=10.0, show_default=True,
+              help="How long the oldest waiting request may wait for others of its bucket.")
+@click.option("--allow-images-from", "allow_images_from", multiple=True, type=click.Path(path_type=Path),
+              help="Folder whose images requests may name by path (repeatable); default: data: URLs only.")
+@click.option("--max-body-mib", type=click.FloatRange(0.01, 1024), default=20.0, show_default=True,
+              help="Larger request bodies get 413.")
+@click.option("--max-queue", type=click.IntRange(1), default=256, show_default=True,
+              help="Waiting requests beyond this get 503.")
+@click.option("--max-model-len", type=click.IntRange(16), help="Prompt + max_tokens limit (default: the model's "
+              "context, at most 8192).")
+@click.option("--served-model-name", help="The model id clients send (default: <backbone>-halfv).")
+@click.option("--target", default="onnxruntime", show_default=True, help="Engines to run: onnxruntime or tensorrt.")
+@click.option("--ep", default="cpu", show_default=True, help="ONNX Runtime execution provider: cpu, cuda, tensorrt.")
+@user_errors
+def serve(artifacts, host, port, max_batch, batch_wait_ms, allow_images_from, max_body_mib, max_queue, max_model_len,
+          served_model_name, target, ep):
+    """An OpenAI-compatible server: POST /v1/chat/completions (text + one image as a data: URL or an allowed local
+    path; stream: true for server-sent events), GET /v1/models, GET /metrics (batch sizes), GET /health.
+
+    One engine thread runs batches of up to --max-batch waiting requests that share an image bucket; decoding is
+    greedy. Remote image URLs are refused (no network). Stop with Ctrl-C.
+    """
+    try:
+        from .serve import Server, build_server
+    except ImportError as e:
+        raise CliError(f"serve needs FastAPI and uvicorn ({e.name} is missing); pip install 'halfv-export[serve]'",
+                       2) from None
+    app, batcher, name = build_server(artifacts, target=target, ep=ep, max_batch=max_batch,
+                                      batch_wait_ms=batch_wait_ms, allow_images_from=allow_images_from,
+                                      max_body_mib=max_body_mib, max_queue=max_queue, served_name=served_model_name,
+                                      max_model_len=max_model_len)
+    server = Server(app, batcher, host, port)
+    click.echo(f"serving {name} ({batcher.model.describe()}) at {server.url}/v1 "
+               f"(max batch {max_batch}, batch wait {batch_wait_ms:g} ms); Ctrl-C stops", err=True)
+    server.serve_forever()
+    click.echo("stopped", err=True)
 
 
 @cli.command(epilog="""\b
