@@ -269,10 +269,6 @@ class Model:
             return None
         return tuple(self.pipeline.adapter.bucket_for(self.pipeline.processing, (fitted.height, fitted.width))[0])
 
-    def prompt_tokens(self, prompt: str) -> int:
-        """Tokens of the prompt text alone (no template, no image); a cheap bound before a request is queued."""
-        return len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-
     def start(self, images: list, prompts: list[str], max_new_tokens, full: bool = False) -> Decoding:
         """Prefill one batch of fitted images (one bucket, or all None) and return its Decoding. max_new_tokens: one
         int for all, or one per prompt."""

@@ -159,7 +159,7 @@ class Batcher:
                 oldest = self.queue[0]
                 same = [j for j in self.queue if j.key == oldest.key and not j.cancelled.is_set()]
                 left = oldest.submitted + self.batch_wait - time.monotonic()
-                if len(same) >= self.max_batch or left <= 0:
+                if same and (len(same) >= self.max_batch or left <= 0):
                     batch = same[:self.max_batch]
                     for job in batch:
                         self.queue.remove(job)

@@ -337,7 +337,7 @@ def create_app(model: Model, batcher: Batcher, served_name: str, images: ImageSo
             raw = await read_body(request)
             try:
                 body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            except (ValueError, RecursionError) as e:  # bad JSON, bad UTF-8, absurd nesting
                 raise RequestError(f"the body is not valid JSON ({e.__class__.__name__}: "
                                    f"{str(e).splitlines()[0][:120]})") from None
             chat = await run_in_threadpool(parser.parse, body)
