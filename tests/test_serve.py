@@ -218,3 +218,14 @@ def test_bounded_load_every_request_answered_correctly(server, client, capsys):
     assert sum(int(k) * v for k, v in report["batch_sizes"].items()) == 40
     assert max(int(k) for k in report["batch_sizes"]) > 1, "waiting requests of one bucket were batched"
     assert client.get("/health").json() == {"status": "ok"}
+
+
+def test_names_and_paths_with_control_characters_stay_one_line(client, allowed):
+    r = client.get("/v1/no%0Aroute")
+    assert r.status_code == 404 and "\n" not in r.json()["error"]["message"]
+    assert "no route GET /v1/no\\nroute" in r.json()["error"]["message"]
+    r = client.post("/v1/chat/completions", json={**chat("hi"), "model": "evil\nmodel"})
+    assert r.status_code == 404 and "evil\\nmodel" in r.json()["error"]["message"]
+    r = client.post("/v1/chat/completions", json=chat("hi", f"{allowed}/no\npe.png"))
+    assert r.status_code == 400 and "\n" not in r.json()["error"]["message"]
+    assert client.post("/v1/chat/completions", content=b"[" * 100_000).status_code == 400  # nesting bomb

@@ -59,6 +59,8 @@ class RequestError(Exception):
     """One bad request: the HTTP status and the body OpenAI clients parse."""
 
     def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None):
+        # one line whatever the client put in a name or a path it sent (a %0A in a URL path decodes to a newline)
+        message = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in message)
         super().__init__(message)
         self.message, self.status, self.param, self.code = message, status, param, code
 

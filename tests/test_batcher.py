@@ -1,0 +1,101 @@
+"""The serve request queue without HTTP: waiting requests are grouped by (bucket, pruned), capped at max_batch, in
+arrival order; answers equal the single-prompt answers; a cancelled request is skipped; the engine thread survives a
+failing batch."""
+
+import threading
+import time
+
+import pytest
+
+import halfv_export
+from halfv_export.engines.batcher import Batcher, Failed, Job, Started, Token
+from tests.conftest import make_image
+
+
+@pytest.fixture(scope="module")
+def model(exported):
+    return halfv_export.load(exported)
+
+
+def submit_all(batcher, model, specs, max_new_tokens=3):
+    """Queue every (image, prompt, full) before the engine thread starts, so the grouping is deterministic."""
+    events = {i: [] for i in range(len(specs))}
+    done = {i: threading.Event() for i in range(len(specs))}
+    jobs = []
+    for i, (image, prompt, full) in enumerate(specs):
+        def deliver(event, i=i):
+            events[i].append(event)
+            if isinstance(event, Failed) or (isinstance(event, Token) and event.finish_reason):
+                done[i].set()
+
+        fitted = model.image(image)
+        job = Job(fitted, prompt, max_new_tokens, full, deliver, bucket=model.bucket_of(fitted))
+        batcher.submit(job)
+        jobs.append(job)
+    return jobs, events, done
+
+
+def wait(done, indices, timeout=120):
+    deadline = time.monotonic() + timeout
+    for i in indices:
+        assert done[i].wait(max(0.0, deadline - time.monotonic())), f"request {i} got no answer"
+
+
+def test_waiting_requests_are_grouped_by_bucket_and_graph(model):
+    square, wide = make_image(448, 448, 41), make_image(504, 336, 42)
+    specs = [(square, "a", False), (wide, "b", False), (square, "c", False), (None, "d", False),
+             (square, "e", True), (square, "f", False), (wide, "g", False), (None, "h", True)]
+    batcher = Batcher(model, max_batch=8, batch_wait=0.2)
+    _, events, done = submit_all(batcher, model, specs)
+    batcher.start()
+    try:
+        wait(done, range(len(specs)))
+    finally:
+        batcher.stop()
+    sizes = {i: events[i][0].batch_size for i in events}
+    # 448 pruned: a, c, f; 336x504: b, g; text-only d and h share the unpruned graphs whatever `full` says; e alone
+    assert sizes == {0: 3, 2: 3, 5: 3, 1: 2, 6: 2, 3: 2, 7: 2, 4: 1}
+    assert batcher.stats.snapshot()["batches"]["sizes"] == {"1": 1, "2": 3, "3": 1}
+    for i, (image, prompt, full) in enumerate(specs):
+        started, tokens = events[i][0], events[i][1:]
+        assert isinstance(started, Started) and all(isinstance(t, Token) for t in tokens)
+        alone = model.generate(image, prompt, max_new_tokens=3, full=full)
+        assert [t.token_id for t in tokens] == alone.token_ids
+        assert "".join(t.text for t in tokens) == alone.text and started.prompt_tokens == alone.prompt_tokens
+
+
+def test_max_batch_caps_a_group_and_cancelled_requests_are_skipped(model):
+    square = make_image(448, 448, 43)
+    batcher = Batcher(model, max_batch=2, batch_wait=0.2)
+    jobs, events, done = submit_all(batcher, model, [(square, p, False) for p in ("a", "b", "c", "d")])
+    jobs[1].cancelled.set()
+    batcher.start()
+    try:
+        wait(done, [0, 2, 3])
+    finally:
+        batcher.stop()
+    assert events[1] == [] and [events[i][0].batch_size for i in (0, 2, 3)] == [2, 2, 1]
+    assert batcher.stats.snapshot()["requests"]["cancelled"] == 1
+
+
+def test_a_request_that_cannot_run_fails_alone_and_the_thread_lives_on(model):
+    batcher = Batcher(model, max_batch=4, batch_wait=0.2)
+    specs = [(None, "too long " * 3000, False), (None, "fine", False), (None, "also fine", False)]
+    jobs, events, done = submit_all(batcher, model, specs, max_new_tokens=2000)
+    batcher.start()
+    try:
+        wait(done, [0])
+        for job in jobs[1:]:  # they run alone after the failed batch; no need to decode 2000 tokens each
+            job.cancelled.set()
+        deadline = time.monotonic() + 60
+        while batcher.depth() != {"waiting": 0, "running": 0} and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert isinstance(events[0][-1], Failed) and events[0][-1].status == 400
+        assert "exceeds the 8192-token context" in events[0][-1].message
+        assert not any(isinstance(e, Failed) for i in (1, 2) for e in events[i])
+        assert all(e[0].batch_size == 1 for e in (events[1], events[2]) if e)  # split, each alone
+        _, more, more_done = submit_all(batcher, model, [(None, "after", False)])
+        wait(more_done, [0])
+        assert isinstance(more[0][-1], Token) and batcher.thread.is_alive()
+    finally:
+        batcher.stop()
