@@ -55,7 +55,7 @@ def test_waiting_requests_are_grouped_by_bucket_and_graph(model):
     sizes = {i: events[i][0].batch_size for i in events}
     # 448 pruned: a, c, f; 336x504: b, g; text-only d and h share the unpruned graphs whatever `full` says; e alone
     assert sizes == {0: 3, 2: 3, 5: 3, 1: 2, 6: 2, 3: 2, 7: 2, 4: 1}
-    assert batcher.stats.snapshot()["batches"]["sizes"] == {"1": 1, "2": 3, "3": 1}
+    assert batcher.stats.snapshot()["batches"]["sizes"] == {"1": 1, "2": 2, "3": 1}
     for i, (image, prompt, full) in enumerate(specs):
         started, tokens = events[i][0], events[i][1:]
         assert isinstance(started, Started) and all(isinstance(t, Token) for t in tokens)

@@ -221,9 +221,8 @@ def test_bounded_load_every_request_answered_correctly(server, client, capsys):
 
 
 def test_names_and_paths_with_control_characters_stay_one_line(client, allowed):
-    r = client.get("/v1/no%0Aroute")
-    assert r.status_code == 404 and "\n" not in r.json()["error"]["message"]
-    assert "no route GET /v1/no\\nroute" in r.json()["error"]["message"]
+    r = client.get("/v1/no%1Broute")  # (httpx itself drops %0A from a URL, as the WHATWG URL rules say)
+    assert r.status_code == 404 and "no route GET /v1/no\\x1broute;" in r.json()["error"]["message"]
     r = client.post("/v1/chat/completions", json={**chat("hi"), "model": "evil\nmodel"})
     assert r.status_code == 404 and "evil\\nmodel" in r.json()["error"]["message"]
     r = client.post("/v1/chat/completions", json=chat("hi", f"{allowed}/no\npe.png"))
