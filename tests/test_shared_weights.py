@@ -1,0 +1,74 @@
+"""Weights stored once: every graph references one weights.bin, ORT sessions share it, the manifest's fast check."""
+
+import json
+import shutil
+
+import onnx
+
+from halfv_export.engines.ort import OrtRunner
+from halfv_export.graphs.shared_weights import ALIGN, MIN_SHARED_BYTES, WEIGHTS_FILE, read_index
+from halfv_export.graphs.specs import DECODE, DECODE_FULL, PREFILL, PREFILL_FULL
+
+LLM_GRAPHS = (PREFILL.file((448, 448)), PREFILL.file((336, 504)), PREFILL_FULL.file(), DECODE.file(),
+              DECODE_FULL.file())
+
+
+def external_refs(path):
+    """name -> (location, offset, length) of every external initializer of a graph."""
+    model = onnx.load(str(path), load_external_data=False)
+    refs = {}
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in init.external_data}
+            refs[init.name] = (info["location"], int(info["offset"]), int(info["length"]))
+    return refs, model
+
+
+def test_every_graph_reads_one_weights_file(exported, qwen):
+    _, loaded, _ = qwen
+    meta = json.loads((exported / "artifacts.json").read_text())
+    index = read_index(exported)
+    size = (exported / WEIGHTS_FILE).stat().st_size
+    assert index["bytes"] == size == meta["weights"]["bytes"]
+    assert not list(exported.glob("*.data"))  # no graph keeps its own copy
+    params = dict(loaded.model.named_parameters())
+    layer_weights = {n for n, p in params.items() if ".language_model.layers." in n and p.dim() == 2}
+    assert layer_weights
+    for graph in meta["graphs"]:
+        refs, model = external_refs(exported / graph)
+        for name, (location, offset, length) in refs.items():
+            entry = index["tensors"][name]
+            assert (location, offset, length) == (WEIGHTS_FILE, entry["offset"], entry["length"]), (graph, name)
+            assert offset % ALIGN == 0 and offset + length <= size
+        inline = [i for i in model.graph.initializer if i.data_location != onnx.TensorProto.EXTERNAL]
+        assert all(len(i.raw_data) < MIN_SHARED_BYTES for i in inline), graph
+        if graph in LLM_GRAPHS:  # every decoder matrix comes from the shared file, under its parameter name
+            assert layer_weights <= refs.keys(), (graph, sorted(layer_weights - refs.keys())[:3])
+    # stored once: the file holds each parameter once (plus page alignment), although five LLM graphs use them
+    param_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    assert size <= param_bytes + ALIGN * len(index["tensors"])
+    assert meta["weights"]["referenced_bytes"] > 4 * sum(
+        index["tensors"][n]["length"] for n in layer_weights)
+    # every stored tensor equals the parameter it is named after
+    for name, entry in index["tensors"].items():
+        if entry["parameter"]:
+            assert params[name].detach().numpy().tobytes() == _read(exported / WEIGHTS_FILE, entry), name
+
+
+def _read(path, entry):
+    with open(path, "rb") as f:
+        f.seek(entry["offset"])
+        return f.read(entry["length"])
+
+
+def test_sessions_share_the_memory_mapped_weights(exported):
+    runner = OrtRunner(exported)
+    assert runner.shared_file == exported / WEIGHTS_FILE
+    refs, _ = external_refs(exported / DECODE.file())
+    shared = runner._shared.values
+    assert refs.keys() <= shared.keys()
+    # the OrtValue handed to every session is a view of the mapped file, not a copy
+    name = next(iter(refs))
+    assert shared[name].numpy().tobytes() == _read(exported / WEIGHTS_FILE, read_index(exported)["tensors"][name])
+    for graph in (DECODE.file(), DECODE_FULL.file()):
+        assert runner.session(graph) is not None
