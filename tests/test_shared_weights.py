@@ -1,10 +1,12 @@
 """Weights stored once: every graph references one weights.bin, ORT sessions share it, the manifest's fast check."""
 
 import json
+import os
 import shutil
 
 import onnx
 
+from halfv_export.base import manifest as manifest_module
 from halfv_export.engines.ort import OrtRunner
 from halfv_export.graphs.shared_weights import ALIGN, MIN_SHARED_BYTES, WEIGHTS_FILE, read_index
 from halfv_export.graphs.specs import DECODE, DECODE_FULL, PREFILL, PREFILL_FULL
@@ -72,3 +74,39 @@ def test_sessions_share_the_memory_mapped_weights(exported):
     assert shared[name].numpy().tobytes() == _read(exported / WEIGHTS_FILE, read_index(exported)["tensors"][name])
     for graph in (DECODE.file(), DECODE_FULL.file()):
         assert runner.session(graph) is not None
+
+
+def test_fast_check_guarantees_what_the_readme_says(exported, run_cli, tmp_path, monkeypatch):
+    copy = tmp_path / "copy"
+    shutil.copytree(exported, copy)
+    weights = copy / WEIGHTS_FILE
+    # the fast check samples large files; make weights.bin "large" for this test
+    monkeypatch.setattr(manifest_module, "SAMPLE_ALL_BYTES", 0)
+    monkeypatch.setattr(manifest_module, "SAMPLES", 2)
+    monkeypatch.setattr(manifest_module, "SAMPLE_BYTES", 4096)
+    result = run_cli("engine", "--artifacts", copy, "--target", "onnxruntime")  # re-writes the manifest with samples
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert WEIGHTS_FILE in manifest["samples"] and not any(n.endswith(".onnx") for n in manifest["samples"])
+    assert not list((copy / "ort").glob("*.onnx"))  # the engine stage adds no optimised copies
+    # a same-size edit between the sampled blocks: `run` (fast) does not see it, `validate` (full) refuses it
+    middle = weights.stat().st_size // 2
+    stat = weights.stat()
+    with open(weights, "r+b") as f:
+        f.seek(middle)
+        byte = f.read(1)
+        f.seek(middle)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    ran = run_cli("run", "--artifacts", copy, "--prompt", "hi", "--max-new-tokens", 1)
+    assert ran.exit_code == 0, ran.output
+    refused = run_cli("validate", "--artifacts", copy)
+    assert refused.exit_code == 2 and "weights.bin does not match its sha256" in refused.output
+    # a truncated or damaged first block: the fast check refuses it
+    with open(weights, "r+b") as f:
+        f.write(b"\0" * 16)
+    assert "does not match its sha256" in run_cli("run", "--artifacts", copy, "--prompt", "hi").output
+    with open(weights, "r+b") as f:
+        f.truncate(middle)
+    result = run_cli("run", "--artifacts", copy, "--prompt", "hi")
+    assert result.exit_code == 2 and "does not match its sha256" in result.output

@@ -177,26 +177,32 @@ def run_engine(artifacts: Path, target: str, options=None) -> dict:
 
     options = options or EngineOptions()
     engine_target = get_target(target)
-    verify_manifest(artifacts)
+    with console.status("checking every artifact's sha256"):
+        verified = verify_manifest(artifacts)
     with console.status(f"building {target} engines"):
         info = engine_target.build(artifacts, options, lambda m: console.print(m))
     extra = engine_target.manifest_extra(artifacts, options) if engine_target.manifest_extra else None
-    write_manifest(artifacts, extra)
+    write_manifest(artifacts, extra, verified=verified)
     return info
 
 
-def open_pipeline(artifacts: Path, target: str = "onnxruntime", options=None):
+def open_pipeline(artifacts: Path, target: str = "onnxruntime", options=None, full_check: bool = True):
+    """Verify the manifest (full_check: every sha256; else the fast check `run` uses, see base/manifest.py) and
+    open the engines."""
     from ..engines import EngineOptions, EnginePipeline, get_target
 
     engine_target = get_target(target)
     recover(artifacts)  # a build killed in the middle of its final swap: bring the previous build back
-    verify_manifest(artifacts)
-    return EnginePipeline(artifacts, engine_target.open(artifacts, options or EngineOptions()))
+    with console.status("checking every artifact's sha256" if full_check else "checking the artifacts (fast)"):
+        verified = verify_manifest(artifacts, full=full_check)
+    pipeline = EnginePipeline(artifacts, engine_target.open(artifacts, options or EngineOptions()))
+    pipeline.verified = verified
+    return pipeline
 
 
 def run_generate(artifacts: Path, image: Path | None, prompt: str, max_new_tokens: int, halfv: bool,
                  target: str = "onnxruntime") -> str:
-    pipeline = open_pipeline(artifacts, target)
+    pipeline = open_pipeline(artifacts, target, full_check=False)
     picture = load_image(image) if image is not None else None
     tokens = pipeline.generate([picture], [prompt], max_new_tokens, halfv=halfv)
     return pipeline.decode_text(tokens[0])
@@ -238,7 +244,7 @@ def run_validate(artifacts: Path, data: Path | None, model_dir: Path | None, fai
     failures = check_thresholds(report, fail_under, fail_over)
     report["thresholds"] = {"fail_under": dict(fail_under), "fail_over": dict(fail_over), "failures": failures}
     write_report(Path(artifacts), report)
-    write_manifest(artifacts)
+    write_manifest(artifacts, verified=pipeline.verified)
     return report, failures
 
 
