@@ -110,3 +110,57 @@ def test_fast_check_guarantees_what_the_readme_says(exported, run_cli, tmp_path,
         f.truncate(middle)
     result = run_cli("run", "--artifacts", copy, "--prompt", "hi")
     assert result.exit_code == 2 and "does not match its sha256" in result.output
+
+
+def test_store_keeps_one_copy_of_equal_and_transposed_weights(tmp_path):
+    """Hand-made graphs: equal tensors under two names in one graph (random-init norms are all ones), the same
+    weight in two graphs, and a constant-folded W^T; the store keeps each once and the graphs still compute the
+    same thing in ONNX Runtime."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto, helper, numpy_helper
+
+    from halfv_export.graphs.shared_weights import WeightStore, parameter_names
+
+    linear = torch.nn.Linear(32, 16, bias=False)
+    norm = torch.nn.Parameter(torch.ones(32))
+    module = torch.nn.Module()
+    module.proj, module.norm_a, module.norm_b = linear, norm, torch.nn.Parameter(torch.ones(32))
+    w = linear.weight.detach().numpy()  # [16, 32]
+
+    ones_big = np.ones((16, 32), np.float32)  # >= MIN_SHARED_BYTES, equal content under two names
+
+    def graph(name, folded):
+        inits = [numpy_helper.from_array(ones_big, "a"), numpy_helper.from_array(ones_big.copy(), "b")]
+        if folded:  # what torch.onnx's constant folding leaves: W^T as its own initializer
+            inits.append(numpy_helper.from_array(np.ascontiguousarray(w.T), "val_7"))
+            nodes = [helper.make_node("MatMul", ["x", "val_7"], ["y0"])]
+        else:
+            inits.append(numpy_helper.from_array(w, "weight"))
+            nodes = [helper.make_node("Transpose", ["weight"], ["wt"], perm=[1, 0]),
+                     helper.make_node("MatMul", ["x", "wt"], ["y0"])]
+        nodes += [helper.make_node("Add", ["a", "b"], ["ab"]), helper.make_node("MatMul", ["y0", "ab"], ["y"])]
+        g = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32])], inits)
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, size_threshold=0,
+                  location=f"{name}.onnx.data")
+        return path
+
+    x = np.random.default_rng(0).standard_normal((2, 32)).astype(np.float32)
+    expected = (x @ w.T) @ (2 * ones_big)
+    paths = [graph("g1", folded=True), graph("g2", folded=False)]
+    store = WeightStore(tmp_path, parameter_names(module))
+    for path in paths:
+        store.absorb(path)
+    index = store.close()
+    assert not list(tmp_path.glob("*.data"))
+    assert set(index["tensors"]) == {"proj.weight", "derived/a"}  # W once, the ones once (norms are < 1 KiB)
+    assert index["tensors"]["proj.weight"]["parameter"] and not index["tensors"]["derived/a"]["parameter"]
+    for path in paths:
+        onnx.checker.check_model(str(path))
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(session.run(["y"], {"x": x})[0], expected, rtol=1e-5, atol=1e-5)
+

@@ -118,8 +118,10 @@ class WeightStore:
         renames: dict[str, str] = {}
         own_files: set[Path] = set()
         transposes: list[tuple[str, str]] = []  # (folded initializer, parameter it transposes)
+        kept: set[str] = set()  # canonical names this graph already holds
+        duplicates: set[int] = set()  # positions of initializers dropped for an equal one (same canonical name)
         shared = referenced = 0
-        for init in model.graph.initializer:
+        for position, init in enumerate(model.graph.initializer):
             external = _external_info(init)
             if external is not None:
                 source = graph_path.parent / external["location"]
@@ -163,9 +165,18 @@ class WeightStore:
             entry = self.entries[name]
             if init.name != name:
                 renames[init.name] = name
+            if name in kept:  # equal bytes under two names in one graph (e.g. norm weights all ones): keep one
+                duplicates.add(position)
+                referenced += length
+                continue
+            kept.add(name)
             _point_at(init, name, entry)
             shared += 1
             referenced += length
+        if duplicates:
+            survivors = [i for n, i in enumerate(model.graph.initializer) if n not in duplicates]
+            del model.graph.initializer[:]
+            model.graph.initializer.extend(survivors)
         if renames:
             _rename_inputs(model.graph, renames)
         if transposes:
