@@ -81,7 +81,7 @@ def test_fast_check_guarantees_what_the_readme_says(exported, run_cli, tmp_path,
     shutil.copytree(exported, copy)
     weights = copy / WEIGHTS_FILE
     # the fast check samples large files; make weights.bin "large" for this test
-    monkeypatch.setattr(manifest_module, "SAMPLE_ALL_BYTES", 0)
+    monkeypatch.setattr(manifest_module, "SAMPLE_ALL_BYTES", 4 << 20)  # graphs are smaller, weights.bin larger
     monkeypatch.setattr(manifest_module, "SAMPLES", 2)
     monkeypatch.setattr(manifest_module, "SAMPLE_BYTES", 4096)
     result = run_cli("engine", "--artifacts", copy, "--target", "onnxruntime")  # re-writes the manifest with samples

@@ -61,7 +61,7 @@ def artifact_files(out: Path) -> list[Path]:
                   and not p.name.startswith(".") and not any(part.startswith(".") for part in p.relative_to(out).parts))
 
 
-_STANDARD = {"tool", "versions", "python", "schedule", "files"}
+_STANDARD = {"tool", "versions", "python", "schedule", "files", "sizes", "samples"}
 
 
 def write_manifest(out: Path, extra: dict | None = None, verified: dict | None = None) -> dict:
