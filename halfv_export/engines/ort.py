@@ -116,10 +116,13 @@ class OrtRunner:
 
     runs_bf16 = False  # the CPU provider has no bfloat16 kernels for these graphs
 
-    def __init__(self, artifacts: Path, ep: str = "cpu", threads: int | None = None):
+    def __init__(self, artifacts: Path, ep: str = "cpu", threads: int | None = None, prepack: bool = False):
+        """prepack=True lets ORT pre-pack weights per session (its default; costs one copy of the packed weights
+        per session); the default keeps one shared copy."""
         from ..graphs.shared_weights import read_index
 
         self.artifacts = Path(artifacts)
+        self.prepack = prepack
         self.providers = providers_for(ep)
         self.threads = threads
         engine = self.artifacts / ORT_DIR / "engine.json"
@@ -143,6 +146,11 @@ class OrtRunner:
             options = session_options(self.threads)
             if self._shared is not None:
                 self._shared.add_to(options, _external_names(path))
+                if not self.prepack:
+                    # ORT's CPU MatMul re-packs each constant weight into a private buffer per session, which
+                    # undoes the sharing (measured: two sessions over a 4.9 GB weights.bin hold 2 copies with
+                    # prepacking, 1 without; README "Real-size artifacts")
+                    options.add_session_config_entry("session.disable_prepacking", "1")
             self._sessions[graph] = _ort().InferenceSession(str(path), options, providers=self.providers)
         return self._sessions[graph]
 
