@@ -81,7 +81,8 @@ def test_engine_stage_run_and_manifest(exported, run_cli, tmp_path):
                      "--max-new-tokens", 4)
     assert answer.exit_code == 0 and answer.output.strip(), answer.output
     manifest = json.loads((exported / "manifest.json").read_text())
-    assert {"prefill_448x448.onnx", "ort/prefill_448x448.onnx", "schedule.json"} <= set(manifest["files"])
+    assert {"prefill_448x448.onnx", "ort/engine.json", "weights.bin", "schedule.json"} <= set(manifest["files"])
+    assert not [f for f in manifest["files"] if f.startswith("ort/") and f.endswith(".onnx")]  # no weight copies
     assert manifest["versions"]["onnxruntime"] and manifest["schedule"]["ssr_layer"] == 6
 
 

@@ -245,3 +245,26 @@ def test_fp16_export_keeps_selection_in_fp32(tiny_qwen_dir, run_cli, tmp_path):
     assert report.exit_code == 0, report.output
     data = json.loads((out / "report.json").read_text())
     assert data["parity"]["logits_max_abs_diff"] < 0.05 and data["parity"]["logits_cosine_min"] > 0.999
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_lint_names_ort_weight_only_quantised_matmuls_for_tensorrt(bits):
+    """ORT's MatMulNBits quantiser output (the int4/int8 weight-only graphs ORT GenAI ships) must not pass the
+    TensorRT lint silently."""
+    import numpy as np
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    rng = np.random.default_rng(0)
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [64, 32], rng.standard_normal((64, 32)).astype(np.float32)
+                                .reshape(-1).tolist())
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32])], [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    assert lint_model(model, "float.onnx") == []
+    quantiser = MatMulNBitsQuantizer(model, block_size=32, is_symmetric=True, bits=bits)
+    quantiser.process()
+    quantised = quantiser.model.model
+    assert "MatMulNBits" in {n.op_type for n in quantised.graph.node}
+    findings = [str(f) for f in lint_model(quantised, "q.onnx")]
+    assert any("com.microsoft::MatMulNBits is an ONNX Runtime-only op" in f for f in findings), findings

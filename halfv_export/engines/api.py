@@ -38,17 +38,20 @@ from .base import DEFAULT_TARGET, EngineOptions, get_target
 from .pipeline import EnginePipeline
 
 
-def open_pipeline(artifacts: Path, target: str = DEFAULT_TARGET, options: EngineOptions | None = None
-                  ) -> EnginePipeline:
+def open_pipeline(artifacts: Path, target: str = DEFAULT_TARGET, options: EngineOptions | None = None,
+                  full_check: bool = True) -> EnginePipeline:
     """The one way artifacts are opened (CLI run / validate, the API, serve): recover a build killed in its final
-    swap, check every file against manifest.json, then let the target open its runner."""
+    swap, check the files against manifest.json (full_check: every sha256, as `validate` does; else the fast check
+    of base/manifest.py that `run`, the API and `serve` use), then let the target open its runner."""
     artifacts = Path(artifacts)
     engine_target = get_target(target)
     if not artifacts.is_dir():
         raise BadInput(f"artifacts folder {artifacts} does not exist; pass the --out folder of `halfv-export build`")
     recover(artifacts)
-    verify_manifest(artifacts)
-    return EnginePipeline(artifacts, engine_target.open(artifacts, options or EngineOptions()))
+    verified = verify_manifest(artifacts, full=full_check)
+    pipeline = EnginePipeline(artifacts, engine_target.open(artifacts, options or EngineOptions()))
+    pipeline.verified = verified  # lets validate's manifest rewrite keep hashes it has just recomputed
+    return pipeline
 
 
 def load(artifacts, target: str = DEFAULT_TARGET, ep: str = "cpu", threads: int | None = None) -> "Model":
@@ -57,7 +60,7 @@ def load(artifacts, target: str = DEFAULT_TARGET, ep: str = "cpu", threads: int 
     target: an engine target ("onnxruntime", "tensorrt"); ep: ONNX Runtime execution provider (cpu, cuda, tensorrt);
     threads: ONNX Runtime intra-op threads (None: all cores). Raises BadInput (one line) for a missing or tampered
     folder, an unknown target or provider."""
-    return Model(open_pipeline(Path(artifacts), target, EngineOptions(ep=ep, threads=threads)))
+    return Model(open_pipeline(Path(artifacts), target, EngineOptions(ep=ep, threads=threads), full_check=False))
 
 
 @dataclass(frozen=True)

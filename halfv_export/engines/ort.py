@@ -1,10 +1,20 @@
-"""ONNX Runtime sessions. `build_ort_engines` is the engine stage for --target onnxruntime: it creates one session
-per graph with full graph optimisation and saves the optimised model beside the graphs (ort/<graph>), so later
-sessions start from it. Optimised models are tied to the execution provider and the machine that made them."""
+"""ONNX Runtime sessions over shared weights.
+
+Every graph of an export reads its large initializers from one weights.bin (graphs/shared_weights.py). An OrtRunner
+memory-maps that file once and hands each session the same buffers through SessionOptions.add_initializer (ORT:
+"If a model contains an initializer with a name that is same as the name passed to this call, ORT will use this
+initializer instance instead of deserializing one from the model file ... useful when you want to share the same
+initializer across sessions"), so N sessions hold one copy of the weights, backed by the page cache.
+
+`build_ort_engines` is the engine stage for --target onnxruntime. It does not save optimised model copies (each
+would be a second full copy of the weights, tied to this machine): it opens every graph once with full graph
+optimisation on the chosen provider, records how long that took, and writes ort/engine.json. Sessions optimise at
+creation time, which the recorded seconds show is cheap next to a copy of the weights on disk."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -48,55 +58,104 @@ def session_options(threads: int | None = None):
 
 
 def build_ort_engines(artifacts: Path, ep: str = "cpu") -> dict:
-    """Optimise every graph for this machine's provider; writes ort/<graph> and ort/engine.json."""
+    """Open every graph once (full optimisation, shared weights) on this machine's provider; writes ort/engine.json."""
     ort = _ort()
     artifacts = Path(artifacts)
     meta = json.loads((artifacts / "artifacts.json").read_text())
     providers = providers_for(ep)
     target = artifacts / ORT_DIR
     target.mkdir(exist_ok=True)
+    runner = OrtRunner(artifacts, ep=ep)
+    seconds = {}
     for graph in meta["graphs"]:
-        options = session_options()
-        tmp = target / f".{graph}.tmp"
-        options.optimized_model_filepath = str(tmp)
-        if Path(f"{artifacts / graph}.data").exists():
-            options.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                             f"{graph}.data")
-        ort.InferenceSession(str(artifacts / graph), options, providers=providers)
-        tmp.replace(target / graph)
+        started = time.perf_counter()
+        runner.session(graph)
+        seconds[graph] = round(time.perf_counter() - started, 3)
+        runner.close(graph)
     info = {"target": "onnxruntime", "ep": ep, "providers": providers, "onnxruntime": ort.__version__,
-            "graph_optimization_level": "ORT_ENABLE_ALL", "graphs": meta["graphs"]}
+            "graph_optimization_level": "ORT_ENABLE_ALL", "optimised": "at session creation",
+            "shared_weights": runner.shared_file is not None, "session_seconds": seconds, "graphs": meta["graphs"]}
     write_text_atomic(target / "engine.json", json.dumps(info, indent=2) + "\n")
     return info
 
 
+class SharedWeights:
+    """weights.bin memory-mapped once; one OrtValue per tensor, handed to every session that names it."""
+
+    def __init__(self, artifacts: Path, index: dict):
+        import onnx
+
+        ort = _ort()
+        path = Path(artifacts) / index["file"]
+        self.path = path
+        self._map = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else None
+        self.values: dict = {}
+        for name, entry in index["tensors"].items():
+            raw = self._map[entry["offset"]:entry["offset"] + entry["length"]]
+            if entry["dtype"] == onnx.TensorProto.BFLOAT16:
+                array = raw.view(np.uint16).reshape(entry["shape"])
+                self.values[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, entry["dtype"])
+            else:
+                array = raw.view(onnx.helper.tensor_dtype_to_np_dtype(entry["dtype"])).reshape(entry["shape"])
+                self.values[name] = ort.OrtValue.ortvalue_from_numpy(array)
+
+    def add_to(self, options, names: set[str]) -> None:
+        for name in names & self.values.keys():
+            options.add_initializer(name, self.values[name])
+
+
+def _external_names(path: Path) -> set[str]:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return {i.name for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL}
+
+
 class OrtRunner:
-    """Runs named graphs of an artifacts folder; prefers the optimised copies in ort/ when the engine stage ran."""
+    """Runs named graphs of an artifacts folder; all sessions share one memory-mapped copy of weights.bin."""
 
     runs_bf16 = False  # the CPU provider has no bfloat16 kernels for these graphs
 
-    def __init__(self, artifacts: Path, ep: str = "cpu", threads: int | None = None):
+    def __init__(self, artifacts: Path, ep: str = "cpu", threads: int | None = None, prepack: bool = False):
+        """prepack=True lets ORT pre-pack weights per session (its default; costs one copy of the packed weights
+        per session); the default keeps one shared copy."""
+        from ..graphs.shared_weights import read_index
+
         self.artifacts = Path(artifacts)
+        self.prepack = prepack
         self.providers = providers_for(ep)
         self.threads = threads
         engine = self.artifacts / ORT_DIR / "engine.json"
         self.optimized = engine.exists() and json.loads(engine.read_text()).get("ep") == ep
+        index = read_index(self.artifacts)
+        self._shared = SharedWeights(self.artifacts, index) if index and index["tensors"] else None
+        self.shared_file = self._shared.path if self._shared else None
         self._sessions: dict = {}
 
     def describe(self) -> str:
         import platform
 
         return (f"{platform.machine()} CPU, ONNX Runtime {_ort().__version__} {self.providers[0]}"
-                + (" (optimised)" if self.optimized else ""))
+                + (" (engine stage ran)" if self.optimized else ""))
 
     def session(self, graph: str):
         if graph not in self._sessions:
-            path = self.artifacts / ORT_DIR / graph if self.optimized else self.artifacts / graph
+            path = self.artifacts / graph
             if not path.exists():
                 raise BadInput(f"{path} is missing; re-run `halfv-export export`")
-            self._sessions[graph] = _ort().InferenceSession(str(path), session_options(self.threads),
-                                                            providers=self.providers)
+            options = session_options(self.threads)
+            if self._shared is not None:
+                self._shared.add_to(options, _external_names(path))
+                if not self.prepack:
+                    # ORT's CPU MatMul re-packs each constant weight into a private buffer per session, which
+                    # undoes the sharing (measured: two sessions over a 4.9 GB weights.bin hold 2 copies with
+                    # prepacking, 1 without; README "Real-size artifacts")
+                    options.add_session_config_entry("session.disable_prepacking", "1")
+            self._sessions[graph] = _ort().InferenceSession(str(path), options, providers=self.providers)
         return self._sessions[graph]
+
+    def close(self, graph: str) -> None:
+        self._sessions.pop(graph, None)
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self.session(graph)
@@ -109,4 +168,4 @@ register_target(EngineTarget(
     name="onnxruntime", engine_dir=ORT_DIR,
     build=lambda artifacts, options, log: build_ort_engines(artifacts, options.ep),
     open=lambda artifacts, options: OrtRunner(artifacts, ep=options.ep, threads=options.threads),
-    summary="ONNX Runtime sessions, optimised models saved in ort/ (cpu; cuda / tensorrt EPs with onnxruntime-gpu)"))
+    summary="ONNX Runtime sessions over one shared weights.bin, optimised at session creation (cpu; cuda / tensorrt EPs with onnxruntime-gpu)"))

@@ -214,8 +214,9 @@ def engine(artifacts, target, ep, max_batch, min_text, opt_text, max_text, max_n
     """Build engines for this machine.
 
     \b
-    onnxruntime: sessions with their optimised models saved in ort/ (CPU, or --ep cuda / tensorrt with
-                 onnxruntime-gpu installed).
+    onnxruntime: every graph opened once with full optimisation on the provider (CPU, or --ep cuda / tensorrt
+                 with onnxruntime-gpu); ort/engine.json records it. No optimised copies are saved: sessions
+                 optimise at creation and share one memory-mapped weights.bin.
     tensorrt:    TensorRT plans in trt/, one optimisation profile per image bucket with text-length min/opt/max,
                  strongly typed (the graphs' fp32 scores, norms and softmax stay fp32), timing cache reused, and
                  trt/engine.json (TensorRT version, GPU, compute capability, profiles, ONNX sha256).

@@ -18,6 +18,7 @@ from ..base.errors import BadInput
 from ..graphs.adapter import BackboneAdapter, LoadedModel, Processing
 from ..graphs.lint import TOPK_LIMIT
 from ..graphs.pruning import PruneSchedule, budgets
+from ..graphs.shared_weights import WeightStore, parameter_names
 from ..graphs.specs import PREFILL, VISION, decode_spec, embed_spec, prefill_spec, vision_spec
 from ..base.atomic import prepare_out_dir, write_text_atomic
 
@@ -59,9 +60,14 @@ def resolve_buckets(adapter: BackboneAdapter, processing: Processing, sizes: lis
 
 def export_artifacts(adapter: BackboneAdapter, loaded: LoadedModel, schedule: PruneSchedule, schedule_doc: dict,
                      sizes: list[tuple[int, int]], out: Path, step: Callable[[str], None] = lambda name: None,
-                     precision: str = "fp32") -> dict:
+                     precision: str = "fp32",
+                     report: Callable[[str, str, object], None] = lambda graph, phase, detail: None) -> dict:
     """Export every graph. precision fp16/bf16 casts the weights; the graph code keeps scores, softmax, norms and
-    the farthest-point fill in fp32 with explicit casts, which strongly typed TensorRT builds honour."""
+    the farthest-point fill in fp32 with explicit casts, which strongly typed TensorRT builds honour.
+
+    Weights are stored once (graphs/shared_weights.py): every graph references weights.bin, indexed by
+    weights.json. `report(graph, phase, detail)` follows each graph through tracing / writing / checking /
+    sharing / done (detail: bytes written so far, or the graph's timing row when done)."""
     if precision not in PRECISIONS:
         raise BadInput(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     dtype = PRECISIONS[precision]
@@ -74,7 +80,8 @@ def export_artifacts(adapter: BackboneAdapter, loaded: LoadedModel, schedule: Pr
     try:
         files = adapter.save_processing(loaded, staging)
         write_text_atomic(staging / "schedule.json", json.dumps(schedule_doc, indent=2) + "\n")
-        loaded.model.to(dtype)
+        if any(t.dtype != dtype for t in loaded.model.parameters()):
+            loaded.model.to(dtype)  # a checkpoint loaded at the export dtype is not copied
         specs = [embed_spec(stack)]
         for bucket in buckets:
             size = tuple(bucket["size"])
@@ -85,9 +92,25 @@ def export_artifacts(adapter: BackboneAdapter, loaded: LoadedModel, schedule: Pr
             specs.append(prefill)
         specs += [prefill_spec(stack, None, 0), decode_spec(stack, buckets[0]["groups"], pruned=True),
                   decode_spec(stack, [0] * stack.num_layers, pruned=False)]
-        for spec in specs:
-            step(spec.file)
-            spec.export(staging)
+        report("weights", "hashing", None)
+        names = parameter_names(loaded.model)  # which stored tensors are parameters (and folded transposes of them)
+        store = WeightStore(staging, names)
+        timings = []
+        try:
+            for spec in specs:
+                step(spec.file)
+                started = time.perf_counter()
+                spec.export(staging, store=store, report=lambda phase, detail, f=spec.file: report(f, phase, detail))
+                timings.append({"graph": spec.file, "seconds": round(time.perf_counter() - started, 2),
+                                "graph_bytes": (staging / spec.file).stat().st_size,
+                                "weights_bin_bytes": store.path.stat().st_size})
+                report(spec.file, "done", timings[-1])
+        finally:
+            index = store.close()
+        weights = {"file": index["file"], "bytes": index["bytes"], "tensors": len(index["tensors"]),
+                   "parameters": sum(e["parameter"] for e in index["tensors"].values()),
+                   "derived_bytes": sum(e["length"] for e in index["tensors"].values() if not e["parameter"]),
+                   "referenced_bytes": store.bytes_absorbed}
 
         meta = {
             "format": ARTIFACTS_FORMAT, "backbone": adapter.name, "source": loaded.source, "precision": precision,
@@ -95,7 +118,7 @@ def export_artifacts(adapter: BackboneAdapter, loaded: LoadedModel, schedule: Pr
             "num_layers": stack.num_layers, "num_kv_heads": stack.num_kv_heads, "head_dim": stack.head_dim,
             "hidden_size": stack.embed_tokens.embedding_dim, "position_rows": 3 if stack.mrope else 1,
             "eos_token_ids": sorted(adapter.eos_token_ids(loaded)), "processing_files": files,
-            "graphs": [spec.file for spec in specs],
+            "graphs": [spec.file for spec in specs], "weights": weights, "export_seconds": timings,
         }
         for item in sorted(staging.iterdir()):
             item.replace(out / item.name)

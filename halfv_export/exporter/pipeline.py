@@ -109,15 +109,16 @@ DEFAULT_GATES_UNDER = (("parity.kept_indices_match", 1.0), ("parity.greedy_token
 DEFAULT_GATES_OVER = (("parity.logits_max_abs_diff", 1e-3),)
 
 
-def load_for_source(adapter, source: str, model_dir: Path | None):
-    """The eager model an artifacts folder or schedule was made from: --model wins, else the recorded source."""
+def load_for_source(adapter, source: str, model_dir: Path | None, dtype=None):
+    """The eager model an artifacts folder or schedule was made from: --model wins, else the recorded source.
+    `dtype` loads a checkpoint's weights at that dtype (default fp32); the embedded default is seeded in fp32."""
     if model_dir is not None:
-        return adapter.load(model_dir)
+        return adapter.load(model_dir, dtype=dtype)
     if source.startswith("embedded:"):
         return adapter.load(None, seed=int(source.rsplit("seed=", 1)[-1]))
     if not Path(source).is_dir():
         raise BadInput(f"the model these artifacts were made from ({source}) is not here; pass --model DIR")
-    return adapter.load(Path(source))
+    return adapter.load(Path(source), dtype=dtype)
 
 
 def run_export(schedule_path: Path, model_dir: Path | None, image_sizes: list[tuple[int, int]], out: Path,
@@ -126,8 +127,10 @@ def run_export(schedule_path: Path, model_dir: Path | None, image_sizes: list[tu
 
     _, doc = read_schedule(schedule_path)
     adapter = get_adapter(doc.get("backbone", "?"))
-    with console.status("loading the model"):
-        loaded = load_for_source(adapter, doc["model"].get("source", ""), model_dir)
+    from .export import PRECISIONS
+
+    with console.status("loading the model"):  # at the export dtype: a bf16 checkpoint is never upcast to fp32
+        loaded = load_for_source(adapter, doc["model"].get("source", ""), model_dir, dtype=PRECISIONS.get(precision))
     depth = adapter.text_stack(loaded).num_layers
     sched, doc = read_schedule(schedule_path, backbone=adapter.name, fingerprint=config_fingerprint(loaded.config),
                                depth=depth)
@@ -139,13 +142,23 @@ def run_export(schedule_path: Path, model_dir: Path | None, image_sizes: list[tu
     with _progress() as progress:
         task = progress.add_task("exporting", total=2 * len(image_sizes) + 4)
 
-        def step(name):
-            progress.update(task, description=f"exporting {name}")
-            progress.advance(task)
+        def report(graph, phase, detail):
+            if phase == "done":
+                progress.advance(task)
+                console.print(f"  {graph}: {detail['seconds']:.1f} s, graph {_mib(detail['graph_bytes'])}, "
+                              f"weights.bin {_mib(detail['weights_bin_bytes'])}")
+                return
+            written = f", {_mib(detail)} written" if isinstance(detail, int) else ""
+            progress.update(task, description=f"{graph}: {phase}{written}")
 
-        meta = export_artifacts(adapter, loaded, sched, doc, image_sizes, out, step=step, precision=precision)
-    write_manifest(out, export_manifest_extra(out))
+        meta = export_artifacts(adapter, loaded, sched, doc, image_sizes, out, precision=precision, report=report)
+    with console.status("hashing the artifacts for manifest.json"):
+        write_manifest(out, export_manifest_extra(out))
     return meta
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def export_manifest_extra(artifacts: Path) -> dict:
@@ -164,11 +177,12 @@ def run_engine(artifacts: Path, target: str, options=None) -> dict:
 
     options = options or EngineOptions()
     engine_target = get_target(target)
-    verify_manifest(artifacts)
+    with console.status("checking every artifact's sha256"):
+        verified = verify_manifest(artifacts)
     with console.status(f"building {target} engines"):
         info = engine_target.build(artifacts, options, lambda m: console.print(m))
     extra = engine_target.manifest_extra(artifacts, options) if engine_target.manifest_extra else None
-    write_manifest(artifacts, extra)
+    write_manifest(artifacts, extra, verified=verified)
     return info
 
 
@@ -208,7 +222,7 @@ def run_validate(artifacts: Path, data: Path | None, model_dir: Path | None, fai
     failures = check_thresholds(report, fail_under, fail_over)
     report["thresholds"] = {"fail_under": dict(fail_under), "fail_over": dict(fail_over), "failures": failures}
     write_report(Path(artifacts), report)
-    write_manifest(artifacts)
+    write_manifest(artifacts, verified=pipeline.verified)
     return report, failures
 
 

@@ -186,8 +186,9 @@ class BackboneAdapter(abc.ABC):
     image_processor_class: ClassVar[type]  # a PIL image processor (no torchvision)
     embedded_dir: ClassVar[Path]  # shipped checkpoint directory without weights
 
-    def load(self, model_dir: Path | None = None, seed: int = 0) -> LoadedModel:
-        """A local checkpoint directory, or the embedded default with weights seeded by `seed`."""
+    def load(self, model_dir: Path | None = None, seed: int = 0, dtype=None) -> LoadedModel:
+        """A local checkpoint directory (weights at `dtype`, default fp32), or the embedded default with weights
+        seeded by `seed` (fp32)."""
         from .checkpoint import check_checkpoint_dir, load_pretrained, seeded_model
 
         if model_dir is None:
@@ -197,7 +198,7 @@ class BackboneAdapter(abc.ABC):
         else:
             model_dir = Path(model_dir)
             check_checkpoint_dir(model_dir, self.model_types)
-            model = load_pretrained(self.model_class, model_dir)
+            model = load_pretrained(self.model_class, model_dir, dtype=dtype)
             source, files_dir = str(model_dir.resolve()), model_dir
         proc = self.load_processing(files_dir, config=model.config)
         return LoadedModel(model=model, tokenizer=proc.tokenizer, image_processor=proc.image_processor, source=source)

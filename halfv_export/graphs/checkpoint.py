@@ -22,6 +22,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 EMBEDDED_ROOT = Path(__file__).parent / "embedded"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+SHARD_INDEX = "model.safetensors.index.json"  # the index transformers writes beside sharded weights
 
 # Config keys that do not change the computation: left out of the model fingerprint so that re-saving a
 # checkpoint with another transformers version keeps its schedule valid.
@@ -66,8 +67,12 @@ def check_checkpoint_dir(model_dir: Path, model_types: tuple[str, ...]) -> dict:
                 "unpickling can run code. Convert them to safetensors first"
             )
         raise BadInput(f"--model {model_dir}: no *.safetensors weights found; copy the weight files into the directory")
-    for path in weights:
-        check_safetensors(path)
+    index = model_dir / SHARD_INDEX
+    if index.exists():
+        check_shard_index(index)
+    else:
+        for path in weights:
+            check_safetensors(path)
     if not any((model_dir / f).exists() for f in TOKENIZER_FILES):
         raise BadInput(f"--model {model_dir}: no tokenizer files (tokenizer.json); copy them from the checkpoint")
     if not (model_dir / "preprocessor_config.json").exists():
@@ -75,8 +80,35 @@ def check_checkpoint_dir(model_dir: Path, model_types: tuple[str, ...]) -> dict:
     return config
 
 
-def check_safetensors(path: Path) -> None:
-    """Header sanity without reading the weights: a truncated or foreign file fails here with its name."""
+def check_shard_index(index: Path) -> None:
+    """A sharded checkpoint (model.safetensors.index.json + shards): the index is a JSON object whose weight_map
+    names, for every tensor, a shard file in the same directory; every shard exists, passes check_safetensors, and
+    holds every tensor the index assigns to it."""
+    data = read_config_json(index)
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise BadInput(f"{index}: no weight_map of tensor name -> shard file; restore the index from the checkpoint")
+    shards: dict[str, set[str]] = {}
+    for tensor, shard in weight_map.items():
+        if Path(shard).name != shard or not shard.endswith(".safetensors"):
+            raise BadInput(f"{index}: shard {shard!r} is not a .safetensors file name in the checkpoint directory; "
+                           "restore the index from the checkpoint")
+        shards.setdefault(shard, set()).add(tensor)
+    for shard, tensors in sorted(shards.items()):
+        path = index.parent / shard
+        if not path.is_file():
+            raise BadInput(f"{index.parent}: shard {shard} (listed in {index.name}) is missing; copy all shards")
+        header = check_safetensors(path)
+        absent = sorted(tensors - header.keys())
+        if absent:
+            raise BadInput(f"{path}: {len(absent)} tensor(s) the index assigns to it are not in it (first: "
+                           f"{absent[0]}); the shard and {index.name} do not belong together, copy both again")
+
+
+def check_safetensors(path: Path) -> dict:
+    """Header sanity without reading the weights: a truncated or foreign file fails here with its name. Returns the
+    header (tensor name -> dtype, shape, offsets)."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as f:
@@ -85,19 +117,21 @@ def check_safetensors(path: Path) -> None:
                 raise ValueError("header")
             header = json.loads(f.read(header_len))
         ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError, AttributeError, IndexError):
         raise BadInput(f"{path}: not a readable safetensors file (truncated or corrupt); copy it again") from None
     if ends and 8 + header_len + max(ends) > size:
         raise BadInput(f"{path}: truncated ({size} bytes, the header promises {8 + header_len + max(ends)}); "
                        "copy it again")
+    return {k: v for k, v in header.items() if k != "__metadata__"}
 
 
-def load_pretrained(model_class, model_dir: Path):
-    """from_pretrained, offline, safetensors only, no remote code, fp32 on CPU."""
+def load_pretrained(model_class, model_dir: Path, dtype=None):
+    """from_pretrained, offline, safetensors only, no remote code, on CPU at `dtype` (default fp32): an export at
+    bf16 loads a bf16 checkpoint as it is stored instead of holding an fp32 copy."""
     try:
         model = model_class.from_pretrained(
             str(model_dir), local_files_only=True, use_safetensors=True, trust_remote_code=False,
-            dtype=torch.float32, attn_implementation="sdpa",
+            dtype=dtype or torch.float32, attn_implementation="sdpa",
         )
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__

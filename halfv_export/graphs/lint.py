@@ -2,7 +2,8 @@
 badly, read off the graph (export-notes §1 and design rules).
 
 Rules
-  op-supported     every op is in the parser's supported set (onnx-tensorrt operators.md, 10.x)
+  op-supported     every op is in the parser's supported set (onnx-tensorrt operators.md, 10.x); ONNX Runtime
+                   contrib ops (com.microsoft::MatMulNBits, the int4/int8 weight-only MatMul) are named as ORT-only
   opset            the default-domain opset is one the TensorRT 10.0 parser reads (9..20)
   topk             TopK is sorted, its K a constant <= 3840 (the parser's limit)
   dds              no op with a data-dependent output shape (NonZero, Unique, Compress, NonMaxSuppression, ...), and
@@ -78,7 +79,11 @@ def lint_model(model: onnx.ModelProto, name: str) -> list[Finding]:
 
     for node in graph.node:
         label = node.name or node.op_type
-        if node.domain not in ("", "ai.onnx"):
+        if node.domain == "com.microsoft":  # ORT contrib ops, e.g. MatMulNBits from ORT's weight-only quantiser
+            found.append(Finding(name, "op-supported", label,
+                                 f"{node.domain}::{node.op_type} is an ONNX Runtime-only op; TensorRT cannot parse it "
+                                 "(build TensorRT engines from a float export)"))
+        elif node.domain not in ("", "ai.onnx"):
             found.append(Finding(name, "op-supported", label, f"custom-domain op {node.domain}::{node.op_type}"))
         elif node.op_type not in SUPPORTED_OPS:
             found.append(Finding(name, "op-supported", label, f"{node.op_type} is not in TensorRT's ONNX parser"))

@@ -23,9 +23,14 @@ OPSET = 20
 
 
 def export_module(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
-                  dynamic_shapes) -> Path:
-    """torch.onnx.export(dynamo=True) -> path, then check_graph. Quiet unless it fails."""
+                  dynamic_shapes, store=None, report=lambda phase, detail: None) -> Path:
+    """torch.onnx.export(dynamo=True) -> path, then check_graph. Quiet unless it fails.
+
+    With a `store` (shared_weights.WeightStore) the graph is saved with external data and its weights are moved into
+    the store's shared file (written once across graphs). `report(phase, detail)` is told "tracing", "writing",
+    "sharing" and "checking" as each starts, with the bytes written so far as detail where known."""
     params = sum(p.numel() * p.element_size() for p in module.parameters())
+    report("tracing", None)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -36,11 +41,18 @@ def export_module(module: torch.nn.Module, args: tuple, path: Path, input_names:
         except Exception as e:  # noqa: BLE001 - the exporter raises many types; one line names the graph
             first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:300]
             raise RuntimeFailure(f"exporting {path.name} failed: {first}") from e
-    external = params > EXTERNAL_DATA_BYTES
+    external = store is not None or params > EXTERNAL_DATA_BYTES
     data = Path(f"{path}.data")
     data.unlink(missing_ok=True)  # re-saving into an existing .data file appends
+    report("writing", None)
     program.save(str(path), external_data=external)
+    del program  # its folded constants are the only tensors it owns; the parameters stay with the module
+    report("checking", file_size(path))
     check_graph(path)
+    if store is not None:
+        report("sharing", file_size(path))
+        store.absorb(path)
+        onnx.checker.check_model(str(path), full_check=False)  # the rewritten references still resolve
     return path
 
 
@@ -57,7 +69,8 @@ def check_graph(path: Path) -> None:
 def topk_values(path: Path) -> list[int]:
     """The constant K of every TopK in a graph (for the K <= 3840 check and tests)."""
     model = onnx.load(str(path), load_external_data=False)
-    values = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+    values = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer
+              if init.data_location != onnx.TensorProto.EXTERNAL}  # K is a small inline constant; weights are not
     for node in model.graph.node:
         if node.op_type == "Constant":
             values[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)

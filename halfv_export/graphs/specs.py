@@ -68,10 +68,11 @@ class GraphSpec:
     output_names: list[str]
     dynamic_shapes: tuple | None
 
-    def export(self, directory: Path) -> Path:
-        """Trace to ONNX at directory/file and run the graph checks (onnx_export.check_graph)."""
+    def export(self, directory: Path, store=None, report=lambda phase, detail: None) -> Path:
+        """Trace to ONNX at directory/file and run the graph checks (onnx_export.check_graph); with a WeightStore the
+        weights go to its shared file (graphs/shared_weights.py)."""
         return export_module(self.module, self.example, Path(directory) / self.file, self.input_names,
-                             self.output_names, self.dynamic_shapes)
+                             self.output_names, self.dynamic_shapes, store=store, report=report)
 
 
 # ------------------------------------------------------------------------------------------------ example inputs
