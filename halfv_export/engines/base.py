@@ -19,14 +19,38 @@ DEFAULT_TARGET = "onnxruntime"
 
 
 @runtime_checkable
+class ArrayOps(Protocol):
+    """The array type a runner's `run` takes and returns, and the few operations EnginePipeline needs between
+    graphs, so that tensors stay where the runner keeps them (engines/arrays.py: host numpy for ONNX Runtime,
+    torch CUDA tensors for TensorRT). Dtypes are named as torch and numpy spell them ("int64", "bfloat16")."""
+
+    def asarray(self, host: Any, dtype: str | None = None) -> Any: ...  # host numpy / torch -> runner array
+
+    def to_host(self, array: Any) -> np.ndarray: ...  # for the host's own use (bfloat16 widened to float32)
+
+    def concat(self, arrays: list, axis: int) -> Any: ...
+
+    def ones(self, shape: tuple, like: Any) -> Any: ...  # dtype (and device) of `like`
+
+    def argmax(self, array: Any, axis: int) -> Any: ...  # int64
+
+
+@runtime_checkable
 class Runner(Protocol):
-    """Runs the named graphs of one artifacts folder. `run` takes and returns host arrays keyed by the graph's
-    input/output names (feeds a graph does not declare are ignored); `runs_bf16` says whether bf16 artifacts can
-    run at all; `describe` is the one-line device description that reports carry."""
+    """Runs the named graphs of one artifacts folder.
+
+    run(graph, feeds) -> outputs: arrays keyed by the graph's input/output names (feeds a graph does not declare are
+        ignored); outputs are of the runner's own array type (`arrays`), and feeds may be of that type (no copy) or
+        host arrays (converted once). Feeds carry the dtype the graph declares; a mismatch is refused, never
+        reinterpreted (TensorRT casts integer feeds where no value changes).
+    arrays: that array type and the operations on it (ArrayOps).
+    runs_bf16: whether bf16 artifacts can run at all.
+    describe(): the one-line device description that reports carry."""
 
     runs_bf16: bool
+    arrays: ArrayOps
 
-    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]: ...
 
     def describe(self) -> str: ...
 

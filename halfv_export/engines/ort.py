@@ -11,6 +11,7 @@ import numpy as np
 
 from ..base.errors import BadInput
 from ..base.atomic import write_text_atomic
+from .arrays import NUMPY
 from .base import EngineTarget, register_target
 
 ORT_DIR = "ort"
@@ -74,6 +75,7 @@ class OrtRunner:
     """Runs named graphs of an artifacts folder; prefers the optimised copies in ort/ when the engine stage ran."""
 
     runs_bf16 = False  # the CPU provider has no bfloat16 kernels for these graphs
+    arrays = NUMPY  # sessions take and return host numpy arrays
 
     def __init__(self, artifacts: Path, ep: str = "cpu", threads: int | None = None):
         self.artifacts = Path(artifacts)
