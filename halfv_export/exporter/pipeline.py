@@ -143,7 +143,8 @@ def run_export(schedule_path: Path, model_dir: Path | None, image_sizes: list[tu
             progress.update(task, description=f"exporting {name}")
             progress.advance(task)
 
-        meta = export_artifacts(adapter, loaded, sched, doc, image_sizes, out, step=step, precision=precision)
+        meta = export_artifacts(adapter, loaded, sched, doc, image_sizes, out, step=step, precision=precision,
+                                log=console.print)
     write_manifest(out, export_manifest_extra(out))
     return meta
 
