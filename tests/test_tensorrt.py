@@ -842,6 +842,38 @@ def test_run_cli_with_tensorrt_target(built, fake_trt, run_cli, monkeypatch):
     assert ours.exit_code == 0 and ours.output == reference.output
 
 
+def test_export_drops_engines_of_the_previous_graphs(qwen, tmp_path, monkeypatch):
+    """Fast tier (the slow fp16 test re-exports for real): export's commit moves trt/ and ort/ out with the old
+    graphs, says so, and a failed export leaves them (and the previous graphs) alone."""
+    from halfv_export.exporter.export import export_artifacts
+    from halfv_export.graphs.pruning import PruneSchedule
+    from halfv_export.graphs.specs import GraphSpec
+
+    adapter, loaded, _ = qwen
+    schedule = PruneSchedule(ivr_layer=2, keep_ratio=0.25, anchor_ratio=0.1, ssr_layer=6, ssr_mode="topk",
+                             ssr_ratio=0.05)
+    out = tmp_path / "art"
+    for engines in ("trt", "ort"):
+        (out / engines).mkdir(parents=True)
+        (out / engines / "engine.json").write_text("{}")
+    monkeypatch.setattr(GraphSpec, "export", lambda self, directory: (Path(directory) / self.file).write_bytes(b"g"))
+
+    def export(log):
+        return export_artifacts(adapter, loaded, schedule, {"schedule": {}}, [(448, 448)], out, log=log)
+
+    placeholder = GraphSpec.export
+    monkeypatch.setattr(GraphSpec, "export", lambda self, directory: (_ for _ in ()).throw(BadInput("trace failed")))
+    with pytest.raises(BadInput):
+        export(lambda message: None)
+    assert (out / "trt" / "engine.json").exists() and (out / "ort" / "engine.json").exists()
+    monkeypatch.setattr(GraphSpec, "export", placeholder)
+    messages = []
+    meta = export(messages.append)
+    assert not (out / "trt").exists() and not (out / "ort").exists() and (out / meta["graphs"][0]).exists()
+    assert len(messages) == 1 and messages[0].startswith("removed ort/ and trt/ (engines built from the previous")
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no staging or trash left
+
+
 @pytest.mark.slow
 def test_fp16_export_keeps_selection_in_fp32(tiny_qwen_dir, run_cli, tmp_path):
     out = tmp_path / "fp16"
