@@ -14,6 +14,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import numpy as np
 
 from ..base.errors import BadInput
+from .arrays import NUMPY
 
 DEFAULT_TARGET = "onnxruntime"
 
@@ -40,19 +41,24 @@ class Runner(Protocol):
     """Runs the named graphs of one artifacts folder.
 
     run(graph, feeds) -> outputs: arrays keyed by the graph's input/output names (feeds a graph does not declare are
-        ignored); outputs are of the runner's own array type (`arrays`), and feeds may be of that type (no copy) or
-        host arrays (converted once). Feeds carry the dtype the graph declares; a mismatch is refused, never
-        reinterpreted (TensorRT casts integer feeds where no value changes).
-    arrays: that array type and the operations on it (ArrayOps).
+        ignored). Feeds carry the dtype the graph declares; a mismatch is refused, never reinterpreted (TensorRT
+        casts integer feeds where no value changes).
     runs_bf16: whether bf16 artifacts can run at all.
-    describe(): the one-line device description that reports carry."""
+    describe(): the one-line device description that reports carry.
+    arrays (optional): the ArrayOps of the array type `run` returns and takes without copying (TensorRT: torch
+        tensors on its GPU), so EnginePipeline keeps embeds and the K/V cache there between graphs; host numpy
+        arrays are always accepted as feeds. A runner without it takes and returns numpy (arrays_of -> NUMPY)."""
 
     runs_bf16: bool
-    arrays: ArrayOps
 
     def run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]: ...
 
     def describe(self) -> str: ...
+
+
+def arrays_of(runner: Runner) -> ArrayOps:
+    """The array namespace a runner works in: its `arrays`, or numpy where it declares none."""
+    return getattr(runner, "arrays", None) or NUMPY
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import numpy as np
 from ..base.errors import BadInput
 from ..graphs import get_adapter
 from ..graphs.specs import DECODE, DECODE_FULL, EMBED, PREFILL_FULL
-from .base import Runner
+from .base import Runner, arrays_of
 
 
 # the exported graphs' floating dtype per --precision, as torch / numpy name it
@@ -54,7 +54,7 @@ class EnginePipeline:
             raise BadInput("these graphs are bf16, which ONNX Runtime's CPU provider does not run; use "
                            "--target tensorrt, or export with --precision fp16 / fp32")
         self.float_dtype = FLOAT_DTYPES.get(precision, "float32")  # the graphs' pixel / embeds / K/V dtype
-        self.arrays = runner.arrays
+        self.arrays = arrays_of(runner)
 
     def to_host(self, array) -> np.ndarray:
         """A runner array as host numpy (bf16 widened to fp32), for reports and comparisons."""
