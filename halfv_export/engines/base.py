@@ -14,21 +14,51 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import numpy as np
 
 from ..base.errors import BadInput
+from .arrays import NUMPY
 
 DEFAULT_TARGET = "onnxruntime"
 
 
 @runtime_checkable
+class ArrayOps(Protocol):
+    """The array type a runner's `run` takes and returns, and the few operations EnginePipeline needs between
+    graphs, so that tensors stay where the runner keeps them (engines/arrays.py: host numpy for ONNX Runtime,
+    torch CUDA tensors for TensorRT). Dtypes are named as torch and numpy spell them ("int64", "bfloat16")."""
+
+    def asarray(self, host: Any, dtype: str | None = None) -> Any: ...  # host numpy / torch -> runner array
+
+    def to_host(self, array: Any) -> np.ndarray: ...  # for the host's own use (bfloat16 widened to float32)
+
+    def concat(self, arrays: list, axis: int) -> Any: ...
+
+    def ones(self, shape: tuple, like: Any) -> Any: ...  # dtype (and device) of `like`
+
+    def argmax(self, array: Any, axis: int) -> Any: ...  # int64
+
+
+@runtime_checkable
 class Runner(Protocol):
-    """Runs the named graphs of one artifacts folder. `run` takes and returns host arrays keyed by the graph's
-    input/output names (feeds a graph does not declare are ignored); `runs_bf16` says whether bf16 artifacts can
-    run at all; `describe` is the one-line device description that reports carry."""
+    """Runs the named graphs of one artifacts folder.
+
+    run(graph, feeds) -> outputs: arrays keyed by the graph's input/output names (feeds a graph does not declare are
+        ignored). Feeds carry the dtype the graph declares; a mismatch is refused, never reinterpreted (TensorRT
+        casts integer feeds where no value changes).
+    runs_bf16: whether bf16 artifacts can run at all.
+    describe(): the one-line device description that reports carry.
+    arrays (optional): the ArrayOps of the array type `run` returns and takes without copying (TensorRT: torch
+        tensors on its GPU), so EnginePipeline keeps embeds and the K/V cache there between graphs; host numpy
+        arrays are always accepted as feeds. A runner without it takes and returns numpy (arrays_of -> NUMPY)."""
 
     runs_bf16: bool
 
-    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+    def run(self, graph: str, feeds: dict[str, Any]) -> dict[str, Any]: ...
 
     def describe(self) -> str: ...
+
+
+def arrays_of(runner: Runner) -> ArrayOps:
+    """The array namespace a runner works in: its `arrays`, or numpy where it declares none."""
+    return getattr(runner, "arrays", None) or NUMPY
 
 
 @dataclass(frozen=True)

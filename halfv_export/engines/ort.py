@@ -21,6 +21,7 @@ import numpy as np
 
 from ..base.errors import BadInput
 from ..base.atomic import write_text_atomic
+from .arrays import NUMPY
 from .base import EngineTarget, register_target
 
 ORT_DIR = "ort"
@@ -115,6 +116,7 @@ class OrtRunner:
     """Runs named graphs of an artifacts folder; all sessions share one memory-mapped copy of weights.bin."""
 
     runs_bf16 = False  # the CPU provider has no bfloat16 kernels for these graphs
+    arrays = NUMPY  # sessions take and return host numpy arrays
 
     def __init__(self, artifacts: Path, ep: str = "cpu", threads: int | None = None, prepack: bool = False):
         """prepack=True lets ORT pre-pack weights per session (its default; costs one copy of the packed weights

@@ -1,27 +1,39 @@
 """Prefill and greedy decoding over exported graphs, with the same tokenizer, image processor and chat template as
-the eager path (the adapter's host_inputs). Works on any Runner: `run(graph, feeds) -> outputs`."""
+the eager path (the adapter's host_inputs). Works on any Runner: `run(graph, feeds) -> outputs`.
+
+Between graphs, tensors stay in the runner's own array type (`runner.arrays`: numpy for ONNX Runtime, torch CUDA
+tensors for TensorRT): embeds, the K/V cache and the valid masks never visit the host, so a decode step moves only
+the B new token ids and positions to the device and the B chosen ids back. `EngineState` holds runner arrays;
+`to_host` gives the host a numpy copy (reports, parity checks); `generate` returns host token ids."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..base.errors import BadInput
 from ..graphs import get_adapter
 from ..graphs.specs import DECODE, DECODE_FULL, EMBED, PREFILL_FULL
-from .base import Runner
+from .base import Runner, arrays_of
+
+
+# the exported graphs' floating dtype per --precision, as torch / numpy name it
+FLOAT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 @dataclass
 class EngineState:
-    logits: np.ndarray  # [B, V]
+    """Runner arrays (see the module docstring), except next_positions, which the host advances."""
+
+    logits: Any  # [B, V]
     kept: dict  # stage -> [B, K]
     past: list  # per layer: key, value
     valid: list  # per cache-length group [B, len_g]
-    next_positions: np.ndarray  # [P, B]
+    next_positions: np.ndarray  # [P, B] host int64
     decode_graph: str
     groups: list
 
@@ -41,7 +53,12 @@ class EnginePipeline:
         if precision == "bf16" and not runner.runs_bf16:
             raise BadInput("these graphs are bf16, which ONNX Runtime's CPU provider does not run; use "
                            "--target tensorrt, or export with --precision fp16 / fp32")
-        self.float_dtype = np.float16 if precision == "fp16" else np.float32
+        self.float_dtype = FLOAT_DTYPES.get(precision, "float32")  # the graphs' pixel / embeds / K/V dtype
+        self.arrays = arrays_of(runner)
+
+    def to_host(self, array) -> np.ndarray:
+        """A runner array as host numpy (bf16 widened to fp32), for reports and comparisons."""
+        return self.arrays.to_host(array)
 
     # -------------------------------------------------------------------------------------------- inputs
     def fit_image(self, image):
@@ -59,23 +76,28 @@ class EnginePipeline:
         return self.adapter.host_inputs(self.processing, [self.fit_image(im) for im in images], prompts)
 
     # -------------------------------------------------------------------------------------------- prefill
-    def embeds(self, host) -> np.ndarray:
-        embeds = self.runner.run(EMBED.file(), {"input_ids": host.input_ids.numpy()})["embeds"]  # [B, S, D]
+    def embeds(self, host):
+        """[B, S, D] runner array: token embeddings with each image's visual features written over its span."""
+        arrays = self.arrays
+        embeds = self.runner.run(EMBED.file(), {"input_ids": arrays.asarray(host.input_ids, "int64")})["embeds"]
         if host.num_visual > 0:
             bucket = self.buckets[host.bucket]
             for b, pixels in enumerate(host.pixel_values):
-                feats = self.runner.run(bucket["vision"],
-                                        {"pixel_values": pixels.numpy().astype(self.float_dtype)})["visual_features"]
+                # the vision graph was traced with pixels in the export precision; cast on the host, copy once
+                pixels = arrays.asarray(pixels, self.float_dtype)
+                feats = self.runner.run(bucket["vision"], {"pixel_values": pixels})["visual_features"]
                 s = int(host.visual_start[b])
                 embeds[b, s:s + host.num_visual] = feats
         return embeds
 
-    def prefill(self, host, halfv: bool = True, embeds: np.ndarray | None = None) -> EngineState:
+    def prefill(self, host, halfv: bool = True, embeds=None) -> EngineState:
         pruned = halfv and host.num_visual > 0
         graph = self.buckets[host.bucket]["prefill"] if pruned else PREFILL_FULL.file()
+        arrays = self.arrays
         feeds = {"embeds": self.embeds(host) if embeds is None else embeds,
-                 "attention_mask": host.attention_mask.numpy(), "positions": host.positions.numpy(),
-                 "visual_start": host.visual_start.numpy()}
+                 "attention_mask": arrays.asarray(host.attention_mask, "int64"),
+                 "positions": arrays.asarray(host.positions, "int64"),
+                 "visual_start": arrays.asarray(host.visual_start, "int64")}
         out = self.runner.run(graph, feeds)
         layers = self.meta["num_layers"]
         groups = self.meta["groups"] if pruned else [0] * layers
@@ -87,11 +109,13 @@ class EnginePipeline:
             groups=groups)
 
     # -------------------------------------------------------------------------------------------- decode
-    def decode_step(self, tokens: np.ndarray, state: EngineState) -> np.ndarray:
+    def decode_step(self, tokens, state: EngineState):
+        """One token per sample (host ids or runner array [B]) -> logits [B, V]; the cache stays on the runner."""
+        arrays = self.arrays
         batch = tokens.shape[0]
-        state.valid = [np.concatenate([v, np.ones((batch, 1), dtype=v.dtype)], axis=1) for v in state.valid]
-        feeds = {"input_ids": tokens.reshape(batch, 1).astype(np.int64),
-                 "positions": state.next_positions[..., None].astype(np.int64)}
+        state.valid = [arrays.concat([v, arrays.ones((batch, 1), like=v)], axis=1) for v in state.valid]
+        feeds = {"input_ids": arrays.asarray(tokens.reshape(batch, 1), "int64"),
+                 "positions": arrays.asarray(state.next_positions[..., None], "int64")}
         feeds.update({f"cache_valid_{g}": v for g, v in enumerate(state.valid)})
         layers = self.meta["num_layers"]
         for i in range(layers):
@@ -109,7 +133,7 @@ class EnginePipeline:
         eos = set(self.meta["eos_token_ids"]) if stop_at_eos else set()
         tokens, done = [], np.zeros(state.logits.shape[0], dtype=bool)
         for step in range(max_new_tokens):
-            token = state.logits.argmax(-1)
+            token = self.to_host(self.arrays.argmax(state.logits, -1))  # B ids cross to the host, not [B, V]
             if tokens and eos:
                 token = np.where(done, tokens[-1], token)
             tokens.append(token)

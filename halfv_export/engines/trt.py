@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..base.errors import BadInput, RuntimeFailure
 from ..base.atomic import write_bytes_atomic, write_text_atomic
+from ..base.manifest import MANIFEST, sha256_file
+from .arrays import TorchArrays
 from .base import EngineOptions, EngineTarget, register_target
 from .trt_plan import TRT_DIR, PlanOptions, TrtBuildPlan, make_plan, trtexec_command, trtexec_lines
 
@@ -48,6 +51,37 @@ def _network_flags(trt, strongly_typed: bool) -> int:
     return flags
 
 
+def _attach_timing_cache(config, data: bytes, where: str, log) -> bool:
+    """Give the builder config a timing cache made from `data`. A cache TensorRT refuses (another GPU or TensorRT
+    version: set_timing_cache returns False) costs build time, not correctness: warn and start a fresh one."""
+    cache = config.create_timing_cache(data)
+    if cache is not None and config.set_timing_cache(cache, False):
+        return True
+    if data:
+        log(f"warning: TensorRT refused the timing cache {where} (made on another GPU or TensorRT version?); "
+            "building without it, and a fresh cache replaces it")
+        cache = config.create_timing_cache(b"")
+        if cache is not None and config.set_timing_cache(cache, False):
+            return True
+    log("warning: TensorRT refused an empty timing cache; building without one")
+    return False
+
+
+def _add_profiles(builder, config, graph) -> None:
+    for index, profile in enumerate(graph.profiles):
+        p = builder.create_optimization_profile()
+        for name, (lo, opt, hi) in profile.items():
+            try:
+                p.set_shape(name, lo, opt, hi)
+            except RuntimeError as e:  # the bindings raise when min <= opt <= max does not hold
+                raise RuntimeFailure(f"TensorRT rejected optimisation profile {index} of {graph.graph} for input "
+                                     f"{name} (min {lo}, opt {opt}, max {hi}): {e}") from None
+        if config.add_optimization_profile(p) < 0:
+            shown = ", ".join(f"{name} {lo}..{hi}" for name, (lo, _, hi) in profile.items())
+            raise RuntimeFailure(f"TensorRT rejected optimisation profile {index} of {graph.graph} ({shown}); "
+                                 "see the TensorRT log above")
+
+
 def build_trt_engines(artifacts: Path, plan: TrtBuildPlan, log=print) -> dict:
     trt = import_tensorrt()
     torch = require_gpu()
@@ -71,24 +105,23 @@ def build_trt_engines(artifacts: Path, plan: TrtBuildPlan, log=print) -> dict:
             raise RuntimeFailure(f"TensorRT could not parse {graph.graph}: {errors[0] if errors else 'unknown error'}")
         config = builder.create_builder_config()
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, graph.workspace_mib << 20)
-        cache = config.create_timing_cache(cache_bytes)
-        config.set_timing_cache(cache, False)
+        cached = _attach_timing_cache(config, cache_bytes, plan.timing_cache, log)
+        if not cached:
+            cache_bytes = b""
         for flag in graph.flags:
             if flag not in trt.BuilderFlag.__members__:
                 raise BadInput(f"TensorRT {trt.__version__} has no builder flag {flag}")
             config.set_flag(getattr(trt.BuilderFlag, flag))
-        for profile in graph.profiles:
-            p = builder.create_optimization_profile()
-            for name, (lo, opt, hi) in profile.items():
-                p.set_shape(name, lo, opt, hi)
-            config.add_optimization_profile(p)
+        _add_profiles(builder, config, graph)
         blob = builder.build_serialized_network(network, config)
         if blob is None:
             raise RuntimeFailure(f"TensorRT failed to build {graph.graph} (see the TensorRT log above)")
         write_bytes_atomic(artifacts / graph.engine, bytes(blob))
-        cache_bytes = bytes(config.get_timing_cache().serialize())
+        if cached:  # the cache now also holds this graph's tactics; the next graph starts from it
+            cache_bytes = bytes(config.get_timing_cache().serialize())
         built.append({"graph": graph.graph, "engine": graph.engine, "seconds": round(time.perf_counter() - started, 1)})
-    write_bytes_atomic(cache_path, cache_bytes)
+    if cache_bytes:
+        write_bytes_atomic(cache_path, cache_bytes)
     major, minor = torch.cuda.get_device_capability()
     info = {"target": "tensorrt", "tensorrt": trt.__version__, "gpu": torch.cuda.get_device_name(),
             "compute_capability": f"{major}.{minor}", "plan": plan.to_dict(), "built": built,
@@ -108,77 +141,267 @@ def build_engines(artifacts: Path, options: EngineOptions, log=print) -> dict:
     return info
 
 
+# TensorRT DataType member name -> torch dtype name. By name, not trt.nptype: numpy has no bfloat16 (nptype raises
+# for BF16), and members differ across versions (FP4 / E8M0 are newer). INT4, FP4 and E8M0 have no torch dtype.
+TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "FP8": "float8_e4m3fn", "INT8": "int8",
+                "UINT8": "uint8", "INT32": "int32", "INT64": "int64", "BOOL": "bool"}
+REBUILD = "halfv-export engine --artifacts {artifacts} --target tensorrt"
+
+
+def trt_dtype_name(dtype) -> str:
+    name = getattr(dtype, "name", None)  # pybind11 enums carry .name; str() reads "DataType.BF16"
+    return name if isinstance(name, str) else str(dtype).rsplit(".", 1)[-1]
+
+
+class _CudaStream:
+    """TensorRT's own stream (the legacy default stream makes enqueueV3 synchronise internally). `before` orders it
+    after the torch work that produced the inputs; `after` waits for it, so outputs are complete when `run` returns
+    and its input buffers may be freed (one host sync per graph call: decode needs its token on the host anyway)."""
+
+    def __init__(self, torch, device):
+        self.torch, self.device = torch, device
+        self.stream = torch.cuda.Stream(device=device)
+        self.handle = self.stream.cuda_stream
+
+    def before(self):
+        self.stream.wait_stream(self.torch.cuda.current_stream(self.device))
+
+    def after(self):
+        self.stream.synchronize()
+
+
+class _HostStream:
+    """For a non-CUDA `device`, where only a stand-in for TensorRT can run (the tests): there is nothing to order."""
+
+    handle = 0
+
+    def before(self):
+        pass
+
+    def after(self):
+        pass
+
+
+@dataclass
+class _EngineIO:
+    inputs: dict  # name -> torch dtype
+    outputs: dict  # name -> torch dtype
+    profiles: list  # per optimisation profile: dynamic input name -> (min shape, max shape)
+
+
 class TrtRunner:
-    """Runs plans from trt/ on CUDA buffers owned by torch; picks the first profile whose ranges fit the feeds."""
+    """Runs the plans in trt/ on torch-owned buffers of one device (CUDA; see `device`).
+
+    Feeds are torch tensors on that device (used in place), other tensors or numpy arrays (copied there once);
+    outputs are new torch tensors on the device, so one graph's outputs feed the next without a host round trip.
+    Each feed must have the dtype the engine declares for it (`engine.get_tensor_dtype`): integer feeds are cast
+    when every value fits (int32 ids into an int64 input), anything else is refused in one line, since TensorRT would
+    read the bytes as the declared type.
+
+    One execution context per engine, created with ON_PROFILE_CHANGE allocation (device memory for the active
+    profile only, not the largest of all profiles); each call keeps the active profile when the feeds fit it, else
+    switches to the first profile that fits, then sets the input shapes (shapes always follow the switch).
+
+    Plans are refused when they were built from other graphs than the ones in the folder: engine.json records each
+    ONNX file's sha256 at build time, compared with manifest.json's (which `run` / `validate` verify against the
+    files before they open a runner); a graph the manifest does not list is hashed when its plan is first loaded.
+
+    device: torch device of the buffers; None = the current CUDA device. Anything but CUDA only makes sense with a
+    stand-in for the tensorrt module (tests), since TensorRT dereferences the addresses on the GPU."""
 
     runs_bf16 = True
 
-    def __init__(self, artifacts: Path):
+    def __init__(self, artifacts: Path, device=None):
         self.trt = import_tensorrt()
-        self.torch = require_gpu()
+        if device is None:
+            torch = require_gpu()
+            device = torch.device("cuda", torch.cuda.current_device())
+        import torch
+
+        self.torch = torch
+        self.arrays = TorchArrays(device)
+        self.device = self.arrays.device
         self.artifacts = Path(artifacts)
+        self.rebuild = REBUILD.format(artifacts=self.artifacts)
         info_path = self.artifacts / TRT_DIR / "engine.json"
         if not info_path.exists():
-            raise BadInput(f"{self.artifacts} has no TensorRT engines; run `halfv-export engine --target tensorrt`")
+            raise BadInput(f"{self.artifacts} has no TensorRT engines; run `{self.rebuild}`")
         self.info = json.loads(info_path.read_text())
         self.plans = {g["graph"]: g for g in self.info["plan"]["graphs"]}
+        self._unverified = self._check_plans_current()
         self.runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))
+        self.stream = _CudaStream(torch, self.device) if self.device.type == "cuda" else _HostStream()
         self.engines: dict = {}
-        self.contexts: dict = {}
-        self.stream = self.torch.cuda.Stream()
+        self.io: dict[str, _EngineIO] = {}
+        self.contexts: dict = {}  # graph -> its one execution context
+        self.active: dict[str, int] = {}  # graph -> the profile its context has selected (-1: none yet)
 
     def describe(self) -> str:
         return f"{self.info['gpu']} (sm {self.info['compute_capability']}), TensorRT {self.info['tensorrt']}"
 
+    # ------------------------------------------------------------------------------------------ plans
+    def _stale(self, graph: str) -> BadInput:
+        return BadInput(f"{self.plans[graph]['engine']} was built from another {graph} than the one in "
+                        f"{self.artifacts} (exported again since); rebuild the plans with `{self.rebuild}`")
+
+    def _check_plans_current(self) -> set[str]:
+        """Refuse now if a graph has no plan or a plan is older than its graph; return the graphs left to hash."""
+        meta_path = self.artifacts / "artifacts.json"
+        graphs = json.loads(meta_path.read_text())["graphs"] if meta_path.exists() else list(self.plans)
+        manifest_path = self.artifacts / MANIFEST
+        recorded = json.loads(manifest_path.read_text()).get("files", {}) if manifest_path.exists() else {}
+        unverified = set()
+        for graph in graphs:
+            if graph not in self.plans:
+                raise BadInput(f"trt/ has no plan for {graph} (exported after the plans were built); rebuild them "
+                               f"with `{self.rebuild}`")
+            if graph not in recorded:
+                unverified.add(graph)
+            elif recorded[graph] != self.plans[graph]["onnx_sha256"]:
+                raise self._stale(graph)
+        return unverified
+
     def _engine(self, graph: str):
-        if graph not in self.engines:
-            blob = (self.artifacts / self.plans[graph]["engine"]).read_bytes()
-            self.engines[graph] = self.runtime.deserialize_cuda_engine(blob)
-            if self.engines[graph] is None:
-                raise RuntimeFailure(f"TensorRT could not load {self.plans[graph]['engine']} (built for another "
-                                     "TensorRT version or GPU?); rebuild with `halfv-export engine --target tensorrt`")
-        return self.engines[graph]
+        if graph in self.engines:
+            return self.engines[graph]
+        if graph not in self.plans:
+            raise BadInput(f"trt/ has no plan for {graph}; rebuild the plans with `{self.rebuild}`")
+        if graph in self._unverified:
+            if sha256_file(self.artifacts / graph) != self.plans[graph]["onnx_sha256"]:
+                raise self._stale(graph)
+            self._unverified.discard(graph)
+        path = self.artifacts / self.plans[graph]["engine"]
+        if not path.exists():
+            raise BadInput(f"{path} is missing; rebuild the plans with `{self.rebuild}`")
+        engine = self.runtime.deserialize_cuda_engine(path.read_bytes())
+        if engine is None:
+            raise RuntimeFailure(f"TensorRT could not load {self.plans[graph]['engine']} (built for another "
+                                 f"TensorRT version or GPU?); rebuild with `{self.rebuild}`")
+        self.engines[graph] = engine
+        self.io[graph] = self._read_io(graph, engine)
+        return engine
 
-    def _profile_index(self, graph: str, feeds: dict[str, np.ndarray]) -> int:
-        profiles = self.plans[graph]["profiles"]
-        for index, profile in enumerate(profiles):
-            if all(all(lo <= v <= hi for v, lo, hi in zip(feeds[name].shape, mins, maxs))
-                   for name, (mins, _, maxs) in profile.items() if name in feeds):
+    def _torch_dtype(self, graph: str, name: str, dtype):
+        label = trt_dtype_name(dtype)
+        if label not in TORCH_DTYPES or not hasattr(self.torch, TORCH_DTYPES[label]):
+            raise RuntimeFailure(f"{graph}: tensor {name} is {label} in the TensorRT engine, which torch cannot hold")
+        return getattr(self.torch, TORCH_DTYPES[label])
+
+    def _read_io(self, graph: str, engine) -> _EngineIO:
+        trt = self.trt
+        inputs, outputs = {}, {}
+        for i in range(engine.num_io_tensors):
+            name = engine.get_tensor_name(i)
+            dtype = self._torch_dtype(graph, name, engine.get_tensor_dtype(name))
+            (inputs if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else outputs)[name] = dtype
+        dynamic = [name for name in inputs if any(d < 0 for d in engine.get_tensor_shape(name))]
+        profiles = []
+        for index in range(engine.num_optimization_profiles):
+            ranges = {}
+            for name in dynamic:
+                lo, _, hi = engine.get_tensor_profile_shape(name, index)
+                ranges[name] = (tuple(lo), tuple(hi))
+            profiles.append(ranges)
+        return _EngineIO(inputs, outputs, profiles)
+
+    # ------------------------------------------------------------------------------------------ contexts
+    def _context(self, graph: str, engine):
+        if graph not in self.contexts:
+            strategies = getattr(self.trt, "ExecutionContextAllocationStrategy", None)
+            if strategies is not None and "ON_PROFILE_CHANGE" in strategies.__members__:
+                context = engine.create_execution_context(strategies.ON_PROFILE_CHANGE)
+            else:  # a TensorRT without allocation strategies: one allocation sized for the largest profile
+                context = engine.create_execution_context()
+            if context is None:
+                raise RuntimeFailure(f"TensorRT could not create an execution context for {graph} (out of GPU "
+                                     "memory?)")
+            self.contexts[graph] = context
+            self.active[graph] = getattr(context, "active_optimization_profile", -1)
+        return self.contexts[graph]
+
+    def _profile_index(self, graph: str, inputs: dict) -> int:
+        """The active profile when the feeds fit it (no switch mid-decode), else the first that fits."""
+        profiles = self.io[graph].profiles
+
+        def fits(ranges):
+            return all(len(inputs[name].shape) == len(lo)
+                       and all(a <= v <= b for v, a, b in zip(inputs[name].shape, lo, hi))
+                       for name, (lo, hi) in ranges.items())
+
+        active = self.active.get(graph, -1)
+        if 0 <= active < len(profiles) and fits(profiles[active]):
+            return active
+        for index, ranges in enumerate(profiles):
+            if fits(ranges):
                 return index
-        if not profiles:
-            return 0
-        raise BadInput(f"input shapes {({k: v.shape for k, v in feeds.items()})} fit no optimisation profile of "
-                       f"{graph}; rebuild the engines with larger --max-text / --max-batch")
+        shapes = {name: tuple(t.shape) for name, t in inputs.items()}
+        raise BadInput(f"input shapes {shapes} fit no optimisation profile of {graph}; rebuild the engines with "
+                       "larger --max-text / --max-batch / --max-new-tokens")
 
-    def run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        trt, torch = self.trt, self.torch
+    def _switch(self, graph: str, context, index: int) -> None:
+        if self.active.get(graph) == index:
+            return
+        try:
+            ok = context.set_optimization_profile_async(index, self.stream.handle)
+        except RuntimeError as e:  # the bindings raise "Error in set optimization profile async."
+            ok, why = False, str(e)
+        else:
+            why = "returned False"
+        if not ok:
+            raise RuntimeFailure(f"TensorRT could not switch {graph} to optimisation profile {index} ({why})")
+        self.active[graph] = index
+
+    # ------------------------------------------------------------------------------------------ buffers
+    def _input(self, graph: str, name: str, value, want):
+        """A feed as a contiguous tensor on the device with the engine's dtype; dtype checked before any copy."""
+        torch = self.torch
+        tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
+        if tensor.dtype != want:
+            integral = not tensor.dtype.is_floating_point and not want.is_floating_point
+            integral = integral and torch.bool not in (tensor.dtype, want) and not tensor.dtype.is_complex
+            if not (integral and self._fits(tensor, want)):
+                given, expected = str(tensor.dtype).removeprefix("torch."), str(want).removeprefix("torch.")
+                raise BadInput(f"{graph}: input {name} is {given}, but its TensorRT engine takes {expected}; feed "
+                               f"{expected} (for floats: the precision the graphs were exported with)")
+            tensor = tensor.to(want)
+        return tensor.to(self.device).contiguous()
+
+    def _fits(self, tensor, want) -> bool:
+        if tensor.numel() == 0:
+            return True
+        info = self.torch.iinfo(want)
+        return info.min <= int(tensor.min()) and int(tensor.max()) <= info.max
+
+    def run(self, graph: str, feeds: dict) -> dict:
         engine = self._engine(graph)
-        index = self._profile_index(graph, feeds)
-        key = (graph, index)
-        if key not in self.contexts:
-            context = engine.create_execution_context()
-            context.set_optimization_profile_async(index, self.stream.cuda_stream)
-            self.contexts[key] = context
-        context = self.contexts[key]
-        buffers, outputs = [], {}
-        for i in range(engine.num_io_tensors):
-            name = engine.get_tensor_name(i)
-            if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT:
-                tensor = torch.from_numpy(np.ascontiguousarray(feeds[name])).cuda()
-                context.set_input_shape(name, tuple(tensor.shape))
-                context.set_tensor_address(name, tensor.data_ptr())
-                buffers.append(tensor)
-        for i in range(engine.num_io_tensors):
-            name = engine.get_tensor_name(i)
-            if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT:
-                dtype = torch.from_numpy(np.empty(0, dtype=trt.nptype(engine.get_tensor_dtype(name)))).dtype
-                tensor = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
-                context.set_tensor_address(name, tensor.data_ptr())
-                outputs[name] = tensor
-        if not context.execute_async_v3(self.stream.cuda_stream):
-            raise RuntimeFailure(f"TensorRT execution of {graph} failed")
-        self.stream.synchronize()
-        return {name: tensor.cpu().numpy() for name, tensor in outputs.items()}
+        io = self.io[graph]
+        missing = [name for name in io.inputs if name not in feeds]
+        if missing:
+            raise BadInput(f"{graph} needs input {missing[0]}, which was not fed")
+        inputs = {name: self._input(graph, name, feeds[name], dtype) for name, dtype in io.inputs.items()}
+        context = self._context(graph, engine)
+        index = self._profile_index(graph, inputs)
+        self._switch(graph, context, index)
+        for name, tensor in inputs.items():  # after the switch: selecting a profile resets the input shapes
+            if not context.set_input_shape(name, tuple(tensor.shape)):
+                raise RuntimeFailure(f"TensorRT refused shape {tuple(tensor.shape)} for input {name} of {graph} "
+                                     f"(optimisation profile {index})")
+            if not context.set_tensor_address(name, tensor.data_ptr()):
+                raise RuntimeFailure(f"TensorRT refused the buffer of input {name} of {graph}")
+        outputs = {}
+        for name, dtype in io.outputs.items():
+            shape = tuple(context.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise RuntimeFailure(f"TensorRT could not infer the shape of output {name} of {graph} ({shape})")
+            tensor = self.torch.empty(shape, dtype=dtype, device=self.device)
+            if not context.set_tensor_address(name, tensor.data_ptr()):
+                raise RuntimeFailure(f"TensorRT refused the buffer of output {name} of {graph}")
+            outputs[name] = tensor
+        self.stream.before()
+        if not context.execute_async_v3(self.stream.handle):
+            raise RuntimeFailure(f"TensorRT execution of {graph} failed (see the TensorRT log above)")
+        self.stream.after()
+        return outputs
 
 
 register_target(EngineTarget(

@@ -136,16 +136,24 @@ def make_plan(artifacts: Path, options: PlanOptions = PlanOptions()) -> TrtBuild
                         graphs=graphs, options=options)
 
 
+def _shape_spec(profile: dict, which: int) -> str:
+    return ",".join(f"{name}:{'x'.join(str(v) for v in shapes[which])}" for name, shapes in profile.items())
+
+
 def trtexec_command(plan: TrtBuildPlan, graph: GraphPlan) -> str:
-    """The equivalent trtexec line (no per-integer flags; one --minShapes/--optShapes/--maxShapes set per profile)."""
+    """The equivalent trtexec line (no per-integer flags). trtexec (samples/common/sampleOptions.cpp) takes one
+    --minShapes/--optShapes/--maxShapes set on its own; several profiles each need a `--profile=N` right before
+    their three shape options, with N counting from 0 (without it, a second set is refused)."""
     parts = ["trtexec", f"--onnx={graph.graph}", f"--saveEngine={graph.engine}",
              f"--memPoolSize=workspace:{graph.workspace_mib}M", f"--timingCacheFile={plan.timing_cache}"]
     if graph.strongly_typed:
         parts.append("--stronglyTyped")
-    for profile in graph.profiles:
-        for which, flag in enumerate(("--minShapes", "--optShapes", "--maxShapes")):
-            parts.append(flag + "=" + ",".join(f"{name}:{'x'.join(str(v) for v in shapes[which])}"
-                                               for name, shapes in profile.items()))
+    numbered = len(graph.profiles) > 1
+    for index, profile in enumerate(graph.profiles):
+        if numbered:
+            parts.append(f"--profile={index}")
+        parts += [f"{flag}={_shape_spec(profile, which)}"
+                  for which, flag in enumerate(("--minShapes", "--optShapes", "--maxShapes"))]
     return " ".join(parts)
 
 

@@ -1,6 +1,10 @@
 """The export stage: every graph a deployment needs (graphs/specs.py lists the kinds), for every image-size bucket,
 plus artifacts.json. Everything is written into a staging folder inside --out and renamed into place when all
 graphs passed their checks; artifacts.json is written last.
+
+Engines a previous export's graphs were built into (trt/, ort/: every engine target's folder) are removed when the
+new graphs are renamed into place: they would run the old graphs' weights and schedule, and the manifest would
+hash them as if they belonged. `halfv-export engine` rebuilds them from the new graphs.
 """
 
 from __future__ import annotations
@@ -61,7 +65,8 @@ def resolve_buckets(adapter: BackboneAdapter, processing: Processing, sizes: lis
 def export_artifacts(adapter: BackboneAdapter, loaded: LoadedModel, schedule: PruneSchedule, schedule_doc: dict,
                      sizes: list[tuple[int, int]], out: Path, step: Callable[[str], None] = lambda name: None,
                      precision: str = "fp32",
-                     report: Callable[[str, str, object], None] = lambda graph, phase, detail: None) -> dict:
+                     report: Callable[[str, str, object], None] = lambda graph, phase, detail: None,
+                     log: Callable[[str], None] = lambda message: None) -> dict:
     """Export every graph. precision fp16/bf16 casts the weights; the graph code keeps scores, softmax, norms and
     the farthest-point fill in fp32 with explicit casts, which strongly typed TensorRT builds honour.
 
@@ -120,12 +125,32 @@ def export_artifacts(adapter: BackboneAdapter, loaded: LoadedModel, schedule: Pr
             "eos_token_ids": sorted(adapter.eos_token_ids(loaded)), "processing_files": files,
             "graphs": [spec.file for spec in specs], "weights": weights, "export_seconds": timings,
         }
+        dropped = _drop_engines(out, staging.with_name(staging.name + "-engines"))
         for item in sorted(staging.iterdir()):
             item.replace(out / item.name)
         write_text_atomic(out / "artifacts.json", json.dumps(meta, indent=2) + "\n")
+        if dropped:
+            log(f"removed {' and '.join(d + '/' for d in dropped)} (engines built from the previous graphs); rebuild "
+                f"with `halfv-export engine --artifacts {out} --target ...`")
         return meta
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging.with_name(staging.name + "-engines"), ignore_errors=True)
+
+
+def _drop_engines(out: Path, trash: Path) -> list[str]:
+    """Move every engine target's folder out of `out` (one rename each, so a killed export never leaves half a
+    folder); `trash` is removed afterwards. Returns the folders moved."""
+    from ..engines import all_targets
+
+    dropped = []
+    for target in all_targets():
+        engines = out / target.engine_dir
+        if engines.is_dir():
+            trash.mkdir(exist_ok=True)
+            engines.rename(trash / target.engine_dir)
+            dropped.append(target.engine_dir)
+    return dropped
 
 
 def _blank(size: tuple[int, int]):

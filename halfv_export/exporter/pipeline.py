@@ -151,7 +151,8 @@ def run_export(schedule_path: Path, model_dir: Path | None, image_sizes: list[tu
             written = f", {_mib(detail)} written" if isinstance(detail, int) else ""
             progress.update(task, description=f"{graph}: {phase}{written}")
 
-        meta = export_artifacts(adapter, loaded, sched, doc, image_sizes, out, precision=precision, report=report)
+        meta = export_artifacts(adapter, loaded, sched, doc, image_sizes, out, precision=precision, report=report,
+                                log=console.print)
     with console.status("hashing the artifacts for manifest.json"):
         write_manifest(out, export_manifest_extra(out))
     return meta

@@ -79,11 +79,13 @@ def run_validation(pipeline, loaded, samples: list[Sample], schedule: PruneSched
         eager = eager_halfv.prefill(ref_inputs)
         full = eager_full.prefill(ref_inputs)
         ref_logits = eager.logits.numpy()
-        max_abs = max(max_abs, float(np.abs(engine.logits - ref_logits).max()))
+        logits = pipeline.to_host(engine.logits)  # the engine's arrays may live on its device
+        engine_kept = {stage: pipeline.to_host(k) for stage, k in engine.kept.items()}
+        max_abs = max(max_abs, float(np.abs(logits - ref_logits).max()))
         for b in range(len(batch)):
-            cos_min = min(cos_min, _cosine(engine.logits[b], ref_logits[b]))
+            cos_min = min(cos_min, _cosine(logits[b], ref_logits[b]))
             for stage, kept in eager.kept.items():
-                kept_match.append(bool(np.array_equal(engine.kept.get(stage, np.empty(0))[b], kept[b].numpy())))
+                kept_match.append(bool(np.array_equal(engine_kept.get(stage, np.empty(0))[b], kept[b].numpy())))
         engine_tokens = pipeline.generate(images, prompts, GREEDY_TOKENS, stop_at_eos=False)
         eager_tokens = eager_halfv.generate(ref_inputs, GREEDY_TOKENS).numpy()
         tokens_match += [bool(np.array_equal(engine_tokens[b], eager_tokens[b])) for b in range(len(batch))]
@@ -114,7 +116,7 @@ def measure_latency(pipeline, loaded, sample: Sample, schedule: PruneSchedule) -
     embeds = pipeline.embeds(host)
     halfv, full = HalfVReference(stack, schedule), HalfVReference(stack, None)
     state = pipeline.prefill(host, halfv=True, embeds=embeds)
-    token = state.logits.argmax(-1)
+    token = pipeline.arrays.argmax(state.logits, -1)  # stays on the engine's device
 
     def decode_once():
         saved = (list(state.past), list(state.valid), state.next_positions.copy())
