@@ -33,12 +33,43 @@ def _rope_index_fn(config):
     return functools.partial(Qwen2_5_VLModel.get_rope_index, owner)
 
 
+# Scores one attention call may hold (elements): 2^26 fp32 = 256 MiB. Full-attention blocks over P patches chunk
+# their queries so that heads x chunk x P stays under it (P = 16384 at 1792x1792 would be 16 GiB per block unchunked).
+SCORE_BUDGET = 1 << 26
+
+
+def segment_tables(cu: torch.Tensor, patches: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded layout of contiguous segments [cu[w], cu[w+1]) of a P-row sequence (windows, or images).
+
+    Returns gather [W, L] (row of the sequence in slot (w, i); padding slots point at row P, an appended zero row),
+    scatter [P] (flat slot w*L + i of each row, to gather the padded layout back) and key_mask [W, 1, 1, L]
+    (additive: 0 on real keys, the dtype minimum on padding; every window has a real key, so no row is all -inf)."""
+    cu = cu.long()
+    lengths = cu[1:] - cu[:-1]  # [W]
+    width = int(lengths.max())
+    slot = torch.arange(width)
+    real = slot[None, :] < lengths[:, None]  # [W, L]
+    gather = torch.where(real, cu[:-1, None] + slot[None, :], torch.full_like(real, patches, dtype=torch.long))
+    rows = torch.arange(patches)
+    window = torch.bucketize(rows, cu[1:], right=True)  # [P]
+    scatter = window * width + rows - cu[window]
+    key_mask = torch.where(real, 0.0, torch.finfo(torch.float32).min)[:, None, None, :]
+    return gather, scatter, key_mask
+
+
 class QwenVisionBucket(nn.Module):
     """Qwen2.5-VL's vision tower for one (h, w) bucket: pixel patches [P, C*T*p*p] -> merged features [N, D].
 
     Everything data-dependent in the HF forward (window permutation, cu_seqlens, rotary positions) is computed on
-    the host for the bucket's grid and stored: the permutation as an index, the windows as one window id per patch
-    (the graph builds the block mask from it), the rotary tables as constants."""
+    the host for the bucket's grid and stored as constants. Cost is linear in windows:
+      windowed blocks: the P patches (in HF's window order, where each window is a contiguous run) are gathered into
+        a padded [W, L, C] layout (L = longest window, 64 patches for 112-px windows; border windows shorter, their
+        padding slots read an appended zero row and are masked as keys), attention runs batched over windows
+        ([W, heads, L, L] scores), and a second gather puts the rows back in sequence order. A grid whose windows
+        all have L patches needs neither gather nor mask: the layout is a reshape.
+      full-attention blocks: one image attends to itself with no mask; queries are chunked so that the score tensor
+        stays under SCORE_BUDGET elements.
+    Several images/frames in one bucket (t > 1) run their full-attention blocks through the segment layout too."""
 
     def __init__(self, visual: nn.Module, grid_thw: tuple[int, int, int]):
         super().__init__()
@@ -56,29 +87,64 @@ class QwenVisionBucket(nn.Module):
         permute = lambda t: t.reshape(patches // unit, unit, -1)[window_index].reshape(patches, -1)  # noqa: E731
         self.register_buffer("window_index", window_index.long(), persistent=False)
         self.register_buffer("reverse_index", torch.argsort(window_index).long(), persistent=False)
-        self.register_buffer("cos", permute(cos).float(), persistent=False)  # [P, hd]
+        self.register_buffer("cos", permute(cos).float(), persistent=False)  # [P, hd] window order
         self.register_buffer("sin", permute(sin).float(), persistent=False)
-        ids = torch.arange(patches)
-        self.register_buffer("window_id", torch.bucketize(ids, cu_window[1:].long(), right=True), persistent=False)
-        self.register_buffer("image_id", torch.bucketize(ids, cu_full[1:].long(), right=True), persistent=False)
         self.patches = patches
+        self.layouts = {}
+        for kind, cu in (("window", cu_window), ("full", cu_full)):
+            gather, scatter, key_mask = segment_tables(cu, patches)
+            num, width = gather.shape
+            padded = bool((gather == patches).any())
+            if kind == "full" and num == 1:
+                self.layouts[kind] = None  # one image: plain attention
+                continue
+            self.layouts[kind] = (num, width, padded)
+            self.register_buffer(f"{kind}_gather", gather.reshape(-1), persistent=False)
+            self.register_buffer(f"{kind}_scatter", scatter, persistent=False)
+            self.register_buffer(f"{kind}_mask", key_mask, persistent=False)
+            flat = gather.reshape(-1)
+            self.register_buffer(f"{kind}_cos", torch.cat([self.cos, self.cos[:1] * 0])[flat], persistent=False)
+            self.register_buffer(f"{kind}_sin", torch.cat([self.sin, self.sin[:1] * 0])[flat], persistent=False)
+
+    def _segment_attention(self, attn, x: torch.Tensor, kind: str) -> torch.Tensor:
+        """x [P, C] -> attention output [P, C] over the padded segment layout of `kind`."""
+        num, width, padded = self.layouts[kind]
+        if padded:
+            x = torch.cat([x, x.new_zeros(1, x.shape[1])])[getattr(self, f"{kind}_gather")]  # [W*L, C]
+        q, k, v = attn.qkv(x).reshape(num * width, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = apply_rotary_pos_emb_vision(q, k, getattr(self, f"{kind}_cos"), getattr(self, f"{kind}_sin"))
+        q, k, v = (t.reshape(num, width, attn.num_heads, -1).transpose(1, 2) for t in (q, k, v))  # [W, H, L, hd]
+        weights = (q @ k.transpose(-1, -2)) * attn.scaling  # [W, H, L, L]
+        if padded:
+            weights = weights + getattr(self, f"{kind}_mask").to(weights.dtype)
+        out = (weights.float().softmax(-1).to(v.dtype) @ v).transpose(1, 2).reshape(num * width, -1)
+        return out[getattr(self, f"{kind}_scatter")] if padded else out  # [P, C]
+
+    def _full_attention(self, attn, x: torch.Tensor) -> torch.Tensor:
+        """x [P, C] -> attention output [P, C], every patch attending to every patch; queries in chunks."""
+        q, k, v = attn.qkv(x).reshape(self.patches, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = apply_rotary_pos_emb_vision(q, k, self.cos, self.sin)
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [H, P, hd]
+        chunk = max(1, SCORE_BUDGET // (attn.num_heads * self.patches))
+        outs = []
+        for lo in range(0, self.patches, chunk):
+            weights = (q[:, lo:lo + chunk] @ k.transpose(-1, -2)) * attn.scaling  # [H, c, P]
+            outs.append(weights.float().softmax(-1).to(v.dtype) @ v)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return out.transpose(0, 1).reshape(self.patches, -1)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         v = self.visual
         h = v.patch_embed(pixel_values)  # [P, C]
         h = h.reshape(self.patches // self.unit, self.unit, -1)[self.window_index].reshape(self.patches, -1)
-        window_mask = torch.where(self.window_id[:, None] == self.window_id[None, :], 0.0, torch.finfo(h.dtype).min)
-        full_mask = torch.where(self.image_id[:, None] == self.image_id[None, :], 0.0, torch.finfo(h.dtype).min)
         for i, block in enumerate(v.blocks):
-            mask = full_mask if i in v.fullatt_block_indexes else window_mask
-            attn = block.attn
+            kind = "full" if i in v.fullatt_block_indexes else "window"
             x = block.norm1(h)
-            q, k, val = attn.qkv(x).reshape(self.patches, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-            q, k = apply_rotary_pos_emb_vision(q, k, self.cos, self.sin)  # [P, heads, hd]
-            q, k, val = (t.transpose(0, 1) for t in (q, k, val))  # [heads, P, hd]
-            weights = (q @ k.transpose(-1, -2)) * attn.scaling + mask
-            out = (weights.float().softmax(-1).to(val.dtype) @ val).transpose(0, 1).reshape(self.patches, -1)
-            h = h + attn.proj(out)
+            if self.layouts[kind] is None:
+                out = self._full_attention(block.attn, x)
+            else:
+                out = self._segment_attention(block.attn, x, kind)
+            h = h + block.attn.proj(out)
             h = h + block.mlp(block.norm2(h))
         return v.merger(h)[self.reverse_index]  # [N, D]
 
