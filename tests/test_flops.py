@@ -92,3 +92,86 @@ def test_flops_cli_needs_a_schedule_for_unknown_backbones(run_cli, tmp_path):
                  "--anchor-ratio", 0.1, "--ssr-layer", 16, "--ssr-mode", "freeze", "--json")
     assert ok.exit_code == 0, ok.output
     assert json.loads(ok.output)["rows"][0]["ratio"] > 1.5
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def test_qwen_vision_flops_by_hand_at_4096_tokens():
+    """Published 7B tower at 64x64 merged tokens (1792x1792 px): 16384 patches, 256 full 64-patch windows."""
+    from halfv_export.validate.vision_flops import vision_flops
+
+    v = vision_flops(published("Qwen/Qwen2.5-VL-7B-Instruct"), 3584, 4096)
+    p, c, m = 16384, 1280, 3420
+    linear = 2 * p * (3 * c * c + c * c + 3 * c * m)
+    windowed = 256 * 4 * 64 * 64 * c
+    full = 4 * p * p * c
+    embed = 2 * p * 1176 * c
+    merger = 2 * 4096 * 5120 * 5120 + 2 * 4096 * 5120 * 3584
+    assert v.grid == (64, 64)
+    assert v.windowed_attention == 28 * windowed and v.full_attention == 4 * full
+    assert v.total == 32 * linear + 28 * windowed + 4 * full + embed + merger
+    assert round(v.total / 1e12, 2) == 26.70  # export notes §10
+
+
+def test_border_windows_are_counted_as_they_run():
+    from halfv_export.validate.vision_flops import window_lengths
+
+    # 9 x 12 merged grid, 4 x 4 windows: rows cut 4, 4, 1; columns 4, 4, 4; 4 patches per merged token
+    assert window_lengths(9, 12, 4, 4) == [64, 64, 64, 64, 64, 64, 16, 16, 16]
+
+
+def test_vision_flops_match_flop_counter_on_the_tower(qwen):
+    """The analytic count against FlopCounterMode on transformers' tower (eager attention, per-window matmuls) at
+    a grid whose windows do not divide evenly."""
+    import torch
+
+    from halfv_export.validate.vision_flops import qwen_vision_flops
+
+    adapter, loaded, _ = qwen
+    loaded.model.set_attn_implementation("eager")
+    try:
+        bucket = (252, 336)  # 18 x 24 patches -> 9 x 12 merged
+        pixels = torch.randn(18 * 24, 1176)
+        with torch.no_grad():
+            measured = counted(lambda: adapter.eager_vision(loaded, pixels, bucket))
+    finally:
+        loaded.model.set_attn_implementation("sdpa")
+    config = loaded.config.to_dict()
+    analytic = qwen_vision_flops(config["vision_config"], config["text_config"]["hidden_size"], (9, 12))
+    assert analytic.total == pytest.approx(measured, rel=0.01)
+
+
+def test_clip_vision_flops_by_hand():
+    from halfv_export.validate.vision_flops import vision_flops
+
+    v = vision_flops(published("llava-hf/llava-1.5-7b-hf"), 4096, 576)
+    t, c, m = 577, 1024, 4096
+    layer = 8 * t * c * c + 4 * t * c * m + 4 * t * t * c
+    assert v.total == 24 * layer + 2 * 576 * 588 * c + 2 * 576 * c * 4096 + 2 * 576 * 4096 * 4096
+    assert vision_flops(published("llava-hf/llava-1.5-7b-hf"), 4096, 2304).total == 4 * v.total  # 4 tiles
+
+
+def test_flops_cli_end_to_end_prints_both_ratios(run_cli, tmp_path):
+    from halfv_export.validate.flops import LMShape, prefill_flops
+    from halfv_export.validate.vision_flops import vision_flops
+
+    cfg = published("Qwen/Qwen2.5-VL-7B-Instruct")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(cfg))
+    result = run_cli("flops", "--config", config, "--visual-tokens", 4096, "--end-to-end")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    ratio = float([x for x in lines if x.startswith("ratio:")][0].split()[1])
+    e2e = float([x for x in lines if x.startswith("end-to-end ratio:")][0].split()[2])
+    llm = prefill_flops(LMShape.from_config(cfg), 4096, 64, PruneSchedule(2, 0.25, 0.1, 21, "topk", 0.05))
+    vision = vision_flops(cfg, 3584, 4096).total
+    assert e2e == pytest.approx((vision + llm.full) / (vision + llm.halfv), abs=1e-3)
+    assert 2.0 < e2e < 2.2 < 4.0 < ratio  # export notes §10: 2.10 end to end vs 4.03 prefill-only
+
+
+def test_flops_end_to_end_needs_a_vision_config(run_cli, tmp_path):
+    cfg = dict(published("Qwen/Qwen2.5-VL-7B-Instruct"))
+    del cfg["vision_config"]
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(cfg))
+    result = run_cli("flops", "--config", config, "--visual-tokens", 576, "--end-to-end")
+    assert result.exit_code == 2 and "vision_config" in result.output and "Traceback" not in result.output

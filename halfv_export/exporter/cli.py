@@ -26,6 +26,7 @@ Examples:
   halfv-export flops --config config.json --schedule build/schedule.json --visual-tokens 576 --visual-tokens 2304
   halfv-export flops --config config.json --ivr-layer 3 --keep-ratio 0.5 --anchor-ratio 0.2 \\
       --ssr-layer 15 --ssr-mode freeze --visual-tokens 576
+  halfv-export flops --config Qwen2.5-VL-7B/config.json --end-to-end --visual-tokens 576 --visual-tokens 4096
 """
 
 
@@ -133,28 +134,41 @@ def calibrate(backbone, model_dir, data, samples, seed, tme_k, kl_probe, paper_v
 @click.option("--visual-tokens", "visual", type=click.IntRange(0), multiple=True, required=True,
               help="Visual tokens N (repeat for a sweep).")
 @click.option("--text-tokens", type=click.IntRange(0), default=64, show_default=True, help="Other prompt tokens T.")
+@click.option("--end-to-end", is_flag=True,
+              help="Add the vision encoder (time to first token = vision + prefill) and print both ratios.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @user_errors
-def flops(config_path, schedule_path, visual, text_tokens, as_json, **kwargs):
+def flops(config_path, schedule_path, visual, text_tokens, end_to_end, as_json, **kwargs):
     """Prefill FLOPs of the LLM, full vs HalfV, and their ratio.
 
     Counts GQA projections, the full attention rectangle, and SwiGLU MLPs per layer; frozen visual rows (freeze
     mode) still pay their K/V projections. Selection overhead (scores, farthest-point similarity) is reported
     separately and not in the ratio. Without --schedule or flags, the backbone's paper schedule is used.
+
+    --end-to-end adds the vision encoder, which HalfV does not prune: Qwen2.5-VL's windowed and full-attention
+    blocks counted as they run on a square grid of N merged tokens (border windows included), LLaVA's CLIP tower
+    once per 576 tokens; it prints the end-to-end (TTFT) ratio next to the prefill ratio.
     """
     from .pipeline import flops_table
 
-    rows, described = flops_table(config_path, schedule_path, pick_overrides(kwargs), list(visual), text_tokens)
+    rows, described = flops_table(config_path, schedule_path, pick_overrides(kwargs), list(visual), text_tokens,
+                                  end_to_end)
     if as_json:
         click.echo(json.dumps({"schedule": described, "rows": rows}, indent=2))
         return
     click.echo(f"schedule: {described}")
-    click.echo(f"{'visual':>7} {'text':>5} {'full TFLOP':>11} {'halfv TFLOP':>12} {'overhead GFLOP':>15} {'ratio':>7}")
+    e2e_head = f" {'vision TFLOP':>13} {'e2e ratio':>10}" if end_to_end else ""
+    click.echo(f"{'visual':>7} {'text':>5} {'full TFLOP':>11} {'halfv TFLOP':>12} {'overhead GFLOP':>15} {'ratio':>7}"
+               + e2e_head)
     for r in rows:
+        e2e = f" {r['vision'] / 1e12:>13.3f} {r['e2e_ratio']:>10.3f}" if end_to_end else ""
         click.echo(f"{r['visual']:>7} {r['text']:>5} {r['full'] / 1e12:>11.3f} {r['halfv'] / 1e12:>12.3f} "
-                   f"{r['overhead'] / 1e9:>15.2f} {r['ratio']:>7.3f}")
+                   f"{r['overhead'] / 1e9:>15.2f} {r['ratio']:>7.3f}" + e2e)
     for r in rows:
-        click.echo(f"ratio: {r['ratio']:.3f}" + (f"  (N={r['visual']})" if len(rows) > 1 else ""))
+        suffix = f"  (N={r['visual']})" if len(rows) > 1 else ""
+        click.echo(f"ratio: {r['ratio']:.3f}" + suffix)
+        if end_to_end:
+            click.echo(f"end-to-end ratio: {r['e2e_ratio']:.3f}" + suffix)
 
 
 EPILOG_EXPORT = """\b

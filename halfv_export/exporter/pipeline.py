@@ -15,6 +15,7 @@ from ..graphs.adapter import adapter_for_model_type, get_adapter
 from ..graphs.checkpoint import config_fingerprint, read_config_json
 from ..validate.flops import LMShape, prefill_flops
 from ..validate.plots import tme_plot
+from ..validate.vision_flops import vision_flops
 from ..base.atomic import prepare_out_dir
 from ..base.data import load_data, synthetic_set
 from ..base.manifest import verify_manifest, write_manifest
@@ -78,7 +79,7 @@ def describe(values: dict) -> str:
 
 
 def flops_table(config_path: Path, schedule_path: Path | None, overrides: dict, visual: list[int],
-                text_tokens: int) -> tuple[list[dict], str]:
+                text_tokens: int, end_to_end: bool = False) -> tuple[list[dict], str]:
     config = read_config_json(config_path)
     shape = LMShape.from_config(config)
     if schedule_path is not None:
@@ -98,8 +99,15 @@ def flops_table(config_path: Path, schedule_path: Path | None, overrides: dict, 
     rows = []
     for n in visual:
         f = prefill_flops(shape, n, text_tokens, sched)
-        rows.append({"visual": n, "text": text_tokens, "full": f.full, "halfv": f.halfv, "overhead": f.overhead,
-                     "ratio": f.ratio, "ratio_with_overhead": f.ratio_with_overhead})
+        row = {"visual": n, "text": text_tokens, "full": f.full, "halfv": f.halfv, "overhead": f.overhead,
+               "ratio": f.ratio, "ratio_with_overhead": f.ratio_with_overhead}
+        if end_to_end:  # TTFT: the vision encoder runs the same in both; HalfV prunes only inside the LLM
+            v = vision_flops(config, shape.hidden, n)
+            row.update({"vision": v.total, "vision_windowed_attention": v.windowed_attention,
+                        "vision_full_attention": v.full_attention, "vision_grid": list(v.grid),
+                        "e2e_full": v.total + f.full, "e2e_halfv": v.total + f.halfv,
+                        "e2e_ratio": (v.total + f.full) / (v.total + f.halfv)})
+        rows.append(row)
     return rows, describe(values)
 
 

@@ -1,0 +1,157 @@
+"""Time and peak RSS of the exported Qwen2.5-VL vision graph (ONNX Runtime) against transformers' tower (eager
+PyTorch) on the same input, each in its own process so that peak RSS is the process's own.
+
+The tower is the published one read from tests/data/model-configs.json (default: Qwen2.5-VL-3B: depth 32, hidden
+1280, 16 heads, MLP 3420, 112-px windows, full attention at blocks 7/15/23/31), fp32, RANDOM weights drawn from
+--seed; --depth keeps the first blocks (and the full-attention indexes below it) for a shorter run.
+
+    PYTHONPATH=. python tools/vision_bench.py --image-size 896x896
+    PYTHONPATH=. python tools/vision_bench.py --image-size 1792x1792 --depth 8 --out /tmp/vb
+
+Prints one JSON object: seconds and peak RSS (GiB) for eager and ONNX Runtime (session creation and one run, which
+includes ORT_ENABLE_ALL optimisation as the engine stage does), their ratios, and max |ORT - eager|.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "tests" / "data" / "model-configs.json"
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def tower(model: str, depth: int | None, seed: int):
+    import torch
+    from transformers import Qwen2_5_VLConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
+
+    published = next(m for m in json.loads(CONFIGS.read_text())["models"] if m["_model"] == model)
+    vision = dict(published["vision_config"])
+    if depth is not None:
+        vision["depth"] = depth
+        vision["fullatt_block_indexes"] = [i for i in vision["fullatt_block_indexes"] if i < depth] or [depth - 1]
+    config = Qwen2_5_VLConfig(vision_config=vision).vision_config
+    config._attn_implementation = "sdpa"  # transformers' default for this tower
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        visual = Qwen2_5_VisionTransformerPretrainedModel(config)
+    return visual.float().eval()
+
+
+def grid_of(size: tuple[int, int]) -> tuple[int, int, int]:
+    return (1, size[0] // 14, size[1] // 14)
+
+
+def run_eager(args) -> dict:
+    import numpy as np
+    import torch
+
+    visual = tower(args.model, args.depth, args.seed)
+    pixels = torch.from_numpy(np.load(args.work / "pixels.npy"))
+    grid = torch.tensor([grid_of(args.size)])
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = visual(pixels, grid).pooler_output
+    seconds = time.perf_counter() - start
+    np.save(args.work / "eager.npy", out.numpy())
+    return {"seconds": seconds, "peak_rss_gib": peak_rss_gib()}
+
+
+def run_ort(args) -> dict:
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    pixels = np.load(args.work / "pixels.npy")
+    start = time.perf_counter()
+    graph = next(args.work.glob("vision_*.onnx"))
+    session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    created = time.perf_counter()
+    out = session.run(None, {"pixel_values": pixels})[0]
+    seconds = time.perf_counter() - created
+    np.save(args.work / "ort.npy", out)
+    return {"seconds": seconds, "session_seconds": created - start, "peak_rss_gib": peak_rss_gib()}
+
+
+def export(args) -> dict:
+    import numpy as np
+    import torch
+
+    from halfv_export.graphs.qwen2_5_vl import QwenVisionBucket
+    from halfv_export.graphs.specs import vision_spec
+
+    visual = tower(args.model, args.depth, args.seed)
+    grid = grid_of(args.size)
+    pixels = torch.randn(grid[1] * grid[2], 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(args.seed + 1))
+    np.save(args.work / "pixels.npy", pixels.numpy())
+    start = time.perf_counter()
+    spec = vision_spec(QwenVisionBucket(visual, grid).eval(), pixels, args.size)
+    spec.export(args.work)
+    return {"export_seconds": time.perf_counter() - start, "patches": grid[1] * grid[2]}
+
+
+def child(kind: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--child", kind, "--work", str(args.work), "--image-size",
+           f"{args.size[0]}x{args.size[1]}", "--model", args.model, "--seed", str(args.seed)]
+    if args.depth is not None:
+        cmd += ["--depth", str(args.depth)]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"{kind} run failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image-size", default="896x896", help="HxW in pixels, multiples of 28")
+    parser.add_argument("--model", default="Qwen/Qwen2.5-VL-3B-Instruct", help="a Qwen2.5-VL entry of the configs")
+    parser.add_argument("--depth", type=int, default=None, help="keep the first blocks only (default: all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one, removed)")
+    parser.add_argument("--child", choices=["export", "eager", "ort"], default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    h, w = (int(x) for x in args.image_size.lower().split("x"))
+    if h % 28 or w % 28:
+        raise SystemExit(f"--image-size {args.image_size}: both sides must be multiples of 28 (patch 14, merge 2)")
+    args.size = (h, w)
+    if args.child:
+        result = {"export": export, "eager": run_eager, "ort": run_ort}[args.child](args)
+        result.setdefault("peak_rss_gib", peak_rss_gib())
+        print(json.dumps(result))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        args.work = Path(args.out or tmp)
+        args.work.mkdir(parents=True, exist_ok=True)
+        exported = child("export", args)
+        eager = child("eager", args)
+        ort = child("ort", args)
+        import numpy as np
+
+        a, b = np.load(args.work / "eager.npy"), np.load(args.work / "ort.npy")
+        report = {
+            "model": args.model, "weights": "random (seed %d), fp32" % args.seed, "image_size": args.image_size,
+            "depth": args.depth or "published", "patches": exported["patches"],
+            "export": exported, "eager": eager, "ort": ort,
+            "ort_over_eager_time": ort["seconds"] / eager["seconds"],
+            "ort_over_eager_rss": ort["peak_rss_gib"] / eager["peak_rss_gib"],
+            "max_abs_diff": float(np.abs(a - b).max()), "max_abs_eager": float(np.abs(a).max()),
+        }
+        print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
