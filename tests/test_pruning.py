@@ -80,3 +80,55 @@ def test_keep_index_is_text_plus_selected_visual_ascending(data):
         s = starts[i]
         want = list(range(s)) + [s + j for j in selected[i]] + list(range(s + n, seq))
         assert got[i].tolist() == want
+
+
+# ------------------------------------------------------------------------------------------------ FPS formulations
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10_000), n=st.integers(2, 48), dims=st.integers(1, 6), batch=st.integers(1, 3),
+       duplicates=st.booleans(), data=st.data())
+def test_fps_chain_is_identical_to_the_literal_form(seed, n, dims, batch, duplicates, data):
+    """The 4-node step (diagonal -1, flat row gather) picks exactly what the literal form picks, ties included:
+    duplicated rows and few dimensions make equal distances common."""
+    from halfv_export.graphs.pruning import farthest_point_fill_reference
+
+    k = data.draw(st.integers(1, n))
+    a = data.draw(st.integers(0, k))
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(batch, n, dims, generator=g)
+    if duplicates:
+        feats = feats[:, torch.randint(0, max(1, n // 3), (n,), generator=g)]
+    feats = F.normalize(feats, dim=-1)
+    anchors = torch.stack([torch.randperm(n, generator=g)[:a] for _ in range(batch)])
+    assert torch.equal(farthest_point_fill(feats, anchors, k), farthest_point_fill_reference(feats, anchors, k))
+
+
+def test_fps_chain_exports_four_nodes_a_step_and_matches_onnxruntime(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from halfv_export.graphs.lint import lint_file
+    from halfv_export.graphs.onnx_export import batch_dim, export_module
+    from halfv_export.graphs.pruning import farthest_point_fill_reference
+
+    n, k, a = 96, 40, 4
+
+    class Fill(torch.nn.Module):
+        def forward(self, feats, anchors):
+            return farthest_point_fill(feats, anchors, k)
+
+    g = torch.Generator().manual_seed(3)
+    feats = F.normalize(torch.randn(2, n, 16, generator=g), dim=-1)
+    anchors = torch.stack([torch.randperm(n, generator=g)[:a] for _ in range(2)])
+    b = batch_dim()
+    path = export_module(Fill(), (feats, anchors), tmp_path / "fps.onnx", ["feats", "anchors"], ["selected"],
+                         ({0: b}, {0: b}))
+    assert lint_file(path) == []
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    # one ArgMax per pick; the last pick's update is dead and pruned by the exporter
+    assert ops.count("ArgMax") == k - a and ops.count("Gather") == ops.count("Min") == k - a - 1
+    assert len(ops) <= 4 * (k - a) + 30  # the chain, plus the distance matrix, the anchors' min and the sort
+    feats3 = F.normalize(torch.randn(3, n, 16, generator=g), dim=-1)  # another batch size than traced
+    anchors3 = torch.stack([torch.randperm(n, generator=g)[:a] for _ in range(3)])
+    got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
+        None, {"feats": feats3.numpy(), "anchors": anchors3.numpy()})[0]
+    assert np.array_equal(got, farthest_point_fill_reference(feats3, anchors3, k).numpy())
