@@ -104,8 +104,12 @@ def test_validate_gates(exported, run_cli, tmp_path):
     assert report["parity"]["kept_indices_match"] == 1.0 and report["parity"]["greedy_tokens_match"] == 1.0
     assert report["parity"]["logits_max_abs_diff"] <= 1e-3 and report["fidelity"]["weights"] == "random"
     for key in ("eager_full_prefill", "eager_halfv_prefill", "engine_full_prefill", "engine_halfv_prefill",
-                "engine_decode_step"):
+                "engine_decode_step", "eager_embed_vision", "engine_embed_vision", "eager_full_ttft",
+                "eager_halfv_ttft", "engine_full_ttft", "engine_halfv_ttft"):
         assert report["latency_ms"][key] > 0
+    # the vision tower is in both sides of the end-to-end ratio, so it sits between 1 and the prefill-only ratio
+    assert report["flops"]["vision"] > 0 and 1 < report["flops"]["e2e_ratio"] < report["flops"]["ratio"]
+    assert "time to first token" in (exported / "report.md").read_text()
     assert report["flops"]["ratio"] > 1 and (exported / "latency.png").stat().st_size > 10_000
     from halfv_export.validate.report import METRICS, lookup
 

@@ -464,6 +464,7 @@ def _summary_table(meta: dict, report: dict) -> None:
 Examples:
   halfv-export bench --out bench/ --readme README.md
   halfv-export bench --visual-tokens 256 --layers 8 --no-genai --out bench-small/
+  halfv-export bench --visual-tokens 1024 --vision-depth 8 --no-genai --out bench-ttft/
   halfv-export bench --backbone llava-1.5 --hidden 1024 --heads 16 --kv-heads 16 --no-genai --out bench-llava/
   halfv-export bench --config Qwen2.5-VL-7B/config.json --layers 4 --visual-tokens 1024 --no-genai --out bench-7b/
 """)
@@ -483,10 +484,14 @@ Examples:
 @click.option("--vocab", type=click.IntRange(16), help="Vocabulary [default: 151936, or the config's].")
 @click.option("--runs", type=click.IntRange(1), default=5, show_default=True, help="Timed runs after one warm-up.")
 @click.option("--genai/--no-genai", default=True, show_default=True, help="Build and time the ONNX Runtime GenAI peer.")
+@click.option("--vision/--no-vision", default=True, show_default=True,
+              help="Time to first token: time the published vision tower (and the embedding) at the reference N.")
+@click.option("--vision-depth", type=click.IntRange(1), help="Blocks of the published tower to time [default: all].")
 @click.option("--readme", type=click.Path(path_type=Path), help="Replace this README's performance section with bench.md.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Where bench.json, bench.md and plots go.")
 @user_errors
-def bench(backbone, config_path, visual, reference_visual, text_tokens, runs, genai, readme, out, **widths):
+def bench(backbone, config_path, visual, reference_visual, text_tokens, runs, genai, vision, vision_depth, readme, out,
+          **widths):
     """Speed, memory and FLOPs side by side, in one process, on the same inputs.
 
     FLOPs ratio curves of the published configs; ONNX Runtime CPU prefill of the exported full vs HalfV graphs (the
@@ -511,7 +516,7 @@ def bench(backbone, config_path, visual, reference_visual, text_tokens, runs, ge
     else:
         shape = BenchShape(**{k: v for k, v in widths.items() if v is not None})
     r = run_bench(out, adapter, shape, visual, text_tokens, runs, reference_visual, genai,
-                  log=lambda m: click.echo(m, err=True))
+                  log=lambda m: click.echo(m, err=True), vision=vision, vision_depth=vision_depth)
     click.echo((out / "bench.md").read_text())
     if readme is not None:
         update_readme(readme, (out / "bench.md").read_text())
@@ -520,6 +525,9 @@ def bench(backbone, config_path, visual, reference_visual, text_tokens, runs, ge
     click.echo(f"measured ratio: {ref['measured_ratio']:.2f}")
     click.echo(f"FLOPs ratio: {ref['flops_ratio']:.2f}")
     click.echo(f"efficiency: {ref['efficiency']:.2f}")
+    if "engine_ttft_ratio" in r["ttft"]:
+        click.echo(f"TTFT ratio (exported): {r['ttft']['engine_ttft_ratio']:.2f}")
+        click.echo(f"TTFT FLOPs ratio: {r['ttft']['flops_ttft_ratio']:.2f}")
 
 
 def main(argv=None):

@@ -7,6 +7,8 @@ Sections (bench.json keys):
                  FLOPs ratio, efficiency = measured / FLOPs ratio
   eager          at the reference N: eager PyTorch unpruned and HalfV prefill on the same inputs
   selection      at the reference N: the selection work alone (scores, farthest-point fill, gathers) as its own graph
+  ttft           at the reference N: time to first token = embedding + vision tower (the published one, random
+                 weights) + prefill, full vs HalfV, exported and eager, beside the LLM-only ratio and both FLOPs ratios
   genai          ONNX Runtime GenAI's model builder on the same checkpoint, its unpruned prefill on the same ids
   decode         one decode step, full vs HalfV cache, and the KV-cache bytes of each
   gpu            eager bf16 prefill on the backbone's published 7B LLM shape when CUDA is present (skipped otherwise)
@@ -252,7 +254,8 @@ def gpu_section(adapter: BackboneAdapter, runs: int) -> dict:
 # ------------------------------------------------------------------------------------------------ driver
 def run_bench(out: Path, adapter: BackboneAdapter, shape: BenchShape = BenchShape(),
               visual: tuple[int, ...] = (256, 1024, 2048), text: int = 64, runs: int = 5, reference_visual: int = 1024,
-              genai: bool = True, log: Callable[[str], None] = print) -> dict:
+              genai: bool = True, log: Callable[[str], None] = print, vision: bool = True,
+              vision_depth: int | None = None) -> dict:
     import onnxruntime as ort
 
     if shape.hidden % shape.heads or shape.heads % shape.kv_heads:
@@ -310,6 +313,12 @@ def run_bench(out: Path, adapter: BackboneAdapter, shape: BenchShape = BenchShap
     selection["flops_share"] = round(f.overhead / f.halfv, 4)
     result["selection"] = selection
 
+    if vision:
+        result["ttft"] = ttft_section(adapter, shape, lm, sched, reference_visual, text, ref_row, result["eager"],
+                                      work, runs, vision_depth, log)
+    else:
+        result["ttft"] = {"skipped": "--no-vision"}
+
     log(f"N={reference_visual}: decode step on the full and the pruned cache")
     result["decode"] = decode_section(stack, sched, ref_inputs, full_path, halfv_paths[reference_visual], work, runs)
 
@@ -357,3 +366,77 @@ def decode_section(stack, sched, inputs: PrefillInputs, full_path: Path, halfv_p
                          "cache_lengths": sorted({int(p.shape[2]) for p in past})}
     section["kv_cache_ratio"] = round(section["full"]["kv_cache_bytes"] / section["halfv"]["kv_cache_bytes"], 3)
     return section
+
+
+def published_vision(adapter: BackboneAdapter) -> tuple[str, dict] | None:
+    for model in json.loads(CONFIGS.read_text())["models"]:
+        if model.get("model_type") in adapter.model_types and model.get("vision_config"):
+            return model["_model"], dict(model["vision_config"])
+    return None
+
+
+def ttft_section(adapter: BackboneAdapter, shape: BenchShape, lm: LMShape, sched: PruneSchedule, visual: int,
+                 text: int, prefill_row: dict, eager: dict, work: Path, runs: int, vision_depth: int | None,
+                 log: Callable[[str], None]) -> dict:
+    """Time to first token at N = `visual`: embedding + vision tower + prefill, full vs HalfV, exported (ONNX
+    Runtime) and eager, as the sum of the stage medians (the stages run one after another; the prefill rows are the
+    cpu_prefill / eager rows of the same N). The tower is the backbone's published one (fp32, random weights; its
+    first `vision_depth` blocks when given) with its merger emitting this LLM's width, on one image whose merged
+    grid is the bench prompt's (as square as N allows); its graph is the product's (adapter.vision_graph)."""
+    import copy
+
+    from ..graphs.specs import embed_spec, vision_spec
+    from .vision_flops import vision_flops
+
+    found = published_vision(adapter)
+    if found is None or "window_size" not in found[1]:
+        return {"skipped": f"{adapter.name}: N visual tokens is not one image whose size sets N (Qwen2.5-VL only)"}
+    name, vision = found
+    if vision_depth is not None:
+        vision["depth"] = vision_depth
+        vision["fullatt_block_indexes"] = [i for i in vision["fullatt_block_indexes"] if i < vision_depth]
+    cfg = json.loads((adapter.embedded_dir / "config.json").read_text())
+    cfg["text_config"].update({**shape.text_config(), "num_hidden_layers": 1})  # the tower alone is timed here
+    cfg["vision_config"].update({k: v for k, v in vision.items() if k != "out_hidden_size"})
+    adapter.fit_config(cfg)
+    config = adapter.config_class(**copy.deepcopy(cfg))
+    log(f"N={visual}: building the published vision tower ({name}, depth {vision['depth']}, random weights)")
+    model = seeded_model(adapter.model_class, config, seed=0)
+    processing = adapter.load_processing(adapter.embedded_dir, config=config)
+    ip = processing.image_processor
+    side = ip.patch_size * ip.merge_size
+    rows = max(d for d in range(1, int(visual ** 0.5) + 1) if visual % d == 0)
+    bucket = (rows * side, visual // rows * side)
+    loaded = LoadedModel(model=model, tokenizer=None, image_processor=ip, source="bench")
+    patches = visual * ip.merge_size ** 2
+    pixels = torch.randn(patches, 3 * ip.temporal_patch_size * ip.patch_size ** 2,
+                         generator=torch.Generator().manual_seed(2))
+    log(f"N={visual}: exporting the vision graph of the {bucket[0]}x{bucket[1]} bucket and timing it")
+    spec = vision_spec(adapter.vision_graph(loaded, bucket), pixels, bucket)
+    vision_ort = measure_ort(spec.export(work), {"pixel_values": pixels.numpy()}, runs)
+    with torch.no_grad(), PeakRss() as rss:
+        vision_eager = timed(lambda: adapter.eager_vision(loaded, pixels, bucket), runs)
+    vision_eager.update(rss.result())
+    del model, loaded
+    stack = adapter.text_stack(LoadedModel(model=seeded_model(adapter.model_class, config, seed=0), tokenizer=None,
+                                           image_processor=None, source="bench"))
+    ids = torch.randint(0, shape.vocab, (1, visual + text), generator=torch.Generator().manual_seed(3))
+    embed = measure_ort(embed_spec(stack).export(work), {"input_ids": ids.numpy()}, runs)
+    with torch.no_grad():
+        embed_eager = timed(lambda: stack.embed_tokens(ids), runs)
+    f = prefill_flops(lm, visual, text, sched)
+    v = vision_flops(cfg, lm.hidden, visual, (rows, visual // rows))
+    ms = lambda entry: entry["median_ms"]  # noqa: E731
+    engine = {"full": ms(embed) + ms(vision_ort) + ms(prefill_row["full"]),
+              "halfv": ms(embed) + ms(vision_ort) + ms(prefill_row["halfv"])}
+    reference = {"full": ms(embed_eager) + ms(vision_eager) + ms(eager["full"]),
+                 "halfv": ms(embed_eager) + ms(vision_eager) + ms(eager["halfv"])}
+    return {"visual": visual, "bucket": list(bucket), "tower": name, "vision_depth": vision["depth"],
+            "vision_ort": vision_ort, "vision_eager": vision_eager, "embed_ort": embed, "embed_eager": embed_eager,
+            "engine_ttft_ms": {k: round(x, 1) for k, x in engine.items()},
+            "eager_ttft_ms": {k: round(x, 1) for k, x in reference.items()},
+            "engine_ttft_ratio": round(engine["full"] / engine["halfv"], 3),
+            "eager_ttft_ratio": round(reference["full"] / reference["halfv"], 3),
+            "prefill_ratio": prefill_row["measured_ratio"],
+            "vision_tflop": round(v.total / 1e12, 4), "flops_prefill_ratio": round(f.ratio, 3),
+            "flops_ttft_ratio": round((v.total + f.full) / (v.total + f.halfv), 3)}

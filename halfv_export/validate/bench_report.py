@@ -48,6 +48,7 @@ def render_bench(r: dict) -> str:
                      f"{peer['halfv_speedup_over_genai']:.2f}× (needed ≥ {peer['needed']:.2f}) |")
     else:
         lines.append(f"| ONNX Runtime GenAI | — | {peer.get('error') or peer.get('skipped')} |")
+    lines += ttft_lines(r.get("ttft") or {"skipped": "not measured"})
     lines += ["", f"Selection work alone (scores at L1−1 and L2−1, anchors, farthest-point fill, gathers; its own "
                   f"graph): {sel['median_ms']:.1f} ms = {100 * sel['share_of_halfv_prefill']:.1f}% of the HalfV prefill "
                   f"({100 * sel['flops_share']:.2f}% of its FLOPs).", "",
@@ -74,6 +75,26 @@ def render_bench(r: dict) -> str:
         f"({row['measured_ratio']:.2f}× vs FLOPs {row['flops_ratio']:.2f}×)" for row in gpu["eager_prefill"])
         + f" on {gpu['device']}") + "."]
     return "\n".join(lines) + "\n"
+
+
+def ttft_lines(t: dict) -> list[str]:
+    if "skipped" in t:
+        return ["", f"Time to first token: not measured ({t['skipped']})."]
+    e, g = t["engine_ttft_ms"], t["eager_ttft_ms"]
+    return [
+        "", f"**Time to first token at {t['visual']} visual tokens** (embedding + vision tower + prefill; {t['tower']} "
+        f"tower, depth {t['vision_depth']}, random weights, {t['bucket'][0]}x{t['bucket'][1]} px; sums of the stage "
+        "medians)", "",
+        "| | embedding ms | vision ms | TTFT full ms | TTFT HalfV ms | TTFT ratio | prefill-only ratio |",
+        "|---|---|---|---|---|---|---|",
+        f"| exported (ONNX Runtime) | {_ms(t['embed_ort'])} | {_ms(t['vision_ort'])} | {e['full']:.1f} | "
+        f"{e['halfv']:.1f} | {t['engine_ttft_ratio']:.2f}× | {t['prefill_ratio']:.2f}× |",
+        f"| eager PyTorch | {_ms(t['embed_eager'])} | {_ms(t['vision_eager'])} | {g['full']:.1f} | {g['halfv']:.1f} | "
+        f"{t['eager_ttft_ratio']:.2f}× | |",
+        "", f"FLOPs: vision {t['vision_tflop']:.3f} TFLOP; prefill ratio {t['flops_prefill_ratio']:.2f}×, end-to-end "
+        f"(TTFT) ratio {t['flops_ttft_ratio']:.2f}×. Vision peak RSS MB (rise): exported {_mem(t['vision_ort'])}, "
+        f"eager {_mem(t['vision_eager'])}.",
+    ]
 
 
 def bench_plots(r: dict, out: Path) -> None:

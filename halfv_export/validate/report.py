@@ -22,6 +22,7 @@ from ..graphs.halfv import HalfVReference
 from ..graphs.pruning import PruneSchedule
 from ..graphs.tme import kl_last_token
 from .flops import LMShape, prefill_flops
+from .vision_flops import vision_flops
 from .plots import latency_plot
 
 GREEDY_TOKENS = 16
@@ -107,7 +108,9 @@ def run_validation(pipeline, loaded, samples: list[Sample], schedule: PruneSched
 
 def measure_latency(pipeline, loaded, sample: Sample, schedule: PruneSchedule) -> tuple[dict, dict]:
     """Medians of LATENCY_RUNS runs after a warm-up, batch 1, on one sample: prefill (LLM only, embeddings
-    ready) eager/engine x full/HalfV, and one engine decode step on the pruned cache. Also that sample's FLOPs."""
+    ready) eager/engine x full/HalfV, time to first token (host inputs + embedding + vision tower + prefill: what a
+    user waits for; HalfV leaves everything but the prefill unchanged), and one engine decode step on the pruned
+    cache. Also that sample's FLOPs, prefill-only and end to end (vision encoder included)."""
     adapter = pipeline.adapter
     stack = adapter.text_stack(loaded)
     image = pipeline.fit_image(sample.image)
@@ -129,12 +132,25 @@ def measure_latency(pipeline, loaded, sample: Sample, schedule: PruneSchedule) -
         "engine_full_prefill": median_ms(lambda: pipeline.prefill(host, halfv=False, embeds=embeds)),
         "engine_halfv_prefill": median_ms(lambda: pipeline.prefill(host, halfv=True, embeds=embeds)),
         "engine_decode_step": median_ms(decode_once),
+        "eager_embed_vision": median_ms(lambda: adapter.prepare(loaded, [image], [sample.prompt])),
+        "engine_embed_vision": median_ms(lambda: pipeline.embeds(pipeline.host([image], [sample.prompt]))),
+        "eager_full_ttft": median_ms(lambda: full.prefill(adapter.prepare(loaded, [image], [sample.prompt]))),
+        "eager_halfv_ttft": median_ms(lambda: halfv.prefill(adapter.prepare(loaded, [image], [sample.prompt]))),
+        "engine_full_ttft": median_ms(lambda: pipeline.prefill(pipeline.host([image], [sample.prompt]), halfv=False)),
+        "engine_halfv_ttft": median_ms(lambda: pipeline.prefill(pipeline.host([image], [sample.prompt]), halfv=True)),
         "runs": LATENCY_RUNS, "batch": 1, "visual_tokens": host.num_visual, "sequence": int(host.input_ids.shape[1]),
     }
     shape = LMShape.from_config(loaded.config.to_dict())
     f = prefill_flops(shape, host.num_visual, int(host.input_ids.shape[1]) - host.num_visual, schedule)
     flops = {"full": f.full, "halfv": f.halfv, "overhead": f.overhead, "ratio": f.ratio,
              "visual_tokens": host.num_visual, "text_tokens": int(host.input_ids.shape[1]) - host.num_visual}
+    if host.num_visual > 0:
+        config = loaded.config.to_dict()
+        vc = config.get("vision_config") or {}
+        side = int(vc.get("patch_size", 14)) * int(vc.get("spatial_merge_size", 1))  # merged-token side in px
+        grid = (host.bucket[0] // side, host.bucket[1] // side) if "spatial_merge_size" in vc else None
+        v = vision_flops(config, shape.hidden, host.num_visual, grid)
+        flops.update({"vision": v.total, "e2e_ratio": (v.total + f.full) / (v.total + f.halfv)})
     return latency, flops
 
 
@@ -228,11 +244,26 @@ def render_markdown(report: dict) -> str:
         f"{lat['eager_full_prefill'] / lat['eager_halfv_prefill']:.2f}x |",
         f"| engine prefill | {lat['engine_full_prefill']:.2f} | {lat['engine_halfv_prefill']:.2f} | "
         f"{lat['engine_full_prefill'] / lat['engine_halfv_prefill']:.2f}x |",
-        f"| engine decode step | | {lat['engine_decode_step']:.2f} | |", "",
-        "## FLOPs (LLM prefill, that sample)", "",
-        f"full {fl['full'] / 1e9:.3f} GFLOP, HalfV {fl['halfv'] / 1e9:.3f} GFLOP, ratio {fl['ratio']:.2f}x "
-        f"(selection overhead {fl['overhead'] / 1e6:.2f} MFLOP, not in the ratio).", "",
+        f"| engine decode step | | {lat['engine_decode_step']:.2f} | |",
     ]
+    if "engine_full_ttft" in lat:
+        lines += [
+            f"| eager embedding + vision | {lat['eager_embed_vision']:.2f} | {lat['eager_embed_vision']:.2f} | |",
+            f"| engine embedding + vision | {lat['engine_embed_vision']:.2f} | {lat['engine_embed_vision']:.2f} | |",
+            f"| eager time to first token | {lat['eager_full_ttft']:.2f} | {lat['eager_halfv_ttft']:.2f} | "
+            f"{lat['eager_full_ttft'] / lat['eager_halfv_ttft']:.2f}x |",
+            f"| engine time to first token | {lat['engine_full_ttft']:.2f} | {lat['engine_halfv_ttft']:.2f} | "
+            f"{lat['engine_full_ttft'] / lat['engine_halfv_ttft']:.2f}x |",
+        ]
+    lines += [
+        "", "## FLOPs (that sample)", "",
+        f"LLM prefill: full {fl['full'] / 1e9:.3f} GFLOP, HalfV {fl['halfv'] / 1e9:.3f} GFLOP, ratio "
+        f"{fl['ratio']:.2f}x (selection overhead {fl['overhead'] / 1e6:.2f} MFLOP, not in the ratio).",
+    ]
+    if "e2e_ratio" in fl:
+        lines += [f"End to end (vision encoder {fl['vision'] / 1e9:.3f} GFLOP added to both): ratio "
+                  f"{fl['e2e_ratio']:.2f}x."]
+    lines += [""]
     if report.get("thresholds"):
         lines += ["## Gates", ""] + [f"- {line}" for line in report["thresholds"]["failures"] or ["all passed"]]
     return "\n".join(lines) + "\n"

@@ -84,15 +84,16 @@ def clip_vision_flops(vision: dict, llm_hidden: int, n_visual: int) -> VisionFlo
                        (passes, t))
 
 
-def vision_flops(config: dict, llm_hidden: int, n_visual: int) -> VisionFlops:
-    """Vision encoder FLOPs for n_visual LLM-side visual tokens of one image (Qwen: on square_grid(n_visual))."""
+def vision_flops(config: dict, llm_hidden: int, n_visual: int, grid: tuple[int, int] | None = None) -> VisionFlops:
+    """Vision encoder FLOPs for n_visual LLM-side visual tokens of one image (Qwen: on `grid` merged tokens, by
+    default square_grid(n_visual))."""
     vision = config.get("vision_config")
     if not vision:
         raise BadInput("config has no vision_config; --end-to-end needs a VLM config.json (Qwen2.5-VL or LLaVA)")
     if n_visual == 0:
         return VisionFlops(0, 0, 0, 0, (0, 0))
     if "window_size" in vision or str(config.get("model_type", "")).startswith("qwen2_5_vl"):
-        return qwen_vision_flops(vision, llm_hidden, square_grid(n_visual))
+        return qwen_vision_flops(vision, llm_hidden, grid or square_grid(n_visual))
     if str(vision.get("model_type", "clip_vision_model")).startswith("clip"):
         return clip_vision_flops(vision, llm_hidden, n_visual)
     raise BadInput(f"vision tower '{vision.get('model_type')}' has no FLOPs model; --end-to-end knows Qwen2.5-VL "
