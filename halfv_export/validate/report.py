@@ -170,7 +170,10 @@ METRICS = (
     "parity.kept_indices_match", "parity.kept_pairs", "parity.logits_max_abs_diff", "parity.logits_cosine_min",
     "parity.greedy_tokens_match", "fidelity.top1_agreement", "fidelity.kl_mean", "latency_ms.eager_full_prefill",
     "latency_ms.eager_halfv_prefill", "latency_ms.engine_full_prefill", "latency_ms.engine_halfv_prefill",
-    "latency_ms.engine_decode_step", "flops.full", "flops.halfv", "flops.overhead", "flops.ratio",
+    "latency_ms.engine_decode_step", "latency_ms.eager_embed_vision", "latency_ms.engine_embed_vision",
+    "latency_ms.eager_full_ttft", "latency_ms.eager_halfv_ttft", "latency_ms.engine_full_ttft",
+    "latency_ms.engine_halfv_ttft", "flops.full", "flops.halfv", "flops.overhead", "flops.ratio", "flops.vision",
+    "flops.e2e_ratio",
 )
 OPEN_SECTIONS = ("accuracy.",)  # keys that depend on the data (e.g. per question type)
 
@@ -208,7 +211,8 @@ def check_thresholds(report: dict, under: list[tuple[str, float]], over: list[tu
 
 
 # metrics a report may lack because nothing was there to compare, and why
-NOT_MEASURED = {"parity.kept_indices_match": "no sample had an image, so no kept indices were compared"}
+NOT_MEASURED = {"parity.kept_indices_match": "no sample had an image, so no kept indices were compared",
+                "flops.vision": "the latency sample had no image", "flops.e2e_ratio": "the latency sample had no image"}
 
 
 def lookup_optional(report: dict, key: str):
