@@ -777,7 +777,8 @@ def test_trt_runner_runs_the_pipeline_on_device_buffers(built, fake_trt):
     for images, prompts in cases:
         ours = trt_pipe.prefill(trt_pipe.host(images, prompts))
         reference = ort_pipe.prefill(ort_pipe.host(images, prompts))
-        np.testing.assert_allclose(trt_pipe.to_host(ours.logits), reference.logits, rtol=0, atol=1e-6)
+        # the stand-in's sessions and OrtRunner's (shared weights, prepacking off) may order float sums differently
+        np.testing.assert_allclose(trt_pipe.to_host(ours.logits), reference.logits, rtol=0, atol=1e-5)
         assert ours.kept.keys() == reference.kept.keys()
         for stage in ours.kept:
             np.testing.assert_array_equal(trt_pipe.to_host(ours.kept[stage]), reference.kept[stage])
@@ -856,13 +857,13 @@ def test_export_drops_engines_of_the_previous_graphs(qwen, tmp_path, monkeypatch
     for engines in ("trt", "ort"):
         (out / engines).mkdir(parents=True)
         (out / engines / "engine.json").write_text("{}")
-    monkeypatch.setattr(GraphSpec, "export", lambda self, directory: (Path(directory) / self.file).write_bytes(b"g"))
+    monkeypatch.setattr(GraphSpec, "export", lambda self, directory, **kw: (Path(directory) / self.file).write_bytes(b"g"))
 
     def export(log):
         return export_artifacts(adapter, loaded, schedule, {"schedule": {}}, [(448, 448)], out, log=log)
 
     placeholder = GraphSpec.export
-    monkeypatch.setattr(GraphSpec, "export", lambda self, directory: (_ for _ in ()).throw(BadInput("trace failed")))
+    monkeypatch.setattr(GraphSpec, "export", lambda self, directory, **kw: (_ for _ in ()).throw(BadInput("trace failed")))
     with pytest.raises(BadInput):
         export(lambda message: None)
     assert (out / "trt" / "engine.json").exists() and (out / "ort" / "engine.json").exists()

@@ -390,7 +390,7 @@ def ttft_section(adapter: BackboneAdapter, shape: BenchShape, lm: LMShape, sched
 
     found = published_vision(adapter)
     if found is None or "window_size" not in found[1]:
-        return {"skipped": f"{adapter.name}: N visual tokens is not one image whose size sets N (Qwen2.5-VL only)"}
+        return {"skipped": f"{adapter.name}: no published windowed vision tower whose image size sets N"}
     name, vision = found
     if vision_depth is not None:
         vision["depth"] = vision_depth
