@@ -18,7 +18,7 @@ def test_bench_command_small_shape(run_cli, tmp_path):
     readme.write_text(f"# x\n\n## Performance\n{START}\nSTALE-SECTION\n{END}\n\n## Next\n")
     result = run_cli("bench", "--visual-tokens", 64, "--visual-tokens", 144, "--reference-visual", 64,
                      "--text-tokens", 32, "--layers", 6, "--hidden", 64, "--heads", 4, "--kv-heads", 1,
-                     "--intermediate", 128, "--vocab", 500, "--runs", 2, "--vision-depth", 2, "--readme", readme,
+                     "--intermediate", 128, "--vocab", 1100, "--runs", 2, "--vision-depth", 2, "--readme", readme,
                      "--out", tmp_path / "b")
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "b" / "bench.json").read_text())
