@@ -231,20 +231,27 @@ class BackboneAdapter(abc.ABC):
         return sorted(p.name for p in set(directory.iterdir()) - before)
 
     # ---------------------------------------------------------------- synthetic models (bench)
-    def synthetic_config(self, text: dict):
+    def synthetic_config(self, text: dict, vision: dict | None = None):
         """The embedded default's config with the language model reshaped by `text` (HF text_config keys such as
-        hidden_size, num_hidden_layers): what `bench` builds a random-weight model of published widths from."""
+        hidden_size, num_hidden_layers) and the vision tower by `vision`: what `bench` builds a random-weight model
+        of published widths from."""
+        return self.config_class(**self.synthetic_config_dict(text, vision))
+
+    def synthetic_config_dict(self, text: dict, vision: dict | None = None) -> dict:
+        """`synthetic_config` as a plain dict (what the FLOPs models read)."""
         import json
 
         cfg = json.loads((self.embedded_dir / "config.json").read_text())
         cfg["text_config"].update(text)
+        if vision:
+            cfg["vision_config"].update(vision)
         vocab = cfg["text_config"]["vocab_size"]
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # the embedded tokenizer's ids may not fit
             for where in (cfg, cfg["text_config"]):
                 if isinstance(where.get(key), int) and where[key] >= vocab:
                     where[key] = None
         self.fit_config(cfg)
-        return self.config_class(**cfg)
+        return cfg
 
     def fit_config(self, cfg: dict) -> None:
         """Keep a config dict coherent after its text_config changed (e.g. widths the vision side must match)."""

@@ -395,10 +395,8 @@ def ttft_section(adapter: BackboneAdapter, shape: BenchShape, lm: LMShape, sched
     if vision_depth is not None:
         vision["depth"] = vision_depth
         vision["fullatt_block_indexes"] = [i for i in vision["fullatt_block_indexes"] if i < vision_depth]
-    cfg = json.loads((adapter.embedded_dir / "config.json").read_text())
-    cfg["text_config"].update({**shape.text_config(), "num_hidden_layers": 1})  # the tower alone is timed here
-    cfg["vision_config"].update({k: v for k, v in vision.items() if k != "out_hidden_size"})
-    adapter.fit_config(cfg)
+    cfg = adapter.synthetic_config_dict({**shape.text_config(), "num_hidden_layers": 1},  # the tower alone is timed
+                                        {k: v for k, v in vision.items() if k != "out_hidden_size"})
     config = adapter.config_class(**copy.deepcopy(cfg))
     log(f"N={visual}: building the published vision tower ({name}, depth {vision['depth']}, random weights)")
     model = seeded_model(adapter.model_class, config, seed=0)
