@@ -26,16 +26,25 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
 
 
-def decoder_layer(stack: TextStack, layer, h, cos, sin, mask, past_k=None, past_v=None):
+class CausalSelfAttention(nn.Module):
+    """attend() for rows that attend causally to themselves (prefill decoder layers; the mask is causal). A module
+    only so that torch.onnx names it on every node it emits (node metadata pkg.torch.onnx.class_hierarchy): the
+    ONNX Runtime engine stage fuses exactly these sites into its causal attention kernel (engines/ort_fusion.py)."""
+
+    def forward(self, q, k, v, mask, scale: float):
+        return attend(q, k, v, mask, scale)
+
+
+def decoder_layer(stack: TextStack, layer, h, cos, sin, mask, past_k=None, past_v=None, attention=attend):
     """One decoder layer read through stack.maths. h [B, q, D] -> (h, k, v) with k/v [B, G, past+q, hd] (RoPE
-    applied)."""
+    applied). `attention` is attend or a CausalSelfAttention module (same maths, marked for the engine stage)."""
     maths = stack.maths
     x = maths.input_norm(layer, h)
     q, k, v = stack.queries(layer, x), stack.keys(layer, x), stack.values(layer, x)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if past_k is not None:
         k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
-    h = h + maths.output(layer, attend(q, k, v, mask, stack.head_dim ** -0.5))
+    h = h + maths.output(layer, attention(q, k, v, mask, stack.head_dim ** -0.5))
     h = h + maths.mlp(layer, h)
     return h, k, v
 
@@ -79,6 +88,7 @@ class PrefillGraph(nn.Module):
         self.schedule = schedule if num_visual > 0 else None
         self.n = num_visual
         self.plan = budgets(num_visual, schedule) if self.schedule is not None else None
+        self.causal_attention = CausalSelfAttention()
 
     def group_of_layer(self) -> list[int]:
         """Cache length group per layer: 0 before L1, 1 from L1, 2 from L2 (topk). One group when unpruned."""
@@ -112,7 +122,8 @@ class PrefillGraph(nn.Module):
             if sched is not None and sched.ssr_mode == "freeze" and i >= sched.ssr_layer:
                 h, k, v = frozen_decoder_layer(st, layer, h, cos, sin, valid, start, n)
             else:
-                h, k, v = decoder_layer(st, layer, h, cos, sin, additive_mask(valid, h.shape[1], h.dtype))
+                h, k, v = decoder_layer(st, layer, h, cos, sin, additive_mask(valid, h.shape[1], h.dtype),
+                                        attention=self.causal_attention)
             presents += [k, v]
             valids[self.group_of_layer()[i]] = valid
         if sched is not None and sched.ssr_mode == "freeze":
