@@ -7,6 +7,13 @@ directly (no fp32 model in memory) and saved by transformers, in shards when `--
 
     python tools/shaped_checkpoint.py --configs model-configs.json --model-name Qwen/Qwen2.5-VL-3B-Instruct \\
         --layers 4 --dtype float32 --out /tmp/q3b-4l
+
+High resolution with a small LLM (the published tower's widths, 4 blocks, the embedded default's LLM, a processor
+that allows 1792x1792):
+
+    python tools/shaped_checkpoint.py --configs tests/data/model-configs.json \\
+        --model-name Qwen/Qwen2.5-VL-3B-Instruct --embedded-text --vision-depth 4 --max-pixels 12845056 \\
+        --dtype float32 --out /tmp/q-highres
 Random weights: measurements of size, memory and time only, never of quality.
 """
 
@@ -32,6 +39,10 @@ def main() -> None:
     parser.add_argument("--configs", type=Path, required=True, help="model-configs.json")
     parser.add_argument("--model-name", required=True, help="its _model entry, e.g. Qwen/Qwen2.5-VL-7B-Instruct")
     parser.add_argument("--layers", type=int, help="decoder layers to keep (default: all)")
+    parser.add_argument("--embedded-text", action="store_true", help="keep the embedded default's small LLM")
+    parser.add_argument("--vision-depth", type=int, help="vision blocks to keep (full-attention indexes below it; "
+                        "the last kept block when none is)")
+    parser.add_argument("--max-pixels", type=int, help="the image processor's max_pixels (published: 12845056)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
     parser.add_argument("--max-shard-size", help="e.g. 2GB: several shards + model.safetensors.index.json")
     parser.add_argument("--seed", type=int, default=0)
@@ -41,12 +52,19 @@ def main() -> None:
     published = next(m for m in json.loads(args.configs.read_text())["models"] if m["_model"] == args.model_name)
     adapter = get_adapter("qwen2.5-vl")
     cfg = json.loads((adapter.embedded_dir / "config.json").read_text())
-    cfg["text_config"].update({k: published[k] for k in TEXT_KEYS})
-    cfg["text_config"]["rope_parameters"]["mrope_section"] = published["rope_scaling"]["mrope_section"]
+    if not args.embedded_text:
+        cfg["text_config"].update({k: published[k] for k in TEXT_KEYS})
+        cfg["text_config"]["rope_parameters"]["mrope_section"] = published["rope_scaling"]["mrope_section"]
+        cfg["tie_word_embeddings"] = published["tie_word_embeddings"]
     if args.layers:
         cfg["text_config"]["num_hidden_layers"] = args.layers
-    cfg["vision_config"].update({k: published["vision_config"][k] for k in VISION_KEYS})
-    cfg["tie_word_embeddings"] = published["tie_word_embeddings"]
+    vision = cfg["vision_config"]
+    vision.update({k: published["vision_config"][k] for k in VISION_KEYS})
+    if args.vision_depth:
+        vision["depth"] = args.vision_depth
+        vision["fullatt_block_indexes"] = ([i for i in vision["fullatt_block_indexes"] if i < args.vision_depth]
+                                           or [args.vision_depth - 1])
+    vision["out_hidden_size"] = cfg["text_config"]["hidden_size"]  # the merger feeds this LLM
     config = adapter.config_class(**cfg)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
@@ -61,6 +79,10 @@ def main() -> None:
     model.save_pretrained(args.out, **kwargs)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "preprocessor_config.json"):
         shutil.copy(adapter.embedded_dir / name, args.out / name)
+    if args.max_pixels:
+        processor = json.loads((args.out / "preprocessor_config.json").read_text())
+        processor["max_pixels"] = args.max_pixels
+        (args.out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     params = sum(p.numel() for p in model.parameters())
     print(f"{args.out}: {params} parameters, {sum(p.numel() * p.element_size() for p in model.parameters())} bytes "
           f"at {args.dtype}")

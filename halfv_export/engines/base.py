@@ -66,11 +66,14 @@ class EngineOptions:
     """What `engine`, `run` and `validate` hand a target; each target reads the fields it knows.
 
     ep: ONNX Runtime execution provider (cpu, cuda, tensorrt). plan: static-shape profile ranges for targets that
-    compile ahead of time (TensorRT's PlanOptions; None = that target's defaults)."""
+    compile ahead of time (TensorRT's PlanOptions; None = that target's defaults). fuse_attention: let a target
+    replace the plain-op causal attention of prefill graphs by its fused kernel (ONNX Runtime CPU:
+    engines/ort_fusion.py); False keeps the exported graphs exactly as written."""
 
     ep: str = "cpu"
     threads: int | None = None
     plan: Any = None
+    fuse_attention: bool = True
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,10 @@ initializer across sessions"), so N sessions hold one copy of the weights, backe
 `build_ort_engines` is the engine stage for --target onnxruntime. It does not save optimised model copies (each
 would be a second full copy of the weights, tied to this machine): it opens every graph once with full graph
 optimisation on the chosen provider, records how long that took, and writes ort/engine.json. Sessions optimise at
-creation time, which the recorded seconds show is cheap next to a copy of the weights on disk."""
+creation time, which the recorded seconds show is cheap next to a copy of the weights on disk. On the CPU provider
+each session also gets the prefill graphs' causal attention fused into ORT's GroupQueryAttention kernel, rewritten
+in memory from the small graph file (engines/ort_fusion.py; engine.json records how many sites per graph;
+`engine --no-fuse-attention` keeps the graphs as exported, and run / validate / serve follow engine.json)."""
 
 from __future__ import annotations
 
@@ -58,7 +61,7 @@ def session_options(threads: int | None = None):
     return options
 
 
-def build_ort_engines(artifacts: Path, ep: str = "cpu") -> dict:
+def build_ort_engines(artifacts: Path, ep: str = "cpu", fuse_attention: bool = True) -> dict:
     """Open every graph once (full optimisation, shared weights) on this machine's provider; writes ort/engine.json."""
     ort = _ort()
     artifacts = Path(artifacts)
@@ -66,7 +69,8 @@ def build_ort_engines(artifacts: Path, ep: str = "cpu") -> dict:
     providers = providers_for(ep)
     target = artifacts / ORT_DIR
     target.mkdir(exist_ok=True)
-    runner = OrtRunner(artifacts, ep=ep)
+    (target / "engine.json").unlink(missing_ok=True)  # the runner below must not follow a previous engine stage
+    runner = OrtRunner(artifacts, ep=ep, fuse_attention=fuse_attention)
     seconds = {}
     for graph in meta["graphs"]:
         started = time.perf_counter()
@@ -75,7 +79,8 @@ def build_ort_engines(artifacts: Path, ep: str = "cpu") -> dict:
         runner.close(graph)
     info = {"target": "onnxruntime", "ep": ep, "providers": providers, "onnxruntime": ort.__version__,
             "graph_optimization_level": "ORT_ENABLE_ALL", "optimised": "at session creation",
-            "shared_weights": runner.shared_file is not None, "session_seconds": seconds, "graphs": meta["graphs"]}
+            "shared_weights": runner.shared_file is not None, "session_seconds": seconds,
+            "fuse_attention": runner.fuse_attention, "fused_attention": runner.fused, "graphs": meta["graphs"]}
     write_text_atomic(target / "engine.json", json.dumps(info, indent=2) + "\n")
     return info
 
@@ -105,11 +110,25 @@ class SharedWeights:
             options.add_initializer(name, self.values[name])
 
 
-def _external_names(path: Path) -> set[str]:
+def open_session(path: Path, options, providers: list[str], shared: "SharedWeights | None" = None,
+                 fuse_attention: bool = True):
+    """One InferenceSession of an exported graph -> (session, fused attention sites). Shared weights go in through
+    add_initializer; on the CPU provider the marked causal attention is fused first (engines/ort_fusion.py), and
+    the rewritten graph, a few MB without its weights, is handed over as bytes."""
     import onnx
 
+    from .ort_fusion import fuse_causal_attention
+
     model = onnx.load(str(path), load_external_data=False)
-    return {i.name for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL}
+    if shared is not None:
+        shared.add_to(options, {i.name for i in model.graph.initializer
+                                if i.data_location == onnx.TensorProto.EXTERNAL})
+    fused = fuse_causal_attention(model) if fuse_attention and providers[0] == "CPUExecutionProvider" else 0
+    if not fused:
+        return _ort().InferenceSession(str(path), options, providers=providers), 0
+    # external data the shared weights do not cover is read relative to this folder, as for a model path
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+    return _ort().InferenceSession(model.SerializeToString(), options, providers=providers), fused
 
 
 class OrtRunner:
@@ -118,9 +137,11 @@ class OrtRunner:
     runs_bf16 = False  # the CPU provider has no bfloat16 kernels for these graphs
     arrays = NUMPY  # sessions take and return host numpy arrays
 
-    def __init__(self, artifacts: Path, ep: str = "cpu", threads: int | None = None, prepack: bool = False):
+    def __init__(self, artifacts: Path, ep: str = "cpu", threads: int | None = None, prepack: bool = False,
+                 fuse_attention: bool = True):
         """prepack=True lets ORT pre-pack weights per session (its default; costs one copy of the packed weights
-        per session); the default keeps one shared copy."""
+        per session); the default keeps one shared copy. fuse_attention: see engines/ort_fusion.py; an engine
+        stage that ran with it off (engine.json) turns it off here too."""
         from ..graphs.shared_weights import read_index
 
         self.artifacts = Path(artifacts)
@@ -128,7 +149,10 @@ class OrtRunner:
         self.providers = providers_for(ep)
         self.threads = threads
         engine = self.artifacts / ORT_DIR / "engine.json"
-        self.optimized = engine.exists() and json.loads(engine.read_text()).get("ep") == ep
+        built = json.loads(engine.read_text()) if engine.exists() else {}
+        self.optimized = built.get("ep") == ep
+        self.fuse_attention = fuse_attention and built.get("fuse_attention", True)
+        self.fused: dict[str, int] = {}
         index = read_index(self.artifacts)
         self._shared = SharedWeights(self.artifacts, index) if index and index["tensors"] else None
         self.shared_file = self._shared.path if self._shared else None
@@ -146,14 +170,13 @@ class OrtRunner:
             if not path.exists():
                 raise BadInput(f"{path} is missing; re-run `halfv-export export`")
             options = session_options(self.threads)
-            if self._shared is not None:
-                self._shared.add_to(options, _external_names(path))
-                if not self.prepack:
-                    # ORT's CPU MatMul re-packs each constant weight into a private buffer per session, which
-                    # undoes the sharing (measured: two sessions over a 4.9 GB weights.bin hold 2 copies with
-                    # prepacking, 1 without; README "Real-size artifacts")
-                    options.add_session_config_entry("session.disable_prepacking", "1")
-            self._sessions[graph] = _ort().InferenceSession(str(path), options, providers=self.providers)
+            if self._shared is not None and not self.prepack:
+                # ORT's CPU MatMul re-packs each constant weight into a private buffer per session, which undoes
+                # the sharing (measured: two sessions over a 4.9 GB weights.bin hold 2 copies with prepacking, 1
+                # without; README "Real-size artifacts")
+                options.add_session_config_entry("session.disable_prepacking", "1")
+            self._sessions[graph], self.fused[graph] = open_session(path, options, self.providers, self._shared,
+                                                                    self.fuse_attention)
         return self._sessions[graph]
 
     def close(self, graph: str) -> None:
@@ -168,6 +191,7 @@ class OrtRunner:
 
 register_target(EngineTarget(
     name="onnxruntime", engine_dir=ORT_DIR,
-    build=lambda artifacts, options, log: build_ort_engines(artifacts, options.ep),
-    open=lambda artifacts, options: OrtRunner(artifacts, ep=options.ep, threads=options.threads),
+    build=lambda artifacts, options, log: build_ort_engines(artifacts, options.ep, options.fuse_attention),
+    open=lambda artifacts, options: OrtRunner(artifacts, ep=options.ep, threads=options.threads,
+                                              fuse_attention=options.fuse_attention),
     summary="ONNX Runtime sessions over one shared weights.bin, optimised at session creation (cpu; cuda / tensorrt EPs with onnxruntime-gpu)"))

@@ -212,6 +212,7 @@ def export(schedule_path, model_dir, image_sizes, precision, out):
 Examples:
   halfv-export engine --artifacts build/ --target onnxruntime
   halfv-export engine --artifacts build/ --target onnxruntime --ep cuda
+  halfv-export engine --artifacts build/ --target onnxruntime --no-fuse-attention
 """)
 @click.option("--artifacts", required=True, type=click.Path(path_type=Path), help="Directory written by export.")
 @click.option("--target", default="onnxruntime", show_default=True, help="onnxruntime or tensorrt.")
@@ -223,14 +224,19 @@ Examples:
 @click.option("--max-new-tokens", type=click.IntRange(1), default=512, show_default=True,
               help="TensorRT decode profiles: cache growth.")
 @click.option("--workspace-mib", type=click.IntRange(64), default=4096, show_default=True)
+@click.option("--fuse-attention/--no-fuse-attention", default=True, show_default=True,
+              help="onnxruntime CPU: run the prefill graphs' causal attention in ORT's GroupQueryAttention kernel.")
 @user_errors
-def engine(artifacts, target, ep, max_batch, min_text, opt_text, max_text, max_new_tokens, workspace_mib):
+def engine(artifacts, target, ep, max_batch, min_text, opt_text, max_text, max_new_tokens, workspace_mib,
+           fuse_attention):
     """Build engines for this machine.
 
     \b
     onnxruntime: every graph opened once with full optimisation on the provider (CPU, or --ep cuda / tensorrt
                  with onnxruntime-gpu); ort/engine.json records it. No optimised copies are saved: sessions
-                 optimise at creation and share one memory-mapped weights.bin.
+                 optimise at creation and share one memory-mapped weights.bin. On CPU the prefill graphs'
+                 causal attention runs fused (com.microsoft GroupQueryAttention, rewritten in memory; the
+                 exported ONNX stays plain and TensorRT-clean); run / validate / serve follow engine.json.
     tensorrt:    TensorRT plans in trt/, one optimisation profile per image bucket with text-length min/opt/max,
                  strongly typed (the graphs' fp32 scores, norms and softmax stay fp32), timing cache reused, and
                  trt/engine.json (TensorRT version, GPU, compute capability, profiles, ONNX sha256).
@@ -241,9 +247,12 @@ def engine(artifacts, target, ep, max_batch, min_text, opt_text, max_text, max_n
 
     plan = PlanOptions(max_batch=max_batch, min_text=min_text, opt_text=opt_text, max_text=max_text,
                        max_new_tokens=max_new_tokens, workspace_mib=workspace_mib)
-    info = run_engine(artifacts, target, EngineOptions(ep=ep, plan=plan))
+    info = run_engine(artifacts, target, EngineOptions(ep=ep, plan=plan, fuse_attention=fuse_attention))
     where = artifacts / get_target(target).engine_dir
     click.echo(f"{info['target']} ({', '.join(info['providers'])}): {len(info['graphs'])} graphs built into {where}")
+    fused = sum(info.get("fused_attention", {}).values())
+    if fused:
+        click.echo(f"fused attention: {fused} causal attention sites run as GroupQueryAttention")
 
 
 @cli.command(epilog="""\b
