@@ -144,3 +144,23 @@ def test_same_seed_same_weights_other_seed_other_weights():
     a, b, c = (adapter.load(None, seed=s).model.state_dict() for s in (0, 0, 1))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["lm_head.weight"], c["lm_head.weight"])
+
+
+def test_paper_values_read_no_weights(run_cli, tmp_path, tiny_qwen_dir, monkeypatch):
+    """--paper-values needs the depth and the config fingerprint only: on a 7B checkpoint, loading the weights (fp32
+    by default) would need 30 GB. The schedule it writes is the one export accepts for that checkpoint."""
+    from halfv_export.graphs.adapter import BackboneAdapter
+    from halfv_export.graphs.checkpoint import config_fingerprint
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("calibrate --paper-values loaded the weights")
+
+    monkeypatch.setattr(BackboneAdapter, "load", no_weights)
+    result = run_cli("calibrate", "--backbone", "qwen2.5-vl", "--model", tiny_qwen_dir, "--paper-values",
+                     "--out", tmp_path / "s")
+    assert result.exit_code == 0, result.output
+    monkeypatch.undo()
+    doc = json.loads((tmp_path / "s" / "schedule.json").read_text())
+    loaded = get_adapter("qwen2.5-vl").load(tiny_qwen_dir)
+    assert doc["model"]["fingerprint"] == config_fingerprint(loaded.config)
+    assert doc["model"]["source"] == loaded.source and doc["calibration"] is None

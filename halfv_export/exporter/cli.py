@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -524,8 +525,10 @@ def bench(backbone, config_path, visual, reference_visual, text_tokens, runs, ge
         shape = BenchShape.from_config(config_path, **widths)
     else:
         shape = BenchShape(**{k: v for k, v in widths.items() if v is not None})
+    launched = Path(sys.argv[0]).name == "halfv-export"  # else called from Python (tests): no honest argv
+    command = "halfv-export " + shlex.join(sys.argv[1:]) if launched else "halfv-export bench (from Python)"
     r = run_bench(out, adapter, shape, visual, text_tokens, runs, reference_visual, genai,
-                  log=lambda m: click.echo(m, err=True), vision=vision, vision_depth=vision_depth)
+                  log=lambda m: click.echo(m, err=True), vision=vision, vision_depth=vision_depth, command=command)
     click.echo((out / "bench.md").read_text())
     if readme is not None:
         update_readme(readme, (out / "bench.md").read_text())

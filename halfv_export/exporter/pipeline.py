@@ -38,9 +38,14 @@ def run_calibrate(backbone: str, model_dir: Path | None, data: Path | None, samp
     out = prepare_out_dir(out)
     calib = load_data(data) if data is not None else synthetic_set(samples, seed)
     started = time.perf_counter()
-    with console.status(f"loading {backbone} from {model_dir or 'the embedded default'}"):
-        loaded = adapter.load(model_dir, seed=seed)
-    depth = adapter.text_stack(loaded).num_layers
+    if not use_rules:  # paper values need the depth and the config's fingerprint only: no weights are read
+        config, source = adapter.load_config(model_dir, seed=seed)
+        depth = config.get_text_config().num_hidden_layers
+    else:
+        with console.status(f"loading {backbone} from {model_dir or 'the embedded default'}"):
+            loaded = adapter.load(model_dir, seed=seed)
+        config, source = loaded.config, loaded.source
+        depth = adapter.text_stack(loaded).num_layers
 
     curves = None
     if use_rules:
@@ -63,10 +68,9 @@ def run_calibrate(backbone: str, model_dir: Path | None, data: Path | None, samp
             "weights": "random (seeded)" if model_dir is None else "checkpoint",
             "seconds": round(time.perf_counter() - started, 2),
         }
-    doc = build_document(backbone, config_fingerprint(loaded.config), loaded.source, depth, values, chosen,
-                         calibration, VERSION)
+    doc = build_document(backbone, config_fingerprint(config), source, depth, values, chosen, calibration, VERSION)
     if curves is not None:
-        tme_plot(curves, doc["schedule"], f"{backbone} ({loaded.source}): truncated matrix entropy per layer",
+        tme_plot(curves, doc["schedule"], f"{backbone} ({source}): truncated matrix entropy per layer",
                  out / "tme.png", kl_threshold=KL_FREEZE_THRESHOLD if kl_probe else None)
     write_schedule(out / "schedule.json", doc)  # last: a schedule.json on disk means calibration finished
     return doc

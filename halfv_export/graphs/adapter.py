@@ -203,6 +203,17 @@ class BackboneAdapter(abc.ABC):
         proc = self.load_processing(files_dir, config=model.config)
         return LoadedModel(model=model, tokenizer=proc.tokenizer, image_processor=proc.image_processor, source=source)
 
+    def load_config(self, model_dir: Path | None = None, seed: int = 0) -> tuple:
+        """(config, source) as `load` would give them, without reading any weights: what a schedule needs when no
+        rule runs (calibrate --paper-values on a 7B checkpoint must not materialise 30 GB of fp32 weights)."""
+        from .checkpoint import check_checkpoint_dir
+
+        if model_dir is None:
+            return self.config_class.from_pretrained(self.embedded_dir), f"embedded:{self.name}:seed={seed}"
+        model_dir = Path(model_dir)
+        check_checkpoint_dir(model_dir, self.model_types)
+        return self.config_class.from_pretrained(str(model_dir)), str(model_dir.resolve())
+
     def load_processing(self, directory: Path, config=None) -> "Processing":
         """Tokenizer (left padding), chat template, image processor and config from a directory (a checkpoint or an
         artifacts folder). Needs no weights."""

@@ -256,7 +256,7 @@ def gpu_section(adapter: BackboneAdapter, runs: int) -> dict:
 def run_bench(out: Path, adapter: BackboneAdapter, shape: BenchShape = BenchShape(),
               visual: tuple[int, ...] = (256, 1024, 2048), text: int = 64, runs: int = 5, reference_visual: int = 1024,
               genai: bool = True, log: Callable[[str], None] = print, vision: bool = True,
-              vision_depth: int | None = None) -> dict:
+              vision_depth: int | None = None, command: str = "halfv-export bench") -> dict:
     import onnxruntime as ort
 
     if shape.hidden % shape.heads or shape.heads % shape.kv_heads:
@@ -271,7 +271,8 @@ def run_bench(out: Path, adapter: BackboneAdapter, shape: BenchShape = BenchShap
     lm = LMShape.from_config(config.to_dict())
     result = {"backbone": adapter.name, "shape": asdict(shape), "schedule": asdict(sched), "text_tokens": text, "weights": "random",
               "device": f"CPU ({os.cpu_count()} cores), ONNX Runtime {ort.__version__} CPU, ORT_ENABLE_ALL, "
-                        f"torch {torch.__version__}", "runs": runs, "flops_curves": flops_curves(text=text)}
+                        f"torch {torch.__version__}", "runs": runs, "flops_curves": flops_curves(text=text),
+              "command": command, "load_average": {"start": round(os.getloadavg()[0], 2)}}
 
     inputs = {n: bench_inputs(adapter, config, stack, n, text) for n in sorted(set(visual) | {reference_visual})}
     log("exporting the unpruned prefill graph")
@@ -336,6 +337,7 @@ def run_bench(out: Path, adapter: BackboneAdapter, shape: BenchShape = BenchShap
     else:
         result["genai"] = {"skipped": "--no-genai"}
     result["gpu"] = gpu_section(adapter, runs)
+    result["load_average"]["end"] = round(os.getloadavg()[0], 2)  # other work on the box inflates every time
     write_text_atomic(out / "bench.json", json.dumps(result, indent=2) + "\n")
     from .bench_report import render_bench, bench_plots
 
