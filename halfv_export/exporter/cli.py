@@ -176,7 +176,14 @@ Examples:
   halfv-export export --schedule build/schedule.json --out build/
   halfv-export export --schedule build/schedule.json --model ./Qwen2.5-VL-3B-Instruct --image-size 448x448 \\
       --image-size 336x504 --out build/
+  halfv-export export --schedule build/schedule.json --quantize int4 --out build-int4/
 """
+
+
+def quantize_option(fn):
+    return click.option("--quantize", metavar="int4|int8", help="Weight-only quantisation of the LLM graphs' MatMuls "
+                        "for ONNX Runtime (int4: MatMulNBits, blocks of 32; int8: per output channel); embed and "
+                        "vision stay float. fp32 only; not for --target tensorrt.")(fn)
 
 
 def image_size_option(fn):
@@ -190,9 +197,10 @@ def image_size_option(fn):
 @image_size_option
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Weights and activations; scores, softmax, norms and the FPS fill stay fp32.")
+@quantize_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Artifacts directory.")
 @user_errors
-def export(schedule_path, model_dir, image_sizes, precision, out):
+def export(schedule_path, model_dir, image_sizes, precision, quantize, out):
     """Trace the model with the schedule baked in -> ONNX graphs.
 
     Per image-size bucket: vision_HxW.onnx (pixels -> visual features) and prefill_HxW.onnx (IVR and SSR as
@@ -202,9 +210,14 @@ def export(schedule_path, model_dir, image_sizes, precision, out):
     from .export import parse_image_size
     from .pipeline import run_export
 
-    meta = run_export(schedule_path, model_dir, [parse_image_size(s) for s in image_sizes], out, precision=precision)
+    meta = run_export(schedule_path, model_dir, [parse_image_size(s) for s in image_sizes], out, precision=precision,
+                      quantize=quantize)
     for b in meta["buckets"]:
         click.echo(f"bucket {b['size'][0]}x{b['size'][1]}: N={b['num_visual']} -> K1={b['k1']} -> K2={b['k2']}")
+    if meta["quantize"]:
+        q = meta["quantize"]
+        click.echo(f"quantised {q['scheme']} ({q['op']}): the weight MatMuls of {', '.join(q['graphs'])}; "
+                   f"{meta['weights']['quantized_bytes']:,} of weights.bin's {meta['weights']['bytes']:,} bytes")
     click.echo(f"wrote {len(meta['graphs'])} graphs to {out}")
 
 
@@ -380,6 +393,10 @@ def _print_summary(report: dict) -> None:
     click.echo(f"kept_indices_match {kept}  logits_max_abs_diff {p['logits_max_abs_diff']:.3g}"
                f"  greedy_tokens_match {p['greedy_tokens_match']:.4f}  top1_agreement "
                f"{report['fidelity']['top1_agreement']:.4f} ({report['fidelity']['weights']} weights)")
+    if report.get("quantize"):
+        click.echo(f"quantised {report['quantize']['scheme']} vs the fp32 eager reference: logits cosine min "
+                   f"{p['logits_cosine_min']:.4f} mean {p['logits_cosine_mean']:.4f}, first-token top-1 agreement "
+                   f"{p['top1_agreement']:.4f}, greedy token agreement {p['greedy_token_agreement']:.4f}")
     click.echo(f"prefill ms: engine full {lat['engine_full_prefill']:.1f} / HalfV {lat['engine_halfv_prefill']:.1f};"
                f" eager full {lat['eager_full_prefill']:.1f} / HalfV {lat['eager_halfv_prefill']:.1f};"
                f" FLOPs ratio {report['flops']['ratio']:.2f}")
