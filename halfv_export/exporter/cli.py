@@ -484,6 +484,7 @@ Examples:
   halfv-export bench --visual-tokens 1024 --vision-depth 8 --no-genai --out bench-ttft/
   halfv-export bench --backbone llava-1.5 --hidden 1024 --heads 16 --kv-heads 16 --no-genai --out bench-llava/
   halfv-export bench --config Qwen2.5-VL-7B/config.json --layers 4 --visual-tokens 1024 --no-genai --out bench-7b/
+  halfv-export bench --quantize int4 --reference-visual 256 --out bench-int4/
 """)
 @click.option("--backbone", default="qwen2.5-vl", show_default=True, help="Adapter whose LLM family is timed.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path),
@@ -505,10 +506,12 @@ Examples:
               help="Time to first token: time the published vision tower (and the embedding) at the reference N.")
 @click.option("--vision-depth", type=click.IntRange(1), help="Blocks of the published tower to time [default: all].")
 @click.option("--readme", type=click.Path(path_type=Path), help="Replace this README's performance section with bench.md.")
+@click.option("--quantize", metavar="int4|int8", help="Only compare the quantised LLM graphs with fp32 at "
+              "--reference-visual: prefill, decode step, artifact bytes -> quantize.json, quantize.md.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Where bench.json, bench.md and plots go.")
 @user_errors
-def bench(backbone, config_path, visual, reference_visual, text_tokens, runs, genai, vision, vision_depth, readme, out,
-          **widths):
+def bench(backbone, config_path, visual, reference_visual, text_tokens, runs, genai, vision, vision_depth, readme,
+          quantize, out, **widths):
     """Speed, memory and FLOPs side by side, in one process, on the same inputs.
 
     FLOPs ratio curves of the published configs; ONNX Runtime CPU prefill of the exported full vs HalfV graphs (the
@@ -523,7 +526,7 @@ def bench(backbone, config_path, visual, reference_visual, text_tokens, runs, ge
     from ..validate.bench_report import update_readme
 
     visual = tuple(visual) or (256, 1024, 2048)
-    if reference_visual not in visual:
+    if quantize is None and reference_visual not in visual:  # --quantize times the reference N alone
         raise CliError(f"--reference-visual {reference_visual} must be one of --visual-tokens {visual}", 2)
     adapter = get_adapter(backbone)
     if config_path is not None:
@@ -532,6 +535,13 @@ def bench(backbone, config_path, visual, reference_visual, text_tokens, runs, ge
         shape = BenchShape.from_config(config_path, **widths)
     else:
         shape = BenchShape(**{k: v for k, v in widths.items() if v is not None})
+    if quantize is not None:
+        from ..validate.bench_quantize import run_quant_bench
+
+        run_quant_bench(out, adapter, shape, reference_visual, text_tokens, runs, quantize,
+                        log=lambda m: click.echo(m, err=True))
+        click.echo((out / "quantize.md").read_text())
+        return
     r = run_bench(out, adapter, shape, visual, text_tokens, runs, reference_visual, genai,
                   log=lambda m: click.echo(m, err=True), vision=vision, vision_depth=vision_depth)
     click.echo((out / "bench.md").read_text())

@@ -121,16 +121,13 @@ def quantize_graph(path: Path, scheme: QuantScheme, param_names: dict[str, str] 
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
     inits = {init.name: init for init in graph.initializer}
-    consumers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
+    producers = {out: node for node in graph.node for out in node.output}
     qdata = Path(f"{path}{QDATA_SUFFIX}")
-    new_nodes, dropped, done = [], {}, 0
+    new_nodes, sources, done = [], set(), 0
     float_bytes = quant_bytes = 0
     with open(qdata, "wb") as out:
         for node in graph.node:
-            weight = _weight_of(node, inits)
+            weight = _weight_of(node, inits, producers)
             if weight is None:
                 new_nodes.append(node)
                 continue
@@ -154,15 +151,13 @@ def quantize_graph(path: Path, scheme: QuantScheme, param_names: dict[str, str] 
                     inits[name] = _external_tensor(graph, name, value, out, qdata.name)
                     quant_bytes += value.nbytes
             new_nodes += _replacement(node, scheme, [t[0] for t in tensors], w.shape)
-            float_bytes += array.nbytes
-            dropped[init.name] = dropped.get(init.name, 0) + 1
+            if init.name not in sources:
+                float_bytes += array.nbytes
+            sources.add(init.name)
             done += 1
     del graph.node[:]
     graph.node.extend(new_nodes)
-    gone = {name for name, uses in dropped.items() if uses == consumers.get(name, 0)}  # no float consumer left
-    kept = [init for init in graph.initializer if init.name not in gone]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
+    _drop_unused(graph, sources)
     if scheme.name == "int4" and not any(o.domain == CONTRIB_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
     tmp = path.with_name(f".{path.name}.tmp")
@@ -175,20 +170,21 @@ def quantize_graph(path: Path, scheme: QuantScheme, param_names: dict[str, str] 
     return {"matmuls": done, "float_bytes": float_bytes, "quantized_bytes": quant_bytes}
 
 
-def quantized_nodes(model: onnx.ModelProto) -> int:
-    """How many weight MatMuls of a graph are quantised (MatMulNBits nodes and int8 DequantizeLinear -> MatMul)."""
-    inits = {i.name: i.data_type for i in model.graph.initializer}
-    return sum(1 for n in model.graph.node if n.op_type == "MatMulNBits"
-               or (n.op_type == "DequantizeLinear" and inits.get(n.input[0]) == TensorProto.INT8))
-
-
-def _weight_of(node: onnx.NodeProto, inits: dict) -> tuple[onnx.TensorProto, bool] | None:
-    """(B initializer, whether it is stored [N, K]) for a MatMul / Gemm by a 2-D float constant, else None."""
+def _weight_of(node: onnx.NodeProto, inits: dict, producers: dict) -> tuple[onnx.TensorProto, bool] | None:
+    """(B initializer, whether it is stored [N, K]) for a MatMul / Gemm by a 2-D float constant, else None. A W^T
+    that torch.onnx did not fold (a weight feeding two MatMuls, e.g. a layer's q_proj that the HalfV scores reuse)
+    arrives as Transpose(W): that is W stored [N, K] too."""
     floats = (TensorProto.FLOAT,)
     if node.op_type == "MatMul" and node.domain in ("", "ai.onnx"):
         init = inits.get(node.input[1])
         if init is not None and len(init.dims) == 2 and init.data_type in floats:
             return init, False
+        source = producers.get(node.input[1])
+        if source is not None and source.op_type == "Transpose":
+            perm = [list(a.ints) for a in source.attribute if a.name == "perm"]
+            init = inits.get(source.input[0])
+            if perm in ([[1, 0]], []) and init is not None and len(init.dims) == 2 and init.data_type in floats:
+                return init, True
     if node.op_type == "Gemm" and node.domain in ("", "ai.onnx"):
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         plain = attrs.get("transA", 0) == 0 and attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0
@@ -197,6 +193,22 @@ def _weight_of(node: onnx.NodeProto, inits: dict) -> tuple[onnx.TensorProto, boo
                 and init.data_type in floats:
             return init, True
     return None
+
+
+def _drop_unused(graph: onnx.GraphProto, sources: set[str]) -> None:
+    """Remove the float weights that were quantised, and Transposes of them, once nothing reads them any more."""
+    while True:
+        read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if n.op_type == "Transpose" and n.input[0] in sources
+                and not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    kept = [init for init in graph.initializer if init.name not in sources or init.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
 
 
 def _parameter(init, array: np.ndarray, transposed: bool, param_names: dict | None) -> str | None:
