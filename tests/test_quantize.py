@@ -221,3 +221,18 @@ def test_bad_quantize_input_is_one_line_and_writes_nothing(tiny_qwen_dir, run_cl
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.output
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_bench_quantize_compares_with_fp32_in_one_run(run_cli, tmp_path):
+    out = tmp_path / "bench"
+    result = run_cli("bench", "--quantize", "int4", "--hidden", 64, "--layers", 4, "--heads", 4, "--kv-heads", 2,
+                     "--intermediate", 128, "--vocab", 1100, "--reference-visual", 64, "--runs", 1, "--out", out)
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "quantize.json").read_text())
+    fp32, int4 = data["variants"]["fp32"], data["variants"]["int4"]
+    assert int4["artifact_bytes"] < fp32["artifact_bytes"] and data["size_ratio"] > 1
+    for v in (fp32, int4):
+        assert v["prefill"]["median_ms"] > 0 and v["decode_step"]["median_ms"] > 0
+    assert data["prefill_logits_cosine"] > 0.9 and data["quantize"]["scheme"] == "int4"
+    assert "| int4 |" in (out / "quantize.md").read_text()

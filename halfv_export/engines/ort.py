@@ -151,14 +151,14 @@ class OrtRunner:
             options = session_options(self.threads)
             if self._shared is not None:
                 self._shared.add_to(options, _external_names(path))
+                # Quantised graphs keep prepacking: MatMulNBits without its packed B dequantises the whole weight
+                # on every call (measured 1x896 @ 896x4864 int4: 0.13 ms packed, 25 ms unpacked); the packed copy
+                # per session is about the size of the quantised weights (README "Quantised exports").
                 if not self.prepack and graph not in self.quantized_graphs:
                     # ORT's CPU MatMul re-packs each constant weight into a private buffer per session, which
                     # undoes the sharing (measured: two sessions over a 4.9 GB weights.bin hold 2 copies with
                     # prepacking, 1 without; README "Real-size artifacts")
                     options.add_session_config_entry("session.disable_prepacking", "1")
-                    # Quantised graphs keep prepacking: MatMulNBits without its packed B dequantises the whole
-                    # weight on every call (measured 1x896 @ 896x4864 int4: 0.13 ms packed, 25 ms unpacked); the
-                    # packed copy per session is the size of the quantised weights (README "Quantised exports").
             self._sessions[graph] = _ort().InferenceSession(str(path), options, providers=self.providers)
         return self._sessions[graph]
 
