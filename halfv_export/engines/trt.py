@@ -35,6 +35,17 @@ def import_tensorrt():
     return trt
 
 
+def refuse_quantized(artifacts: Path) -> None:
+    """A --quantize export holds ONNX Runtime's weight-only forms; TensorRT takes int4/int8 weights only as Q/DQ
+    of its own recipe, so say so before TensorRT or a GPU is even looked for."""
+    meta_path = Path(artifacts) / "artifacts.json"
+    quantize = json.loads(meta_path.read_text()).get("quantize") if meta_path.exists() else None
+    if quantize:
+        raise BadInput(f"{artifacts} is a --quantize {quantize['scheme']} export ({quantize['op']}, for ONNX Runtime); "
+                       "TensorRT takes int4/int8 weights only as its own Q/DQ: export without --quantize for "
+                       "--target tensorrt")
+
+
 def require_gpu():
     import torch
 
@@ -131,7 +142,9 @@ def build_trt_engines(artifacts: Path, plan: TrtBuildPlan, log=print) -> dict:
 
 
 def build_engines(artifacts: Path, options: EngineOptions, log=print) -> dict:
-    """The engine stage for --target tensorrt: fail fast (no TensorRT / no GPU, one sentence) before planning."""
+    """The engine stage for --target tensorrt: fail fast (a quantised export, no TensorRT, no GPU: one sentence)
+    before planning."""
+    refuse_quantized(artifacts)
     import_tensorrt()
     require_gpu()
     plan = make_plan(artifacts, options.plan or PlanOptions())
@@ -212,6 +225,7 @@ class TrtRunner:
     runs_bf16 = True
 
     def __init__(self, artifacts: Path, device=None):
+        refuse_quantized(artifacts)
         self.trt = import_tensorrt()
         if device is None:
             torch = require_gpu()
@@ -404,8 +418,17 @@ class TrtRunner:
         return outputs
 
 
+def _quantized(artifacts: Path) -> bool:
+    """No trtexec lines for a quantised export: TensorRT would refuse its graphs (refuse_quantized)."""
+    try:
+        refuse_quantized(artifacts)
+    except BadInput:
+        return True
+    return False
+
+
 register_target(EngineTarget(
     name="tensorrt", engine_dir=TRT_DIR, build=build_engines,
     open=lambda artifacts, options: TrtRunner(artifacts),
-    manifest_extra=lambda artifacts, options: trtexec_lines(artifacts, options.plan),
+    manifest_extra=lambda artifacts, options: {} if _quantized(artifacts) else trtexec_lines(artifacts, options.plan),
     summary="TensorRT plans in trt/, one optimisation profile per image bucket (needs TensorRT 10/11 and a GPU)"))

@@ -177,7 +177,14 @@ Examples:
   halfv-export export --schedule build/schedule.json --out build/
   halfv-export export --schedule build/schedule.json --model ./Qwen2.5-VL-3B-Instruct --image-size 448x448 \\
       --image-size 336x504 --out build/
+  halfv-export export --schedule build/schedule.json --quantize int4 --out build-int4/
 """
+
+
+def quantize_option(fn):
+    return click.option("--quantize", metavar="int4|int8", help="Weight-only quantisation of the LLM graphs' MatMuls "
+                        "for ONNX Runtime (int4: MatMulNBits, blocks of 32; int8: per output channel); embed and "
+                        "vision stay float. fp32 only; not for --target tensorrt.")(fn)
 
 
 def image_size_option(fn):
@@ -191,9 +198,10 @@ def image_size_option(fn):
 @image_size_option
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Weights and activations; scores, softmax, norms and the FPS fill stay fp32.")
+@quantize_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Artifacts directory.")
 @user_errors
-def export(schedule_path, model_dir, image_sizes, precision, out):
+def export(schedule_path, model_dir, image_sizes, precision, quantize, out):
     """Trace the model with the schedule baked in -> ONNX graphs.
 
     Per image-size bucket: vision_HxW.onnx (pixels -> visual features) and prefill_HxW.onnx (IVR and SSR as
@@ -203,9 +211,14 @@ def export(schedule_path, model_dir, image_sizes, precision, out):
     from .export import parse_image_size
     from .pipeline import run_export
 
-    meta = run_export(schedule_path, model_dir, [parse_image_size(s) for s in image_sizes], out, precision=precision)
+    meta = run_export(schedule_path, model_dir, [parse_image_size(s) for s in image_sizes], out, precision=precision,
+                      quantize=quantize)
     for b in meta["buckets"]:
         click.echo(f"bucket {b['size'][0]}x{b['size'][1]}: N={b['num_visual']} -> K1={b['k1']} -> K2={b['k2']}")
+    if meta["quantize"]:
+        q = meta["quantize"]
+        click.echo(f"quantised {q['scheme']} ({q['op']}): the weight MatMuls of {', '.join(q['graphs'])}; "
+                   f"{meta['weights']['quantized_bytes']:,} of weights.bin's {meta['weights']['bytes']:,} bytes")
     click.echo(f"wrote {len(meta['graphs'])} graphs to {out}")
 
 
@@ -390,6 +403,10 @@ def _print_summary(report: dict) -> None:
     click.echo(f"kept_indices_match {kept}  logits_max_abs_diff {p['logits_max_abs_diff']:.3g}"
                f"  greedy_tokens_match {p['greedy_tokens_match']:.4f}  top1_agreement "
                f"{report['fidelity']['top1_agreement']:.4f} ({report['fidelity']['weights']} weights)")
+    if report.get("quantize"):
+        click.echo(f"quantised {report['quantize']['scheme']} vs the fp32 eager reference: logits cosine min "
+                   f"{p['logits_cosine_min']:.4f} mean {p['logits_cosine_mean']:.4f}, first-token top-1 agreement "
+                   f"{p['top1_agreement']:.4f}, greedy token agreement {p['greedy_token_agreement']:.4f}")
     click.echo(f"prefill ms: engine full {lat['engine_full_prefill']:.1f} / HalfV {lat['engine_halfv_prefill']:.1f};"
                f" eager full {lat['eager_full_prefill']:.1f} / HalfV {lat['eager_halfv_prefill']:.1f};"
                f" FLOPs ratio {report['flops']['ratio']:.2f}")
@@ -477,6 +494,7 @@ Examples:
   halfv-export bench --visual-tokens 1024 --vision-depth 8 --no-genai --out bench-ttft/
   halfv-export bench --backbone llava-1.5 --hidden 1024 --heads 16 --kv-heads 16 --no-genai --out bench-llava/
   halfv-export bench --config Qwen2.5-VL-7B/config.json --layers 4 --visual-tokens 1024 --no-genai --out bench-7b/
+  halfv-export bench --quantize int4 --reference-visual 256 --out bench-int4/
 """)
 @click.option("--backbone", default="qwen2.5-vl", show_default=True, help="Adapter whose LLM family is timed.")
 @click.option("--config", "config_path", type=click.Path(path_type=Path),
@@ -498,10 +516,12 @@ Examples:
               help="Time to first token: time the published vision tower (and the embedding) at the reference N.")
 @click.option("--vision-depth", type=click.IntRange(1), help="Blocks of the published tower to time [default: all].")
 @click.option("--readme", type=click.Path(path_type=Path), help="Replace this README's performance section with bench.md.")
+@click.option("--quantize", metavar="int4|int8", help="Only compare the quantised LLM graphs with fp32 at "
+              "--reference-visual: prefill, decode step, artifact bytes -> quantize.json, quantize.md.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Where bench.json, bench.md and plots go.")
 @user_errors
-def bench(backbone, config_path, visual, reference_visual, text_tokens, runs, genai, vision, vision_depth, readme, out,
-          **widths):
+def bench(backbone, config_path, visual, reference_visual, text_tokens, runs, genai, vision, vision_depth, readme,
+          quantize, out, **widths):
     """Speed, memory and FLOPs side by side, in one process, on the same inputs.
 
     FLOPs ratio curves of the published configs; ONNX Runtime CPU prefill of the exported full vs HalfV graphs (the
@@ -516,7 +536,7 @@ def bench(backbone, config_path, visual, reference_visual, text_tokens, runs, ge
     from ..validate.bench_report import update_readme
 
     visual = tuple(visual) or (256, 1024, 2048)
-    if reference_visual not in visual:
+    if quantize is None and reference_visual not in visual:  # --quantize times the reference N alone
         raise CliError(f"--reference-visual {reference_visual} must be one of --visual-tokens {visual}", 2)
     adapter = get_adapter(backbone)
     if config_path is not None:
@@ -525,6 +545,13 @@ def bench(backbone, config_path, visual, reference_visual, text_tokens, runs, ge
         shape = BenchShape.from_config(config_path, **widths)
     else:
         shape = BenchShape(**{k: v for k, v in widths.items() if v is not None})
+    if quantize is not None:
+        from ..validate.bench_quantize import run_quant_bench
+
+        run_quant_bench(out, adapter, shape, reference_visual, text_tokens, runs, quantize,
+                        log=lambda m: click.echo(m, err=True))
+        click.echo((out / "quantize.md").read_text())
+        return
     launched = Path(sys.argv[0]).name == "halfv-export"  # else called from Python (tests): no honest argv
     command = "halfv-export " + shlex.join(sys.argv[1:]) if launched else "halfv-export bench (from Python)"
     r = run_bench(out, adapter, shape, visual, text_tokens, runs, reference_visual, genai,

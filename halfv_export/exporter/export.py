@@ -22,6 +22,7 @@ from ..base.errors import BadInput
 from ..graphs.adapter import BackboneAdapter, LoadedModel, Processing
 from ..graphs.lint import TOPK_LIMIT
 from ..graphs.pruning import PruneSchedule, budgets
+from ..graphs.quantize import TENSOR_SUFFIXES, scheme_for
 from ..graphs.shared_weights import WeightStore, parameter_names
 from ..graphs.specs import PREFILL, VISION, decode_spec, embed_spec, prefill_spec, vision_spec
 from ..base.atomic import prepare_out_dir, write_text_atomic
@@ -66,15 +67,18 @@ def export_artifacts(adapter: BackboneAdapter, loaded: LoadedModel, schedule: Pr
                      sizes: list[tuple[int, int]], out: Path, step: Callable[[str], None] = lambda name: None,
                      precision: str = "fp32",
                      report: Callable[[str, str, object], None] = lambda graph, phase, detail: None,
-                     log: Callable[[str], None] = lambda message: None) -> dict:
+                     log: Callable[[str], None] = lambda message: None, quantize: str | None = None) -> dict:
     """Export every graph. precision fp16/bf16 casts the weights; the graph code keeps scores, softmax, norms and
     the farthest-point fill in fp32 with explicit casts, which strongly typed TensorRT builds honour.
 
     Weights are stored once (graphs/shared_weights.py): every graph references weights.bin, indexed by
     weights.json. `report(graph, phase, detail)` follows each graph through tracing / writing / checking /
-    sharing / done (detail: bytes written so far, or the graph's timing row when done)."""
+    sharing / done (detail: bytes written so far, or the graph's timing row when done).
+
+    quantize int4|int8 quantises the LLM graphs' weight MatMuls (graphs/quantize.py); embed and vision stay float."""
     if precision not in PRECISIONS:
         raise BadInput(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    scheme = check_quantize(quantize, precision)
     dtype = PRECISIONS[precision]
     out = prepare_out_dir(out)
     processing = Processing(loaded.tokenizer, loaded.image_processor, loaded.config)
@@ -105,7 +109,8 @@ def export_artifacts(adapter: BackboneAdapter, loaded: LoadedModel, schedule: Pr
             for spec in specs:
                 step(spec.file)
                 started = time.perf_counter()
-                spec.export(staging, store=store, report=lambda phase, detail, f=spec.file: report(f, phase, detail))
+                spec.export(staging, store=store, report=lambda phase, detail, f=spec.file: report(f, phase, detail),
+                            quantize=scheme if spec.kind.weights == "llm" else None)
                 timings.append({"graph": spec.file, "seconds": round(time.perf_counter() - started, 2),
                                 "graph_bytes": (staging / spec.file).stat().st_size,
                                 "weights_bin_bytes": store.path.stat().st_size})
@@ -115,7 +120,9 @@ def export_artifacts(adapter: BackboneAdapter, loaded: LoadedModel, schedule: Pr
         weights = {"file": index["file"], "bytes": index["bytes"], "tensors": len(index["tensors"]),
                    "parameters": sum(e["parameter"] for e in index["tensors"].values()),
                    "derived_bytes": sum(e["length"] for e in index["tensors"].values() if not e["parameter"]),
-                   "referenced_bytes": store.bytes_absorbed}
+                   "referenced_bytes": store.bytes_absorbed,
+                   "quantized_bytes": sum(e["length"] for n, e in index["tensors"].items()
+                                          if scheme is not None and n.endswith(TENSOR_SUFFIXES))}
 
         meta = {
             "format": ARTIFACTS_FORMAT, "backbone": adapter.name, "source": loaded.source, "precision": precision,
@@ -124,6 +131,9 @@ def export_artifacts(adapter: BackboneAdapter, loaded: LoadedModel, schedule: Pr
             "hidden_size": stack.embed_tokens.embedding_dim, "position_rows": 3 if stack.mrope else 1,
             "eos_token_ids": sorted(adapter.eos_token_ids(loaded)), "processing_files": files,
             "graphs": [spec.file for spec in specs], "weights": weights, "export_seconds": timings,
+            "quantize": None if scheme is None else {
+                **scheme.describe(), "graphs": [spec.file for spec in specs if spec.kind.weights == "llm"],
+                "float": "embed and vision graphs; norms, rotary tables and attention stay float everywhere"},
         }
         dropped = _drop_engines(out, staging.with_name(staging.name + "-engines"))
         for item in sorted(staging.iterdir()):
@@ -136,6 +146,15 @@ def export_artifacts(adapter: BackboneAdapter, loaded: LoadedModel, schedule: Pr
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(staging.with_name(staging.name + "-engines"), ignore_errors=True)
+
+
+def check_quantize(quantize: str | None, precision: str):
+    """--quantize with --precision: the scheme, or one line saying what to change (before anything is written)."""
+    scheme = scheme_for(quantize)
+    if scheme is not None and precision != "fp32":
+        raise BadInput(f"--quantize {quantize} quantises fp32 weights (ONNX Runtime's weight-only kernels take fp32 "
+                       f"activations here); drop --precision {precision} or --quantize")
+    return scheme
 
 
 def _drop_engines(out: Path, trash: Path) -> list[str]:

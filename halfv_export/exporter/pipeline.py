@@ -134,9 +134,10 @@ def load_for_source(adapter, source: str, model_dir: Path | None, dtype=None):
 
 
 def run_export(schedule_path: Path, model_dir: Path | None, image_sizes: list[tuple[int, int]], out: Path,
-               precision: str = "fp32") -> dict:
-    from .export import export_artifacts
+               precision: str = "fp32", quantize: str | None = None) -> dict:
+    from .export import check_quantize, export_artifacts
 
+    check_quantize(quantize, precision)  # before the model is loaded
     _, doc = read_schedule(schedule_path)
     adapter = get_adapter(doc.get("backbone", "?"))
     from .export import PRECISIONS
@@ -164,7 +165,7 @@ def run_export(schedule_path: Path, model_dir: Path | None, image_sizes: list[tu
             progress.update(task, description=f"{graph}: {phase}{written}")
 
         meta = export_artifacts(adapter, loaded, sched, doc, image_sizes, out, precision=precision, report=report,
-                                log=console.print)
+                                log=console.print, quantize=quantize)
     with console.status("hashing the artifacts for manifest.json"):
         write_manifest(out, export_manifest_extra(out))
     return meta
@@ -229,6 +230,7 @@ def run_validate(artifacts: Path, data: Path | None, model_dir: Path | None, fai
         largest = max(buckets, key=lambda b: b[0] * b[1])
         latency, flops = measure_latency(pipeline, loaded, held_out_samples([largest], 1, seed=2000)[0], schedule)
     report = {"backbone": meta["backbone"], "source": meta["source"], "schedule": meta["schedule"],
+              "precision": meta.get("precision", "fp32"), "quantize": meta.get("quantize"),
               "buckets": [f"{h}x{w}" for h, w in buckets], "device": pipeline.runner.describe(), **report,
               "latency_ms": latency,
               "flops": flops}

@@ -23,12 +23,15 @@ OPSET = 20
 
 
 def export_module(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
-                  dynamic_shapes, store=None, report=lambda phase, detail: None) -> Path:
+                  dynamic_shapes, store=None, report=lambda phase, detail: None, quantize=None) -> Path:
     """torch.onnx.export(dynamo=True) -> path, then check_graph. Quiet unless it fails.
 
     With a `store` (shared_weights.WeightStore) the graph is saved with external data and its weights are moved into
     the store's shared file (written once across graphs). `report(phase, detail)` is told "tracing", "writing",
-    "sharing" and "checking" as each starts, with the bytes written so far as detail where known."""
+    "sharing" and "checking" as each starts, with the bytes written so far as detail where known.
+
+    `quantize` (graphs/quantize.QuantScheme) rewrites the weight MatMuls after the checks (the TensorRT lint would
+    name MatMulNBits, on purpose) and before the weights are shared, so float copies of them never reach the store."""
     params = sum(p.numel() * p.element_size() for p in module.parameters())
     report("tracing", None)
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -49,6 +52,11 @@ def export_module(module: torch.nn.Module, args: tuple, path: Path, input_names:
     del program  # its folded constants are the only tensors it owns; the parameters stay with the module
     report("checking", file_size(path))
     check_graph(path)
+    if quantize is not None:
+        from .quantize import quantize_graph
+
+        report("quantizing", file_size(path))
+        quantize_graph(path, quantize, store.param_names if store is not None else None)
     if store is not None:
         report("sharing", file_size(path))
         store.absorb(path)

@@ -68,11 +68,12 @@ class GraphSpec:
     output_names: list[str]
     dynamic_shapes: tuple | None
 
-    def export(self, directory: Path, store=None, report=lambda phase, detail: None) -> Path:
+    def export(self, directory: Path, store=None, report=lambda phase, detail: None, quantize=None) -> Path:
         """Trace to ONNX at directory/file and run the graph checks (onnx_export.check_graph); with a WeightStore the
-        weights go to its shared file (graphs/shared_weights.py)."""
+        weights go to its shared file (graphs/shared_weights.py); with a quantize scheme (graphs/quantize.py) the
+        weight MatMuls are quantised first."""
         return export_module(self.module, self.example, Path(directory) / self.file, self.input_names,
-                             self.output_names, self.dynamic_shapes, store=store, report=report)
+                             self.output_names, self.dynamic_shapes, store=store, report=report, quantize=quantize)
 
 
 # ------------------------------------------------------------------------------------------------ example inputs

@@ -357,18 +357,26 @@ def decode_section(stack, sched, inputs: PrefillInputs, full_path: Path, halfv_p
         outs = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds_of(inputs))))
         del session
         past = [outs[f"present_{kind}_{i}"] for i in range(layers) for kind in ("key", "value")]
-        valid = [outs[k] for k in sorted(k for k in outs if k.startswith("cache_valid_"))]
         spec = decode_spec(stack, sched.cache_groups(layers) if pruned else [0] * layers, pruned=pruned)
         path = spec.export(work)
-        feeds = {"input_ids": np.array([[7]]), "positions": inputs.next_positions[..., None].numpy()}
-        feeds.update({f"cache_valid_{g}": np.concatenate([v, np.ones((1, 1), dtype=v.dtype)], 1)
-                      for g, v in enumerate(valid)})
-        feeds.update({n: p for n, p in zip(spec.input_names[-2 * layers:], past)})
+        feeds = decode_feeds(spec.input_names, layers, inputs, outs)
         section[name] = {**measure_ort(path, feeds, runs, ["logits"]),
                          "kv_cache_bytes": int(sum(p.nbytes for p in past)),
                          "cache_lengths": sorted({int(p.shape[2]) for p in past})}
     section["kv_cache_ratio"] = round(section["full"]["kv_cache_bytes"] / section["halfv"]["kv_cache_bytes"], 3)
     return section
+
+
+def decode_feeds(input_names: list[str], layers: int, inputs: PrefillInputs, outs: dict) -> dict:
+    """One decode step's feeds after a prefill whose outputs are `outs`: token 7, the next positions, each cache
+    group's valid mask grown by one, and the prefill's present K/V as the past (the decode graph's last 2L inputs)."""
+    past = [outs[f"present_{kind}_{i}"] for i in range(layers) for kind in ("key", "value")]
+    valid = [outs[k] for k in sorted(k for k in outs if k.startswith("cache_valid_"))]
+    feeds = {"input_ids": np.array([[7]]), "positions": inputs.next_positions[..., None].numpy()}
+    feeds.update({f"cache_valid_{g}": np.concatenate([v, np.ones((1, 1), dtype=v.dtype)], 1)
+                  for g, v in enumerate(valid)})
+    feeds.update({n: p for n, p in zip(input_names[-2 * layers:], past)})
+    return feeds
 
 
 def published_vision(adapter: BackboneAdapter) -> tuple[str, dict] | None:

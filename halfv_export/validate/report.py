@@ -72,6 +72,7 @@ def run_validation(pipeline, loaded, samples: list[Sample], schedule: PruneSched
     batches = [items[i:i + batch_size] for items in groups.values() for i in range(0, len(items), batch_size)]
 
     kept_match, max_abs, cos_min, tokens_match, top1, kls, n_samples = [], 0.0, 1.0, [], [], [], 0
+    cosines, engine_top1, token_agreement = [], [], []
     for batch in progress(batches):
         images, prompts = [im for _, im in batch], [s.prompt for s, _ in batch]
         host = pipeline.host(images, prompts)
@@ -84,12 +85,15 @@ def run_validation(pipeline, loaded, samples: list[Sample], schedule: PruneSched
         engine_kept = {stage: pipeline.to_host(k) for stage, k in engine.kept.items()}
         max_abs = max(max_abs, float(np.abs(logits - ref_logits).max()))
         for b in range(len(batch)):
-            cos_min = min(cos_min, _cosine(logits[b], ref_logits[b]))
+            cosines.append(_cosine(logits[b], ref_logits[b]))
+            cos_min = min(cos_min, cosines[-1])
+            engine_top1.append(bool(logits[b].argmax() == ref_logits[b].argmax()))
             for stage, kept in eager.kept.items():
                 kept_match.append(bool(np.array_equal(engine_kept.get(stage, np.empty(0))[b], kept[b].numpy())))
         engine_tokens = pipeline.generate(images, prompts, GREEDY_TOKENS, stop_at_eos=False)
         eager_tokens = eager_halfv.generate(ref_inputs, GREEDY_TOKENS).numpy()
         tokens_match += [bool(np.array_equal(engine_tokens[b], eager_tokens[b])) for b in range(len(batch))]
+        token_agreement += [float(np.mean(np.asarray(engine_tokens[b]) == eager_tokens[b])) for b in range(len(batch))]
         top1 += (eager.logits.argmax(-1) == full.logits.argmax(-1)).tolist()
         kls += kl_last_token(full.logits, eager.logits).tolist()
         n_samples += len(batch)
@@ -97,8 +101,10 @@ def run_validation(pipeline, loaded, samples: list[Sample], schedule: PruneSched
     parity = {
         **({"kept_indices_match": float(np.mean(kept_match))} if kept_match else {}),  # absent: nothing compared
         "kept_pairs": len(kept_match),
-        "logits_max_abs_diff": max_abs, "logits_cosine_min": cos_min,
+        "logits_max_abs_diff": max_abs, "logits_cosine_min": cos_min, "logits_cosine_mean": float(np.mean(cosines)),
+        "top1_agreement": float(np.mean(engine_top1)),  # the engine's first token vs eager HalfV's
         "greedy_tokens_match": float(np.mean(tokens_match)), "greedy_tokens": GREEDY_TOKENS,
+        "greedy_token_agreement": float(np.mean(token_agreement)),  # share of the 16 positions that agree
     }
     fidelity = {"top1_agreement": float(np.mean(top1)), "kl_mean": float(np.mean(kls)), "weights": weights,
                 "note": ("random weights: agreement with the unpruned model measures the graphs, not accuracy"
@@ -168,7 +174,7 @@ def lookup(report: dict, key: str):
 # every number a report can carry, so a gate naming anything else is refused before the validation runs
 METRICS = (
     "parity.kept_indices_match", "parity.kept_pairs", "parity.logits_max_abs_diff", "parity.logits_cosine_min",
-    "parity.greedy_tokens_match", "fidelity.top1_agreement", "fidelity.kl_mean", "latency_ms.eager_full_prefill",
+    "parity.logits_cosine_mean", "parity.top1_agreement", "parity.greedy_tokens_match", "parity.greedy_token_agreement", "fidelity.top1_agreement", "fidelity.kl_mean", "latency_ms.eager_full_prefill",
     "latency_ms.eager_halfv_prefill", "latency_ms.engine_full_prefill", "latency_ms.engine_halfv_prefill",
     "latency_ms.engine_decode_step", "latency_ms.eager_embed_vision", "latency_ms.engine_embed_vision",
     "latency_ms.eager_full_ttft", "latency_ms.eager_halfv_ttft", "latency_ms.engine_full_ttft",
@@ -229,17 +235,31 @@ def _value(section: dict, key: str) -> str:
     return f"{section[key]:.4f}" if key in section else "not measured"
 
 
+def _quantize_note(quantize: dict | None) -> list[str]:
+    if not quantize:
+        return []
+    return [f"Quantised export ({quantize['scheme']}, {quantize['op']}, {quantize['granularity']}) against the fp32 "
+            "eager reference: these rows are its distance to the float model, not exactness. Quantised logits move "
+            "the relevance scores too, so kept indices may legitimately differ; the default exactness gates "
+            "(kept indices 1.0, greedy 1.0, logits 1e-3) do not apply — gate on logits_cosine_min, top1_agreement "
+            "or greedy_token_agreement instead.", ""]
+
+
 def render_markdown(report: dict) -> str:
     p, f, lat, fl = report["parity"], report["fidelity"], report["latency_ms"], report["flops"]
     lines = [
         f"# halfv-export validation: {report['backbone']} ({report['source']})", "",
         f"{report['samples']} held-out samples, buckets {', '.join(report['buckets'])}; schedule "
         f"`{json.dumps(report['schedule'])}`.", "",
-        "## Parity: exported engines vs eager HalfV", "", "| metric | value |", "|---|---|",
+        "## Parity: exported engines vs eager HalfV", "", *_quantize_note(report.get("quantize")),
+        "| metric | value |", "|---|---|",
         f"| kept_indices_match ({p['kept_pairs']} sample-stage pairs) | {_value(p, 'kept_indices_match')} |",
         f"| logits_max_abs_diff | {p['logits_max_abs_diff']:.3g} |",
         f"| logits_cosine_min | {p['logits_cosine_min']:.6f} |",
-        f"| greedy_tokens_match ({p['greedy_tokens']} tokens) | {p['greedy_tokens_match']:.4f} |", "",
+        f"| logits_cosine_mean | {p['logits_cosine_mean']:.6f} |",
+        f"| top1_agreement (first token) | {p['top1_agreement']:.4f} |",
+        f"| greedy_tokens_match ({p['greedy_tokens']} tokens, whole sequence) | {p['greedy_tokens_match']:.4f} |",
+        f"| greedy_token_agreement (share of positions) | {p['greedy_token_agreement']:.4f} |", "",
         f"## Fidelity: eager HalfV vs the unpruned model ({f['weights']} weights)", "",
         f"top-1 agreement {f['top1_agreement']:.4f}, mean KL {f['kl_mean']:.4g}. {f['note']}.", "",
         f"## Latency (ms, median of {lat['runs']} after warm-up, batch 1, N = {lat['visual_tokens']}, "
