@@ -98,9 +98,10 @@ def test_tampered_artifact_is_refused(exported, run_cli, tmp_path):
 def test_validate_gates(exported, run_cli, tmp_path):
     exported = copy_build(exported, tmp_path / "artifacts")  # validate writes report.json and the manifest
     ok = run_cli("validate", "--artifacts", exported, "--fail-under", "parity.kept_indices_match=1.0",
-                 "--fail-over", "parity.logits_max_abs_diff=1e-3")
+                 "--fail-over", "parity.logits_max_abs_diff=1e-3", "--latency-runs", 2)
     assert ok.exit_code == 0, ok.output
     report = json.loads((exported / "report.json").read_text())
+    assert report["latency_ms"]["runs"] == 2
     assert report["parity"]["kept_indices_match"] == 1.0 and report["parity"]["greedy_tokens_match"] == 1.0
     assert report["parity"]["logits_max_abs_diff"] <= 1e-3 and report["fidelity"]["weights"] == "random"
     for key in ("eager_full_prefill", "eager_halfv_prefill", "engine_full_prefill", "engine_halfv_prefill",

@@ -368,11 +368,18 @@ def serve(artifacts, host, port, max_batch, batch_wait_ms, allow_images_from, ma
     click.echo("stopped", err=True)
 
 
+def latency_runs_option(fn):
+    return click.option("--latency-runs", type=click.IntRange(1), default=7, show_default=True,
+                        help="Timed runs (after a warm-up) per latency row; the rows run the vision tower six times "
+                        "each, so a 1792x1792 bucket wants 1.")(fn)
+
+
 @cli.command(epilog="""\b
 Examples:
   halfv-export validate --artifacts build/
   halfv-export validate --artifacts build/ --data heldout/ --fail-under parity.kept_indices_match=1.0 \\
       --fail-over parity.logits_max_abs_diff=1e-3
+  halfv-export validate --artifacts build-1792/ --latency-runs 1
 """)
 @click.option("--artifacts", required=True, type=click.Path(path_type=Path), help="Directory written by export.")
 @click.option("--data", type=click.Path(path_type=Path), help="prompts.jsonl or a folder with one; default: held-out synthetic.")
@@ -380,8 +387,9 @@ Examples:
 @click.option("--fail-under", multiple=True, help="KEY=VALUE: fail (exit 1) when the metric is below VALUE.")
 @click.option("--fail-over", multiple=True, help="KEY=VALUE: fail (exit 1) when the metric is above VALUE.")
 @click.option("--target", default="onnxruntime", show_default=True, help="Engines to check: onnxruntime or tensorrt.")
+@latency_runs_option
 @user_errors
-def validate(artifacts, data, model_dir, fail_under, fail_over, target):
+def validate(artifacts, data, model_dir, fail_under, fail_over, target, latency_runs):
     """Compare the engines with the eager reference -> report.json, report.md, latency.png.
 
     Parity (kept indices, logits, 16 greedy tokens) against eager HalfV with the same schedule; fidelity of HalfV
@@ -391,7 +399,8 @@ def validate(artifacts, data, model_dir, fail_under, fail_over, target):
     from .pipeline import run_validate
 
     report, failures = run_validate(artifacts, data, model_dir, parse_thresholds(fail_under, "--fail-under"),
-                                    parse_thresholds(fail_over, "--fail-over"), target=target)
+                                    parse_thresholds(fail_over, "--fail-over"), target=target,
+                                    latency_runs=latency_runs)
     _print_summary(report)
     if failures:
         raise CliError("validation failed: " + "; ".join(failures), 1)
@@ -416,6 +425,7 @@ def _print_summary(report: dict) -> None:
 Examples:
   halfv-export build --backbone qwen2.5-vl --out build/
   halfv-export build --backbone qwen2.5-vl --model ./Qwen2.5-VL-3B-Instruct --image-size 448x448 --out build/
+  halfv-export build --backbone qwen2.5-vl --model ./ckpt --image-size 1792x1792 --latency-runs 1 --out build-1792/
 """)
 @click.option("--backbone", required=True, help="Backbone adapter, e.g. qwen2.5-vl.")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Local checkpoint directory (safetensors).")
@@ -426,9 +436,10 @@ Examples:
               help="Exported precision (fp16/bf16 keep scores, softmax and norms in fp32).")
 @click.option("--paper-values", is_flag=True, help="Skip the calibration rules: paper values.")
 @schedule_options
+@latency_runs_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @user_errors
-def build(backbone, model_dir, data, image_sizes, target, precision, paper_values, out, **kwargs):
+def build(backbone, model_dir, data, image_sizes, target, precision, paper_values, latency_runs, out, **kwargs):
     """calibrate -> export -> engine -> validate, gated on parity with the fp32 eager reference (kept indices 1.0,
     greedy tokens 1.0, logits within 1e-3; fp16/bf16 builds are reported, not gated)."""
     from .export import parse_image_size
@@ -457,7 +468,8 @@ def build(backbone, model_dir, data, image_sizes, target, precision, paper_value
         click.echo("[4/4] validate", err=True)
         gated = precision == "fp32"
         report, failures = run_validate(work, None, model_dir, list(DEFAULT_GATES_UNDER) if gated else [],
-                                        list(DEFAULT_GATES_OVER) if gated else [], target=target)
+                                        list(DEFAULT_GATES_OVER) if gated else [], target=target,
+                                        latency_runs=latency_runs)
         _summary_table(meta, report)
         if failures:
             raise CliError("validation failed: " + "; ".join(failures) + f"; the previous build in {out} is kept", 1)

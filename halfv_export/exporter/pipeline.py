@@ -201,8 +201,9 @@ def run_engine(artifacts: Path, target: str, options=None) -> dict:
 
 
 def run_validate(artifacts: Path, data: Path | None, model_dir: Path | None, fail_under: list, fail_over: list,
-                 weights: str | None = None, target: str = "onnxruntime") -> tuple[dict, list[str]]:
-    from ..validate.report import check_thresholds, held_out_samples, measure_latency, run_validation, write_report
+                 weights: str | None = None, target: str = "onnxruntime",
+                 latency_runs: int | None = None) -> tuple[dict, list[str]]:
+    from ..validate.report import LATENCY_RUNS, check_thresholds, held_out_samples, measure_latency, run_validation, write_report
 
     pipeline = open_pipeline(artifacts, target)
     meta = pipeline.meta
@@ -228,7 +229,8 @@ def run_validate(artifacts: Path, data: Path | None, model_dir: Path | None, fai
         report = run_validation(pipeline, loaded, samples, schedule, weights, progress=track)
     with console.status("measuring latency"):
         largest = max(buckets, key=lambda b: b[0] * b[1])
-        latency, flops = measure_latency(pipeline, loaded, held_out_samples([largest], 1, seed=2000)[0], schedule)
+        latency, flops = measure_latency(pipeline, loaded, held_out_samples([largest], 1, seed=2000)[0], schedule,
+                                         runs=latency_runs or LATENCY_RUNS)
     report = {"backbone": meta["backbone"], "source": meta["source"], "schedule": meta["schedule"],
               "precision": meta.get("precision", "fp32"), "quantize": meta.get("quantize"),
               "buckets": [f"{h}x{w}" for h, w in buckets], "device": pipeline.runner.describe(), **report,

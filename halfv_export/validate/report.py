@@ -112,8 +112,9 @@ def run_validation(pipeline, loaded, samples: list[Sample], schedule: PruneSched
     return {"samples": n_samples, "parity": parity, "fidelity": fidelity}
 
 
-def measure_latency(pipeline, loaded, sample: Sample, schedule: PruneSchedule) -> tuple[dict, dict]:
-    """Medians of LATENCY_RUNS runs after a warm-up, batch 1, on one sample: prefill (LLM only, embeddings
+def measure_latency(pipeline, loaded, sample: Sample, schedule: PruneSchedule,
+                    runs: int = LATENCY_RUNS) -> tuple[dict, dict]:
+    """Medians of `runs` runs after a warm-up, batch 1, on one sample: prefill (LLM only, embeddings
     ready) eager/engine x full/HalfV, time to first token (host inputs + embedding + vision tower + prefill: what a
     user waits for; HalfV leaves everything but the prefill unchanged), and one engine decode step on the pruned
     cache. Also that sample's FLOPs, prefill-only and end to end (vision encoder included)."""
@@ -132,19 +133,20 @@ def measure_latency(pipeline, loaded, sample: Sample, schedule: PruneSchedule) -
         pipeline.decode_step(token, state)
         state.past, state.valid, state.next_positions = saved
 
+    ms = lambda fn: median_ms(fn, runs)  # noqa: E731
     latency = {
-        "eager_full_prefill": median_ms(lambda: full.prefill(inputs)),
-        "eager_halfv_prefill": median_ms(lambda: halfv.prefill(inputs)),
-        "engine_full_prefill": median_ms(lambda: pipeline.prefill(host, halfv=False, embeds=embeds)),
-        "engine_halfv_prefill": median_ms(lambda: pipeline.prefill(host, halfv=True, embeds=embeds)),
-        "engine_decode_step": median_ms(decode_once),
-        "eager_embed_vision": median_ms(lambda: adapter.prepare(loaded, [image], [sample.prompt])),
-        "engine_embed_vision": median_ms(lambda: pipeline.embeds(pipeline.host([image], [sample.prompt]))),
-        "eager_full_ttft": median_ms(lambda: full.prefill(adapter.prepare(loaded, [image], [sample.prompt]))),
-        "eager_halfv_ttft": median_ms(lambda: halfv.prefill(adapter.prepare(loaded, [image], [sample.prompt]))),
-        "engine_full_ttft": median_ms(lambda: pipeline.prefill(pipeline.host([image], [sample.prompt]), halfv=False)),
-        "engine_halfv_ttft": median_ms(lambda: pipeline.prefill(pipeline.host([image], [sample.prompt]), halfv=True)),
-        "runs": LATENCY_RUNS, "batch": 1, "visual_tokens": host.num_visual, "sequence": int(host.input_ids.shape[1]),
+        "eager_full_prefill": ms(lambda: full.prefill(inputs)),
+        "eager_halfv_prefill": ms(lambda: halfv.prefill(inputs)),
+        "engine_full_prefill": ms(lambda: pipeline.prefill(host, halfv=False, embeds=embeds)),
+        "engine_halfv_prefill": ms(lambda: pipeline.prefill(host, halfv=True, embeds=embeds)),
+        "engine_decode_step": ms(decode_once),
+        "eager_embed_vision": ms(lambda: adapter.prepare(loaded, [image], [sample.prompt])),
+        "engine_embed_vision": ms(lambda: pipeline.embeds(pipeline.host([image], [sample.prompt]))),
+        "eager_full_ttft": ms(lambda: full.prefill(adapter.prepare(loaded, [image], [sample.prompt]))),
+        "eager_halfv_ttft": ms(lambda: halfv.prefill(adapter.prepare(loaded, [image], [sample.prompt]))),
+        "engine_full_ttft": ms(lambda: pipeline.prefill(pipeline.host([image], [sample.prompt]), halfv=False)),
+        "engine_halfv_ttft": ms(lambda: pipeline.prefill(pipeline.host([image], [sample.prompt]), halfv=True)),
+        "runs": runs, "batch": 1, "visual_tokens": host.num_visual, "sequence": int(host.input_ids.shape[1]),
     }
     shape = LMShape.from_config(loaded.config.to_dict())
     f = prefill_flops(shape, host.num_visual, int(host.input_ids.shape[1]) - host.num_visual, schedule)
