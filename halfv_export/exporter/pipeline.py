@@ -215,7 +215,8 @@ def run_validate(artifacts: Path, data: Path | None, model_dir: Path | None, fai
     schedule = PruneSchedule(**meta["schedule"])
     buckets = [tuple(b["size"]) for b in meta["buckets"]]
     samples = load_data(data) if data is not None else held_out_samples(buckets)
-    weights = weights or ("random" if meta["source"].startswith("embedded:") else "trained")
+    # a checkpoint folder may hold random weights too (tools/shaped_checkpoint.py): say where they came from only
+    weights = weights or ("random" if meta["source"].startswith("embedded:") else "checkpoint")
     with _progress() as progress:
         task = progress.add_task("validating (parity, fidelity)", total=None)
 
