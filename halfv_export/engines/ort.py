@@ -124,11 +124,16 @@ def open_session(path: Path, options, providers: list[str], shared: "SharedWeigh
         shared.add_to(options, {i.name for i in model.graph.initializer
                                 if i.data_location == onnx.TensorProto.EXTERNAL})
     fused = fuse_causal_attention(model) if fuse_attention and providers[0] == "CPUExecutionProvider" else 0
-    if not fused:
-        return _ort().InferenceSession(str(path), options, providers=providers), 0
-    # external data the shared weights do not cover is read relative to this folder, as for a model path
-    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
-    return _ort().InferenceSession(model.SerializeToString(), options, providers=providers), fused
+    if fused:
+        # external data the shared weights do not cover is read relative to this folder, as for a model path
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+        try:
+            return _ort().InferenceSession(model.SerializeToString(), options, providers=providers), fused
+        except Exception:
+            # an ONNX Runtime whose GroupQueryAttention lacks `causal` / attention_bias (older than the 1.30-1.31
+            # tested here) refuses the fused graph: run it as exported; engine.json then records 0 fused sites
+            pass
+    return _ort().InferenceSession(str(path), options, providers=providers), 0
 
 
 class OrtRunner:
