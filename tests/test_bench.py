@@ -25,6 +25,8 @@ def test_bench_command_small_shape(run_cli, tmp_path):
     assert data["weights"] == "random" and data["runs"] == 2
     assert set(data["load_average"]) == {"start", "end"}  # a loaded box is visible in the numbers' own record
     assert data["command"] == "halfv-export bench (from Python)"  # never a command that was not run
+    assert "Command: `halfv-export bench (from Python)`" in (tmp_path / "b" / "bench.md").read_text()
+    assert "1-min load average" in (tmp_path / "b" / "bench.md").read_text()
     assert data["schedule"]["ivr_layer"] == 1 and data["schedule"]["ssr_layer"] == 4  # paper 2/28, 21/28 at depth 6
     assert [row["visual"] for row in data["cpu_prefill"]] == [64, 144]
     for row in data["cpu_prefill"]:

@@ -23,10 +23,9 @@ def _mem(entry: dict) -> str:
 def render_bench(r: dict) -> str:
     s, sched = r["shape"], r["schedule"]
     lines = [
-        f"Command: `{r.get('command', 'halfv-export bench')}` — {r['device']}; medians of {r['runs']} runs after a "
-        f"warm-up; 1-min load average {r['load_average']['start']} at start, {r['load_average']['end']} at end "
-        f"(anything above ~0.5 means other work shared the cores)." if "load_average" in r else
-        f"Command: `halfv-export bench` — {r['device']}; medians of {r['runs']} runs after a warm-up.",
+        f"Command: `{r['command']}` — {r['device']}; medians of {r['runs']} runs after a warm-up; 1-min load "
+        f"average {r['load_average']['start']} at start, {r['load_average']['end']} at end (anything above ~0.5 means "
+        f"other work shared the cores).",
         f"Model: {r['backbone']}-family LLM, hidden {s['hidden']}, {s['layers']} layers, {s['heads']}/{s['kv_heads']} "
         f"heads, MLP {s['intermediate']}, vocab {s['vocab']}, **random weights** (speed only); {r['text_tokens']} text "
         f"tokens; paper schedule at this depth: IVR before layer {sched['ivr_layer']} keep {sched['keep_ratio']}, "
