@@ -3,6 +3,8 @@
 --data PATH is either a JSONL file or a folder holding `prompts.jsonl`; each line is
     {"image": "relative/or/absolute.png", "prompt": "What is written here?"}
 ("image" may be null for a text-only prompt). Images are converted to RGB (grayscale, RGBA, palette, 16-bit).
+A line may also carry the reference "answer" (a string; validate then scores exact-match accuracy) and a question
+"type" (a string; accuracy is also reported per type).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class Sample:
     name: str
     image: Image.Image | None
     prompt: str
+    answer: str | None = None  # reference answer, when the data has one (accuracy)
+    type: str | None = None  # question type, for per-type accuracy
 
 
 def _shapes(rng: np.random.Generator, w: int, h: int) -> Image.Image:
@@ -143,9 +147,17 @@ def load_data(path: Path) -> list[Sample]:
             raise BadInput(f"{jsonl}:{lineno}: not a JSON object; each line needs {{\"image\": ..., \"prompt\": ...}}") from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
             raise BadInput(f"{jsonl}:{lineno}: needs a non-empty \"prompt\" string")
+        answer, kind = row.get("answer"), row.get("type")
+        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+            answer = str(answer)
+        if answer is not None and not isinstance(answer, str):
+            raise BadInput(f"{jsonl}:{lineno}: \"answer\" must be a string (or a number)")
+        if kind is not None and (not isinstance(kind, str) or not kind.strip()):
+            raise BadInput(f"{jsonl}:{lineno}: \"type\" must be a non-empty string")
         image = row.get("image")
         samples.append(Sample(name=str(image or f"line{lineno}"),
-                              image=load_image(jsonl.parent / image) if image else None, prompt=row["prompt"]))
+                              image=load_image(jsonl.parent / image) if image else None, prompt=row["prompt"],
+                              answer=answer, type=kind))
     if not samples:
         raise BadInput(f"--data {jsonl}: no samples; add lines like {{\"image\": \"a.png\", \"prompt\": \"...\"}}")
     return samples

@@ -1,0 +1,276 @@
+"""A visual question-answering task built from real handwritten digits, for training and scoring the embedded models.
+
+Source: scikit-learn's `load_digits` (1,797 real 8x8 scans, 16 grey levels, shipped inside the scikit-learn wheel:
+no download). The scans are split once, without randomness, into a training part and a disjoint evaluation part:
+scan i is an evaluation scan when i % 5 == 4 (359 scans), a training scan otherwise (1,438).
+
+An image is a GRID_ROWS x GRID_COLS grid laid over the whole canvas; some cells hold a digit scan, the others are
+empty. Each digit is upscaled (bicubic) to a random share of its cell, placed at a random offset inside the cell and
+inked in a colour that contrasts with the background (solid, gradient or noise texture, random colours). Rows and
+columns are numbered from 1, top-left first. Question types (answers are short text, digits separated by spaces):
+
+    digit_at      What is the digit in row r, column c?          -> "7", or "none" for an empty cell
+    row_digits    Which digits are in row r, left to right?       -> "3 7", or "none"
+    count_digit   How many times does d appear?                   -> "2" (also "0": d is absent)
+    count_all     How many digits are there?                      -> "5"
+    read_all      Read all digits row by row.                     -> "3 7 1 0 0"
+
+Everything is drawn from one numpy Generator seeded by the caller, so a (seed, split, sizes, count) tuple always
+gives the same images, prompts and answers.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .atomic import write_bytes_atomic, write_text_atomic
+from .data import Sample
+from .errors import BadInput
+
+GRID_ROWS, GRID_COLS = 3, 3
+MIN_DIGITS, MAX_DIGITS = 2, 6  # filled cells per image
+EVAL_EVERY = 5  # scan i is held out for evaluation when i % EVAL_EVERY == EVAL_EVERY - 1
+SPLITS = ("train", "eval")
+
+QUESTION_TYPES = ("digit_at", "row_digits", "count_digit", "count_all", "read_all")
+# The mix of question types in a generated set (training and evaluation use the same mix).
+DEFAULT_MIX = {"digit_at": 0.3, "row_digits": 0.2, "count_digit": 0.2, "count_all": 0.1, "read_all": 0.2}
+PROMPTS = {
+    "digit_at": "What is the digit in row {row}, column {col}?",
+    "row_digits": "Which digits are in row {row}, left to right?",
+    "count_digit": "How many times does {digit} appear?",
+    "count_all": "How many digits are there?",
+    "read_all": "Read all digits row by row.",
+}
+NONE = "none"
+
+
+@dataclass
+class TaskSample(Sample):
+    """A Sample (with its answer and question type) plus the grid it was drawn from: digits and the scan indices
+    (into load_digits) of each cell, None where a cell is empty."""
+
+    grid: list = field(default_factory=list)
+    scans: list = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------ the scans
+@functools.lru_cache(maxsize=None)
+def _all_scans() -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise BadInput("the digit task needs scikit-learn (it ships the digit scans); pip install scikit-learn") from None
+    digits = load_digits()
+    return (digits.images / 16.0).astype(np.float32), digits.target.astype(np.int64)  # [1797, 8, 8] in [0, 1], [1797]
+
+
+def scan_indices(split: str) -> np.ndarray:
+    """Indices into load_digits() of one split; the two splits are disjoint and together cover every scan."""
+    if split not in SPLITS:
+        raise BadInput(f"unknown split '{split}'; choose one of: {', '.join(SPLITS)}")
+    index = np.arange(len(_all_scans()[1]))
+    held_out = index % EVAL_EVERY == EVAL_EVERY - 1
+    return index[held_out] if split == "eval" else index[~held_out]
+
+
+def scan(index: int) -> tuple[np.ndarray, int]:
+    """One scan [8, 8] (ink in [0, 1]) and its label."""
+    images, labels = _all_scans()
+    return images[index], int(labels[index])
+
+
+# ------------------------------------------------------------------------------------------------ drawing
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def _colour(rng: np.random.Generator, low: float, high: float) -> np.ndarray:
+    """A random RGB colour whose luminance lies in [low, high] (rejection sampling, a few draws at most)."""
+    while True:
+        c = rng.uniform(0, 1, 3).astype(np.float32)
+        if low <= float(c @ LUMA) <= high:
+            return c
+
+
+def _background(rng: np.random.Generator, h: int, w: int, light: bool) -> np.ndarray:
+    """[h, w, 3] in [0, 1]: a solid colour, a linear gradient or a smooth noise texture between two colours of the
+    same brightness class (light: luminance >= 0.55, dark: <= 0.45), so that the ink always contrasts."""
+    low, high = (0.55, 1.0) if light else (0.0, 0.45)
+    a, b = _colour(rng, low, high), _colour(rng, low, high)
+    kind = int(rng.integers(0, 3))
+    if kind == 0:
+        return np.broadcast_to(a, (h, w, 3)).copy()
+    if kind == 1:
+        angle = rng.uniform(0, 2 * np.pi)
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        t = np.cos(angle) * xx / w + np.sin(angle) * yy / h
+        t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+    else:
+        coarse = rng.uniform(0, 1, (int(rng.integers(3, 9)), int(rng.integers(3, 9))))
+        t = np.asarray(Image.fromarray((coarse * 255).astype(np.uint8)).resize((w, h), Image.BICUBIC),
+                       np.float32) / 255
+    return a * (1 - t[..., None]) + b * t[..., None]
+
+
+def render(cells: list[list[int | None]], size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
+    """Draw a grid of scans: cells[r][c] is a scan index (into load_digits) or None; size is (height, width)."""
+    h, w = size
+    rows, cols = len(cells), len(cells[0])
+    light = bool(rng.random() < 0.5)
+    canvas = _background(rng, h, w, light)
+    ink = _colour(rng, 0.0, 0.25) if light else _colour(rng, 0.75, 1.0)
+    for r in range(rows):
+        for c in range(cols):
+            if cells[r][c] is None:
+                continue
+            y0, y1 = round(r * h / rows), round((r + 1) * h / rows)
+            x0, x1 = round(c * w / cols), round((c + 1) * w / cols)
+            side = max(8, int(min(y1 - y0, x1 - x0) * rng.uniform(0.6, 0.9)))
+            glyph, _ = scan(cells[r][c])
+            alpha = np.asarray(Image.fromarray((glyph * 255).astype(np.uint8)).resize((side, side), Image.BICUBIC),
+                               np.float32)[..., None] / 255  # [side, side, 1]
+            top = y0 + int(rng.integers(0, max(1, y1 - y0 - side + 1)))
+            left = x0 + int(rng.integers(0, max(1, x1 - x0 - side + 1)))
+            region = canvas[top:top + side, left:left + side]
+            canvas[top:top + side, left:left + side] = region * (1 - alpha) + ink * alpha
+    return Image.fromarray((np.clip(canvas, 0, 1) * 255).round().astype(np.uint8))
+
+
+# ------------------------------------------------------------------------------------------------ questions
+def digits_of(cells: list[list[int | None]]) -> list[list[int | None]]:
+    return [[None if i is None else scan(i)[1] for i in row] for row in cells]
+
+
+def answer_for(kind: str, grid: list[list[int | None]], row: int = 0, col: int = 0, digit: int = 0) -> str:
+    """The reference answer of a question about a grid of digits (None = empty cell); row/col are 1-based."""
+    present = [d for line in grid for d in line if d is not None]
+    if kind == "digit_at":
+        d = grid[row - 1][col - 1]
+        return NONE if d is None else str(d)
+    if kind == "row_digits":
+        line = [str(d) for d in grid[row - 1] if d is not None]
+        return " ".join(line) if line else NONE
+    if kind == "count_digit":
+        return str(present.count(digit))
+    if kind == "count_all":
+        return str(len(present))
+    if kind == "read_all":
+        return " ".join(str(d) for d in present)
+    raise BadInput(f"unknown question type '{kind}'; choose one of: {', '.join(QUESTION_TYPES)}")
+
+
+def _question(kind: str, grid: list[list[int | None]], rng: np.random.Generator) -> tuple[str, str]:
+    """A prompt of one type about `grid` and its answer. digit_at asks about a filled cell 80% of the time;
+    count_digit about a present digit 75% of the time."""
+    rows, cols = len(grid), len(grid[0])
+    filled = [(r, c) for r in range(rows) for c in range(cols) if grid[r][c] is not None]
+    empty = [(r, c) for r in range(rows) for c in range(cols) if grid[r][c] is None]
+    row = col = digit = 0
+    if kind == "digit_at":
+        pool = filled if (not empty or rng.random() < 0.8) else empty
+        r, c = pool[int(rng.integers(0, len(pool)))]
+        row, col = r + 1, c + 1
+    elif kind == "row_digits":
+        row = int(rng.integers(1, rows + 1))
+    elif kind == "count_digit":
+        present = sorted({grid[r][c] for r, c in filled})
+        absent = [d for d in range(10) if d not in present]
+        pool = present if (not absent or rng.random() < 0.75) else absent
+        digit = int(pool[int(rng.integers(0, len(pool)))])
+    prompt = PROMPTS[kind].format(row=row, col=col, digit=digit)
+    return prompt, answer_for(kind, grid, row, col, digit)
+
+
+def _cells(rng: np.random.Generator, pool: np.ndarray) -> list[list[int | None]]:
+    """Which cells hold which scan: MIN..MAX filled cells, digits drawn from 1-4 classes so that counts repeat."""
+    labels = _all_scans()[1]
+    filled = int(rng.integers(MIN_DIGITS, MAX_DIGITS + 1))
+    where = rng.choice(GRID_ROWS * GRID_COLS, size=filled, replace=False)
+    classes = rng.choice(10, size=int(rng.integers(1, 5)), replace=False)
+    cells: list[list[int | None]] = [[None] * GRID_COLS for _ in range(GRID_ROWS)]
+    for cell in where:
+        label = classes[int(rng.integers(0, len(classes)))]
+        candidates = pool[labels[pool] == label]
+        cells[cell // GRID_COLS][cell % GRID_COLS] = int(candidates[int(rng.integers(0, len(candidates)))])
+    return cells
+
+
+def parse_mix(text: str | None) -> dict[str, float]:
+    """'digit_at=2,count_all=1' -> normalised weights; None -> DEFAULT_MIX."""
+    if not text:
+        return dict(DEFAULT_MIX)
+    mix = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        key = key.strip()
+        if key not in QUESTION_TYPES:
+            raise BadInput(f"unknown question type '{key}' in the mix; choose from: {', '.join(QUESTION_TYPES)}")
+        try:
+            mix[key] = float(value) if value else 1.0
+        except ValueError:
+            raise BadInput(f"mix entry {part!r}: write TYPE=WEIGHT, e.g. digit_at=2") from None
+    if any(v < 0 for v in mix.values()) or sum(mix.values()) <= 0:
+        raise BadInput("the question mix needs non-negative weights with a positive sum")
+    return mix
+
+
+def task_set(count: int, seed: int = 0, split: str = "eval", sizes: list[tuple[int, int]] = ((224, 224),),
+             mix: dict[str, float] | None = None) -> list[TaskSample]:
+    """`count` samples; sample i uses sizes[i % len(sizes)]. Deterministic in (count, seed, split, sizes, mix)."""
+    if count < 1:
+        raise BadInput(f"count={count}: ask for at least one sample")
+    for h, w in sizes:
+        if h < 3 * 8 or w < 3 * 8:
+            raise BadInput(f"image size {h}x{w} is too small for a {GRID_ROWS}x{GRID_COLS} grid of digits; use >= 24")
+    mix = dict(DEFAULT_MIX if mix is None else mix)
+    kinds = [k for k in QUESTION_TYPES if mix.get(k, 0) > 0]
+    weights = np.array([mix[k] for k in kinds], dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    pool = scan_indices(split)
+    samples = []
+    for i in range(count):
+        size = tuple(sizes[i % len(sizes)])
+        cells = _cells(rng, pool)
+        grid = digits_of(cells)
+        kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
+        prompt, answer = _question(kind, grid, rng)
+        image = render(cells, size, rng)
+        samples.append(TaskSample(name=f"{split}-{seed}-{i:05d}-{kind}-{size[0]}x{size[1]}", image=image,
+                                  prompt=prompt, answer=answer, type=kind, grid=grid, scans=cells))
+    return samples
+
+
+def normalise_answer(text: str) -> str:
+    """What exact match compares: stripped, lower-case, inner whitespace collapsed, a trailing full stop dropped."""
+    return " ".join(str(text).strip().lower().rstrip(".").split())
+
+
+# ------------------------------------------------------------------------------------------------ the eval set
+def write_task_set(samples: list[TaskSample], out: Path, info: dict | None = None) -> Path:
+    """images/NNNNN.png + prompts.jsonl ({"image", "prompt", "answer", "type"} per line) + task.json (how it was
+    made). Files are written atomically; prompts.jsonl last, so a folder with one is complete."""
+    import io
+
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, sample in enumerate(samples):
+        name = f"images/{i:05d}.png"
+        buf = io.BytesIO()
+        sample.image.save(buf, format="PNG")
+        write_bytes_atomic(out / name, buf.getvalue())
+        lines.append(json.dumps({"image": name, "prompt": sample.prompt, "answer": sample.answer,
+                                 "type": sample.type}))
+    types = {}
+    for sample in samples:
+        types[sample.type] = types.get(sample.type, 0) + 1
+    write_text_atomic(out / "task.json", json.dumps({**(info or {}), "samples": len(samples), "types": types},
+                                                    indent=2) + "\n")
+    write_text_atomic(out / "prompts.jsonl", "\n".join(lines) + "\n")
+    return out / "prompts.jsonl"
