@@ -18,6 +18,16 @@ from torch import nn
 
 from ..base.errors import BadInput
 
+EMBEDDED_WEIGHTS = "model.safetensors"  # an embedded default's trained weights (fp16), beside its config
+TRAINING_RECORD = "training.json"  # how they were trained: command, seed, data, time, held-out accuracy, image sizes
+
+
+def read_training_record(directory: Path) -> dict:
+    import json
+
+    path = Path(directory) / TRAINING_RECORD
+    return json.loads(path.read_text()) if path.exists() else {}
+
 
 @dataclass(frozen=True)
 class PaperSchedule:
@@ -61,12 +71,19 @@ class LoadedModel:
     model: nn.Module
     tokenizer: Any
     image_processor: Any
-    source: str  # "embedded:<backbone>:seed=<n>" or the checkpoint directory
-    meta: dict = field(default_factory=dict)
+    source: str  # "embedded:<backbone>:trained", "embedded:<backbone>:seed=<n>" or the checkpoint directory
+    meta: dict = field(default_factory=dict)  # the embedded default's training record (training.json), if trained
 
     @property
     def config(self):
         return self.model.config
+
+    @property
+    def weights(self) -> str:
+        """What the weights are, for reports: "random" (seeded), "trained" (shipped) or "checkpoint"."""
+        if self.source.startswith("embedded:"):
+            return "trained" if self.source.endswith(":trained") else "random"
+        return "checkpoint"
 
 
 @dataclass
@@ -186,30 +203,44 @@ class BackboneAdapter(abc.ABC):
     image_processor_class: ClassVar[type]  # a PIL image processor (no torchvision)
     embedded_dir: ClassVar[Path]  # shipped checkpoint directory without weights
 
-    def load(self, model_dir: Path | None = None, seed: int = 0, dtype=None) -> LoadedModel:
-        """A local checkpoint directory (weights at `dtype`, default fp32), or the embedded default with weights
-        seeded by `seed` (fp32)."""
-        from .checkpoint import check_checkpoint_dir, load_pretrained, seeded_model
+    def load(self, model_dir: Path | None = None, seed: int | None = None, dtype=None) -> LoadedModel:
+        """A local checkpoint directory (weights at `dtype`, default fp32); or the embedded default: its shipped
+        trained weights (seed None), or weights drawn from `seed` (random, for testing the machinery). An embedded
+        default without shipped weights falls back to seed 0, and says so in `source`."""
+        from .checkpoint import check_checkpoint_dir, check_safetensors, load_pretrained, seeded_model
 
+        meta: dict = {}
         if model_dir is None:
-            config = self.config_class.from_pretrained(self.embedded_dir)
-            model = seeded_model(self.model_class, config, seed)
-            source, files_dir = f"embedded:{self.name}:seed={seed}", self.embedded_dir
+            weights = self.embedded_dir / EMBEDDED_WEIGHTS
+            if seed is None and weights.exists():
+                check_safetensors(weights)
+                model = load_pretrained(self.model_class, self.embedded_dir)
+                source = f"embedded:{self.name}:trained"
+                meta = read_training_record(self.embedded_dir)
+            else:
+                seed = 0 if seed is None else seed
+                config = self.config_class.from_pretrained(self.embedded_dir)
+                model = seeded_model(self.model_class, config, seed)
+                source = f"embedded:{self.name}:seed={seed}"
+            files_dir = self.embedded_dir
         else:
             model_dir = Path(model_dir)
             check_checkpoint_dir(model_dir, self.model_types)
             model = load_pretrained(self.model_class, model_dir, dtype=dtype)
             source, files_dir = str(model_dir.resolve()), model_dir
         proc = self.load_processing(files_dir, config=model.config)
-        return LoadedModel(model=model, tokenizer=proc.tokenizer, image_processor=proc.image_processor, source=source)
+        return LoadedModel(model=model, tokenizer=proc.tokenizer, image_processor=proc.image_processor, source=source,
+                           meta=meta)
 
-    def load_config(self, model_dir: Path | None = None, seed: int = 0) -> tuple:
+    def load_config(self, model_dir: Path | None = None, seed: int | None = None) -> tuple:
         """(config, source) as `load` would give them, without reading any weights: what a schedule needs when no
         rule runs (calibrate --paper-values on a 7B checkpoint must not materialise 30 GB of fp32 weights)."""
         from .checkpoint import check_checkpoint_dir
 
         if model_dir is None:
-            return self.config_class.from_pretrained(self.embedded_dir), f"embedded:{self.name}:seed={seed}"
+            trained = seed is None and (self.embedded_dir / EMBEDDED_WEIGHTS).exists()
+            source = f"embedded:{self.name}:" + ("trained" if trained else f"seed={0 if seed is None else seed}")
+            return self.config_class.from_pretrained(self.embedded_dir), source
         model_dir = Path(model_dir)
         check_checkpoint_dir(model_dir, self.model_types)
         return self.config_class.from_pretrained(str(model_dir)), str(model_dir.resolve())
@@ -301,6 +332,11 @@ class BackboneAdapter(abc.ABC):
     @abc.abstractmethod
     def eager_vision(self, loaded: LoadedModel, pixel_values: torch.Tensor, bucket: tuple[int, int]) -> torch.Tensor:
         """The model's own vision tower for one image of the bucket -> [N, D]."""
+
+    def vision_batch(self, loaded: LoadedModel, pixel_values: list, bucket: tuple[int, int]) -> torch.Tensor:
+        """The vision tower over a batch of one bucket -> [B, N, D], with gradients (training). Adapters whose tower
+        takes a batch in one call override this; the default runs eager_vision per image."""
+        return torch.stack([self.eager_vision(loaded, px, bucket) for px in pixel_values])
 
     @abc.abstractmethod
     def text_stack(self, loaded: LoadedModel) -> TextStack:

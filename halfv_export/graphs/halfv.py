@@ -22,7 +22,8 @@ from transformers import DynamicCache
 
 from ..base.errors import BadInput
 from .adapter import PrefillInputs, TextStack
-from .pruning import Budgets, PruneSchedule, budgets, gather_rows, keep_index, select_before_layer, visual_rows
+from .pruning import (Budgets, PruneSchedule, SingleCut, budgets, gather_rows, keep_index, select_before_layer,
+                      select_single_cut, visual_rows)
 
 
 def additive_mask(key_valid: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
@@ -59,11 +60,18 @@ class PrefillResult:
 
 
 class HalfVReference:
-    """Eager HalfV over a TextStack. `schedule=None` is the unpruned model (the fidelity baseline)."""
+    """Eager HalfV over a TextStack. `schedule=None` is the unpruned model (the fidelity baseline); `cut` (with no
+    schedule) runs an ablation baseline instead: one selection at one layer (pruning.SingleCut), no second stage."""
 
-    def __init__(self, stack: TextStack, schedule: PruneSchedule | None = None):
+    def __init__(self, stack: TextStack, schedule: PruneSchedule | None = None, cut: SingleCut | None = None):
         self.stack = stack
         self.schedule = schedule
+        self.cut = cut
+        if cut is not None:
+            if schedule is not None:
+                raise BadInput("pass either a HalfV schedule or a baseline cut, not both")
+            if not 1 <= cut.layer < stack.num_layers:
+                raise BadInput(f"baseline layer {cut.layer} must be in 1..{stack.num_layers - 1}")
         if schedule is not None:
             n_layers = stack.num_layers
             if not 1 <= schedule.ivr_layer < schedule.ssr_layer < n_layers:
@@ -90,6 +98,10 @@ class HalfVReference:
                 f"{n} visual tokens give K1={plan.k1}, K2={plan.k2} at keep_ratio={sched.keep_ratio}, "
                 f"ssr_ratio={sched.ssr_ratio}; use a larger image or larger ratios"
             )
+        cut = self.cut if n > 0 else None
+        if cut is not None and not 1 <= cut.keep <= n:
+            raise BadInput(f"baseline keeps {cut.keep} of {n} visual tokens; choose 1..{n}")
+        generator = torch.Generator().manual_seed(cut.seed) if cut is not None else None
         kept: dict[str, torch.Tensor] = {}
         original = visual_rows(torch.zeros_like(start), n)  # [B, n] original index of each visual row
         cache = DynamicCache()
@@ -97,14 +109,18 @@ class HalfVReference:
         prev_input = h
 
         for i, layer in enumerate(st.layers):
-            selected = None if plan is None else select_before_layer(st, sched, plan, i, prev_input, h, start, n,
-                                                                     cos, sin)
+            if plan is not None:
+                selected = select_before_layer(st, sched, plan, i, prev_input, h, start, n, cos, sin)
+            elif cut is not None:
+                selected = select_single_cut(st, cut, i, prev_input, h, start, n, generator)
+            else:
+                selected = None
             if selected is not None:
                 index = keep_index(start, selected, n, h.shape[1])  # [B, S - n + K]
                 h, cos, sin, valid = (gather_rows(t, index) for t in (h, cos, sin, valid))
                 positions = torch.stack([gather_rows(p, index) for p in positions])  # [P, B, S']
                 original = original.gather(1, selected)
-                kept["ivr" if i == sched.ivr_layer else "ssr"] = original
+                kept["cut" if sched is None else "ivr" if i == sched.ivr_layer else "ssr"] = original
                 n = selected.shape[1]
 
             frozen = (i in freeze_layers) or (plan is not None and sched.ssr_mode == "freeze" and i >= sched.ssr_layer)

@@ -138,6 +138,14 @@ class Llava15Adapter(LlavaFamilyAdapter):
                                                     return_dict=True)
         return out.pooler_output[0]
 
+    def vision_batch(self, loaded: LoadedModel, pixel_values: list, bucket: tuple[int, int]) -> torch.Tensor:
+        cfg = loaded.config
+        out = loaded.model.model.get_image_features(torch.cat(pixel_values), vision_feature_layer=cfg.vision_feature_layer,
+                                                    vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                                                    return_dict=True)
+        feats = out.pooler_output
+        return torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+
 
 @register
 class LlavaNextAdapter(LlavaFamilyAdapter):

@@ -219,3 +219,44 @@ def select_before_layer(stack, schedule: PruneSchedule, plan: Budgets, layer_ind
         scores = relevance_scores(stack, stack.layers[layer_index - 1], prev_input, start, n, rope=(cos, sin))
         return top_indices(scores, plan.k2, exporting)  # [B, K2]
     return None
+
+
+# --------------------------------------------------------------------------------------------- ablation baselines
+BASELINE_METHODS = ("random", "attention", "ivr")
+
+
+@dataclass(frozen=True)
+class SingleCut:
+    """An ablation baseline (eager only): one prune just before layer `layer`, nothing after it.
+
+        random     K visual rows drawn uniformly without replacement (torch.Generator seeded with `seed`)
+        attention  the K highest relevance scores at layer-1 (FastV-like: HalfV's own last-token scores, no
+                   diversity fill)
+        ivr        HalfV's IVR (floor(K * anchor_ratio) anchors + farthest-point fill) without the SSR stage
+    K is an absolute count, chosen by the caller (e.g. to match HalfV's prefill FLOPs for one N).
+    """
+
+    method: str
+    layer: int  # >= 1
+    keep: int  # K visual rows kept, 1 <= K <= N
+    anchor_ratio: float = 0.1
+    seed: int = 0
+
+
+def select_single_cut(stack, cut: SingleCut, layer_index: int, prev_input: torch.Tensor, hidden: torch.Tensor,
+                      start: torch.Tensor, n: int, generator: torch.Generator | None = None) -> torch.Tensor | None:
+    """The baseline's kept visual rows [B, K] (ascending, relative) just before `layer_index`, or None elsewhere.
+    Scores and features are the ones HalfV's IVR uses at the same layer."""
+    if layer_index != cut.layer:
+        return None
+    if cut.method == "random":
+        picks = [torch.randperm(n, generator=generator)[:cut.keep] for _ in range(hidden.shape[0])]
+        return ascending(torch.stack(picks))
+    heads = (stack.num_heads, stack.num_kv_heads, stack.head_dim)
+    scores = relevance_scores(stack.layers[layer_index - 1], prev_input, start, n, *heads)  # [B, N]
+    if cut.method == "attention":
+        return top_indices(scores, cut.keep)
+    if cut.method == "ivr":
+        features = diversity_features(stack.norm, hidden, start, n)
+        return ivr_select(scores, features, cut.keep, floor_ratio(cut.keep, cut.anchor_ratio))
+    raise ValueError(f"unknown baseline method {cut.method!r}; one of {BASELINE_METHODS}")

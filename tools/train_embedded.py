@@ -1,0 +1,243 @@
+"""Train an embedded default end to end on the digit-grid task (halfv_export/base/tasks.py), on CPU, and ship it.
+
+    nice -n 15 python tools/train_embedded.py --backbone qwen2.5-vl --out halfv_export/graphs/embedded/qwen2_5_vl
+
+The whole VLM (vision tower, projector, language model) starts from the seeded random weights of the shipped config
+and is trained with AdamW on teacher-forced answers: the prompt is built exactly as at inference (the adapter's
+host_inputs: chat template, image placeholder expansion, left padding, (M-)RoPE positions), the answer tokens and
+EOS are appended at the next positions, and the loss is the cross-entropy of the answer tokens only. The layers
+run with the same additive mask and rotary tables as the eager reference (graphs/halfv.py), so training and
+inference compute the same function.
+
+Every step draws a fresh batch of training-split scans (one image-size bucket per step, buckets in turn); the
+held-out score is greedy generation through HalfVReference (unpruned) on evaluation-split scans, exact match after
+normalisation. The weights are written as fp16 safetensors (model.safetensors) with training.json beside them:
+command, seed, steps, samples seen, wall time, threads, image sizes and the held-out accuracy per question type.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from halfv_export.base.tasks import DEFAULT_MIX, normalise_answer, parse_mix, task_set  # noqa: E402
+from halfv_export.graphs import get_adapter  # noqa: E402
+from halfv_export.graphs.adapter import EMBEDDED_WEIGHTS, TRAINING_RECORD, Processing  # noqa: E402
+from halfv_export.graphs.halfv import HalfVReference, additive_mask  # noqa: E402
+from halfv_export.graphs.pruning import gather_rows  # noqa: E402
+
+EVAL_SEED = 12345  # the held-out set of the training log (validate's evaluation set is written by make-task)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    h, _, w = text.lower().partition("x")
+    return int(h), int(w)
+
+
+def answer_prefix(adapter, processing: Processing) -> str:
+    """' ' when the generation prompt does not end in whitespace (LLaVA's 'ASSISTANT:'), '' otherwise (Qwen)."""
+    text = processing.tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "q"}]}],
+                                                    tokenize=False, add_generation_prompt=True)
+    return "" if text[-1:].isspace() else " "
+
+
+def answer_ids(tokenizer, answers: list[str], prefix: str, eos: int) -> list[list[int]]:
+    return [tokenizer.encode(prefix + a, add_special_tokens=False) + [eos] for a in answers]
+
+
+def teacher_forced_loss(adapter, loaded, stack, processing, samples, prefix: str, eos: int,
+                        pad: int) -> tuple[torch.Tensor, float]:
+    """Cross-entropy of the answer tokens (and EOS) given image + prompt; also the share of answer tokens whose
+    argmax is right (a cheap training-accuracy signal)."""
+    images, prompts = [s.image for s in samples], [s.prompt for s in samples]
+    host = adapter.host_inputs(processing, images, prompts)
+    targets = answer_ids(processing.tokenizer, [s.answer for s in samples], prefix, eos)
+    b, s, a = len(samples), host.input_ids.shape[1], max(len(t) for t in targets)
+    answer = torch.full((b, a), pad, dtype=torch.long)
+    answer_valid = torch.zeros((b, a), dtype=torch.long)
+    for i, t in enumerate(targets):
+        answer[i, :len(t)] = torch.tensor(t)
+        answer_valid[i, :len(t)] = 1
+    ids = torch.cat([host.input_ids, answer], dim=1)  # [B, S + A]
+    valid = torch.cat([host.attention_mask, answer_valid], dim=1)
+    steps = torch.arange(a)[None, None, :]  # answer j sits at next_position + j
+    positions = torch.cat([host.positions, host.next_positions[..., None] + steps], dim=2)  # [P, B, S + A]
+
+    embeds = stack.embed_tokens(ids)  # [B, S + A, D]
+    if host.num_visual > 0:
+        feats = adapter.vision_batch(loaded, host.pixel_values, host.bucket)  # [B, N, D]
+        rows = host.visual_start[:, None] + torch.arange(host.num_visual)[None, :]
+        embeds = embeds.scatter(1, rows[..., None].expand(-1, -1, embeds.shape[-1]), feats.to(embeds.dtype))
+    cos, sin = stack.rotary(embeds, positions)
+    mask = additive_mask(valid, ids.shape[1], embeds.dtype)
+    h = embeds
+    for layer in stack.layers:
+        h = layer(h, attention_mask=mask, position_embeddings=(cos, sin))
+    # the row before each answer token predicts it: rows S-1 .. S+A-2
+    pred_rows = (s - 1 + torch.arange(a))[None, :].expand(b, -1)
+    logits = stack.lm_head(stack.norm(gather_rows(h, pred_rows)))  # [B, A, V]
+    keep = answer_valid.bool()
+    loss = F.cross_entropy(logits[keep].float(), answer[keep])
+    token_acc = float((logits[keep].argmax(-1) == answer[keep]).float().mean())
+    return loss, token_acc
+
+
+@torch.no_grad()
+def held_out_accuracy(adapter, loaded, stack, samples, batch: int = 16) -> dict:
+    """Greedy answers of the unpruned eager model (the inference path) vs the references, per question type."""
+    reference = HalfVReference(stack, None)
+    eos = adapter.eos_token_ids(loaded)
+    per_type: dict[str, list[bool]] = {}
+    groups: dict = {}
+    for sample in samples:
+        groups.setdefault(sample.image.size, []).append(sample)
+    for group in groups.values():
+        for i in range(0, len(group), batch):
+            chunk = group[i:i + batch]
+            inputs = adapter.prepare(loaded, [s.image for s in chunk], [s.prompt for s in chunk])
+            longest = max(len(loaded.tokenizer.encode(" " + s.answer, add_special_tokens=False)) for s in chunk)
+            tokens = reference.generate(inputs, longest + 2, eos)
+            for s, row in zip(chunk, tokens.tolist()):
+                text = adapter.decode_text(loaded, row)
+                per_type.setdefault(s.type, []).append(normalise_answer(text) == normalise_answer(s.answer))
+    everything = [x for v in per_type.values() for x in v]
+    return {"accuracy": sum(everything) / len(everything), "count": len(everything),
+            "per_type": {k: {"accuracy": sum(v) / len(v), "count": len(v)} for k, v in sorted(per_type.items())}}
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 5% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_fp16(model, directory: Path) -> Path:
+    """The model's weights as fp16 safetensors (save_pretrained, so the names are what from_pretrained expects)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        half = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+        model.save_pretrained(tmp, state_dict=half, safe_serialization=True)
+        produced = Path(tmp) / EMBEDDED_WEIGHTS
+        if not produced.exists():
+            raise SystemExit(f"save_pretrained wrote {sorted(p.name for p in Path(tmp).iterdir())}, "
+                             f"not {EMBEDDED_WEIGHTS}")
+        target = Path(directory) / EMBEDDED_WEIGHTS
+        shutil.copyfile(produced, target.with_suffix(".tmp"))
+        os.replace(target.with_suffix(".tmp"), target)
+    return target
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", required=True)
+    parser.add_argument("--out", type=Path, help="Where model.safetensors + training.json go (default: only report).")
+    parser.add_argument("--image-size", action="append", default=None, help="HxW, repeatable (default 224x224).")
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0, help="Initial weights and training data.")
+    parser.add_argument("--mix", default=None, help="Question mix, e.g. digit_at=3,read_all=2 (default: the task's).")
+    parser.add_argument("--eval-samples", type=int, default=200)
+    parser.add_argument("--eval-every", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--init", type=Path, help="Continue from these safetensors instead of the seeded init.")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    sizes = [parse_size(s) for s in (args.image_size or ["224x224"])]
+    mix = parse_mix(args.mix)
+    adapter = get_adapter(args.backbone)
+    loaded = adapter.load(None, seed=args.seed)  # the shipped config with seeded random weights
+    if args.init is not None:
+        from safetensors.torch import load_file
+
+        state = {k: v.float() for k, v in load_file(str(args.init)).items()}
+        missing, unexpected = loaded.model.load_state_dict(state, strict=False)
+        print(f"init from {args.init}: {len(missing)} missing, {len(unexpected)} unexpected", flush=True)
+    model, stack = loaded.model, adapter.text_stack(loaded)
+    processing = Processing(loaded.tokenizer, loaded.image_processor, loaded.config)
+    prefix = answer_prefix(adapter, processing)
+    eos = loaded.tokenizer.eos_token_id
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else eos
+    held_out = task_set(args.eval_samples, seed=EVAL_SEED, split="eval", sizes=sizes, mix=mix)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{args.backbone}: {params / 1e6:.2f} M parameters, sizes {sizes}, mix {mix}, "
+          f"{args.steps} steps x {args.batch}", flush=True)
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    started = time.perf_counter()
+    log, running = [], []
+    for step in range(args.steps):
+        model.train()
+        lr = learning_rate(step, args.steps, args.lr, args.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        size = sizes[step % len(sizes)]
+        batch = task_set(args.batch, seed=args.seed * 1_000_003 + step, split="train", sizes=[size], mix=mix)
+        loss, token_acc = teacher_forced_loss(adapter, loaded, stack, processing, batch, prefix, eos, pad)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        running.append((loss.item(), token_acc))
+        if (step + 1) % 20 == 0 or step == 0:
+            l, t = (sum(x) / len(running) for x in zip(*running))
+            print(f"step {step + 1:5d}  lr {lr:.2e}  loss {l:.4f}  answer-token acc {t:.3f}  "
+                  f"{time.perf_counter() - started:7.1f}s", flush=True)
+            log.append({"step": step + 1, "loss": round(l, 5), "token_accuracy": round(t, 4),
+                        "seconds": round(time.perf_counter() - started, 1)})
+            running = []
+        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
+            model.eval()
+            acc = held_out_accuracy(adapter, loaded, stack, held_out[:100])
+            print(f"  held-out (100) exact match {acc['accuracy']:.3f}  "
+                  + "  ".join(f"{k} {v['accuracy']:.2f}" for k, v in acc["per_type"].items()), flush=True)
+    train_seconds = time.perf_counter() - started
+    model.eval()
+    acc = held_out_accuracy(adapter, loaded, stack, held_out)
+    print(f"held-out exact match {acc['accuracy']:.4f} on {acc['count']} samples ("
+          + ", ".join(f"{k} {v['accuracy']:.3f}/{v['count']}" for k, v in acc["per_type"].items())
+          + f"); trained {train_seconds:.0f}s, {args.steps * args.batch} samples", flush=True)
+    if args.out is None:
+        return
+    target = save_fp16(model, args.out)
+    record = {
+        "backbone": args.backbone, "weights": EMBEDDED_WEIGHTS,
+        "sha256": hashlib.sha256(target.read_bytes()).hexdigest(), "dtype": "float16",
+        "command": "python tools/train_embedded.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr, "warmup": args.warmup,
+        "weight_decay": args.weight_decay, "samples_seen": args.steps * args.batch,
+        "image_sizes": [list(s) for s in sizes], "mix": mix if args.mix else DEFAULT_MIX,
+        "task": "halfv_export.base.tasks (digit grids, training split of load_digits)",
+        "train_seconds": round(train_seconds, 1), "threads": args.threads,
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (shared)", "torch": torch.__version__,
+        "held_out": {"seed": EVAL_SEED, "split": "eval", **acc, "model": "unpruned eager, fp32 training weights"},
+        "parameters": params, "log": log,
+    }
+    (args.out / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB) and {args.out / TRAINING_RECORD}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
