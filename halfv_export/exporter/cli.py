@@ -19,6 +19,8 @@ Examples:
   halfv-export calibrate --backbone qwen2.5-vl --out build/
   halfv-export calibrate --backbone qwen2.5-vl --model ./Qwen2.5-VL-3B-Instruct --data calib/ --out build/
   halfv-export calibrate --backbone qwen2.5-vl --paper-values --ssr-layer 5 --out build/
+  halfv-export calibrate --backbone llava-1.5 --data evalset/ --out build-llava/
+  halfv-export calibrate --backbone llava-1.5 --random-weights 0 --out build-random/
 """
 
 EPILOG_FLOPS = """\b
@@ -90,8 +92,8 @@ def cli(ctx, debug):
 
     \b
     Stages: calibrate -> export -> engine -> validate (`build` runs all four).
-    Backbones: qwen2.5-vl, llava-1.5, llava-next. Without --model, each backbone's embedded default (a small
-    seeded model) is used.
+    Backbones: qwen2.5-vl, llava-1.5, llava-next. Without --model, each backbone's embedded default is used: a
+    small model shipped with the package, trained on the digit-grid task (`make-task`).
     """
     ctx.obj = {"debug": debug}
 
@@ -101,7 +103,10 @@ def cli(ctx, debug):
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Local checkpoint directory (safetensors).")
 @click.option("--data", type=click.Path(path_type=Path), help="prompts.jsonl or a folder with one; default: synthetic set.")
 @click.option("--samples", type=click.IntRange(1), default=8, show_default=True, help="Synthetic samples to generate.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the embedded default's weights and data.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the built-in calibration data.")
+@click.option("--random-weights", "random_weights", type=int, default=None, metavar="SEED",
+              help="Embedded default only: seeded random weights instead of the shipped trained ones (tests the "
+                   "machinery; the curves then say nothing about a trained model).")
 @click.option("--tme-k", type=click.IntRange(1), default=50, show_default=True, help="Eigenvalues kept by the TME.")
 @click.option("--kl-probe/--no-kl-probe", default=True, show_default=True,
               help="Run the visual-update KL probe (L extra prefills per sample) to pick the SSR mode.")
@@ -109,7 +114,7 @@ def cli(ctx, debug):
 @schedule_options
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @user_errors
-def calibrate(backbone, model_dir, data, samples, seed, tme_k, kl_probe, paper_values, out, **kwargs):
+def calibrate(backbone, model_dir, data, samples, seed, random_weights, tme_k, kl_probe, paper_values, out, **kwargs):
     """Measure per-layer redundancy and write schedule.json + tme.png.
 
     Runs calibration images + prompts through the unpruned eager model, computes truncated matrix entropy of the
@@ -119,8 +124,11 @@ def calibrate(backbone, model_dir, data, samples, seed, tme_k, kl_probe, paper_v
     from .pipeline import run_calibrate
 
     overrides = pick_overrides(kwargs)
+    if random_weights is not None and model_dir is not None:
+        raise CliError("--random-weights applies to the embedded default only; drop it or --model", 2)
     doc = run_calibrate(backbone=backbone, model_dir=model_dir, data=data, samples=samples, seed=seed, tme_k=tme_k,
-                        kl_probe=kl_probe, use_rules=not paper_values, overrides=overrides, out=out)
+                        kl_probe=kl_probe, use_rules=not paper_values, overrides=overrides, out=out,
+                        weights_seed=random_weights)
     s = doc["schedule"]
     click.echo(f"schedule: IVR before layer {s['ivr_layer']} keep {s['keep_ratio']} (anchors {s['anchor_ratio']}), "
                f"SSR {s['ssr_mode']} from layer {s['ssr_layer']}"
@@ -380,6 +388,8 @@ Examples:
   halfv-export validate --artifacts build/ --data heldout/ --fail-under parity.kept_indices_match=1.0 \\
       --fail-over parity.logits_max_abs_diff=1e-3
   halfv-export validate --artifacts build-1792/ --latency-runs 1
+  halfv-export make-task --backbone qwen2.5-vl --out evalset/
+  halfv-export validate --artifacts build/ --data evalset/ --baselines --fail-under accuracy.retention=0.95
 """)
 @click.option("--artifacts", required=True, type=click.Path(path_type=Path), help="Directory written by export.")
 @click.option("--data", type=click.Path(path_type=Path), help="prompts.jsonl or a folder with one; default: held-out synthetic.")
@@ -387,23 +397,33 @@ Examples:
 @click.option("--fail-under", multiple=True, help="KEY=VALUE: fail (exit 1) when the metric is below VALUE.")
 @click.option("--fail-over", multiple=True, help="KEY=VALUE: fail (exit 1) when the metric is above VALUE.")
 @click.option("--target", default="onnxruntime", show_default=True, help="Engines to check: onnxruntime or tensorrt.")
+@click.option("--baselines", is_flag=True,
+              help="Also score random / attention-only / IVR-without-SSR selection at HalfV's FLOPs (eager; needs "
+                   "answers in --data).")
 @latency_runs_option
 @user_errors
-def validate(artifacts, data, model_dir, fail_under, fail_over, target, latency_runs):
+def validate(artifacts, data, model_dir, fail_under, fail_over, target, latency_runs, baselines):
     """Compare the engines with the eager reference -> report.json, report.md, latency.png.
 
     Parity (kept indices, logits, 16 greedy tokens) against eager HalfV with the same schedule; fidelity of HalfV
-    against the unpruned eager model; prefill and decode latency; FLOPs. Thresholds make it a CI gate.
+    against the unpruned eager model; prefill and decode latency; FLOPs. When --data lines carry an "answer":
+    exact-match accuracy of the unpruned eager model (accuracy.full), eager HalfV (accuracy.halfv), the exported
+    HalfV graphs (accuracy.engine) and accuracy.retention = halfv / full, overall and per question type. Without
+    --data, the trained embedded default is scored on its own task. Thresholds make it a CI gate.
     """
     from ..validate.report import parse_thresholds
     from .pipeline import run_validate
 
     report, failures = run_validate(artifacts, data, model_dir, parse_thresholds(fail_under, "--fail-under"),
                                     parse_thresholds(fail_over, "--fail-over"), target=target,
-                                    latency_runs=latency_runs)
+                                    latency_runs=latency_runs, baselines=baselines)
     _print_summary(report)
     if failures:
         raise CliError("validation failed: " + "; ".join(failures), 1)
+
+
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _print_summary(report: dict) -> None:
@@ -416,6 +436,12 @@ def _print_summary(report: dict) -> None:
         click.echo(f"quantised {report['quantize']['scheme']} vs the fp32 eager reference: logits cosine min "
                    f"{p['logits_cosine_min']:.4f} mean {p['logits_cosine_mean']:.4f}, first-token top-1 agreement "
                    f"{p['top1_agreement']:.4f}, greedy token agreement {p['greedy_token_agreement']:.4f}")
+    if report.get("accuracy"):
+        a = report["accuracy"]
+        click.echo(f"accuracy ({a['count']} answers): full {_num(a.get('full'))}  halfv {_num(a.get('halfv'))}  "
+                   f"engine {_num(a.get('engine'))}  retention {_num(a.get('retention'))}")
+    for row in (report.get("baselines") or {}).get("methods", {}).values():
+        click.echo(f"  {row['label']}: accuracy {_num(row['accuracy'])} at FLOPs fraction {row['flops_fraction']:.3f}")
     click.echo(f"prefill ms: engine full {lat['engine_full_prefill']:.1f} / HalfV {lat['engine_halfv_prefill']:.1f};"
                f" eager full {lat['eager_full_prefill']:.1f} / HalfV {lat['eager_halfv_prefill']:.1f};"
                f" FLOPs ratio {report['flops']['ratio']:.2f}")
@@ -435,11 +461,14 @@ Examples:
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="Exported precision (fp16/bf16 keep scores, softmax and norms in fp32).")
 @click.option("--paper-values", is_flag=True, help="Skip the calibration rules: paper values.")
+@click.option("--random-weights", "random_weights", type=int, default=None, metavar="SEED",
+              help="Embedded default only: seeded random weights instead of the shipped trained ones.")
 @schedule_options
 @latency_runs_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @user_errors
-def build(backbone, model_dir, data, image_sizes, target, precision, paper_values, latency_runs, out, **kwargs):
+def build(backbone, model_dir, data, image_sizes, target, precision, paper_values, random_weights, latency_runs, out,
+          **kwargs):
     """calibrate -> export -> engine -> validate, gated on parity with the fp32 eager reference (kept indices 1.0,
     greedy tokens 1.0, logits within 1e-3; fp16/bf16 builds are reported, not gated)."""
     from .export import parse_image_size
@@ -450,10 +479,12 @@ def build(backbone, model_dir, data, image_sizes, target, precision, paper_value
 
     sizes = [parse_image_size(s) for s in image_sizes]
     overrides = pick_overrides(kwargs)
+    if random_weights is not None and model_dir is not None:
+        raise CliError("--random-weights applies to the embedded default only; drop it or --model", 2)
     with staged_build(out) as work:  # the previous build in `out` stays intact until this one has passed
         click.echo("[1/4] calibrate", err=True)
         run_calibrate(backbone=backbone, model_dir=model_dir, data=data, samples=8, seed=0, tme_k=50, kl_probe=True,
-                      use_rules=not paper_values, overrides=overrides, out=work)
+                      use_rules=not paper_values, overrides=overrides, out=work, weights_seed=random_weights)
         click.echo("[2/4] export", err=True)
         meta = run_export(work / "schedule.json", model_dir, sizes, work, precision=precision)
         click.echo(f"[3/4] engine ({target})", err=True)
@@ -493,10 +524,83 @@ def _summary_table(meta: dict, report: dict) -> None:
     table.add_row("greedy_tokens_match", f"{p['greedy_tokens_match']:.4f}")
     table.add_row(f"top1_agreement ({report['fidelity']['weights']} weights)",
                   f"{report['fidelity']['top1_agreement']:.4f}")
+    if report.get("accuracy"):
+        a = report["accuracy"]
+        table.add_row(f"accuracy full / HalfV / engine ({a['count']} answers)",
+                      f"{_num(a.get('full'))} / {_num(a.get('halfv'))} / {_num(a.get('engine'))}")
+        table.add_row("accuracy retention (HalfV / full)", _num(a.get("retention")))
     table.add_row("engine prefill full / HalfV (ms)",
                   f"{lat['engine_full_prefill']:.1f} / {lat['engine_halfv_prefill']:.1f}")
     table.add_row("FLOPs ratio", f"{report['flops']['ratio']:.2f}x")
     Console().print(table)
+
+@cli.command("make-task", epilog="""\b
+Examples:
+  halfv-export make-task --backbone qwen2.5-vl --out evalset/
+  halfv-export make-task --image-size 224x224 --image-size 224x336 --count 500 --seed 7 --out evalset/
+  halfv-export make-task --backbone llava-1.5 --mix digit_at=1,count_all=1 --count 100 --out quick/
+""")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for images/ + prompts.jsonl.")
+@click.option("--backbone", help="Use the image sizes this backbone's embedded default was trained on.")
+@click.option("--image-size", "image_sizes", multiple=True, help="HEIGHTxWIDTH (repeatable); default: the backbone's "
+              "trained sizes, else 224x224.")
+@click.option("--count", type=click.IntRange(1, 100_000), default=200, show_default=True, help="Questions (one image each).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generator.")
+@click.option("--split", type=click.Choice(["eval", "train"]), default="eval", show_default=True,
+              help="Which digit scans to draw from (disjoint: every 5th scan of load_digits is held out for eval).")
+@click.option("--mix", help="Question types and weights, e.g. digit_at=3,read_all=1 (default: the training mix).")
+@user_errors
+def make_task(out, backbone, image_sizes, count, seed, split, mix):
+    """Write a fixed evaluation set of the digit-grid task: images/*.png and prompts.jsonl with "answer" and "type".
+
+    \b
+    Images are 3x3 grids of real handwritten digit scans (scikit-learn's load_digits) on varied backgrounds, at
+    varied scales and offsets. Question types: digit_at (row r, column c), row_digits, count_digit, count_all,
+    read_all. Same arguments, same files. Feed the folder to `validate --data` or `compare --data`.
+    """
+    from .export import parse_image_size
+    from .pipeline import run_make_task
+
+    info = run_make_task(out, backbone, [parse_image_size(s) for s in image_sizes], count, seed, split, mix)
+    sizes = ", ".join(f"{h}x{w}" for h, w in info["image_sizes"])
+    click.echo(f"wrote {count} questions ({sizes}; {', '.join(f'{k} {v}' for k, v in info['types'].items())}) "
+               f"to {out / 'prompts.jsonl'}")
+
+
+@cli.command(epilog="""\b
+Examples:
+  halfv-export compare --backbone qwen2.5-vl --data evalset/ --out compare-qwen/
+  halfv-export compare --backbone llava-1.5 --schedule build/schedule.json --keep-ratio 0.25 --keep-ratio 0.5 \\
+      --data evalset/ --out compare-llava/
+""")
+@click.option("--backbone", required=True, help="Backbone adapter, e.g. qwen2.5-vl.")
+@click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Local checkpoint (default: embedded).")
+@click.option("--data", type=click.Path(path_type=Path),
+              help="prompts.jsonl (with answers) or its folder; default: 200 questions of the embedded task.")
+@click.option("--schedule", "schedule_path", type=click.Path(path_type=Path),
+              help="Base schedule (default: the paper's values at this depth); its keep ratio is swept.")
+@click.option("--keep-ratio", "keep_ratios", type=click.FloatRange(0, 1, min_open=True), multiple=True,
+              help="IVR keep ratios to sweep (repeatable); default 0.1, 0.25, 0.5, 0.75.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random-selection baseline.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="compare.json, compare.md, accuracy_flops.png.")
+@user_errors
+def compare(backbone, model_dir, data, schedule_path, keep_ratios, seed, out):
+    """HalfV against ablation baselines at the same prefill FLOPs: accuracy vs FLOPs over keep ratios.
+
+    \b
+    For every keep ratio, HalfV (IVR + SSR) and three single-cut baselines at HalfV's IVR layer, each keeping the
+    number of visual rows that spends HalfV's prefill FLOPs: random selection, attention-only (top-K by the
+    same last-token scores, FastV-like) and IVR without SSR. Eager PyTorch, greedy answers, exact match.
+    """
+    from .pipeline import run_compare
+
+    result = run_compare(backbone, model_dir, data, schedule_path, list(keep_ratios) or [0.1, 0.25, 0.5, 0.75],
+                         seed, out)
+    click.echo(f"unpruned accuracy {result['full']['accuracy']:.4f} on {result['samples']} questions")
+    for point in result["points"]:
+        click.echo(f"keep {point['keep_ratio']:g}: " + "  ".join(
+            f"{m} {row['accuracy']:.4f}@{row['flops_fraction']:.3f}" for m, row in point["methods"].items()))
+    click.echo(f"wrote {out / 'compare.json'}, {out / 'compare.md'} and {out / 'accuracy_flops.png'}")
 
 
 @cli.command(epilog="""\b

@@ -3,6 +3,7 @@ Nothing here knows a backbone by name: everything backbone-specific comes throug
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -32,20 +33,35 @@ def _progress() -> Progress:
                     console=console, transient=False)
 
 
+def default_samples(loaded, count: int, seed: int, split: str, sizes: list | None = None) -> list | None:
+    """Data for a stage run without --data on the trained embedded default: its own task (digit grids with answers,
+    at `sizes` or else the image sizes it was trained on; `split` scans: "train" for calibration, "eval" for
+    validation). None for any other model, or sizes it was not trained on."""
+    trained = [tuple(s) for s in loaded.meta.get("image_sizes", [])]
+    sizes = [tuple(s) for s in sizes] if sizes else trained
+    if not trained or not all(s in trained for s in sizes):
+        return None
+    from ..base.tasks import task_set
+
+    return task_set(count, seed=seed, split=split, sizes=sizes)
+
+
 def run_calibrate(backbone: str, model_dir: Path | None, data: Path | None, samples: int, seed: int, tme_k: int,
-                  kl_probe: bool, use_rules: bool, overrides: dict, out: Path) -> dict:
+                  kl_probe: bool, use_rules: bool, overrides: dict, out: Path, weights_seed: int | None = None) -> dict:
+    """weights_seed: None loads the embedded default's trained weights; a number, seeded random ones."""
     adapter = get_adapter(backbone)
     out = prepare_out_dir(out)
-    calib = load_data(data) if data is not None else synthetic_set(samples, seed)
     started = time.perf_counter()
     if not use_rules:  # paper values need the depth and the config's fingerprint only: no weights are read
-        config, source = adapter.load_config(model_dir, seed=seed)
+        config, source = adapter.load_config(model_dir, seed=weights_seed)
         depth = config.get_text_config().num_hidden_layers
     else:
         with console.status(f"loading {backbone} from {model_dir or 'the embedded default'}"):
-            loaded = adapter.load(model_dir, seed=seed)
+            loaded = adapter.load(model_dir, seed=weights_seed)
         config, source = loaded.config, loaded.source
         depth = adapter.text_stack(loaded).num_layers
+        calib = (load_data(data) if data is not None
+                 else default_samples(loaded, samples, seed, split="train") or synthetic_set(samples, seed))
 
     curves = None
     if use_rules:
@@ -65,7 +81,10 @@ def run_calibrate(backbone: str, model_dir: Path | None, data: Path | None, samp
         calibration = {
             "samples": [s.name for s in calib], "tme_k": tme_k, "tme_clip_gram": False,
             "kl_freeze_threshold": KL_FREEZE_THRESHOLD, "curves": curves,
-            "weights": "random (seeded)" if model_dir is None else "checkpoint",
+            "weights": {"random": f"random (seed {weights_seed})", "trained": "trained (shipped)",
+                        "checkpoint": "checkpoint"}[loaded.weights],
+            "data": str(data) if data is not None else ("digit-grid task, training scans"
+                                                        if loaded.meta.get("image_sizes") else "synthetic"),
             "seconds": round(time.perf_counter() - started, 2),
         }
     doc = build_document(backbone, config_fingerprint(config), source, depth, values, chosen, calibration, VERSION)
@@ -116,7 +135,9 @@ def flops_table(config_path: Path, schedule_path: Path | None, overrides: dict, 
 
 
 # ------------------------------------------------------------------------------------------------ export .. build
-DEFAULT_IMAGE_SIZES = ((448, 448), (336, 504))  # mapped to the processor's buckets when --image-size is not given
+# Mapped to the processor's buckets when --image-size is not given; a trained embedded default exports the image
+# sizes it was trained on instead (training.json "image_sizes").
+DEFAULT_IMAGE_SIZES = ((448, 448), (336, 504))
 DEFAULT_GATES_UNDER = (("parity.kept_indices_match", 1.0), ("parity.greedy_tokens_match", 1.0))
 DEFAULT_GATES_OVER = (("parity.logits_max_abs_diff", 1e-3),)
 
@@ -127,7 +148,9 @@ def load_for_source(adapter, source: str, model_dir: Path | None, dtype=None):
     if model_dir is not None:
         return adapter.load(model_dir, dtype=dtype)
     if source.startswith("embedded:"):
-        return adapter.load(None, seed=int(source.rsplit("seed=", 1)[-1]))
+        if "seed=" in source:
+            return adapter.load(None, seed=int(source.rsplit("seed=", 1)[-1]))
+        return adapter.load(None)
     if not Path(source).is_dir():
         raise BadInput(f"the model these artifacts were made from ({source}) is not here; pass --model DIR")
     return adapter.load(Path(source), dtype=dtype)
@@ -151,7 +174,8 @@ def run_export(schedule_path: Path, model_dir: Path | None, image_sizes: list[tu
         from ..graphs.adapter import Processing
 
         processing = Processing(loaded.tokenizer, loaded.image_processor, loaded.config)
-        image_sizes = list(dict.fromkeys(adapter.bucket_for(processing, s)[0] for s in DEFAULT_IMAGE_SIZES))
+        wanted = [tuple(s) for s in loaded.meta.get("image_sizes", [])] or DEFAULT_IMAGE_SIZES
+        image_sizes = list(dict.fromkeys(adapter.bucket_for(processing, s)[0] for s in wanted))
     with _progress() as progress:
         task = progress.add_task("exporting", total=2 * len(image_sizes) + 4)
 
@@ -202,7 +226,9 @@ def run_engine(artifacts: Path, target: str, options=None) -> dict:
 
 def run_validate(artifacts: Path, data: Path | None, model_dir: Path | None, fail_under: list, fail_over: list,
                  weights: str | None = None, target: str = "onnxruntime",
-                 latency_runs: int | None = None) -> tuple[dict, list[str]]:
+                 latency_runs: int | None = None, baselines: bool = False) -> tuple[dict, list[str]]:
+    """Parity, fidelity, latency, FLOPs; task accuracy when the samples carry answers; with `baselines`, the eager
+    ablation baselines at HalfV's FLOPs on the same samples."""
     from ..validate.report import LATENCY_RUNS, check_thresholds, held_out_samples, measure_latency, run_validation, write_report
 
     pipeline = open_pipeline(artifacts, target)
@@ -214,9 +240,11 @@ def run_validate(artifacts: Path, data: Path | None, model_dir: Path | None, fai
 
     schedule = PruneSchedule(**meta["schedule"])
     buckets = [tuple(b["size"]) for b in meta["buckets"]]
-    samples = load_data(data) if data is not None else held_out_samples(buckets)
+    samples = (load_data(data) if data is not None
+               else default_samples(loaded, 8 * len(buckets), 1000, split="eval", sizes=buckets)
+               or held_out_samples(buckets))
     # a checkpoint folder may hold random weights too (tools/shaped_checkpoint.py): say where they came from only
-    weights = weights or ("random" if meta["source"].startswith("embedded:") else "checkpoint")
+    weights = weights or {"random": "random", "trained": "trained"}.get(loaded.weights, "checkpoint")
     with _progress() as progress:
         task = progress.add_task("validating (parity, fidelity)", total=None)
 
@@ -232,6 +260,15 @@ def run_validate(artifacts: Path, data: Path | None, model_dir: Path | None, fai
         largest = max(buckets, key=lambda b: b[0] * b[1])
         latency, flops = measure_latency(pipeline, loaded, held_out_samples([largest], 1, seed=2000)[0], schedule,
                                          runs=latency_runs or LATENCY_RUNS)
+    if baselines:
+        if "accuracy" not in report:
+            raise BadInput("--baselines needs data with answers; pass --data DIR written by `halfv-export make-task`")
+        from ..validate.compare import evaluate_methods
+
+        with console.status("baselines at the same FLOPs (eager)"):
+            result = evaluate_methods(adapter, loaded, samples, [schedule])
+        report["baselines"] = {"layer": schedule.ivr_layer, "full_accuracy": result["full"]["accuracy"],
+                               "methods": result["points"][0]["methods"]}
     report = {"backbone": meta["backbone"], "source": meta["source"], "schedule": meta["schedule"],
               "precision": meta.get("precision", "fp32"), "quantize": meta.get("quantize"),
               "buckets": [f"{h}x{w}" for h, w in buckets], "device": pipeline.runner.describe(), **report,
@@ -245,8 +282,6 @@ def run_validate(artifacts: Path, data: Path | None, model_dir: Path | None, fai
 
 
 def run_lint(artifacts: Path) -> tuple[list[str], list]:
-    import json
-
     from ..graphs.lint import lint_file
 
     meta_path = Path(artifacts) / "artifacts.json"
@@ -254,3 +289,112 @@ def run_lint(artifacts: Path) -> tuple[list[str], list]:
         raise BadInput(f"{artifacts} has no artifacts.json; run `halfv-export export` into it first")
     graphs = json.loads(meta_path.read_text())["graphs"]
     return graphs, [f for g in graphs for f in lint_file(Path(artifacts) / g)]
+
+
+# ------------------------------------------------------------------------------------------------ task data, compare
+def task_image_sizes(backbone: str | None, image_sizes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """--image-size as given (checked against the backbone's processor when one is named), else the sizes the
+    backbone's embedded default was trained on, else 224x224."""
+    if backbone is None:
+        return image_sizes or [(224, 224)]
+    from ..graphs.adapter import read_training_record
+
+    adapter = get_adapter(backbone)
+    if not image_sizes:
+        trained = read_training_record(adapter.embedded_dir).get("image_sizes")
+        if not trained:
+            raise BadInput(f"the embedded {backbone} has no training record; pass --image-size HxW")
+        return [tuple(s) for s in trained]
+    processing = adapter.load_processing(adapter.embedded_dir)
+    for size in image_sizes:
+        bucket, _ = adapter.bucket_for(processing, size)
+        if bucket != tuple(size):
+            raise BadInput(f"--image-size {size[0]}x{size[1]}: {backbone}'s image processor turns it into "
+                           f"{bucket[0]}x{bucket[1]} (resize/crop would move the grid cells); use "
+                           f"--image-size {bucket[0]}x{bucket[1]}")
+    return image_sizes
+
+
+def run_make_task(out: Path, backbone: str | None, image_sizes: list[tuple[int, int]], count: int, seed: int,
+                  split: str, mix: str | None) -> dict:
+    import shutil
+
+    from ..base.tasks import parse_mix, task_set, write_task_set
+
+    sizes = task_image_sizes(backbone, image_sizes)
+    mix_weights = parse_mix(mix)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not (out / "task.json").exists():
+        raise BadInput(f"{out} is not empty and holds no earlier task; choose an empty or new --out")
+    samples = task_set(count, seed=seed, split=split, sizes=sizes, mix=mix_weights)
+    prepare_out_dir(out)
+    (out / "prompts.jsonl").unlink(missing_ok=True)  # an interrupted rewrite leaves no stale, complete-looking set
+    shutil.rmtree(out / "images", ignore_errors=True)
+    info = {"generator": "halfv_export.base.tasks", "seed": seed, "split": split, "count": count,
+            "image_sizes": [list(s) for s in sizes], "mix": mix_weights, "backbone": backbone}
+    write_task_set(samples, out, info)
+    return {**info, "types": {t: sum(s.type == t for s in samples) for t in mix_weights}}
+
+
+def run_compare(backbone: str, model_dir: Path | None, data: Path | None, schedule_path: Path | None,
+                keep_ratios: list[float], seed: int, out: Path, weights_seed: int | None = None,
+                samples: int = 200) -> dict:
+    """HalfV vs random / attention-only / IVR-without-SSR at HalfV's FLOPs, over a keep-ratio sweep (eager)."""
+    from ..base.atomic import write_text_atomic
+    from ..validate.compare import evaluate_methods, sweep_schedules
+    from ..validate.plots import accuracy_flops_plot
+
+    adapter = get_adapter(backbone)
+    out = prepare_out_dir(out)
+    with console.status(f"loading {backbone}"):
+        loaded = adapter.load(model_dir, seed=weights_seed)
+    depth = adapter.text_stack(loaded).num_layers
+    if schedule_path is not None:
+        base, doc = read_schedule(schedule_path, backbone=adapter.name, fingerprint=config_fingerprint(loaded.config),
+                                  depth=depth)
+        origin = str(schedule_path)
+    else:
+        values = adapter.paper.at_depth(depth)
+        apply_overrides(values, {})
+        base, origin = check_values(values, depth, where="paper schedule"), "paper values at this depth"
+    data_samples = load_data(data) if data is not None else default_samples(loaded, samples, 1000, split="eval")
+    if data_samples is None:
+        raise BadInput("this model has no built-in task; pass --data DIR with answers (halfv-export make-task)")
+    schedules = sweep_schedules(base, keep_ratios)
+    with _progress() as progress:
+        task = progress.add_task("comparing (eager)", total=None)
+
+        def track(items):
+            items = list(items)
+            progress.update(task, total=len(items))
+            for item in items:
+                yield item
+                progress.advance(task)
+
+        result = evaluate_methods(adapter, loaded, data_samples, schedules, seed=seed, progress=track)
+    result = {"backbone": backbone, "source": loaded.source, "weights": loaded.weights, "schedule_from": origin,
+              "base_schedule": base.__dict__.copy(), "samples": result["full"]["count"],
+              "data": str(data) if data is not None else "digit-grid task, evaluation scans (seed 1000)", **result}
+    accuracy_flops_plot(result, f"{backbone} ({loaded.source}): accuracy vs prefill FLOPs, "
+                        f"{result['samples']} held-out questions", out / "accuracy_flops.png")
+    write_text_atomic(out / "compare.md", compare_markdown(result))
+    write_text_atomic(out / "compare.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def compare_markdown(result: dict) -> str:
+    full = result["full"]["accuracy"]
+    lines = [f"# {result['backbone']}: HalfV vs baselines at the same prefill FLOPs", "",
+             f"{result['samples']} questions ({result['data']}), {result['weights']} weights ({result['source']}); "
+             f"base schedule from {result['schedule_from']}: `{json.dumps(result['base_schedule'])}`. "
+             f"Unpruned accuracy {_fmt(full)}.", "",
+             "| keep ratio ρ | method | FLOPs fraction | accuracy | retention |", "|---|---|---|---|---|"]
+    for point in result["points"]:
+        for row in point["methods"].values():
+            lines.append(f"| {point['keep_ratio']:g} | {row['label']} | {row['flops_fraction']:.3f} | "
+                         f"{_fmt(row['accuracy'])} | {_fmt(row['retention'])} |")
+    return "\n".join(lines) + "\n"

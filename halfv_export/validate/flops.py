@@ -127,3 +127,17 @@ def prefill_flops(shape: LMShape, n_visual: int, n_text: int, schedule: PruneSch
     if schedule.ssr_mode == "topk":
         overhead += score_flops(shape, plan.k1)
     return PrefillFlops(n_visual, n_text, full, halfv, overhead, tuple(per_layer))
+
+
+def single_cut_flops(shape: LMShape, n_visual: int, n_text: int, layer: int, keep: int) -> int:
+    """Prefill FLOPs of an ablation baseline that keeps `keep` visual rows from `layer` on (one cut, no SSR)."""
+    rows = n_visual + n_text
+    per_layer = [(rows, rows) if i < layer else (keep + n_text, keep + n_text) for i in range(shape.layers)]
+    return sum(layer_flops(shape, q, kv) for q, kv in per_layer) + 2 * shape.hidden * shape.vocab
+
+
+def matched_keep(shape: LMShape, n_visual: int, n_text: int, layer: int, budget: float) -> int:
+    """The K in 1..N whose single-cut prefill FLOPs come closest to `budget` (ties: the smaller K), i.e. the
+    baseline that spends what HalfV spends."""
+    costs = [(abs(single_cut_flops(shape, n_visual, n_text, layer, k) - budget), k) for k in range(1, n_visual + 1)]
+    return min(costs)[1]

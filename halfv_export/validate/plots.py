@@ -80,3 +80,31 @@ def latency_plot(latency: dict, title: str, path: Path) -> None:
     ax.set_ylabel("milliseconds (median)")
     ax.set_title(title, fontsize=10)
     save_figure(fig, path)
+
+
+def accuracy_flops_plot(result: dict, title: str, path: Path) -> None:
+    """Accuracy against prefill FLOPs (fraction of the unpruned model) for each method over the keep-ratio sweep;
+    the unpruned model's accuracy as a dashed line."""
+    styles = {"halfv": ("tab:red", "o"), "ivr": ("tab:green", "s"), "attention": ("tab:blue", "^"),
+              "random": ("tab:gray", "x")}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    methods = list(result["points"][0]["methods"]) if result["points"] else []
+    for method in methods:
+        xs = [p["methods"][method]["flops_fraction"] for p in result["points"]]
+        ys = [p["methods"][method]["accuracy"] for p in result["points"]]
+        color, marker = styles.get(method, ("k", "."))
+        ax.plot(xs, ys, marker=marker, color=color, label=result["points"][0]["methods"][method]["label"])
+        if method == "halfv":
+            for p, x, y in zip(result["points"], xs, ys):
+                ax.annotate(f"ρ={p['keep_ratio']:g}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7,
+                            color=color)
+    full = result["full"]["accuracy"]
+    if full is not None:
+        ax.axhline(full, color="k", ls="--", lw=1, label=f"unpruned ({full:.3f})")
+    ax.set_xlabel("LLM prefill FLOPs, fraction of the unpruned model")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    save_figure(fig, path)

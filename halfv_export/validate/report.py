@@ -21,6 +21,7 @@ from ..base.data import Sample, synthetic_set
 from ..graphs.halfv import HalfVReference
 from ..graphs.pruning import PruneSchedule
 from ..graphs.tme import kl_last_token
+from .accuracy import AccuracyTable, accuracy_section, answer_budget, cut_at_eos
 from .flops import LMShape, prefill_flops
 from .vision_flops import vision_flops
 from .plots import latency_plot
@@ -59,9 +60,13 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def run_validation(pipeline, loaded, samples: list[Sample], schedule: PruneSchedule, weights: str,
                    progress: Callable = iter, batch_size: int = 2) -> dict:
+    """Parity and fidelity on every sample; where samples carry an answer, also task accuracy of the unpruned eager
+    model ("full"), eager HalfV ("halfv") and the exported HalfV graphs ("engine"), from the same greedy tokens that
+    parity compares (generated without stopping, then cut at the first EOS)."""
     adapter = pipeline.adapter
     stack = adapter.text_stack(loaded)
     eager_halfv, eager_full = HalfVReference(stack, schedule), HalfVReference(stack, None)
+    eos = adapter.eos_token_ids(loaded)
 
     # group samples into batches of one bucket each
     groups: dict = {}
@@ -73,8 +78,10 @@ def run_validation(pipeline, loaded, samples: list[Sample], schedule: PruneSched
 
     kept_match, max_abs, cos_min, tokens_match, top1, kls, n_samples = [], 0.0, 1.0, [], [], [], 0
     cosines, engine_top1, token_agreement = [], [], []
+    table, greedy_tokens = AccuracyTable(), GREEDY_TOKENS
     for batch in progress(batches):
         images, prompts = [im for _, im in batch], [s.prompt for s, _ in batch]
+        answers = [s.answer for s, _ in batch]
         host = pipeline.host(images, prompts)
         ref_inputs = adapter.prepare(loaded, images, prompts)
         engine = pipeline.prefill(host, halfv=True)
@@ -90,12 +97,22 @@ def run_validation(pipeline, loaded, samples: list[Sample], schedule: PruneSched
             engine_top1.append(bool(logits[b].argmax() == ref_logits[b].argmax()))
             for stage, kept in eager.kept.items():
                 kept_match.append(bool(np.array_equal(engine_kept.get(stage, np.empty(0))[b], kept[b].numpy())))
-        engine_tokens = pipeline.generate(images, prompts, GREEDY_TOKENS, stop_at_eos=False)
-        eager_tokens = eager_halfv.generate(ref_inputs, GREEDY_TOKENS).numpy()
+        new_tokens = answer_budget(loaded.tokenizer, answers, floor=GREEDY_TOKENS)
+        greedy_tokens = max(greedy_tokens, new_tokens)
+        engine_tokens = pipeline.generate(images, prompts, new_tokens, stop_at_eos=False)
+        eager_tokens = eager_halfv.generate(ref_inputs, new_tokens).numpy()
         tokens_match += [bool(np.array_equal(engine_tokens[b], eager_tokens[b])) for b in range(len(batch))]
         token_agreement += [float(np.mean(np.asarray(engine_tokens[b]) == eager_tokens[b])) for b in range(len(batch))]
         top1 += (eager.logits.argmax(-1) == full.logits.argmax(-1)).tolist()
         kls += kl_last_token(full.logits, eager.logits).tolist()
+        if any(a is not None for a in answers):
+            full_tokens = eager_full.generate(ref_inputs, new_tokens, eos).numpy()
+            for b, (sample, _) in enumerate(batch):
+                if sample.answer is None:
+                    continue
+                for system, tokens in (("full", full_tokens), ("halfv", eager_tokens), ("engine", engine_tokens)):
+                    text = adapter.decode_text(loaded, cut_at_eos(tokens[b], eos))
+                    table.add(system, sample.type, text, sample.answer, sample.name)
         n_samples += len(batch)
 
     parity = {
@@ -103,13 +120,16 @@ def run_validation(pipeline, loaded, samples: list[Sample], schedule: PruneSched
         "kept_pairs": len(kept_match),
         "logits_max_abs_diff": max_abs, "logits_cosine_min": cos_min, "logits_cosine_mean": float(np.mean(cosines)),
         "top1_agreement": float(np.mean(engine_top1)),  # the engine's first token vs eager HalfV's
-        "greedy_tokens_match": float(np.mean(tokens_match)), "greedy_tokens": GREEDY_TOKENS,
-        "greedy_token_agreement": float(np.mean(token_agreement)),  # share of the 16 positions that agree
+        "greedy_tokens_match": float(np.mean(tokens_match)), "greedy_tokens": greedy_tokens,
+        "greedy_token_agreement": float(np.mean(token_agreement)),  # share of the greedy positions that agree
     }
     fidelity = {"top1_agreement": float(np.mean(top1)), "kl_mean": float(np.mean(kls)), "weights": weights,
                 "note": ("random weights: agreement with the unpruned model measures the graphs, not accuracy"
                          if weights == "random" else "first-token agreement with the unpruned model")}
-    return {"samples": n_samples, "parity": parity, "fidelity": fidelity}
+    result = {"samples": n_samples, "parity": parity, "fidelity": fidelity}
+    if table.hits:
+        result["accuracy"] = accuracy_section(table)
+    return result
 
 
 def measure_latency(pipeline, loaded, sample: Sample, schedule: PruneSchedule,
@@ -163,11 +183,17 @@ def measure_latency(pipeline, loaded, sample: Sample, schedule: PruneSchedule,
 
 
 def lookup(report: dict, key: str):
+    if key.split(".")[0] in ("accuracy", "baselines") and key.split(".")[0] not in report:
+        raise BadInput(f"threshold names '{key}', but this validation scored no answers; pass --data with an "
+                       "\"answer\" on each line (e.g. a folder written by `halfv-export make-task`)")
     node = report
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
             raise BadInput(f"threshold names unknown metric '{key}'; e.g. parity.kept_indices_match")
         node = node[part]
+    if node is None:
+        raise BadInput(f"metric '{key}' has no value in this report (e.g. a retention when the unpruned accuracy "
+                       "is 0); gate on another metric")
     if not isinstance(node, (int, float)) or isinstance(node, bool):
         raise BadInput(f"metric '{key}' is not a number")
     return float(node)
@@ -290,9 +316,41 @@ def render_markdown(report: dict) -> str:
         lines += [f"End to end (vision encoder {fl['vision'] / 1e9:.3f} GFLOP added to both): ratio "
                   f"{fl['e2e_ratio']:.2f}x."]
     lines += [""]
+    if report.get("accuracy"):
+        lines += accuracy_markdown(report["accuracy"])
+    if report.get("baselines"):
+        lines += baselines_markdown(report["baselines"])
     if report.get("thresholds"):
         lines += ["## Gates", ""] + [f"- {line}" for line in report["thresholds"]["failures"] or ["all passed"]]
     return "\n".join(lines) + "\n"
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def accuracy_markdown(acc: dict) -> list[str]:
+    lines = ["## Task accuracy (greedy answers, exact match)", "",
+             f"Normalisation: {acc['normalisation']}. retention = eager HalfV / unpruned.", "",
+             "| question type | count | unpruned (eager) | HalfV (eager) | HalfV (engine) | retention |",
+             "|---|---|---|---|---|---|"]
+    for kind, row in [("all", acc)] + list(acc["per_type"].items()):
+        lines.append(f"| {kind} | {row['count']} | {_pct(row.get('full'))} | {_pct(row.get('halfv'))} | "
+                     f"{_pct(row.get('engine'))} | {_pct(row.get('retention'))} |")
+    return lines + [""]
+
+
+def baselines_markdown(base: dict) -> list[str]:
+    lines = ["## Baselines at the same prefill FLOPs (eager, greedy, exact match)", "",
+             f"Every baseline prunes once before layer {base['layer']} and keeps the K visual rows whose prefill "
+             "FLOPs come closest to HalfV's. FLOPs: LLM prefill, fraction of the unpruned model.", "",
+             "| method | visual rows kept at L1 (per N) | FLOPs fraction | accuracy | retention |",
+             "|---|---|---|---|---|"]
+    for row in base["methods"].values():
+        kept = ", ".join(f"{k} of {n}" for n, k in row["kept"].items())
+        lines.append(f"| {row['label']} | {kept} | {row['flops_fraction']:.3f} | {_pct(row['accuracy'])} | "
+                     f"{_pct(row['retention'])} |")
+    return lines + [""]
 
 
 def write_report(out: Path, report: dict) -> None:

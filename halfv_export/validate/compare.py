@@ -1,0 +1,115 @@
+"""HalfV against ablation baselines at the same prefill FLOPs, on data with answers (eager PyTorch, greedy).
+
+For each HalfV schedule (one per keep ratio rho; the other fields as given) and each N, the baselines prune once,
+before HalfV's IVR layer L1, and keep the K visual rows whose single-cut prefill FLOPs come closest to HalfV's
+(flops.matched_keep), so every method spends the same compute:
+
+    halfv      IVR at L1 (anchors + farthest-point fill, K1 = floor(N rho)) + SSR at L2 (top-K2 or freeze)
+    ivr        the same IVR selection, K rows, no SSR
+    attention  the top-K last-token relevance scores at L1 - 1 (FastV-like), no diversity fill, no SSR
+    random     K rows drawn uniformly (seeded), no SSR
+
+Accuracy is exact match of the greedy answer (validate.accuracy); FLOPs are the analytic LLM prefill count
+(validate.flops), as a fraction of the unpruned model's, averaged over samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+import numpy as np
+
+from ..base.data import Sample
+from ..base.errors import BadInput
+from ..graphs.adapter import Processing
+from ..graphs.halfv import HalfVReference
+from ..graphs.pruning import PruneSchedule, SingleCut, budgets
+from .accuracy import AccuracyTable, answer_budget, cut_at_eos, retention
+from .flops import LMShape, matched_keep, prefill_flops, single_cut_flops
+
+METHODS = ("halfv", "ivr", "attention", "random")
+LABELS = {"halfv": "HalfV (IVR + SSR)", "ivr": "IVR without SSR", "attention": "attention only (FastV-like)",
+          "random": "random"}
+
+
+def _batches(adapter, loaded, samples: list[Sample], batch_size: int) -> list[list[Sample]]:
+    processing = Processing(loaded.tokenizer, loaded.image_processor, loaded.config)
+    groups: dict = {}
+    for sample in samples:
+        if sample.answer is None:
+            continue
+        if sample.image is None:
+            raise BadInput(f"sample {sample.name} has no image; comparing pruning methods needs an image per sample")
+        key = adapter.bucket_for(processing, (sample.image.height, sample.image.width))[0]
+        groups.setdefault(key, []).append(sample)
+    if not groups:
+        raise BadInput("no sample carries an \"answer\"; compare needs data with answers (halfv-export make-task)")
+    return [items[i:i + batch_size] for items in groups.values() for i in range(0, len(items), batch_size)]
+
+
+def evaluate_methods(adapter, loaded, samples: list[Sample], schedules: list[PruneSchedule],
+                     methods: tuple[str, ...] = METHODS, seed: int = 0, batch_size: int = 8,
+                     progress: Callable = iter) -> dict:
+    """Accuracy and FLOPs of the unpruned model and of every (schedule, method) pair on the same samples.
+
+    Returns {"full": {...}, "points": [{"keep_ratio", "schedule", "methods": {method: {...}}}]}."""
+    stack = adapter.text_stack(loaded)
+    shape = LMShape.from_config(loaded.config.to_dict())
+    eos = adapter.eos_token_ids(loaded)
+    table = AccuracyTable()
+    fractions: dict[str, list[float]] = {}
+    kept: dict[str, dict[str, int]] = {}
+    for batch in progress(_batches(adapter, loaded, samples, batch_size)):
+        inputs = adapter.prepare(loaded, [s.image for s in batch], [s.prompt for s in batch])
+        n = inputs.num_visual
+        text = float((inputs.attention_mask.sum(dim=1) - n).float().mean())  # mean real text rows
+        n_text = int(round(text))
+        full_flops = prefill_flops(shape, n, n_text, None).full
+        new_tokens = answer_budget(loaded.tokenizer, [s.answer for s in batch])
+
+        def score(system: str, reference: HalfVReference) -> None:
+            tokens = reference.generate(inputs, new_tokens, eos).numpy()
+            for b, sample in enumerate(batch):
+                table.add(system, sample.type, adapter.decode_text(loaded, cut_at_eos(tokens[b], eos)), sample.answer,
+                          sample.name)
+
+        score("full", HalfVReference(stack, None))
+        for schedule in schedules:
+            halfv_flops = prefill_flops(shape, n, n_text, schedule).halfv
+            for method in methods:
+                system = f"{method}@{schedule.keep_ratio:g}"
+                if method == "halfv":
+                    reference, spent, k = HalfVReference(stack, schedule), halfv_flops, budgets(n, schedule).k1
+                else:
+                    k = matched_keep(shape, n, n_text, schedule.ivr_layer, halfv_flops)
+                    cut = SingleCut(method, schedule.ivr_layer, k, schedule.anchor_ratio, seed)
+                    reference, spent = HalfVReference(stack, None, cut=cut), single_cut_flops(
+                        shape, n, n_text, schedule.ivr_layer, k)
+                score(system, reference)
+                fractions.setdefault(system, []).extend([spent / full_flops] * len(batch))
+                kept.setdefault(system, {})[str(n)] = k  # N -> visual rows kept at L1
+
+    def summary(system: str) -> dict:
+        acc = table.accuracy(system)
+        return {"accuracy": acc, "count": table.count(system),
+                "per_type": {t: {"accuracy": table.accuracy(system, t), "count": table.count(system, t)}
+                             for t in table.types()}}
+
+    full = summary("full")
+    points = []
+    for schedule in schedules:
+        row = {"keep_ratio": schedule.keep_ratio, "schedule": schedule.__dict__.copy(), "methods": {}}
+        for method in methods:
+            system = f"{method}@{schedule.keep_ratio:g}"
+            entry = summary(system)
+            entry.update({"label": LABELS[method], "flops_fraction": float(np.mean(fractions[system])),
+                          "kept": kept[system], "retention": retention(entry["accuracy"], full["accuracy"])})
+            row["methods"][method] = entry
+        points.append(row)
+    return {"full": full, "points": points, "examples": table.examples}
+
+
+def sweep_schedules(base: PruneSchedule, keep_ratios: list[float]) -> list[PruneSchedule]:
+    """The base schedule at each keep ratio (everything else unchanged; K2 = min(floor(N sigma), K1) as always)."""
+    return [replace(base, keep_ratio=float(r)) for r in keep_ratios]
