@@ -9,8 +9,8 @@ import pytest
 
 from halfv_export.base.data import load_data
 from halfv_export.base.errors import BadInput
-from halfv_export.base.tasks import (GRID_COLS, GRID_ROWS, QUESTION_TYPES, answer_for, normalise_answer, render,
-                                     scan, scan_indices, task_set, write_task_set)
+from halfv_export.base.tasks import (QUESTION_TYPES, answer_for, grid_shape, normalise_answer, render, scan,
+                                     scan_indices, task_set, write_task_set)
 
 
 def test_splits_are_disjoint_and_cover_every_scan():
@@ -34,11 +34,14 @@ def test_same_seed_same_set_other_seed_other_set():
 
 
 def test_every_answer_follows_from_the_grid():
-    samples = task_set(300, seed=11)
+    samples = task_set(300, seed=11, sizes=[(224, 224), (224, 336)])
     assert {s.type for s in samples} == set(QUESTION_TYPES)
+    assert grid_shape((224, 224)) == (4, 4) and grid_shape((224, 336)) == (4, 6)
     for s in samples:
         grid = s.grid
-        assert len(grid) == GRID_ROWS and all(len(row) == GRID_COLS for row in grid)
+        rows, cols = grid_shape((s.image.height, s.image.width))
+        assert len(grid) == rows and all(len(row) == cols for row in grid)
+        assert 2 <= sum(d is not None for row in grid for d in row) <= 6
         assert grid == [[None if i is None else scan(i)[1] for i in row] for row in s.scans]
         present = [d for row in grid for d in row if d is not None]
         if s.type == "count_all":
@@ -65,16 +68,18 @@ def test_constructed_grid_is_drawn_where_the_answers_say():
     """A grid built from known scans: each digit's ink lies inside its own cell and, brought back to 8x8, correlates
     best with its own scan among the ten classes' scans; the answers of every question type follow."""
     seven, three, zero = _first_scan_of(7), _first_scan_of(3), _first_scan_of(0)
-    cells = [[seven, None, None], [None, three, three], [zero, None, None]]
     size = (224, 336)
+    rows, cols = grid_shape(size)
+    cells = [[None] * cols for _ in range(rows)]
+    cells[0][0], cells[1][1], cells[1][5], cells[3][2] = seven, three, three, zero
     image = np.asarray(render(cells, size, np.random.default_rng(2)), np.float32)
-    blank = np.asarray(render([[None] * 3 for _ in range(3)], size, np.random.default_rng(2)), np.float32)
+    blank = np.asarray(render([[None] * cols for _ in range(rows)], size, np.random.default_rng(2)), np.float32)
     ink = np.abs(image - blank).sum(axis=-1)  # same background and ink colour: the difference is the digits
     h, w = size
     candidates = {label: scan(_first_scan_of(label))[0] for label in range(10)}
-    for r in range(3):
-        for c in range(3):
-            y0, y1, x0, x1 = round(r * h / 3), round((r + 1) * h / 3), round(c * w / 3), round((c + 1) * w / 3)
+    for r in range(rows):
+        for c in range(cols):
+            y0, y1, x0, x1 = r * 56, (r + 1) * 56, c * 56, (c + 1) * 56  # 56-pixel cells
             cell = ink[y0:y1, x0:x1]
             if cells[r][c] is None:
                 assert cell.max() == 0, (r, c)
@@ -87,9 +92,10 @@ def test_constructed_grid_is_drawn_where_the_answers_say():
             glyph, label = scan(cells[r][c])
             scores = {k: np.corrcoef(small.ravel(), v.ravel())[0, 1] for k, v in candidates.items()}
             assert max(scores, key=scores.get) == label, (r, c, scores)
-    grid = [[7, None, None], [None, 3, 3], [0, None, None]]
+    grid = [[None if i is None else scan(i)[1] for i in row] for row in cells]
     assert answer_for("digit_at", grid, row=1, col=1) == "7" and answer_for("digit_at", grid, row=1, col=2) == "none"
-    assert answer_for("row_digits", grid, row=2) == "3 3" and answer_for("row_digits", grid, row=1) == "7"
+    assert answer_for("digit_at", grid, row=2, col=6) == "3" and answer_for("digit_at", grid, row=4, col=3) == "0"
+    assert answer_for("row_digits", grid, row=2) == "3 3" and answer_for("row_digits", grid, row=3) == "none"
     assert answer_for("count_digit", grid, digit=3) == "2" and answer_for("count_digit", grid, digit=5) == "0"
     assert answer_for("count_all", grid) == "4" and answer_for("read_all", grid) == "7 3 3 0"
 

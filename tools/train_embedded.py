@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from halfv_export.base.tasks import DEFAULT_MIX, normalise_answer, parse_mix, task_set  # noqa: E402
+from halfv_export.base.tasks import DEFAULT_MIX, grid_shape, normalise_answer, parse_mix, task_set  # noqa: E402
 from halfv_export.graphs import get_adapter  # noqa: E402
 from halfv_export.graphs.adapter import EMBEDDED_WEIGHTS, TRAINING_RECORD, Processing  # noqa: E402
 from halfv_export.graphs.halfv import HalfVReference, additive_mask  # noqa: E402
@@ -119,6 +119,102 @@ def held_out_accuracy(adapter, loaded, stack, samples, batch: int = 16) -> dict:
             "per_type": {k: {"accuracy": sum(v) / len(v), "count": len(v)} for k, v in sorted(per_type.items())}}
 
 
+# ------------------------------------------------------------------------------------------- stage 1: vision
+def token_centres(adapter, loaded, bucket: tuple[int, int]) -> torch.Tensor:
+    """[N, 2] pixel centre (y, x) in the bucket image of every visual token, in the order the LLM sees them;
+    NaN for rows that are not image patches (LLaVA-NeXT's image-newline rows)."""
+    h, w = bucket
+    cfg = loaded.config
+    if adapter.name == "qwen2.5-vl":
+        step = cfg.vision_config.patch_size * cfg.vision_config.spatial_merge_size  # one merged token: 28 px
+        ys, xs = torch.meshgrid(torch.arange(h // step), torch.arange(w // step), indexing="ij")
+        return torch.stack([(ys.flatten() + 0.5) * step, (xs.flatten() + 0.5) * step], dim=1).float()
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    if adapter.name == "llava-1.5":  # the task's images are exactly the crop size: no resize, no crop
+        ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        return torch.stack([(ys.flatten() + 0.5) * h / side, (xs.flatten() + 0.5) * w / side], dim=1).float()
+    # LLaVA-NeXT: base tile (the whole image at tile size) first, then the pinpoint's tiles row-major, unpadded
+    # (nothing to unpad: the image is its pinpoint) with a newline row after each feature row.
+    layout = adapter.layout(cfg, bucket)
+    tokens, tile = side * side, cfg.vision_config.image_size
+    npw, nph = w // tile, h // tile
+    tiles = 1 + nph * npw
+    out = torch.full((layout.numel(), 2), float("nan"))
+    for row, code in enumerate(layout.tolist()):
+        if code == tiles * tokens:
+            continue
+        t, (i, j) = code // tokens, divmod(code % tokens, side)
+        if t == 0:
+            out[row] = torch.tensor([(i + 0.5) * h / side, (j + 0.5) * w / side])
+        else:
+            tr, tc = divmod(t - 1, npw)
+            out[row] = torch.tensor([(tr * side + i + 0.5) * h / (nph * side), (tc * side + j + 0.5) * w / (npw * side)])
+    return out
+
+
+def cell_pooling(centres: torch.Tensor, bucket: tuple[int, int]) -> torch.Tensor:
+    """[cells, N] averaging matrix: row r*cols+c is the mean of the tokens whose centre lies in cell (r, c)."""
+    h, w = bucket
+    rows, cols = grid_shape(bucket)
+    pool = torch.zeros(rows * cols, centres.shape[0])
+    valid = ~torch.isnan(centres[:, 0])
+    r = (centres[valid, 0] * rows / h).floor().long().clamp(0, rows - 1)
+    c = (centres[valid, 1] * cols / w).floor().long().clamp(0, cols - 1)
+    pool[r * cols + c, valid.nonzero()[:, 0]] = 1.0
+    return pool / pool.sum(dim=1, keepdim=True).clamp(min=1)
+
+
+def cell_labels(samples) -> torch.Tensor:  # one bucket: one grid shape
+    """[B, cells] digit per cell, 10 for an empty cell."""
+    return torch.tensor([[10 if d is None else d for row in s.grid for d in row] for s in samples])
+
+
+def pretrain_vision(adapter, loaded, processing, sizes, steps: int, batch: int, lr: float, seed: int) -> dict:
+    """Stage 1: the vision tower and projector learn to tell the digits apart, with a temporary linear head on the
+    per-cell mean of the visual features (10 digits + empty). The head is discarded; the VLM keeps the tower."""
+    dim = loaded.config.text_config.hidden_size
+    probe = torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, 11))
+    vision = [p for n, p in loaded.model.named_parameters() if "language_model" not in n and "lm_head" not in n]
+    optimizer = torch.optim.AdamW([{"params": vision}, {"params": probe.parameters()}], lr=lr, weight_decay=0.01)
+    pools = {size: cell_pooling(token_centres(adapter, loaded, size), size) for size in sizes}
+
+    def cell_logits(samples, size):
+        host = adapter.host_inputs(processing, [s.image for s in samples], ["x"] * len(samples))
+        feats = adapter.vision_batch(loaded, host.pixel_values, host.bucket)  # [B, N, D]
+        return probe(torch.einsum("cn,bnd->bcd", pools[size], feats))  # [B, cells, 11]
+
+    started, running = time.perf_counter(), []
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, lr, max(1, steps // 20))
+        size = sizes[step % len(sizes)]
+        samples = task_set(batch, seed=seed * 7_000_003 + step, split="train", sizes=[size])
+        logits = cell_logits(samples, size)
+        labels = cell_labels(samples)
+        loss = F.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vision + list(probe.parameters()), 1.0)
+        optimizer.step()
+        running.append((loss.item(), float((logits.argmax(-1) == labels).float().mean())))
+        if (step + 1) % 20 == 0:
+            l, a = (sum(x) / len(running) for x in zip(*running))
+            print(f"vision {step + 1:5d}  loss {l:.4f}  cell acc {a:.3f}  {time.perf_counter() - started:7.1f}s",
+                  flush=True)
+            running = []
+    with torch.no_grad():
+        held = task_set(64, seed=EVAL_SEED + 1, split="eval", sizes=sizes)
+        hits = [bool(x) for size in sizes for x in
+                (cell_logits([s for s in held if s.image.size == (size[1], size[0])], size).argmax(-1)
+                 == cell_labels([s for s in held if s.image.size == (size[1], size[0])])).flatten().tolist()]
+    result = {"steps": steps, "batch": batch, "lr": lr, "seconds": round(time.perf_counter() - started, 1),
+              "held_out_cell_accuracy": sum(hits) / len(hits)}
+    print(f"vision stage: held-out cell accuracy {result['held_out_cell_accuracy']:.3f} "
+          f"({result['seconds']:.0f}s)", flush=True)
+    return result
+
+
+# ------------------------------------------------------------------------------------------- stage 2: the VLM
 def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 5% of the peak."""
     if step < warmup:
@@ -158,6 +254,9 @@ def main(argv=None) -> None:
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--init", type=Path, help="Continue from these safetensors instead of the seeded init.")
+    parser.add_argument("--vision-steps", type=int, default=300, help="Stage 1 steps (0: skip).")
+    parser.add_argument("--vision-batch", type=int, default=16)
+    parser.add_argument("--vision-lr", type=float, default=2e-3)
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -179,6 +278,12 @@ def main(argv=None) -> None:
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else eos
     held_out = task_set(args.eval_samples, seed=EVAL_SEED, split="eval", sizes=sizes, mix=mix)
     params = sum(p.numel() for p in model.parameters())
+    overall = time.perf_counter()
+    vision_stage = None
+    if args.vision_steps > 0:
+        model.train()
+        vision_stage = pretrain_vision(adapter, loaded, processing, sizes, args.vision_steps, args.vision_batch,
+                                       args.vision_lr, args.seed)
     print(f"{args.backbone}: {params / 1e6:.2f} M parameters, sizes {sizes}, mix {mix}, "
           f"{args.steps} steps x {args.batch}", flush=True)
 
@@ -213,12 +318,13 @@ def main(argv=None) -> None:
             acc = held_out_accuracy(adapter, loaded, stack, held_out[:100])
             print(f"  held-out (100) exact match {acc['accuracy']:.3f}  "
                   + "  ".join(f"{k} {v['accuracy']:.2f}" for k, v in acc["per_type"].items()), flush=True)
-    train_seconds = time.perf_counter() - started
+    train_seconds = time.perf_counter() - overall  # both stages
+    images_seen = args.steps * args.batch + (args.vision_steps * args.vision_batch if vision_stage else 0)
     model.eval()
     acc = held_out_accuracy(adapter, loaded, stack, held_out)
     print(f"held-out exact match {acc['accuracy']:.4f} on {acc['count']} samples ("
           + ", ".join(f"{k} {v['accuracy']:.3f}/{v['count']}" for k, v in acc["per_type"].items())
-          + f"); trained {train_seconds:.0f}s, {args.steps * args.batch} samples", flush=True)
+          + f"); trained {train_seconds:.0f}s, {images_seen} generated images", flush=True)
     if args.out is None:
         return
     target = save_fp16(model, args.out)
@@ -227,7 +333,7 @@ def main(argv=None) -> None:
         "sha256": hashlib.sha256(target.read_bytes()).hexdigest(), "dtype": "float16",
         "command": "python tools/train_embedded.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr, "warmup": args.warmup,
-        "weight_decay": args.weight_decay, "samples_seen": args.steps * args.batch,
+        "weight_decay": args.weight_decay, "images_seen": images_seen, "vision_stage": vision_stage,
         "image_sizes": [list(s) for s in sizes], "mix": mix if args.mix else DEFAULT_MIX,
         "task": "halfv_export.base.tasks (digit grids, training split of load_digits)",
         "train_seconds": round(train_seconds, 1), "threads": args.threads,

@@ -4,10 +4,13 @@ Source: scikit-learn's `load_digits` (1,797 real 8x8 scans, 16 grey levels, ship
 no download). The scans are split once, without randomness, into a training part and a disjoint evaluation part:
 scan i is an evaluation scan when i % 5 == 4 (359 scans), a training scan otherwise (1,438).
 
-An image is a GRID_ROWS x GRID_COLS grid laid over the whole canvas; some cells hold a digit scan, the others are
-empty. Each digit is upscaled (bicubic) to a random share of its cell, placed at a random offset inside the cell and
-inked in a colour that contrasts with the background (solid, gradient or noise texture, random colours). Rows and
-columns are numbered from 1, top-left first. Question types (answers are short text, digits separated by spaces):
+An image is a grid of CELL x CELL pixel cells laid over the whole canvas (rows = round(h / CELL), columns =
+round(w / CELL): 4 x 4 at 224x224, 4 x 6 at 224x336), so that a cell covers the same patch tokens at every image
+size (2 x 2 merged tokens of Qwen2.5-VL, 4 x 4 CLIP patches). Two to six cells hold a digit scan, the others are
+empty. Each digit is upscaled (bicubic) to 65-95% of its cell, placed at a random offset inside the cell and inked
+dark on a light background (a solid colour, a gradient or a smooth noise texture between random light colours).
+Rows and columns are numbered from 1, top-left first. Question types (answers are short text, digits separated by
+spaces):
 
     digit_at      What is the digit in row r, column c?          -> "7", or "none" for an empty cell
     row_digits    Which digits are in row r, left to right?       -> "3 7", or "none"
@@ -33,7 +36,7 @@ from .atomic import write_bytes_atomic, write_text_atomic
 from .data import Sample
 from .errors import BadInput
 
-GRID_ROWS, GRID_COLS = 3, 3
+CELL = 56  # pixels per grid cell
 MIN_DIGITS, MAX_DIGITS = 2, 6  # filled cells per image
 EVAL_EVERY = 5  # scan i is held out for evaluation when i % EVAL_EVERY == EVAL_EVERY - 1
 SPLITS = ("train", "eval")
@@ -98,11 +101,10 @@ def _colour(rng: np.random.Generator, low: float, high: float) -> np.ndarray:
             return c
 
 
-def _background(rng: np.random.Generator, h: int, w: int, light: bool) -> np.ndarray:
-    """[h, w, 3] in [0, 1]: a solid colour, a linear gradient or a smooth noise texture between two colours of the
-    same brightness class (light: luminance >= 0.55, dark: <= 0.45), so that the ink always contrasts."""
-    low, high = (0.55, 1.0) if light else (0.0, 0.45)
-    a, b = _colour(rng, low, high), _colour(rng, low, high)
+def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """[h, w, 3] in [0, 1]: a solid colour, a linear gradient or a smooth noise texture between two light colours
+    (luminance >= 0.6), so that the dark ink always contrasts."""
+    a, b = _colour(rng, 0.6, 1.0), _colour(rng, 0.6, 1.0)
     kind = int(rng.integers(0, 3))
     if kind == 0:
         return np.broadcast_to(a, (h, w, 3)).copy()
@@ -118,20 +120,24 @@ def _background(rng: np.random.Generator, h: int, w: int, light: bool) -> np.nda
     return a * (1 - t[..., None]) + b * t[..., None]
 
 
+def grid_shape(size: tuple[int, int]) -> tuple[int, int]:
+    """(rows, columns) of the grid on an image of size (height, width)."""
+    return max(1, round(size[0] / CELL)), max(1, round(size[1] / CELL))
+
+
 def render(cells: list[list[int | None]], size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
     """Draw a grid of scans: cells[r][c] is a scan index (into load_digits) or None; size is (height, width)."""
     h, w = size
     rows, cols = len(cells), len(cells[0])
-    light = bool(rng.random() < 0.5)
-    canvas = _background(rng, h, w, light)
-    ink = _colour(rng, 0.0, 0.25) if light else _colour(rng, 0.75, 1.0)
+    canvas = _background(rng, h, w)
+    ink = _colour(rng, 0.0, 0.3)
     for r in range(rows):
         for c in range(cols):
             if cells[r][c] is None:
                 continue
             y0, y1 = round(r * h / rows), round((r + 1) * h / rows)
             x0, x1 = round(c * w / cols), round((c + 1) * w / cols)
-            side = max(8, int(min(y1 - y0, x1 - x0) * rng.uniform(0.6, 0.9)))
+            side = max(8, int(min(y1 - y0, x1 - x0) * rng.uniform(0.65, 0.95)))
             glyph, _ = scan(cells[r][c])
             alpha = np.asarray(Image.fromarray((glyph * 255).astype(np.uint8)).resize((side, side), Image.BICUBIC),
                                np.float32)[..., None] / 255  # [side, side, 1]
@@ -187,17 +193,17 @@ def _question(kind: str, grid: list[list[int | None]], rng: np.random.Generator)
     return prompt, answer_for(kind, grid, row, col, digit)
 
 
-def _cells(rng: np.random.Generator, pool: np.ndarray) -> list[list[int | None]]:
+def _cells(rng: np.random.Generator, pool: np.ndarray, rows: int, cols: int) -> list[list[int | None]]:
     """Which cells hold which scan: MIN..MAX filled cells, digits drawn from 1-4 classes so that counts repeat."""
     labels = _all_scans()[1]
-    filled = int(rng.integers(MIN_DIGITS, MAX_DIGITS + 1))
-    where = rng.choice(GRID_ROWS * GRID_COLS, size=filled, replace=False)
+    filled = int(rng.integers(min(MIN_DIGITS, rows * cols), min(MAX_DIGITS, rows * cols) + 1))
+    where = rng.choice(rows * cols, size=filled, replace=False)
     classes = rng.choice(10, size=int(rng.integers(1, 5)), replace=False)
-    cells: list[list[int | None]] = [[None] * GRID_COLS for _ in range(GRID_ROWS)]
+    cells: list[list[int | None]] = [[None] * cols for _ in range(rows)]
     for cell in where:
         label = classes[int(rng.integers(0, len(classes)))]
         candidates = pool[labels[pool] == label]
-        cells[cell // GRID_COLS][cell % GRID_COLS] = int(candidates[int(rng.integers(0, len(candidates)))])
+        cells[cell // cols][cell % cols] = int(candidates[int(rng.integers(0, len(candidates)))])
     return cells
 
 
@@ -226,8 +232,9 @@ def task_set(count: int, seed: int = 0, split: str = "eval", sizes: list[tuple[i
     if count < 1:
         raise BadInput(f"count={count}: ask for at least one sample")
     for h, w in sizes:
-        if h < 3 * 8 or w < 3 * 8:
-            raise BadInput(f"image size {h}x{w} is too small for a {GRID_ROWS}x{GRID_COLS} grid of digits; use >= 24")
+        if h < CELL // 2 or w < CELL // 2 or h * w < 2 * CELL * CELL:
+            raise BadInput(f"image size {h}x{w} is too small for a grid of two or more {CELL}-pixel cells; use "
+                           f"at least {CELL}x{2 * CELL}")
     mix = dict(DEFAULT_MIX if mix is None else mix)
     kinds = [k for k in QUESTION_TYPES if mix.get(k, 0) > 0]
     weights = np.array([mix[k] for k in kinds], dtype=np.float64)
@@ -236,7 +243,7 @@ def task_set(count: int, seed: int = 0, split: str = "eval", sizes: list[tuple[i
     samples = []
     for i in range(count):
         size = tuple(sizes[i % len(sizes)])
-        cells = _cells(rng, pool)
+        cells = _cells(rng, pool, *grid_shape(size))
         grid = digits_of(cells)
         kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
         prompt, answer = _question(kind, grid, rng)

@@ -252,8 +252,7 @@ def select_single_cut(stack, cut: SingleCut, layer_index: int, prev_input: torch
     if cut.method == "random":
         picks = [torch.randperm(n, generator=generator)[:cut.keep] for _ in range(hidden.shape[0])]
         return ascending(torch.stack(picks))
-    heads = (stack.num_heads, stack.num_kv_heads, stack.head_dim)
-    scores = relevance_scores(stack.layers[layer_index - 1], prev_input, start, n, *heads)  # [B, N]
+    scores = relevance_scores(stack, stack.layers[layer_index - 1], prev_input, start, n)  # [B, N]
     if cut.method == "attention":
         return top_indices(scores, cut.keep)
     if cut.method == "ivr":
