@@ -103,7 +103,7 @@ def test_validate_gates(exported, run_cli, tmp_path):
     report = json.loads((exported / "report.json").read_text())
     assert report["latency_ms"]["runs"] == 2
     assert report["parity"]["kept_indices_match"] == 1.0 and report["parity"]["greedy_tokens_match"] == 1.0
-    assert report["parity"]["logits_max_abs_diff"] <= 1e-3 and report["fidelity"]["weights"] == "random"
+    assert report["parity"]["logits_max_abs_diff"] <= 1e-3 and report["fidelity"]["weights"] == "trained"
     for key in ("eager_full_prefill", "eager_halfv_prefill", "engine_full_prefill", "engine_halfv_prefill",
                 "engine_decode_step", "eager_embed_vision", "engine_embed_vision", "eager_full_ttft",
                 "eager_halfv_ttft", "engine_full_ttft", "engine_halfv_ttft"):

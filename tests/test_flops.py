@@ -175,3 +175,17 @@ def test_flops_end_to_end_needs_a_vision_config(run_cli, tmp_path):
     config.write_text(json.dumps(cfg))
     result = run_cli("flops", "--config", config, "--visual-tokens", 576, "--end-to-end")
     assert result.exit_code == 2 and "vision_config" in result.output and "Traceback" not in result.output
+
+
+def test_matched_keep_spends_what_halfv_spends():
+    from halfv_export.graphs.pruning import PruneSchedule
+    from halfv_export.validate.flops import LMShape, matched_keep, prefill_flops, single_cut_flops
+
+    shape = LMShape(hidden=128, intermediate=352, layers=8, heads=4, kv_heads=2, head_dim=32, vocab=1038)
+    sched = PruneSchedule(1, 0.25, 0.1, 6, "topk", 0.05)
+    budget = prefill_flops(shape, 64, 40, sched).halfv
+    k = matched_keep(shape, 64, 40, 1, budget)
+    costs = [single_cut_flops(shape, 64, 40, 1, j) for j in range(1, 65)]
+    assert costs == sorted(costs) and costs[-1] == prefill_flops(shape, 64, 40, None).full  # K = N: unpruned
+    assert abs(costs[k - 1] - budget) == min(abs(c - budget) for c in costs)
+    assert 1 <= k < 16  # SSR saves compute after L2, so one cut at L1 must keep fewer than K1 = 16 rows

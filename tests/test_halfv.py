@@ -132,3 +132,37 @@ def test_schedule_deeper_than_model_is_refused(qwen):
     _, _, stack = qwen
     with pytest.raises(BadInput, match="depth"):
         HalfVReference(stack, PruneSchedule(2, 0.25, 0.1, 21, "topk", 0.05))
+
+
+# ------------------------------------------------------------------------------------------ ablation baselines
+def test_ivr_baseline_at_k1_selects_what_halfv_selects(qwen):
+    """IVR without SSR is HalfV's own first stage: at K = K1 it keeps exactly HalfV's IVR rows, then stops."""
+    from halfv_export.graphs.pruning import SingleCut, budgets
+
+    adapter, loaded, stack = qwen
+    images = [make_image(336, 336, 11), make_image(336, 336, 12)]
+    inputs = adapter.prepare(loaded, images, ["What is here?", "Which digits are in row 2, left to right?"])
+    halfv = HalfVReference(stack, TOPK).prefill(inputs)
+    k1 = budgets(inputs.num_visual, TOPK).k1
+    cut = HalfVReference(stack, None, cut=SingleCut("ivr", TOPK.ivr_layer, k1, TOPK.anchor_ratio)).prefill(inputs)
+    torch.testing.assert_close(cut.kept["cut"], halfv.kept["ivr"], rtol=0, atol=0)
+    assert cut.cache.lengths()[-1] == inputs.seq_len - inputs.num_visual + k1  # no second stage
+
+
+def test_attention_and_random_baselines(qwen):
+    from halfv_export.graphs.pruning import SingleCut, relevance_scores
+
+    adapter, loaded, stack = qwen
+    inputs = adapter.prepare(loaded, [make_image(336, 336, 13)], ["How many times does 7 appear?"])
+    n, k = inputs.num_visual, 9
+    attention = HalfVReference(stack, None, cut=SingleCut("attention", 2, k)).prefill(inputs)
+    captured = []
+    HalfVReference(stack, None).prefill(inputs, capture=captured)
+    scores = relevance_scores(stack, stack.layers[1], captured[1][0], inputs.visual_start, n)[0]
+    assert sorted(attention.kept["cut"][0].tolist()) == sorted(scores.argsort(descending=True)[:k].tolist())
+    draws = [HalfVReference(stack, None, cut=SingleCut("random", 2, k, seed=s)).prefill(inputs).kept["cut"][0].tolist()
+             for s in (0, 0, 1)]
+    assert draws[0] == draws[1] != draws[2]
+    assert draws[0] == sorted(set(draws[0])) and len(draws[0]) == k and max(draws[0]) < n
+    with pytest.raises(Exception, match="keeps 0 of"):
+        HalfVReference(stack, None, cut=SingleCut("random", 2, 0)).prefill(inputs)

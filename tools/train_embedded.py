@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from halfv_export.base.tasks import DEFAULT_MIX, grid_shape, normalise_answer, parse_mix, task_set  # noqa: E402
+from halfv_export.base.tasks import DEFAULT_MIX, MAX_DIGITS, MIN_DIGITS, normalise_answer, parse_mix, task_set  # noqa: E402
 from halfv_export.graphs import get_adapter  # noqa: E402
 from halfv_export.graphs.adapter import EMBEDDED_WEIGHTS, TRAINING_RECORD, Processing  # noqa: E402
 from halfv_export.graphs.halfv import HalfVReference, additive_mask  # noqa: E402
@@ -119,6 +119,22 @@ def held_out_accuracy(adapter, loaded, stack, samples, batch: int = 16) -> dict:
             "per_type": {k: {"accuracy": sum(v) / len(v), "count": len(v)} for k, v in sorted(per_type.items())}}
 
 
+def reinitialise(model, std: float, seed: int) -> None:
+    """Seeded fresh weights: norm layers weight 1 / bias 0, every other bias 0, every other parameter (Linear, Conv,
+    Embedding, CLIP's class embedding, LLaVA-NeXT's image newline) from N(0, std)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            is_norm = "norm" in type(module).__name__.lower()
+            for name, p in module.named_parameters(recurse=False):
+                if is_norm:
+                    p.fill_(1.0 if name == "weight" else 0.0)
+                elif name == "bias":
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
 # ------------------------------------------------------------------------------------------- stage 1: vision
 def token_centres(adapter, loaded, bucket: tuple[int, int]) -> torch.Tensor:
     """[N, 2] pixel centre (y, x) in the bucket image of every visual token, in the order the LLM sees them;
@@ -152,64 +168,67 @@ def token_centres(adapter, loaded, bucket: tuple[int, int]) -> torch.Tensor:
     return out
 
 
-def cell_pooling(centres: torch.Tensor, bucket: tuple[int, int]) -> torch.Tensor:
-    """[cells, N] averaging matrix: row r*cols+c is the mean of the tokens whose centre lies in cell (r, c)."""
-    h, w = bucket
-    rows, cols = grid_shape(bucket)
-    pool = torch.zeros(rows * cols, centres.shape[0])
-    valid = ~torch.isnan(centres[:, 0])
-    r = (centres[valid, 0] * rows / h).floor().long().clamp(0, rows - 1)
-    c = (centres[valid, 1] * cols / w).floor().long().clamp(0, cols - 1)
-    pool[r * cols + c, valid.nonzero()[:, 0]] = 1.0
-    return pool / pool.sum(dim=1, keepdim=True).clamp(min=1)
-
-
-def cell_labels(samples) -> torch.Tensor:  # one bucket: one grid shape
-    """[B, cells] digit per cell, 10 for an empty cell."""
-    return torch.tensor([[10 if d is None else d for row in s.grid for d in row] for s in samples])
-
-
-def pretrain_vision(adapter, loaded, processing, sizes, steps: int, batch: int, lr: float, seed: int) -> dict:
-    """Stage 1: the vision tower and projector learn to tell the digits apart, with a temporary linear head on the
-    per-cell mean of the visual features (10 digits + empty). The head is discarded; the VLM keeps the tower."""
+def pretrain_vision(adapter, loaded, processing, sizes, steps: int, batch: int, lr: float, seed: int,
+                    slot: int) -> dict:
+    """Stage 1: the vision tower and projector learn to tell the digits apart. A temporary linear head reads every
+    visual token on its own, RMS-normalised as the LLM's first norm sees it, and must name the digit drawn over it
+    (or "empty"). The head is discarded; the VLM keeps the tower."""
     dim = loaded.config.text_config.hidden_size
-    probe = torch.nn.Sequential(torch.nn.LayerNorm(dim), torch.nn.Linear(dim, 11))
+    head = torch.nn.Linear(dim, 11)
     vision = [p for n, p in loaded.model.named_parameters() if "language_model" not in n and "lm_head" not in n]
-    optimizer = torch.optim.AdamW([{"params": vision}, {"params": probe.parameters()}], lr=lr, weight_decay=0.01)
-    pools = {size: cell_pooling(token_centres(adapter, loaded, size), size) for size in sizes}
+    optimizer = torch.optim.AdamW([{"params": vision}, {"params": head.parameters()}], lr=lr, weight_decay=0.01)
+    centres = {size: token_centres(adapter, loaded, size) for size in sizes}
 
-    def cell_logits(samples, size):
+    def token_logits(samples, size):
         host = adapter.host_inputs(processing, [s.image for s in samples], ["x"] * len(samples))
         feats = adapter.vision_batch(loaded, host.pixel_values, host.bucket)  # [B, N, D]
-        return probe(torch.einsum("cn,bnd->bcd", pools[size], feats))  # [B, cells, 11]
+        return head(F.rms_norm(feats, (dim,)))  # [B, N, 11]
+
+    def token_targets(samples, size):
+        """[B, N]: the digit drawn over a token (its centre inside the digit's box, or the token nearest the box
+        centre when no centre is inside), 10 elsewhere; -100 (ignored) for non-patch rows."""
+        c = centres[size]
+        targets = torch.full((len(samples), c.shape[0]), 10, dtype=torch.long)
+        targets[:, torch.isnan(c[:, 0])] = -100
+        for b, sample in enumerate(samples):
+            for r, col, top, left, side in sample.boxes:
+                inside = ((c[:, 0] >= top) & (c[:, 0] < top + side) & (c[:, 1] >= left) & (c[:, 1] < left + side))
+                if not bool(inside.any()):
+                    centre = torch.tensor([top + side / 2, left + side / 2])
+                    inside = torch.zeros_like(inside)
+                    inside[(c - centre).norm(dim=1).nan_to_num(1e9).argmin()] = True
+                targets[b, inside] = sample.grid[r][col]
+        return targets
 
     started, running = time.perf_counter(), []
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, max(1, steps // 20))
         size = sizes[step % len(sizes)]
-        samples = task_set(batch, seed=seed * 7_000_003 + step, split="train", sizes=[size])
-        logits = cell_logits(samples, size)
-        labels = cell_labels(samples)
-        loss = F.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1))
+        samples = task_set(batch, seed=seed * 7_000_003 + step, split="train", sizes=[size], slot=slot)
+        logits, targets = token_logits(samples, size), token_targets(samples, size)
+        loss = F.cross_entropy(logits.reshape(-1, 11), targets.reshape(-1), ignore_index=-100)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vision + list(probe.parameters()), 1.0)
+        torch.nn.utils.clip_grad_norm_(vision + list(head.parameters()), 1.0)
         optimizer.step()
-        running.append((loss.item(), float((logits.argmax(-1) == labels).float().mean())))
+        digit = targets < 10
+        running.append((loss.item(), float((logits.argmax(-1)[digit] == targets[digit]).float().mean())))
         if (step + 1) % 20 == 0:
             l, a = (sum(x) / len(running) for x in zip(*running))
-            print(f"vision {step + 1:5d}  loss {l:.4f}  cell acc {a:.3f}  {time.perf_counter() - started:7.1f}s",
-                  flush=True)
+            print(f"vision {step + 1:5d}  loss {l:.4f}  digit-token acc {a:.3f}  "
+                  f"{time.perf_counter() - started:7.1f}s", flush=True)
             running = []
+    hits = []
     with torch.no_grad():
-        held = task_set(64, seed=EVAL_SEED + 1, split="eval", sizes=sizes)
-        hits = [bool(x) for size in sizes for x in
-                (cell_logits([s for s in held if s.image.size == (size[1], size[0])], size).argmax(-1)
-                 == cell_labels([s for s in held if s.image.size == (size[1], size[0])])).flatten().tolist()]
+        for size in sizes:
+            held = task_set(32, seed=EVAL_SEED + 1, split="eval", sizes=[size], slot=slot)
+            logits, targets = token_logits(held, size), token_targets(held, size)
+            digit = targets < 10
+            hits += (logits.argmax(-1)[digit] == targets[digit]).tolist()
     result = {"steps": steps, "batch": batch, "lr": lr, "seconds": round(time.perf_counter() - started, 1),
-              "held_out_cell_accuracy": sum(hits) / len(hits)}
-    print(f"vision stage: held-out cell accuracy {result['held_out_cell_accuracy']:.3f} "
+              "held_out_digit_token_accuracy": sum(hits) / len(hits)}
+    print(f"vision stage: held-out accuracy of digit tokens {result['held_out_digit_token_accuracy']:.3f} "
           f"({result['seconds']:.0f}s)", flush=True)
     return result
 
@@ -252,8 +271,28 @@ def main(argv=None) -> None:
     parser.add_argument("--mix", default=None, help="Question mix, e.g. digit_at=3,read_all=2 (default: the task's).")
     parser.add_argument("--eval-samples", type=int, default=200)
     parser.add_argument("--eval-every", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=2)
+    # One intra-op thread: on a shared, oversubscribed CPU two OpenMP threads spin-wait for each other and ran these
+    # small matrices >10x slower than one (measured on the 2-core box while other jobs ran).
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--init", type=Path, help="Continue from these safetensors instead of the seeded init.")
+    parser.add_argument("--init-std", type=float, default=0.02,
+                        help="Re-draw every weight matrix from N(0, std) before training (norms 1, biases 0); "
+                             "the shipped configs' 0.08 is for the seeded random defaults. 0: keep the seeded init.")
+    parser.add_argument("--stage1-out", type=Path, help="Save the weights after stage 1 here (fp32 safetensors).")
+    parser.add_argument("--first-steps", type=int, default=250,
+                        help="Curriculum phase A: one digit per image, read_all questions only (the LLM learns to "
+                             "find and copy a digit token; mixed questions from scratch sit on a loss plateau).")
+    parser.add_argument("--warm-steps", type=int, default=500,
+                        help="Curriculum phase B: --warm-mix questions on 1-3 digits.")
+    parser.add_argument("--warm-mix", default=None, help="Question mix of phase B (default: --mix).")
+    parser.add_argument("--warm-digits", default="1-3", help="Filled cells per image in phase B, e.g. 1-3.")
+    parser.add_argument("--freeze-vision-steps", type=int, default=0,
+                        help="Stage 2 steps with the vision tower and projector frozen (the LLM learns to read them "
+                             "before their gradients are trusted).")
+    parser.add_argument("--vision-lr-scale", type=float, default=0.25,
+                        help="Stage 2 learning rate of the vision tower and projector, relative to --lr.")
+    parser.add_argument("--slot", type=int, default=28, help="Digit slot in pixels (28: a merged Qwen token; "
+                        "14: a CLIP patch); recorded in training.json, used by make-task --backbone.")
     parser.add_argument("--vision-steps", type=int, default=300, help="Stage 1 steps (0: skip).")
     parser.add_argument("--vision-batch", type=int, default=16)
     parser.add_argument("--vision-lr", type=float, default=2e-3)
@@ -263,6 +302,17 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     sizes = [parse_size(s) for s in (args.image_size or ["224x224"])]
     mix = parse_mix(args.mix)
+    warm_digits = tuple(int(x) for x in args.warm_digits.split("-"))
+    phases = [(args.first_steps, {"read_all": 1.0}, (1, 1)),
+              (args.warm_steps, parse_mix(args.warm_mix) if args.warm_mix else mix, warm_digits),
+              (max(0, args.steps - args.first_steps - args.warm_steps), mix, (MIN_DIGITS, MAX_DIGITS))]
+
+    def phase_of(step: int) -> tuple[dict, tuple[int, int]]:
+        for length, phase_mix, digits in phases:
+            if step < length:
+                return phase_mix, digits
+            step -= length
+        return mix, (MIN_DIGITS, MAX_DIGITS)
     adapter = get_adapter(args.backbone)
     loaded = adapter.load(None, seed=args.seed)  # the shipped config with seeded random weights
     if args.init is not None:
@@ -272,34 +322,47 @@ def main(argv=None) -> None:
         missing, unexpected = loaded.model.load_state_dict(state, strict=False)
         print(f"init from {args.init}: {len(missing)} missing, {len(unexpected)} unexpected", flush=True)
     model, stack = loaded.model, adapter.text_stack(loaded)
+    if args.init_std > 0 and args.init is None:
+        reinitialise(model, args.init_std, args.seed)
     processing = Processing(loaded.tokenizer, loaded.image_processor, loaded.config)
     prefix = answer_prefix(adapter, processing)
     eos = loaded.tokenizer.eos_token_id
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else eos
-    held_out = task_set(args.eval_samples, seed=EVAL_SEED, split="eval", sizes=sizes, mix=mix)
+    held_out = task_set(args.eval_samples, seed=EVAL_SEED, split="eval", sizes=sizes, mix=mix, slot=args.slot)
     params = sum(p.numel() for p in model.parameters())
     overall = time.perf_counter()
     vision_stage = None
     if args.vision_steps > 0:
         model.train()
         vision_stage = pretrain_vision(adapter, loaded, processing, sizes, args.vision_steps, args.vision_batch,
-                                       args.vision_lr, args.seed)
+                                       args.vision_lr, args.seed, args.slot)
+        if args.stage1_out is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(args.stage1_out))
     print(f"{args.backbone}: {params / 1e6:.2f} M parameters, sizes {sizes}, mix {mix}, "
           f"{args.steps} steps x {args.batch}", flush=True)
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    groups = {}
+    for n, p in model.named_parameters():
+        vision = "language_model" not in n and "lm_head" not in n
+        decays = p.dim() >= 2 and "embed" not in n
+        groups.setdefault((vision, decays), []).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": ps, "weight_decay": args.weight_decay if decays else 0.0, "vision": vision}
+         for (vision, decays), ps in groups.items()], lr=args.lr, betas=(0.9, 0.98))
     started = time.perf_counter()
     log, running = [], []
     for step in range(args.steps):
         model.train()
         lr = learning_rate(step, args.steps, args.lr, args.warmup)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            frozen = group["vision"] and step < args.freeze_vision_steps
+            group["lr"] = 0.0 if frozen else lr * (args.vision_lr_scale if group["vision"] else 1.0)
         size = sizes[step % len(sizes)]
-        batch = task_set(args.batch, seed=args.seed * 1_000_003 + step, split="train", sizes=[size], mix=mix)
+        phase_mix, digits = phase_of(step)
+        batch = task_set(args.batch, seed=args.seed * 1_000_003 + step, split="train", sizes=[size],
+                         mix=phase_mix, digits=digits, slot=args.slot)
         loss, token_acc = teacher_forced_loss(adapter, loaded, stack, processing, batch, prefix, eos, pad)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -333,9 +396,11 @@ def main(argv=None) -> None:
         "sha256": hashlib.sha256(target.read_bytes()).hexdigest(), "dtype": "float16",
         "command": "python tools/train_embedded.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr, "warmup": args.warmup,
-        "weight_decay": args.weight_decay, "images_seen": images_seen, "vision_stage": vision_stage,
+        "weight_decay": args.weight_decay,
+        "curriculum": [{"steps": n, "mix": m, "digits": list(d)} for n, m, d in phases],
+        "freeze_vision_steps": args.freeze_vision_steps, "vision_lr_scale": args.vision_lr_scale, "images_seen": images_seen, "vision_stage": vision_stage,
         "image_sizes": [list(s) for s in sizes], "mix": mix if args.mix else DEFAULT_MIX,
-        "task": "halfv_export.base.tasks (digit grids, training split of load_digits)",
+        "task": {"generator": "halfv_export.base.tasks", "split": "train", "slot": args.slot},
         "train_seconds": round(train_seconds, 1), "threads": args.threads,
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (shared)", "torch": torch.__version__,
         "held_out": {"seed": EVAL_SEED, "split": "eval", **acc, "model": "unpruned eager, fp32 training weights"},

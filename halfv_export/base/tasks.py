@@ -7,9 +7,12 @@ scan i is an evaluation scan when i % 5 == 4 (359 scans), a training scan otherw
 An image is a grid of CELL x CELL pixel cells laid over the whole canvas (rows = round(h / CELL), columns =
 round(w / CELL): 4 x 4 at 224x224, 4 x 6 at 224x336), so that a cell covers the same patch tokens at every image
 size (2 x 2 merged tokens of Qwen2.5-VL, 4 x 4 CLIP patches). Two to six cells hold a digit scan, the others are
-empty. Each digit is upscaled (bicubic) to 65-95% of its cell, placed at a random offset inside the cell and inked
-dark on a light background (a solid colour, a gradient or a smooth noise texture between random light colours).
-Rows and columns are numbered from 1, top-left first. Question types (answers are short text, digits separated by
+empty. A cell is divided into slot x slot squares (`slot` = 28 by default: one merged Qwen2.5-VL token; 14 for a
+CLIP patch); each digit is upscaled (bicubic) to 75-100% of a slot, put in a random slot of its cell at a random
+offset inside it, and inked dark on a light background (a solid colour, a gradient or a smooth noise texture
+between random light colours). Token-sized digits are a deliberate choice: the embedded models' vision towers are
+trained from scratch on a 2-core CPU, and a digit that one token sees whole is learnt in minutes. Rows and columns
+are numbered from 1, top-left first. Question types (answers are short text, digits separated by
 spaces):
 
     digit_at      What is the digit in row r, column c?          -> "7", or "none" for an empty cell
@@ -37,6 +40,7 @@ from .data import Sample
 from .errors import BadInput
 
 CELL = 56  # pixels per grid cell
+DEFAULT_SLOT = 28  # pixels per digit slot (the digit is 75-100% of it)
 MIN_DIGITS, MAX_DIGITS = 2, 6  # filled cells per image
 EVAL_EVERY = 5  # scan i is held out for evaluation when i % EVAL_EVERY == EVAL_EVERY - 1
 SPLITS = ("train", "eval")
@@ -61,6 +65,7 @@ class TaskSample(Sample):
 
     grid: list = field(default_factory=list)
     scans: list = field(default_factory=list)
+    boxes: list = field(default_factory=list)  # (row, col, top, left, side) of every drawn digit, in pixels
 
 
 # ------------------------------------------------------------------------------------------------ the scans
@@ -125,8 +130,11 @@ def grid_shape(size: tuple[int, int]) -> tuple[int, int]:
     return max(1, round(size[0] / CELL)), max(1, round(size[1] / CELL))
 
 
-def render(cells: list[list[int | None]], size: tuple[int, int], rng: np.random.Generator) -> Image.Image:
-    """Draw a grid of scans: cells[r][c] is a scan index (into load_digits) or None; size is (height, width)."""
+def render(cells: list[list[int | None]], size: tuple[int, int], rng: np.random.Generator,
+           slot: int = DEFAULT_SLOT, boxes: list | None = None) -> Image.Image:
+    """Draw a grid of scans: cells[r][c] is a scan index (into load_digits) or None; size is (height, width); each
+    digit fills 75-100% of a random slot x slot square of its cell. `boxes`, when a list, receives
+    (row, col, top, left, side) of every digit drawn."""
     h, w = size
     rows, cols = len(cells), len(cells[0])
     canvas = _background(rng, h, w)
@@ -137,12 +145,16 @@ def render(cells: list[list[int | None]], size: tuple[int, int], rng: np.random.
                 continue
             y0, y1 = round(r * h / rows), round((r + 1) * h / rows)
             x0, x1 = round(c * w / cols), round((c + 1) * w / cols)
-            side = max(8, int(min(y1 - y0, x1 - x0) * rng.uniform(0.65, 0.95)))
+            span = min(slot, y1 - y0, x1 - x0)
+            side = max(8, int(round(span * rng.uniform(0.75, 1.0))))
             glyph, _ = scan(cells[r][c])
             alpha = np.asarray(Image.fromarray((glyph * 255).astype(np.uint8)).resize((side, side), Image.BICUBIC),
                                np.float32)[..., None] / 255  # [side, side, 1]
-            top = y0 + int(rng.integers(0, max(1, y1 - y0 - side + 1)))
-            left = x0 + int(rng.integers(0, max(1, x1 - x0 - side + 1)))
+            sy, sx = int(rng.integers(0, max(1, (y1 - y0) // span))), int(rng.integers(0, max(1, (x1 - x0) // span)))
+            top = y0 + sy * span + int(rng.integers(0, span - side + 1))
+            left = x0 + sx * span + int(rng.integers(0, span - side + 1))
+            if boxes is not None:
+                boxes.append((r, c, top, left, side))
             region = canvas[top:top + side, left:left + side]
             canvas[top:top + side, left:left + side] = region * (1 - alpha) + ink * alpha
     return Image.fromarray((np.clip(canvas, 0, 1) * 255).round().astype(np.uint8))
@@ -193,10 +205,12 @@ def _question(kind: str, grid: list[list[int | None]], rng: np.random.Generator)
     return prompt, answer_for(kind, grid, row, col, digit)
 
 
-def _cells(rng: np.random.Generator, pool: np.ndarray, rows: int, cols: int) -> list[list[int | None]]:
-    """Which cells hold which scan: MIN..MAX filled cells, digits drawn from 1-4 classes so that counts repeat."""
+def _cells(rng: np.random.Generator, pool: np.ndarray, rows: int, cols: int,
+           digits: tuple[int, int] = (MIN_DIGITS, MAX_DIGITS)) -> list[list[int | None]]:
+    """Which cells hold which scan: digits[0]..digits[1] filled cells, digits drawn from 1-4 classes so that counts
+    repeat."""
     labels = _all_scans()[1]
-    filled = int(rng.integers(min(MIN_DIGITS, rows * cols), min(MAX_DIGITS, rows * cols) + 1))
+    filled = int(rng.integers(min(digits[0], rows * cols), min(digits[1], rows * cols) + 1))
     where = rng.choice(rows * cols, size=filled, replace=False)
     classes = rng.choice(10, size=int(rng.integers(1, 5)), replace=False)
     cells: list[list[int | None]] = [[None] * cols for _ in range(rows)]
@@ -227,10 +241,14 @@ def parse_mix(text: str | None) -> dict[str, float]:
 
 
 def task_set(count: int, seed: int = 0, split: str = "eval", sizes: list[tuple[int, int]] = ((224, 224),),
-             mix: dict[str, float] | None = None) -> list[TaskSample]:
-    """`count` samples; sample i uses sizes[i % len(sizes)]. Deterministic in (count, seed, split, sizes, mix)."""
+             mix: dict[str, float] | None = None, digits: tuple[int, int] = (MIN_DIGITS, MAX_DIGITS),
+             slot: int = DEFAULT_SLOT) -> list[TaskSample]:
+    """`count` samples; sample i uses sizes[i % len(sizes)]; `digits` bounds the filled cells per image (a training
+    curriculum can start lower). Deterministic in all arguments."""
     if count < 1:
         raise BadInput(f"count={count}: ask for at least one sample")
+    if not 8 <= slot <= CELL:
+        raise BadInput(f"slot={slot}: a digit slot must be 8..{CELL} pixels")
     for h, w in sizes:
         if h < CELL // 2 or w < CELL // 2 or h * w < 2 * CELL * CELL:
             raise BadInput(f"image size {h}x{w} is too small for a grid of two or more {CELL}-pixel cells; use "
@@ -243,13 +261,14 @@ def task_set(count: int, seed: int = 0, split: str = "eval", sizes: list[tuple[i
     samples = []
     for i in range(count):
         size = tuple(sizes[i % len(sizes)])
-        cells = _cells(rng, pool, *grid_shape(size))
+        cells = _cells(rng, pool, *grid_shape(size), digits=digits)
         grid = digits_of(cells)
         kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
         prompt, answer = _question(kind, grid, rng)
-        image = render(cells, size, rng)
+        boxes: list = []
+        image = render(cells, size, rng, slot, boxes)
         samples.append(TaskSample(name=f"{split}-{seed}-{i:05d}-{kind}-{size[0]}x{size[1]}", image=image,
-                                  prompt=prompt, answer=answer, type=kind, grid=grid, scans=cells))
+                                  prompt=prompt, answer=answer, type=kind, grid=grid, scans=cells, boxes=boxes))
     return samples
 
 

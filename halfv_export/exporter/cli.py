@@ -549,8 +549,10 @@ Examples:
 @click.option("--split", type=click.Choice(["eval", "train"]), default="eval", show_default=True,
               help="Which digit scans to draw from (disjoint: every 5th scan of load_digits is held out for eval).")
 @click.option("--mix", help="Question types and weights, e.g. digit_at=3,read_all=1 (default: the training mix).")
+@click.option("--slot", type=click.IntRange(8, 56), help="Digit slot in pixels (default: the backbone's training "
+              "setting, else 28).")
 @user_errors
-def make_task(out, backbone, image_sizes, count, seed, split, mix):
+def make_task(out, backbone, image_sizes, count, seed, split, mix, slot):
     """Write a fixed evaluation set of the digit-grid task: images/*.png and prompts.jsonl with "answer" and "type".
 
     \b
@@ -561,7 +563,7 @@ def make_task(out, backbone, image_sizes, count, seed, split, mix):
     from .export import parse_image_size
     from .pipeline import run_make_task
 
-    info = run_make_task(out, backbone, [parse_image_size(s) for s in image_sizes], count, seed, split, mix)
+    info = run_make_task(out, backbone, [parse_image_size(s) for s in image_sizes], count, seed, split, mix, slot)
     sizes = ", ".join(f"{h}x{w}" for h, w in info["image_sizes"])
     click.echo(f"wrote {count} questions ({sizes}; {', '.join(f'{k} {v}' for k, v in info['types'].items())}) "
                f"to {out / 'prompts.jsonl'}")

@@ -41,9 +41,10 @@ def default_samples(loaded, count: int, seed: int, split: str, sizes: list | Non
     sizes = [tuple(s) for s in sizes] if sizes else trained
     if not trained or not all(s in trained for s in sizes):
         return None
-    from ..base.tasks import task_set
+    from ..base.tasks import DEFAULT_SLOT, task_set
 
-    return task_set(count, seed=seed, split=split, sizes=sizes)
+    return task_set(count, seed=seed, split=split, sizes=sizes,
+                    slot=loaded.meta.get("task", {}).get("slot", DEFAULT_SLOT))
 
 
 def run_calibrate(backbone: str, model_dir: Path | None, data: Path | None, samples: int, seed: int, tme_k: int,
@@ -292,19 +293,23 @@ def run_lint(artifacts: Path) -> tuple[list[str], list]:
 
 
 # ------------------------------------------------------------------------------------------------ task data, compare
-def task_image_sizes(backbone: str | None, image_sizes: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """--image-size as given (checked against the backbone's processor when one is named), else the sizes the
-    backbone's embedded default was trained on, else 224x224."""
+def task_settings(backbone: str | None, image_sizes: list[tuple[int, int]],
+                  slot: int | None) -> tuple[list[tuple[int, int]], int]:
+    """Image sizes and digit slot of a task set: as given (sizes checked against the backbone's processor when one
+    is named), else what the backbone's embedded default was trained on, else 224x224 and the default slot."""
+    from ..base.tasks import DEFAULT_SLOT
+
     if backbone is None:
-        return image_sizes or [(224, 224)]
+        return image_sizes or [(224, 224)], slot or DEFAULT_SLOT
     from ..graphs.adapter import read_training_record
 
     adapter = get_adapter(backbone)
+    record = read_training_record(adapter.embedded_dir)
+    slot = slot or record.get("task", {}).get("slot", DEFAULT_SLOT)
     if not image_sizes:
-        trained = read_training_record(adapter.embedded_dir).get("image_sizes")
-        if not trained:
+        if not record.get("image_sizes"):
             raise BadInput(f"the embedded {backbone} has no training record; pass --image-size HxW")
-        return [tuple(s) for s in trained]
+        return [tuple(s) for s in record["image_sizes"]], slot
     processing = adapter.load_processing(adapter.embedded_dir)
     for size in image_sizes:
         bucket, _ = adapter.bucket_for(processing, size)
@@ -312,26 +317,26 @@ def task_image_sizes(backbone: str | None, image_sizes: list[tuple[int, int]]) -
             raise BadInput(f"--image-size {size[0]}x{size[1]}: {backbone}'s image processor turns it into "
                            f"{bucket[0]}x{bucket[1]} (resize/crop would move the grid cells); use "
                            f"--image-size {bucket[0]}x{bucket[1]}")
-    return image_sizes
+    return image_sizes, slot
 
 
 def run_make_task(out: Path, backbone: str | None, image_sizes: list[tuple[int, int]], count: int, seed: int,
-                  split: str, mix: str | None) -> dict:
+                  split: str, mix: str | None, slot: int | None = None) -> dict:
     import shutil
 
     from ..base.tasks import parse_mix, task_set, write_task_set
 
-    sizes = task_image_sizes(backbone, image_sizes)
+    sizes, slot = task_settings(backbone, image_sizes, slot)
     mix_weights = parse_mix(mix)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "task.json").exists():
         raise BadInput(f"{out} is not empty and holds no earlier task; choose an empty or new --out")
-    samples = task_set(count, seed=seed, split=split, sizes=sizes, mix=mix_weights)
+    samples = task_set(count, seed=seed, split=split, sizes=sizes, mix=mix_weights, slot=slot)
     prepare_out_dir(out)
     (out / "prompts.jsonl").unlink(missing_ok=True)  # an interrupted rewrite leaves no stale, complete-looking set
     shutil.rmtree(out / "images", ignore_errors=True)
     info = {"generator": "halfv_export.base.tasks", "seed": seed, "split": split, "count": count,
-            "image_sizes": [list(s) for s in sizes], "mix": mix_weights, "backbone": backbone}
+            "image_sizes": [list(s) for s in sizes], "slot": slot, "mix": mix_weights, "backbone": backbone}
     write_task_set(samples, out, info)
     return {**info, "types": {t: sum(s.type == t for s in samples) for t in mix_weights}}
 

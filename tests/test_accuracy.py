@@ -1,0 +1,145 @@
+"""Trained embedded defaults and task accuracy: the shipped weights load through the safe loader and answer held-out
+questions; validate scores accuracy (full / eager HalfV / engine / retention, per type) and gates on it; compare
+puts the baselines at HalfV's FLOPs."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from halfv_export.base.errors import BadInput
+from halfv_export.base.tasks import normalise_answer, task_set
+from halfv_export.graphs import get_adapter
+from halfv_export.graphs.adapter import EMBEDDED_WEIGHTS, read_training_record
+from halfv_export.graphs.halfv import HalfVReference
+from halfv_export.validate.accuracy import cut_at_eos
+
+BACKBONES = ["qwen2.5-vl", "llava-1.5", "llava-next"]
+
+
+def _trained(backbone):
+    adapter = get_adapter(backbone)
+    if not (adapter.embedded_dir / EMBEDDED_WEIGHTS).exists():
+        pytest.skip(f"{backbone}: no trained weights shipped")
+    return adapter
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_shipped_weights_load_through_the_safe_loader(backbone):
+    adapter = _trained(backbone)
+    loaded = adapter.load(None)
+    assert loaded.source == f"embedded:{backbone}:trained" and loaded.weights == "trained"
+    record = read_training_record(adapter.embedded_dir)
+    assert loaded.meta == record and record["image_sizes"] and record["held_out"]["accuracy"] >= 0.9
+    shipped = load_file(str(adapter.embedded_dir / EMBEDDED_WEIGHTS))
+    assert {t.dtype for t in shipped.values()} == {torch.float16}
+    state = loaded.model.state_dict()
+    for name, tensor in shipped.items():  # fp16 on disk, fp32 in memory, same values
+        torch.testing.assert_close(state[name], tensor.float(), rtol=0, atol=0)
+    random = adapter.load(None, seed=0)
+    assert random.weights == "random" and random.source.endswith(":seed=0")
+    name = next(iter(shipped))
+    assert not torch.equal(random.model.state_dict()[name], state[name])
+
+
+def test_damaged_shipped_weights_are_refused(tmp_path, monkeypatch):
+    adapter = _trained("qwen2.5-vl")
+    copy = tmp_path / "embedded"
+    shutil.copytree(adapter.embedded_dir, copy)
+    weights = copy / EMBEDDED_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    monkeypatch.setattr(type(adapter), "embedded_dir", copy)
+    with pytest.raises(BadInput, match="truncated"):
+        adapter.load(None)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_trained_model_answers_held_out_questions(backbone):
+    """Behaviour, not plumbing: greedy answers of the unpruned eager model on 24 questions about evaluation scans it
+    never saw (another seed than the training log's held-out set)."""
+    adapter = _trained(backbone)
+    loaded = adapter.load(None)
+    sizes = [tuple(s) for s in loaded.meta["image_sizes"]]
+    samples = task_set(24, seed=424242, split="eval", sizes=sizes[:1])
+    stack = adapter.text_stack(loaded)
+    inputs = adapter.prepare(loaded, [s.image for s in samples], [s.prompt for s in samples])
+    eos = adapter.eos_token_ids(loaded)
+    tokens = HalfVReference(stack, None).generate(inputs, 16, eos)
+    answers = [adapter.decode_text(loaded, cut_at_eos(row, eos)) for row in tokens.tolist()]
+    right = [normalise_answer(a) == normalise_answer(s.answer) for a, s in zip(answers, samples)]
+    assert sum(right) >= 20, list(zip([s.prompt for s in samples], answers, [s.answer for s in samples]))
+
+
+@pytest.fixture(scope="module")
+def task_build(tmp_path_factory):
+    """The trained Qwen default exported at its first trained bucket with the paper schedule, and a small
+    evaluation set at that size."""
+    from click.testing import CliRunner
+
+    from halfv_export.exporter.cli import cli
+
+    adapter = _trained("qwen2.5-vl")
+    size = "x".join(str(v) for v in read_training_record(adapter.embedded_dir)["image_sizes"][0])
+    root = tmp_path_factory.mktemp("task-build")
+    runner = CliRunner()
+    for args in (["calibrate", "--backbone", "qwen2.5-vl", "--paper-values", "--out", root / "b"],
+                 ["export", "--schedule", root / "b" / "schedule.json", "--image-size", size, "--out", root / "b"],
+                 ["make-task", "--backbone", "qwen2.5-vl", "--image-size", size, "--count", 10, "--seed", 3,
+                  "--out", root / "data"]):
+        result = runner.invoke(cli, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+    return root
+
+
+@pytest.mark.slow
+def test_validate_scores_accuracy_and_gates_on_retention(task_build, run_cli):
+    build, data = task_build / "b", task_build / "data"
+    ok = run_cli("validate", "--artifacts", build, "--data", data, "--fail-under", "accuracy.retention=0.0",
+                 "--fail-under", "parity.greedy_tokens_match=1.0")
+    assert ok.exit_code == 0, ok.output
+    report = json.loads((build / "report.json").read_text())
+    acc = report["accuracy"]
+    lines = [json.loads(x) for x in (data / "prompts.jsonl").read_text().splitlines()]
+    assert acc["count"] == len(lines) == 10
+    assert {k: v["count"] for k, v in acc["per_type"].items()} == {
+        t: sum(x["type"] == t for x in lines) for t in {x["type"] for x in lines}}
+    for row in [acc] + list(acc["per_type"].values()):
+        assert 0 <= row["full"] <= 1 and 0 <= row["halfv"] <= 1
+        assert row["engine"] == row["halfv"]  # the engines answer exactly what eager HalfV answers (parity)
+        if row["full"]:
+            assert row["retention"] == pytest.approx(row["halfv"] / row["full"])
+    assert acc["full"] >= 0.7  # the trained model reads the digits (10 questions: a loose bound)
+    assert "Task accuracy" in (build / "report.md").read_text()
+    limit = acc["retention"] + 0.01
+    failing = run_cli("validate", "--artifacts", build, "--data", data, "--fail-under", f"accuracy.retention={limit}")
+    assert failing.exit_code == 1 and f"accuracy.retention = {acc['retention']:.6g} is under {limit:g}" in failing.output
+
+
+@pytest.mark.slow
+def test_accuracy_gate_without_answers_says_what_is_missing(task_build, run_cli, tmp_path):
+    lines = [json.loads(x) for x in (task_build / "data" / "prompts.jsonl").read_text().splitlines()][:2]
+    (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps({"image": str(task_build / "data" / x["image"]),
+                                                                   "prompt": x["prompt"]}) for x in lines))
+    result = run_cli("validate", "--artifacts", task_build / "b", "--data", tmp_path,
+                     "--fail-under", "accuracy.retention=0.95")
+    assert result.exit_code == 2 and "scored no answers" in result.output
+
+
+@pytest.mark.slow
+def test_compare_puts_baselines_at_halfvs_flops(task_build, run_cli, tmp_path):
+    result = run_cli("compare", "--backbone", "qwen2.5-vl", "--data", task_build / "data", "--keep-ratio", 0.5,
+                     "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "compare.json").read_text())
+    (point,) = doc["points"]
+    assert set(point["methods"]) == {"halfv", "ivr", "attention", "random"}
+    halfv = point["methods"]["halfv"]["flops_fraction"]
+    for name, row in point["methods"].items():
+        assert abs(row["flops_fraction"] - halfv) < 0.05, name  # the same budget, to one visual row
+        assert row["count"] == 10 and 0 <= row["accuracy"] <= 1
+    assert doc["full"]["count"] == 10 and (tmp_path / "accuracy_flops.png").stat().st_size > 10_000
+    assert np.isclose(point["methods"]["halfv"]["retention"],
+                      point["methods"]["halfv"]["accuracy"] / doc["full"]["accuracy"])
