@@ -11,8 +11,11 @@ from click.testing import CliRunner
 from PIL import Image
 from halfv_export.exporter.cli import cli
 from halfv_export.graphs import get_adapter
+from halfv_export.graphs.adapter import EMBEDDED_WEIGHTS
 from halfv_export.graphs.checkpoint import seeded_model
 
+# what the embedded Qwen default holds: its shipped trained weights, or seeded random ones where none are shipped
+EMBEDDED_KIND = "trained" if (get_adapter("qwen2.5-vl").embedded_dir / EMBEDDED_WEIGHTS).exists() else "random"
 QWEN_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 

@@ -13,7 +13,7 @@ from halfv_export.graphs.onnx_export import topk_values
 from halfv_export.graphs.halfv import HalfVReference
 from halfv_export.graphs.pruning import PruneSchedule
 from halfv_export.graphs.lint import lint_model
-from tests.conftest import copy_build, make_image
+from tests.conftest import EMBEDDED_KIND, copy_build, make_image
 
 SCHEDULE = PruneSchedule(ivr_layer=2, keep_ratio=0.25, anchor_ratio=0.1, ssr_layer=6, ssr_mode="topk", ssr_ratio=0.05)
 
@@ -103,7 +103,7 @@ def test_validate_gates(exported, run_cli, tmp_path):
     report = json.loads((exported / "report.json").read_text())
     assert report["latency_ms"]["runs"] == 2
     assert report["parity"]["kept_indices_match"] == 1.0 and report["parity"]["greedy_tokens_match"] == 1.0
-    assert report["parity"]["logits_max_abs_diff"] <= 1e-3 and report["fidelity"]["weights"] == "trained"
+    assert report["parity"]["logits_max_abs_diff"] <= 1e-3 and report["fidelity"]["weights"] == EMBEDDED_KIND
     for key in ("eager_full_prefill", "eager_halfv_prefill", "engine_full_prefill", "engine_halfv_prefill",
                 "engine_decode_step", "eager_embed_vision", "engine_embed_vision", "eager_full_ttft",
                 "eager_halfv_ttft", "engine_full_ttft", "engine_halfv_ttft"):

@@ -556,9 +556,9 @@ def make_task(out, backbone, image_sizes, count, seed, split, mix, slot):
     """Write a fixed evaluation set of the digit-grid task: images/*.png and prompts.jsonl with "answer" and "type".
 
     \b
-    Images are 3x3 grids of real handwritten digit scans (scikit-learn's load_digits) on varied backgrounds, at
-    varied scales and offsets. Question types: digit_at (row r, column c), row_digits, count_digit, count_all,
-    read_all. Same arguments, same files. Feed the folder to `validate --data` or `compare --data`.
+    Images are grids of 56-pixel cells (4x4 at 224x224, 4x6 at 224x336) holding two to six real handwritten digit
+    scans (scikit-learn's load_digits) at varied scales and offsets, on varied light backgrounds. Question types:
+    digit_at (row r, column c), row_digits, count_digit, count_all, read_all. Same arguments, same files. Feed the folder to `validate --data` or `compare --data`.
     """
     from .export import parse_image_size
     from .pipeline import run_make_task
