@@ -47,6 +47,18 @@ def default_samples(loaded, count: int, seed: int, split: str, sizes: list | Non
                     slot=loaded.meta.get("task", {}).get("slot", DEFAULT_SLOT))
 
 
+def sized_tracker(progress: Progress, task):
+    """A progress callback for a stage that batches its own items: the bar's total is set from the batch list."""
+    def track(items):
+        items = list(items)
+        progress.update(task, total=len(items))
+        for item in items:
+            yield item
+            progress.advance(task)
+
+    return track
+
+
 def run_calibrate(backbone: str, model_dir: Path | None, data: Path | None, samples: int, seed: int, tme_k: int,
                   kl_probe: bool, use_rules: bool, overrides: dict, out: Path, weights_seed: int | None = None) -> dict:
     """weights_seed: None loads the embedded default's trained weights; a number, seeded random ones."""
@@ -247,15 +259,7 @@ def run_validate(artifacts: Path, data: Path | None, model_dir: Path | None, fai
     # a checkpoint folder may hold random weights too (tools/shaped_checkpoint.py): say where they came from only
     weights = weights or {"random": "random", "trained": "trained"}.get(loaded.weights, "checkpoint")
     with _progress() as progress:
-        task = progress.add_task("validating (parity, fidelity)", total=None)
-
-        def track(items):
-            items = list(items)
-            progress.update(task, total=len(items))
-            for item in items:
-                yield item
-                progress.advance(task)
-
+        track = sized_tracker(progress, progress.add_task("validating (parity, fidelity)", total=None))
         report = run_validation(pipeline, loaded, samples, schedule, weights, progress=track)
     with console.status("measuring latency"):
         largest = max(buckets, key=lambda b: b[0] * b[1])
@@ -367,15 +371,7 @@ def run_compare(backbone: str, model_dir: Path | None, data: Path | None, schedu
         raise BadInput("this model has no built-in task; pass --data DIR with answers (halfv-export make-task)")
     schedules = sweep_schedules(base, keep_ratios)
     with _progress() as progress:
-        task = progress.add_task("comparing (eager)", total=None)
-
-        def track(items):
-            items = list(items)
-            progress.update(task, total=len(items))
-            for item in items:
-                yield item
-                progress.advance(task)
-
+        track = sized_tracker(progress, progress.add_task("comparing (eager)", total=None))
         result = evaluate_methods(adapter, loaded, data_samples, schedules, seed=seed, progress=track)
     result = {"backbone": backbone, "source": loaded.source, "weights": loaded.weights, "schedule_from": origin,
               "base_schedule": base.__dict__.copy(), "samples": result["full"]["count"],
