@@ -119,6 +119,10 @@ def test_validate_gates(exported, run_cli, tmp_path):
     unknown = run_cli("validate", "--artifacts", exported, "--fail-under", "parity.nope=1")
     assert unknown.exit_code == 2 and "unknown metric 'parity.nope'" in unknown.output
     assert (exported / "report.json").read_text() == before  # refused before anything ran
+    (tmp_path / "plain.jsonl").write_text(json.dumps({"image": None, "prompt": "hi"}) + "\n")
+    no_answers = run_cli("validate", "--artifacts", exported, "--data", tmp_path / "plain.jsonl", "--baselines")
+    assert no_answers.exit_code == 2 and "--baselines needs data with answers" in no_answers.output
+    assert (exported / "report.json").read_text() == before
 
 
 @pytest.mark.slow

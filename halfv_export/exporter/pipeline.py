@@ -256,6 +256,8 @@ def run_validate(artifacts: Path, data: Path | None, model_dir: Path | None, fai
     samples = (load_data(data) if data is not None
                else default_samples(loaded, 8 * len(buckets), 1000, split="eval", sizes=buckets)
                or held_out_samples(buckets))
+    if baselines and not any(s.answer is not None for s in samples):
+        raise BadInput("--baselines needs data with answers; pass --data DIR written by `halfv-export make-task`")
     # a checkpoint folder may hold random weights too (tools/shaped_checkpoint.py): say where they came from only
     weights = weights or {"random": "random", "trained": "trained"}.get(loaded.weights, "checkpoint")
     with _progress() as progress:
@@ -266,8 +268,6 @@ def run_validate(artifacts: Path, data: Path | None, model_dir: Path | None, fai
         latency, flops = measure_latency(pipeline, loaded, held_out_samples([largest], 1, seed=2000)[0], schedule,
                                          runs=latency_runs or LATENCY_RUNS)
     if baselines:
-        if "accuracy" not in report:
-            raise BadInput("--baselines needs data with answers; pass --data DIR written by `halfv-export make-task`")
         from ..validate.compare import evaluate_methods
 
         with console.status("baselines at the same FLOPs (eager)"):
