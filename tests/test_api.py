@@ -217,11 +217,11 @@ def test_batched_prompts_match_single_prompts(model, photos):
     second = batch.state.logits
     for row, prompt in enumerate(prompts):
         alone = model.start([image], [prompt], 3)
-        np.testing.assert_allclose(first[row], alone.state.logits[0], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(first[row], alone.state.logits[0], atol=1e-5, rtol=1e-6)  # trained logits reach ~14
         assert first[row].argmax() == alone.state.logits[0].argmax()
         for stage in alone.state.kept:
             np.testing.assert_array_equal(batch.state.kept[stage][row], alone.state.kept[stage][0])
         alone.step()
         alone.step()
-        np.testing.assert_allclose(second[row], alone.state.logits[0], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(second[row], alone.state.logits[0], atol=1e-5, rtol=1e-6)
         assert second[row].argmax() == alone.state.logits[0].argmax()
