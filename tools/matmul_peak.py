@@ -7,22 +7,12 @@ GFLOP/s is read against (bench reports the graph's time; its FLOPs are validate.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
-
-def best_of(fn, runs: int) -> float:
-    fn()  # warm-up (ORT pre-packs the constant weight on the first run)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+from attention_micro import best_ms, session  # the same session options and timing as the attention micro-bench
 
 
 def main() -> None:
@@ -37,21 +27,17 @@ def main() -> None:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((m, k), dtype=np.float32)
     w = (rng.standard_normal((k, n), dtype=np.float32) * 0.02).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "matmul",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
-                              [numpy_helper.from_array(w, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9  # readable by every ONNX Runtime this project supports
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ort_session = session([helper.make_node("MatMul", ["x", "w"], ["y"])],
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, k])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, n])],
+                          [numpy_helper.from_array(w, "w")], threads=args.threads)
     torch.set_num_threads(args.threads)
     xt, wt = torch.from_numpy(x), torch.from_numpy(w)
     flops = 2 * m * k * n
-    for name, fn in (("onnxruntime", lambda: session.run(None, {"x": x})), ("torch", lambda: xt @ wt)):
-        seconds = best_of(fn, args.runs)
-        print(f"{name:12s} [{m}, {k}] x [{k}, {n}]  {seconds * 1e3:8.2f} ms  {flops / seconds / 1e9:6.1f} GFLOP/s "
+    # best_ms warms up first: ONNX Runtime pre-packs the constant weight on the first run
+    for name, fn in (("onnxruntime", lambda: ort_session.run(None, {"x": x})), ("torch", lambda: xt @ wt)):
+        ms, _ = best_ms(fn, args.runs)
+        print(f"{name:12s} [{m}, {k}] x [{k}, {n}]  {ms:8.2f} ms  {flops / ms / 1e6:6.1f} GFLOP/s "
               f"(best of {args.runs}, {args.threads} threads)")
 
 
