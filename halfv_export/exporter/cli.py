@@ -21,6 +21,8 @@ Examples:
   halfv-export calibrate --backbone qwen2.5-vl --paper-values --ssr-layer 5 --out build/
   halfv-export calibrate --backbone llava-1.5 --data evalset/ --out build-llava/
   halfv-export calibrate --backbone llava-1.5 --random-weights 0 --out build-random/
+  halfv-export calibrate --backbone qwen2.5-vl --target-ratio 2 --out build/
+  halfv-export calibrate --backbone qwen2.5-vl --target-ratio 3 --bucket 448x448 --ssr-mode topk --out build/
 """
 
 EPILOG_FLOPS = """\b
@@ -78,6 +80,32 @@ def schedule_options(fn):
     return fn
 
 
+def search_options(fn):
+    """--target-ratio and what it is measured at (exporter.search)."""
+    options = [
+        click.option("--target-ratio", type=float, metavar="R",
+                     help="Search the schedule with the best fidelity whose FLOPs ratio (unpruned / HalfV) is >= R, "
+                          "instead of the calibration rules; schedule flags given hold that field fixed."),
+        click.option("--ratio-kind", type=click.Choice(["prefill", "ttft"]), default="prefill", show_default=True,
+                     help="What --target-ratio counts: the LLM prefill, or time to first token (vision tower + "
+                          "prefill)."),
+        click.option("--bucket", metavar="HxW",
+                     help="Image size the ratio is measured at; default: the first size the embedded default was "
+                          "trained on, else 448x448."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def pick_search(kwargs: dict) -> dict:
+    from .export import parse_image_size
+
+    bucket = kwargs.pop("bucket")
+    return {"target_ratio": kwargs.pop("target_ratio"), "ratio_kind": kwargs.pop("ratio_kind"),
+            "bucket": parse_image_size(bucket, "--bucket") if bucket else None}
+
+
 def pick_overrides(kwargs: dict) -> dict:
     return {key: kwargs.pop(key) for key in ("ivr_layer", "keep_ratio", "anchor_ratio", "ssr_layer", "ssr_mode",
                                              "ssr_ratio")}
@@ -102,7 +130,8 @@ def cli(ctx, debug):
 @click.option("--backbone", required=True, help="Backbone adapter, e.g. qwen2.5-vl.")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Local checkpoint directory (safetensors).")
 @click.option("--data", type=click.Path(path_type=Path), help="prompts.jsonl or a folder with one; default: synthetic set.")
-@click.option("--samples", type=click.IntRange(1), default=8, show_default=True, help="Synthetic samples to generate.")
+@click.option("--samples", type=click.IntRange(1), default=None,
+              help="Built-in calibration samples to generate (task or synthetic): 8, or 32 with --target-ratio.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the built-in calibration data.")
 @click.option("--random-weights", "random_weights", type=int, default=None, metavar="SEED",
               help="Embedded default only: seeded random weights instead of the shipped trained ones (tests the "
@@ -112,6 +141,7 @@ def cli(ctx, debug):
               help="Run the visual-update KL probe (L extra prefills per sample) to pick the SSR mode.")
 @click.option("--paper-values", is_flag=True, help="Skip the rules: paper values (at the model's relative depth).")
 @schedule_options
+@search_options
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @user_errors
 def calibrate(backbone, model_dir, data, samples, seed, random_weights, tme_k, kl_probe, paper_values, out, **kwargs):
@@ -120,20 +150,34 @@ def calibrate(backbone, model_dir, data, samples, seed, random_weights, tme_k, k
     Runs calibration images + prompts through the unpruned eager model, computes truncated matrix entropy of the
     visual / text / whole hidden states per layer and the visual-update KL probe, and derives the HalfV schedule
     (IVR layer, SSR layer, SSR mode); the paper's values fill the rest and any field can be overridden.
+
+    With --target-ratio R it searches instead: every grid schedule whose FLOPs ratio at --bucket reaches R is run
+    on the calibration samples (shared prefixes once) and the one closest to the unpruned model wins (task accuracy
+    decides among the closest when the data has answers); the log goes into schedule.json["search"], the Pareto
+    front into pareto.png.
     """
     from .pipeline import run_calibrate
 
-    overrides = pick_overrides(kwargs)
+    overrides, search = pick_overrides(kwargs), pick_search(kwargs)
     if random_weights is not None and model_dir is not None:
         raise CliError("--random-weights applies to the embedded default only; drop it or --model", 2)
     doc = run_calibrate(backbone=backbone, model_dir=model_dir, data=data, samples=samples, seed=seed, tme_k=tme_k,
                         kl_probe=kl_probe, use_rules=not paper_values, overrides=overrides, out=out,
-                        weights_seed=random_weights)
+                        weights_seed=random_weights, **search)
     s = doc["schedule"]
     click.echo(f"schedule: IVR before layer {s['ivr_layer']} keep {s['keep_ratio']} (anchors {s['anchor_ratio']}), "
                f"SSR {s['ssr_mode']} from layer {s['ssr_layer']}"
                + (f" keep {s['ssr_ratio']}" if s["ssr_ratio"] is not None else ""))
-    click.echo(f"wrote {out / 'schedule.json'} and {out / 'tme.png'}")
+    if "search" in doc:
+        chosen = doc["search"]["log"][doc["search"]["chosen"]]
+        click.echo(f"search: {doc['search']['ratio_kind']} FLOPs ratio {chosen['ratio']:.2f} (target "
+                   f"{doc['search']['target_ratio']:g}), mean KL {chosen['kl_mean']:.4g}, top-1 agreement "
+                   f"{chosen['top1_agreement']:.3f}" + (f", accuracy {chosen['accuracy']:.3f}"
+                                                        if chosen.get("accuracy") is not None else "")
+                   + f"; {len(doc['search']['log'])} schedules run in {doc['search']['seconds']:.0f} s")
+        click.echo(f"wrote {out / 'schedule.json'}, {out / 'tme.png'} and {out / 'pareto.png'}")
+    else:
+        click.echo(f"wrote {out / 'schedule.json'} and {out / 'tme.png'}")
 
 
 @cli.command(epilog=EPILOG_FLOPS)
@@ -442,6 +486,12 @@ def _print_summary(report: dict) -> None:
                    f"engine {_num(a.get('engine'))}  retention {_num(a.get('retention'))}")
     for row in (report.get("baselines") or {}).get("methods", {}).values():
         click.echo(f"  {row['label']}: accuracy {_num(row['accuracy'])} at FLOPs fraction {row['flops_fraction']:.3f}")
+    check = report.get("search_check")
+    if check:
+        for name in ("searched", "paper"):
+            row = check[name]
+            click.echo(f"{name} schedule (held out, eager): FLOPs ratio {row['ratio']:.2f}, KL {row['kl_mean']:.4g}, "
+                       f"top-1 agreement {row['top1_agreement']:.3f}, accuracy {_num(row.get('accuracy'))}")
     click.echo(f"prefill ms: engine full {lat['engine_full_prefill']:.1f} / HalfV {lat['engine_halfv_prefill']:.1f};"
                f" eager full {lat['eager_full_prefill']:.1f} / HalfV {lat['eager_halfv_prefill']:.1f};"
                f" FLOPs ratio {report['flops']['ratio']:.2f}")
@@ -452,6 +502,7 @@ Examples:
   halfv-export build --backbone qwen2.5-vl --out build/
   halfv-export build --backbone qwen2.5-vl --model ./Qwen2.5-VL-3B-Instruct --image-size 448x448 --out build/
   halfv-export build --backbone qwen2.5-vl --model ./ckpt --image-size 1792x1792 --latency-runs 1 --out build-1792/
+  halfv-export build --backbone qwen2.5-vl --target-ratio 2 --out build-fast/
 """)
 @click.option("--backbone", required=True, help="Backbone adapter, e.g. qwen2.5-vl.")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Local checkpoint directory (safetensors).")
@@ -464,6 +515,7 @@ Examples:
 @click.option("--random-weights", "random_weights", type=int, default=None, metavar="SEED",
               help="Embedded default only: seeded random weights instead of the shipped trained ones.")
 @schedule_options
+@search_options
 @latency_runs_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @user_errors
@@ -478,13 +530,16 @@ def build(backbone, model_dir, data, image_sizes, target, precision, paper_value
     from ..base.staging import promote, staged_build
 
     sizes = [parse_image_size(s) for s in image_sizes]
-    overrides = pick_overrides(kwargs)
+    overrides, search = pick_overrides(kwargs), pick_search(kwargs)
+    if search["target_ratio"] is not None and search["bucket"] is None and sizes:
+        search["bucket"] = sizes[0]  # the ratio is met where the build exports
     if random_weights is not None and model_dir is not None:
         raise CliError("--random-weights applies to the embedded default only; drop it or --model", 2)
     with staged_build(out) as work:  # the previous build in `out` stays intact until this one has passed
         click.echo("[1/4] calibrate", err=True)
-        run_calibrate(backbone=backbone, model_dir=model_dir, data=data, samples=8, seed=0, tme_k=50, kl_probe=True,
-                      use_rules=not paper_values, overrides=overrides, out=work, weights_seed=random_weights)
+        run_calibrate(backbone=backbone, model_dir=model_dir, data=data, samples=None, seed=0, tme_k=50,
+                      kl_probe=True, use_rules=not paper_values, overrides=overrides, out=work,
+                      weights_seed=random_weights, **search)
         click.echo("[2/4] export", err=True)
         meta = run_export(work / "schedule.json", model_dir, sizes, work, precision=precision)
         click.echo(f"[3/4] engine ({target})", err=True)

@@ -31,14 +31,14 @@ ARTIFACTS_FORMAT = 1
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def parse_image_size(text: str) -> tuple[int, int]:
+def parse_image_size(text: str, flag: str = "--image-size") -> tuple[int, int]:
     """'HxW' -> (h, w)."""
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise BadInput(f"--image-size {text!r}: write it as HEIGHTxWIDTH, e.g. 448x448") from None
+        raise BadInput(f"{flag} {text!r}: write it as HEIGHTxWIDTH, e.g. 448x448") from None
     if h <= 0 or w <= 0:
-        raise BadInput(f"--image-size {text!r}: height and width must be positive")
+        raise BadInput(f"{flag} {text!r}: height and width must be positive")
     return h, w
 
 

@@ -33,13 +33,14 @@ def _progress() -> Progress:
                     console=console, transient=False)
 
 
-def default_samples(loaded, count: int, seed: int, split: str, sizes: list | None = None) -> list | None:
+def default_samples(loaded, count: int, seed: int, split: str, sizes: list | None = None,
+                    any_size: bool = False) -> list | None:
     """Data for a stage run without --data on the trained embedded default: its own task (digit grids with answers,
     at `sizes` or else the image sizes it was trained on; `split` scans: "train" for calibration, "eval" for
-    validation). None for any other model, or sizes it was not trained on."""
+    validation). None for any other model, or (unless any_size) sizes it was not trained on."""
     trained = [tuple(s) for s in loaded.meta.get("image_sizes", [])]
     sizes = [tuple(s) for s in sizes] if sizes else trained
-    if not trained or not all(s in trained for s in sizes):
+    if not trained or not (any_size or all(s in trained for s in sizes)):
         return None
     from ..base.tasks import DEFAULT_SLOT, task_set
 
@@ -59,10 +60,19 @@ def sized_tracker(progress: Progress, task):
     return track
 
 
-def run_calibrate(backbone: str, model_dir: Path | None, data: Path | None, samples: int, seed: int, tme_k: int,
-                  kl_probe: bool, use_rules: bool, overrides: dict, out: Path, weights_seed: int | None = None) -> dict:
-    """weights_seed: None loads the embedded default's trained weights; a number, seeded random ones."""
+def run_calibrate(backbone: str, model_dir: Path | None, data: Path | None, samples: int | None, seed: int,
+                  tme_k: int, kl_probe: bool, use_rules: bool, overrides: dict, out: Path,
+                  weights_seed: int | None = None, target_ratio: float | None = None, ratio_kind: str = "prefill",
+                  bucket: tuple[int, int] | None = None) -> dict:
+    """weights_seed: None loads the embedded default's trained weights; a number, seeded random ones.
+    target_ratio: search the schedule that keeps the most fidelity at that FLOPs ratio (exporter.search) instead of
+    applying the rules; the probes still run for tme.png. samples None: 8 (rules) or 32 (search)."""
     adapter = get_adapter(backbone)
+    if target_ratio is not None and not use_rules:
+        raise BadInput("--target-ratio searches the schedule; --paper-values asks for the paper's: pass one of them")
+    if target_ratio is not None and not target_ratio > 1:
+        raise BadInput(f"--target-ratio {target_ratio:g}: a FLOPs ratio (unpruned / HalfV) must be above 1")
+    samples = samples or (32 if target_ratio is not None else 8)
     out = prepare_out_dir(out)
     started = time.perf_counter()
     if not use_rules:  # paper values need the depth and the config's fingerprint only: no weights are read
@@ -73,8 +83,16 @@ def run_calibrate(backbone: str, model_dir: Path | None, data: Path | None, samp
             loaded = adapter.load(model_dir, seed=weights_seed)
         config, source = loaded.config, loaded.source
         depth = adapter.text_stack(loaded).num_layers
+        if target_ratio is not None:
+            bucket = search_bucket(adapter, loaded, bucket)
         calib = (load_data(data) if data is not None
-                 else default_samples(loaded, samples, seed, split="train") or synthetic_set(samples, seed))
+                 else default_samples(loaded, samples, seed, split="train", sizes=[bucket] if bucket else None,
+                                      any_size=bucket is not None)  # a search measures at its bucket
+                 or synthetic_set(samples, seed))
+        if target_ratio is not None:  # a target no schedule reaches is refused before the probes run
+            from .search import plan_search
+
+            search_plan = plan_search(adapter, loaded, calib, target_ratio, ratio_kind, bucket, overrides)
 
     curves = None
     if use_rules:
@@ -89,6 +107,9 @@ def run_calibrate(backbone: str, model_dir: Path | None, data: Path | None, samp
 
             curves = measure_probes(adapter, loaded, calib, k=tme_k, kl_probe=kl_probe, progress=track)
     values, chosen = derive_schedule(curves, depth, adapter, overrides, use_rules=use_rules)
+    search = None
+    if target_ratio is not None:
+        values, chosen, search = _search(adapter, loaded, search_plan, overrides, values)
     calibration = None
     if curves is not None:
         calibration = {
@@ -104,8 +125,56 @@ def run_calibrate(backbone: str, model_dir: Path | None, data: Path | None, samp
     if curves is not None:
         tme_plot(curves, doc["schedule"], f"{backbone} ({source}): truncated matrix entropy per layer",
                  out / "tme.png", kl_threshold=KL_FREEZE_THRESHOLD if kl_probe else None)
+    if search is not None:
+        from .search import pareto
+        from ..validate.plots import pareto_plot
+
+        search["pareto"] = pareto(search["log"])
+        doc["search"] = search
+        pareto_plot(search, search["pareto"], f"{backbone} ({source}): schedule search, {search['samples']} "
+                    "calibration samples", out / "pareto.png")
     write_schedule(out / "schedule.json", doc)  # last: a schedule.json on disk means calibration finished
     return doc
+
+
+def search_bucket(adapter, loaded, bucket: tuple[int, int] | None) -> tuple[int, int]:
+    """The image size a search measures FLOPs at: as given (it must be one of the processor's buckets), else the
+    first size the embedded default was trained on, else the first default export size."""
+    from ..graphs.adapter import Processing
+
+    processing = Processing(loaded.tokenizer, loaded.image_processor, loaded.config)
+    if bucket is None:
+        trained = loaded.meta.get("image_sizes") or []
+        return adapter.bucket_for(processing, tuple(trained[0]) if trained else DEFAULT_IMAGE_SIZES[0])[0]
+    resized, _ = adapter.bucket_for(processing, tuple(bucket))
+    if resized != tuple(bucket):
+        raise BadInput(f"--bucket {bucket[0]}x{bucket[1]}: the image processor turns it into {resized[0]}x{resized[1]}; "
+                       f"use --bucket {resized[0]}x{resized[1]}")
+    return resized
+
+
+def _search(adapter, loaded, plan, overrides, rules_values):
+    """Run the schedule search -> (values, chosen_by, the search record); the paper's and the rules' schedules are
+    evaluated beside the candidates."""
+    from .search import run_search
+
+    depth = adapter.text_stack(loaded).num_layers
+    paper = adapter.paper.at_depth(depth)
+    apply_overrides(paper, {})
+    references = {"paper": check_values(paper, depth, where="paper schedule"),
+                  "rules": check_values(rules_values, depth, where="calibrated schedule")}
+    with _progress() as progress:
+        def stage(description):
+            return sized_tracker(progress, progress.add_task(description, total=None))
+
+        values, record = run_search(adapter, loaded, plan, references, progress=stage, log=console.print)
+    fixed = {key for key, value in overrides.items() if value is not None}
+    why = (f"search: {record['objective']}, {record['ratio_kind']} FLOPs ratio >= {plan.target:g} at "
+           f"{record['bucket'][0]}x{record['bucket'][1]} (schedule.json \"search\")")
+    chosen = {key: ("cli" if key in fixed else why) for key in FIELDS}
+    if values["ssr_mode"] == "freeze" and "ssr_ratio" not in fixed:
+        chosen["ssr_ratio"] = "unused in freeze mode"
+    return values, chosen, record
 
 
 def describe(values: dict) -> str:
@@ -274,6 +343,15 @@ def run_validate(artifacts: Path, data: Path | None, model_dir: Path | None, fai
             result = evaluate_methods(adapter, loaded, samples, [schedule])
         report["baselines"] = {"layer": schedule.ivr_layer, "full_accuracy": result["full"]["accuracy"],
                                "methods": result["points"][0]["methods"]}
+    schedule_file = Path(artifacts) / "schedule.json"
+    schedule_doc = json.loads(schedule_file.read_text()) if schedule_file.exists() else {}
+    if schedule_doc.get("search"):
+        from .search import held_out_check
+
+        with _progress() as progress:
+            track = sized_tracker(progress, progress.add_task("searched vs paper schedule (eager)", total=None))
+            report["search_check"] = held_out_check(adapter, loaded, samples, schedule, schedule_doc["search"],
+                                                    progress=track)
     report = {"backbone": meta["backbone"], "source": meta["source"], "schedule": meta["schedule"],
               "precision": meta.get("precision", "fp32"), "quantize": meta.get("quantize"),
               "buckets": [f"{h}x{w}" for h, w in buckets], "device": pipeline.runner.describe(), **report,

@@ -51,6 +51,25 @@ class PrunedCache:
         return [v.shape[1] for v in self.key_valid]
 
 
+@dataclass(frozen=True)
+class Rows:
+    """The prefill just before layer `layer` runs: every row tensor a later layer needs, already pruned by any
+    stage that acted before it. prev_input is the input of layer - 1 (IVR / SSR scores read it)."""
+
+    layer: int
+    h: torch.Tensor  # [B, S', D]
+    prev_input: torch.Tensor  # [B, S'', D]
+    cos: torch.Tensor  # [B, S', hd]
+    sin: torch.Tensor
+    positions: torch.Tensor  # [P, B, S']
+    valid: torch.Tensor  # [B, S'] real (not padding)
+    start: torch.Tensor  # [B] first visual row
+    n: int  # visual rows now
+    n_input: int  # visual rows in the prompt (the schedule's budgets are fractions of it)
+    original: torch.Tensor  # [B, n] original index of each visual row
+    kept: dict  # stage -> [B, K] kept visual indices so far
+
+
 @dataclass
 class PrefillResult:
     logits: torch.Tensor  # [B, V] last-token logits
@@ -87,28 +106,60 @@ class HalfVReference:
         """Prefill. `freeze_layers` zeroes the visual rows' updates at those layers (the calibration KL probe);
         `capture`, when a list, receives the L+1 hidden states (input of every layer, then the last output),
         each with the visual span as (start [B], N)."""
-        st, sched = self.stack, self.schedule
-        h = inputs.embeds  # [B, S, D]
-        positions, valid = inputs.positions, inputs.attention_mask  # [P, B, S], [B, S]
-        start, n = inputs.visual_start, inputs.num_visual
-        cos, sin = st.rotary(h, positions)  # [B, S, hd] each
-        plan = budgets(n, sched) if (sched is not None and n > 0) else None
+        rows = self.begin(inputs)
+        cache, key_valid = DynamicCache(), []
+        rows = self.run(rows, freeze_layers=freeze_layers, capture=capture, cache=cache, key_valid=key_valid)
+        if capture is not None:
+            capture.append((rows.h, rows.start, rows.n))
+        kept = rows.kept
+        if self.schedule is not None and rows.n_input > 0 and self.schedule.ssr_mode == "freeze":
+            kept = {**kept, "ssr": rows.original}
+        return PrefillResult(logits=self.logits(rows), cache=PrunedCache(cache, key_valid, inputs.next_positions.clone()),
+                             kept=kept, budgets=self.plan(rows.n_input))
+
+    def plan(self, n: int) -> Budgets | None:
+        """This schedule's budgets for n visual tokens (None without a schedule or visual tokens)."""
+        return budgets(n, self.schedule) if (self.schedule is not None and n > 0) else None
+
+    def begin(self, inputs: PrefillInputs) -> Rows:
+        """The rows before layer 0, after checking that the schedule or cut fits this N."""
+        sched, n = self.schedule, inputs.num_visual
+        plan = self.plan(n)
         if plan is not None and (plan.k1 < 1 or (sched.ssr_mode == "topk" and plan.k2 < 1)):
             raise BadInput(
                 f"{n} visual tokens give K1={plan.k1}, K2={plan.k2} at keep_ratio={sched.keep_ratio}, "
                 f"ssr_ratio={sched.ssr_ratio}; use a larger image or larger ratios"
             )
-        cut = self.cut if n > 0 else None
-        if cut is not None and not 1 <= cut.keep <= n:
-            raise BadInput(f"baseline keeps {cut.keep} of {n} visual tokens; choose 1..{n}")
-        generator = torch.Generator().manual_seed(cut.seed) if cut is not None else None
-        kept: dict[str, torch.Tensor] = {}
-        original = visual_rows(torch.zeros_like(start), n)  # [B, n] original index of each visual row
-        cache = DynamicCache()
-        key_valid: list[torch.Tensor] = []
-        prev_input = h
+        if self.cut is not None and n > 0 and not 1 <= self.cut.keep <= n:
+            raise BadInput(f"baseline keeps {self.cut.keep} of {n} visual tokens; choose 1..{n}")
+        h = inputs.embeds  # [B, S, D]
+        cos, sin = self.stack.rotary(h, inputs.positions)  # [B, S, hd] each
+        start = inputs.visual_start
+        return Rows(layer=0, h=h, prev_input=h, cos=cos, sin=sin, positions=inputs.positions,
+                    valid=inputs.attention_mask, start=start, n=n, n_input=n,
+                    original=visual_rows(torch.zeros_like(start), n), kept={})
 
-        for i, layer in enumerate(st.layers):
+    @torch.no_grad()
+    def run(self, rows: Rows, stop: int | None = None, *, freeze_layers: frozenset[int] = frozenset(),
+            capture: list | None = None, cache: DynamicCache | None = None, key_valid: list | None = None,
+            snapshots: dict[int, Rows] | None = None) -> Rows:
+        """Run layers rows.layer .. stop-1 (default: to the end) with this reference's schedule or cut, and return
+        the rows before `stop`. `rows` is never modified, so one snapshot can be resumed under many schedules that
+        agree on everything before it (the schedule search does that). `snapshots`, when a dict, receives the rows
+        before every layer run; `cache` / `key_valid` collect each layer's K/V and which rows are real."""
+        st, sched = self.stack, self.schedule
+        stop = st.num_layers if stop is None else stop
+        plan = self.plan(rows.n_input)
+        cut = self.cut if rows.n_input > 0 else None
+        # the random baseline draws from the same seeded stream on every prefill (its one cut is in this run)
+        generator = torch.Generator().manual_seed(cut.seed) if cut is not None else None
+        h, prev_input, cos, sin, positions, valid = rows.h, rows.prev_input, rows.cos, rows.sin, rows.positions, rows.valid
+        start, n, original, kept = rows.start, rows.n, rows.original, dict(rows.kept)
+
+        for i in range(rows.layer, stop):
+            if snapshots is not None:
+                snapshots[i] = Rows(i, h, prev_input, cos, sin, positions, valid, start, n, rows.n_input, original,
+                                    dict(kept))
             if plan is not None:
                 selected = select_before_layer(st, sched, plan, i, prev_input, h, start, n, cos, sin)
             elif cut is not None:
@@ -127,8 +178,8 @@ class HalfVReference:
             prev_input = h
             if capture is not None:
                 capture.append((h, start, n))
-            out = layer(h, attention_mask=additive_mask(valid, h.shape[1], h.dtype), position_embeddings=(cos, sin),
-                        past_key_values=cache, use_cache=True)
+            out = st.layers[i](h, attention_mask=additive_mask(valid, h.shape[1], h.dtype),
+                               position_embeddings=(cos, sin), past_key_values=cache, use_cache=cache is not None)
             if frozen and n > 0:
                 # visual rows keep their input (no attention/MLP update); their K/V, computed above from that
                 # same frozen input, still serve the text rows.
@@ -136,15 +187,13 @@ class HalfVReference:
                 is_visual.scatter_(1, visual_rows(start, n), True)
                 out = torch.where(is_visual[..., None], h, out)
             h = out
-            key_valid.append(valid)
+            if key_valid is not None:
+                key_valid.append(valid)
+        return Rows(stop, h, prev_input, cos, sin, positions, valid, start, n, rows.n_input, original, kept)
 
-        if capture is not None:
-            capture.append((h, start, n))
-        logits = st.lm_head(st.norm(h[:, -1]))  # [B, V]
-        if plan is not None and sched.ssr_mode == "freeze":
-            kept["ssr"] = original
-        return PrefillResult(logits=logits, cache=PrunedCache(cache, key_valid, inputs.next_positions.clone()),
-                             kept=kept, budgets=plan)
+    def logits(self, rows: Rows) -> torch.Tensor:
+        """Last-token logits [B, V] from the rows after the last layer."""
+        return self.stack.lm_head(self.stack.norm(rows.h[:, -1]))
 
     # ------------------------------------------------------------------------------------------- decode
     @torch.no_grad()

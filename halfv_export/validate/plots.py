@@ -108,3 +108,30 @@ def accuracy_flops_plot(result: dict, title: str, path: Path) -> None:
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
     save_figure(fig, path)
+
+
+def pareto_plot(search: dict, front: list[int], title: str, path: Path) -> None:
+    """The schedule search: mean KL to the unpruned model against the FLOPs ratio for every candidate run, the
+    Pareto front, the chosen schedule, the reference schedules (paper, rules) and the target ratio."""
+    entries = search["log"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    floor = min((e["kl_mean"] for e in entries if e["kl_mean"] > 0), default=1e-12) / 2  # log axis: KL 0 drawn here
+    y = lambda e: max(e["kl_mean"], floor)  # noqa: E731
+    cands = [e for e in entries if e["role"] == "candidate"]
+    ax.scatter([e["ratio"] for e in cands], [y(e) for e in cands], s=10, color="#9aa5b1", label="candidates run")
+    ax.plot([entries[i]["ratio"] for i in front], [y(entries[i]) for i in front], color="tab:blue", marker=".",
+            label="Pareto front")
+    chosen = entries[search["chosen"]]
+    ax.scatter([chosen["ratio"]], [y(chosen)], marker="*", s=160, color="tab:red", zorder=5,
+               label=f"chosen (ratio {chosen['ratio']:.2f})")
+    for e, marker in zip([e for e in entries if e["role"] != "candidate"], "Ds^v"):
+        ax.scatter([e["ratio"]], [y(e)], marker=marker, s=50, color="k", zorder=5,
+                   label=f"{e['role']} schedule (ratio {e['ratio']:.2f})")
+    ax.axvline(search["target_ratio"], color="tab:green", ls="--", label=f"target {search['target_ratio']:g}")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"{search['ratio_kind']} FLOPs ratio (unpruned / HalfV) at {search['bucket'][0]}x{search['bucket'][1]}")
+    ax.set_ylabel("mean KL(p_full || p_halfv), calibration samples")
+    ax.grid(alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="best")
+    save_figure(fig, path)

@@ -320,6 +320,8 @@ def render_markdown(report: dict) -> str:
         lines += accuracy_markdown(report["accuracy"])
     if report.get("baselines"):
         lines += baselines_markdown(report["baselines"])
+    if report.get("search_check"):
+        lines += search_check_markdown(report["search_check"])
     if report.get("thresholds"):
         lines += ["## Gates", ""] + [f"- {line}" for line in report["thresholds"]["failures"] or ["all passed"]]
     return "\n".join(lines) + "\n"
@@ -350,6 +352,21 @@ def baselines_markdown(base: dict) -> list[str]:
         kept = ", ".join(f"{k} of {n}" for n, k in row["kept"].items())
         lines.append(f"| {row['label']} | {kept} | {row['flops_fraction']:.3f} | {_pct(row['accuracy'])} | "
                      f"{_pct(row['retention'])} |")
+    return lines + [""]
+
+
+def search_check_markdown(check: dict) -> list[str]:
+    bucket = "x".join(str(v) for v in check["bucket"])
+    lines = ["## Searched schedule vs the paper's, held out (eager)", "",
+             f"The schedule was searched for a {check['ratio_kind']} FLOPs ratio >= {check['target_ratio']:g} at "
+             f"{bucket} on calibration samples; here both run on these {check['samples']} samples, which the search "
+             f"never saw (unpruned accuracy {_pct(check.get('full_accuracy'))}).", "",
+             f"| schedule | FLOPs ratio at {bucket} | mean KL to unpruned | top-1 agreement | accuracy |",
+             "|---|---|---|---|---|"]
+    for name in ("searched", "paper"):
+        row = check[name]
+        lines.append(f"| {name} `{json.dumps(row['schedule'])}` | {row['ratio']:.2f} | {row['kl_mean']:.4g} | "
+                     f"{row['top1_agreement']:.3f} | {_pct(row.get('accuracy'))} |")
     return lines + [""]
 
 

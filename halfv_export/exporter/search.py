@@ -1,0 +1,340 @@
+"""Schedule search under a speed budget: the HalfV schedule that loses least at a FLOPs ratio >= R.
+
+The paper hand-sets (L1, rho, alpha, L2, SSR mode, sigma); a deployment starts from the other end ("3x faster,
+lose the least"). The search, in four steps:
+
+ 1. Grid. L1 in 1..L-2, rho in KEEP_RATIOS, alpha in ANCHOR_RATIOS, L2 in L1+1..L-1, mode topk (sigma in SSR_RATIOS)
+    or freeze; any field given on the command line is held fixed.
+ 2. FLOPs pruning, before any model runs. A candidate must reach the target ratio (validate.flops, prefill or
+    time-to-first-token) at the bucket's N and the calibration prompts' text length T. Candidates whose token
+    budgets (K1, A, K2) coincide are the same computation and are run once. For one structure (L1, alpha, L2,
+    mode) only the frontier of (rho, sigma) is kept: a candidate that keeps no more tokens than another feasible one
+    at both stages is dropped. This assumes keeping more tokens never loses fidelity; it holds for the selections
+    (a longer farthest-point fill extends a shorter one when the anchors agree, a larger top-K contains a smaller)
+    and is an assumption, not a theorem, for the logits.
+ 3. A shared-prefix evaluation. Every candidate with the same (L1, K1, A) runs the same computation up to its SSR
+    layer, and every candidate runs the unpruned model up to its L1. So per batch of samples: one unpruned pass
+    (snapshots of the rows before every layer, and the reference logits), one pass per (L1, K1, A) from its L1
+    to the last candidate L2 (snapshots again), one pass per candidate from its L2 to the end. The logits are
+    exactly HalfVReference(schedule).prefill's (tested): the same layers on the same rows, only not repeated.
+ 4. Choice. Fidelity is KL(p_full || p_pruned) of the last-token distribution, averaged over samples, and top-1
+    agreement with the unpruned model. The SHORTLIST candidates of lowest KL are then generated greedily when the
+    samples carry answers, and the most accurate one wins (ties: lower KL); without answers the lowest KL wins.
+    Accuracy only re-ranks a shortlist because a few dozen answers cannot tell hundreds of schedules apart.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..base.data import Sample
+from ..base.errors import BadInput
+from ..graphs.halfv import HalfVReference
+from ..graphs.pruning import PruneSchedule, budgets
+from ..graphs.tme import kl_last_token
+from ..validate.accuracy import AccuracyTable, answer_budget, cut_at_eos
+from ..validate.flops import LMShape, prefill_flops
+from ..validate.vision_flops import vision_flops
+from .schedule import FIELDS
+
+KEEP_RATIOS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.75)
+ANCHOR_RATIOS = (0.1, 0.25, 0.5)
+SSR_RATIOS = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3)
+RATIO_KINDS = ("prefill", "ttft")
+SHORTLIST = 8
+BATCH = 16
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a FLOPs ratio is measured at: N visual and T text tokens of the bucket, and the vision tower's FLOPs
+    (ttft: time to first token = vision + LLM prefill; the tower is not pruned, so it only dilutes the ratio)."""
+
+    kind: str
+    bucket: tuple[int, int]
+    n: int
+    text: int
+    vision: int  # FLOPs of the vision tower at the bucket, 0 for kind "prefill"
+
+    def ratio(self, shape: LMShape, schedule: PruneSchedule) -> float:
+        f = prefill_flops(shape, self.n, self.text, schedule)
+        return (self.vision + f.full) / (self.vision + f.halfv)
+
+
+def make_budget(kind: str, config: dict, shape: LMShape, bucket: tuple[int, int], n: int, text: int) -> Budget:
+    if kind not in RATIO_KINDS:
+        raise BadInput(f"--ratio-kind {kind!r}: use one of {', '.join(RATIO_KINDS)}")
+    vision = 0
+    if kind == "ttft":
+        v = config.get("vision_config") or {}
+        unit = int(v.get("patch_size", 14)) * int(v.get("spatial_merge_size", 1))
+        grid = (bucket[0] // unit, bucket[1] // unit) if "spatial_merge_size" in v else None
+        vision = vision_flops(config, shape.hidden, n, grid if grid and grid[0] * grid[1] == n else None).total
+    return Budget(kind, tuple(bucket), n, text, vision)
+
+
+# ------------------------------------------------------------------------------------------------ the grid
+def _values(fixed, grid):
+    return (fixed,) if fixed is not None else grid
+
+
+def candidate_grid(depth: int, fixed: dict) -> list[PruneSchedule]:
+    """Every schedule of the grid, with the fields in `fixed` (not None) held at their given value."""
+    out = []
+    for l1 in _values(fixed.get("ivr_layer"), range(1, depth - 1)):
+        for l2 in _values(fixed.get("ssr_layer"), range(l1 + 1, depth)):
+            if not l1 < l2 < depth:
+                continue
+            for rho, alpha, mode in itertools.product(_values(fixed.get("keep_ratio"), KEEP_RATIOS),
+                                                      _values(fixed.get("anchor_ratio"), ANCHOR_RATIOS),
+                                                      _values(fixed.get("ssr_mode"), ("topk", "freeze"))):
+                sigmas = (None,) if mode == "freeze" else _values(fixed.get("ssr_ratio"), SSR_RATIOS)
+                out += [PruneSchedule(l1, rho, alpha, l2, mode, sigma) for sigma in sigmas]
+    return out
+
+
+def tokens(schedule: PruneSchedule, n: int) -> tuple[int, int, int]:
+    plan = budgets(n, schedule)
+    return plan.k1, plan.anchors, plan.k2
+
+
+def prune_grid(grid: list[PruneSchedule], shape: LMShape, budget: Budget, sample_ns: set[int],
+               target: float) -> tuple[list[tuple[PruneSchedule, float]], dict]:
+    """Step 2 of the module docstring -> ([(schedule, ratio)] to run, counts for the log)."""
+    ns = sorted(sample_ns | {budget.n})
+    feasible, seen, best = [], set(), 0.0
+    for s in grid:
+        budgets_per_n = tuple(tokens(s, n) for n in ns)
+        if any(k1 < 1 or k2 < 1 for k1, _, k2 in budgets_per_n):
+            continue  # an empty stage for some sample's N: not a schedule HalfV can run there
+        ratio = budget.ratio(shape, s)
+        best = max(best, ratio)
+        key = (s.ivr_layer, s.ssr_layer, s.ssr_mode, budgets_per_n)
+        if ratio < target or key in seen:
+            continue
+        seen.add(key)
+        feasible.append((s, ratio))
+    frontier = []
+    for s, ratio in feasible:
+        k1, _, k2 = tokens(s, budget.n)
+        dominated = any(o.ivr_layer == s.ivr_layer and o.ssr_layer == s.ssr_layer and o.ssr_mode == s.ssr_mode
+                        and o.anchor_ratio == s.anchor_ratio and tokens(o, budget.n)[0] >= k1
+                        and tokens(o, budget.n)[2] >= k2 and tokens(o, budget.n) != tokens(s, budget.n)
+                        for o, _ in feasible)
+        if not dominated:
+            frontier.append((s, ratio))
+    counts = {"grid": len(grid), "reach_target": len(feasible), "frontier": len(frontier),
+              "best_reachable_ratio": round(best, 4)}
+    return frontier, counts
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def bucket_batches(adapter, loaded, samples: list[Sample], batch_size: int = BATCH) -> list[list[Sample]]:
+    """Samples grouped by the image-size bucket they resize to (a batch shares N), in batches of batch_size."""
+    from ..graphs.adapter import Processing
+
+    processing = Processing(loaded.tokenizer, loaded.image_processor, loaded.config)
+    groups: dict = {}
+    for sample in samples:
+        if sample.image is None:
+            raise BadInput(f"sample {sample.name} has no image; a schedule search needs an image per sample")
+        key = adapter.bucket_for(processing, (sample.image.height, sample.image.width))[0]
+        groups.setdefault(key, []).append(sample)
+    return [items[i:i + batch_size] for items in groups.values() for i in range(0, len(items), batch_size)]
+
+
+def candidate_logits(stack, batches_inputs: list, schedules: list[PruneSchedule], progress: Callable = iter):
+    """Step 3: yield (batch index, unpruned logits, schedule index, that schedule's logits) for every batch and
+    schedule, with the shared prefixes run once. The logits equal HalfVReference(schedule).prefill's exactly."""
+    depth = stack.num_layers
+    full_ref = HalfVReference(stack, None)
+    groups: dict = {}  # (L1, rho, alpha) -> [(index, schedule)]: the same rows up to each member's L2
+    for i, s in enumerate(schedules):
+        groups.setdefault((s.ivr_layer, s.keep_ratio, s.anchor_ratio), []).append((i, s))
+    work = [(b, key) for b in range(len(batches_inputs)) for key in groups]
+    current, full_snaps, full_logits = None, None, None
+    for b, (l1, rho, alpha) in progress(work):
+        if b != current:  # a new batch: its unpruned pass, with the rows before every layer kept
+            current, full_snaps = b, {}
+            full_logits = full_ref.logits(full_ref.run(full_ref.begin(batches_inputs[b]), snapshots=full_snaps))
+        members = groups[(l1, rho, alpha)]
+        last_l2 = max(s.ssr_layer for _, s in members)
+        # SSR sits past the end of this run, so the rows before each L2 are the IVR-only ones every member shares
+        prefix_ref = HalfVReference(stack, PruneSchedule(l1, rho, alpha, depth - 1, "freeze", None))
+        prefix_snaps: dict = {}
+        prefix_snaps[last_l2] = prefix_ref.run(full_snaps[l1], stop=last_l2, snapshots=prefix_snaps)
+        for i, s in members:
+            ref = HalfVReference(stack, s)
+            yield b, full_logits, i, ref.logits(ref.run(prefix_snaps[s.ssr_layer]))
+
+
+def evaluate_fidelity(stack, batches_inputs: list, schedules: list[PruneSchedule],
+                      progress: Callable = iter) -> list[dict]:
+    """Per schedule {"kl_mean", "top1_agreement"} against the unpruned model, over all samples."""
+    kls = [[] for _ in schedules]
+    agree = [[] for _ in schedules]
+    for _, full_logits, i, logits in candidate_logits(stack, batches_inputs, schedules, progress):
+        kls[i] += kl_last_token(full_logits, logits).tolist()
+        agree[i] += (logits.argmax(-1) == full_logits.argmax(-1)).tolist()
+    return [{"kl_mean": float(np.mean(k)), "top1_agreement": float(np.mean(a))} for k, a in zip(kls, agree)]
+
+
+def evaluate_accuracy(adapter, loaded, batches: list[list[Sample]], batches_inputs: list,
+                      schedules: dict[str, PruneSchedule | None], progress: Callable = iter) -> dict[str, float | None]:
+    """Greedy exact-match accuracy of each named schedule (None: the unpruned model) on the samples with answers."""
+    stack, eos = adapter.text_stack(loaded), adapter.eos_token_ids(loaded)
+    table = AccuracyTable()
+    for batch, inputs in progress(list(zip(batches, batches_inputs))):
+        if all(s.answer is None for s in batch):
+            continue
+        new_tokens = answer_budget(loaded.tokenizer, [s.answer for s in batch])
+        for name, schedule in schedules.items():
+            tokens_out = HalfVReference(stack, schedule).generate(inputs, new_tokens, eos).numpy()
+            for b, sample in enumerate(batch):
+                if sample.answer is not None:
+                    table.add(name, sample.type, adapter.decode_text(loaded, cut_at_eos(tokens_out[b], eos)),
+                              sample.answer, sample.name)
+    return {name: table.accuracy(name) for name in schedules}
+
+
+# ------------------------------------------------------------------------------------------------ the search
+def mean_text_rows(batches_inputs: list) -> int:
+    rows = [float((inp.attention_mask.sum(dim=1) - inp.num_visual).float().sum()) for inp in batches_inputs]
+    count = sum(int(inp.attention_mask.shape[0]) for inp in batches_inputs)
+    return int(round(sum(rows) / count))
+
+
+@dataclass
+class SearchPlan:
+    """Steps 1-2, done before any model runs: the candidates that reach the target and what they are measured on."""
+
+    target: float
+    budget: Budget
+    shape: LMShape
+    fixed: dict
+    batches: list  # [[Sample]] one bucket per batch
+    batches_inputs: list  # PrefillInputs per batch
+    frontier: list  # [(PruneSchedule, ratio)]
+    counts: dict
+
+
+def plan_search(adapter, loaded, samples: list[Sample], target: float, kind: str, bucket: tuple[int, int],
+                fixed: dict) -> SearchPlan:
+    """Tokenise the samples, build and prune the grid; refuse a target no schedule reaches, in one line."""
+    from ..graphs.adapter import Processing
+
+    config = loaded.config.to_dict()
+    shape = LMShape.from_config(config)
+    _, n_bucket = adapter.bucket_for(Processing(loaded.tokenizer, loaded.image_processor, loaded.config), bucket)
+    batches = bucket_batches(adapter, loaded, samples)
+    batches_inputs = [adapter.prepare(loaded, [s.image for s in b], [s.prompt for s in b]) for b in batches]
+    budget = make_budget(kind, config, shape, bucket, n_bucket, mean_text_rows(batches_inputs))
+    grid = candidate_grid(adapter.text_stack(loaded).num_layers, fixed)
+    frontier, counts = prune_grid(grid, shape, budget, {inp.num_visual for inp in batches_inputs}, target)
+    if not frontier:
+        raise BadInput(f"no schedule reaches a {kind} FLOPs ratio of {target:g} at {describe_budget(budget)}: the "
+                       f"most any schedule of the grid reaches is {counts['best_reachable_ratio']:.2f}; lower "
+                       "--target-ratio, pick a larger --bucket, or free a field held by a schedule flag")
+    return SearchPlan(target, budget, shape, fixed, batches, batches_inputs, frontier, counts)
+
+
+def describe_budget(budget: Budget) -> str:
+    return f"{budget.bucket[0]}x{budget.bucket[1]} (N={budget.n} visual, T={budget.text} text tokens)"
+
+
+def run_search(adapter, loaded, plan: SearchPlan, references: dict[str, PruneSchedule],
+               progress: Callable[[str], Callable] = None, log: Callable[[str], None] = lambda m: None
+               ) -> tuple[dict, dict]:
+    """Steps 3-4 -> (the chosen schedule's six values, the search record for schedule.json["search"]).
+
+    `references` (e.g. the paper's and the rules' schedules) are evaluated beside the candidates, whatever their
+    ratio, so the log shows what the search bought. `progress(description)` returns an iterable wrapper."""
+    progress = progress or (lambda description: iter)
+    started = time.perf_counter()
+    stack, budget, shape, frontier = adapter.text_stack(loaded), plan.budget, plan.shape, plan.frontier
+    samples = [s for b in plan.batches for s in b]
+    log(f"search: {plan.counts['grid']} grid schedules, {plan.counts['reach_target']} reach {budget.kind} ratio >= "
+        f"{plan.target:g} at {describe_budget(budget)}, {len(frontier)} on the token frontier")
+    names = list(references)
+    schedules = [s for s, _ in frontier] + [references[k] for k in names]
+    fidelity = evaluate_fidelity(stack, plan.batches_inputs, schedules, progress("search: fidelity"))
+    entries = []
+    for i, s in enumerate(schedules):
+        k1, a, k2 = tokens(s, budget.n)
+        entries.append({**asdict(s), "tokens": [budget.n, k1, a, k2], "ratio": round(budget.ratio(shape, s), 4),
+                        **fidelity[i], "role": "candidate" if i < len(frontier) else names[i - len(frontier)]})
+    candidates = sorted(range(len(frontier)), key=lambda i: (entries[i]["kl_mean"], -entries[i]["ratio"]))
+    shortlist = candidates[:SHORTLIST]
+    objective = "lowest mean KL(p_full || p_halfv) of the last token"
+    full_accuracy = None
+    if any(s.answer is not None for s in samples):
+        named = {"full": None, **{f"c{i}": schedules[i] for i in shortlist},
+                 **{f"r:{k}": references[k] for k in names}}
+        accuracy = evaluate_accuracy(adapter, loaded, plan.batches, plan.batches_inputs, named,
+                                     progress("search: accuracy"))
+        for i in shortlist:
+            entries[i]["accuracy"] = accuracy[f"c{i}"]
+        for j, k in enumerate(names):
+            entries[len(frontier) + j]["accuracy"] = accuracy[f"r:{k}"]
+        chosen = max(shortlist, key=lambda i: (entries[i]["accuracy"], -entries[i]["kl_mean"]))
+        objective = (f"highest task accuracy among the {len(shortlist)} of lowest mean KL(p_full || p_halfv) "
+                     "(ties: lower KL)")
+        full_accuracy = accuracy["full"]
+    else:
+        chosen = candidates[0]
+    values = {key: getattr(schedules[chosen], key) for key in FIELDS}
+    record = {
+        "target_ratio": plan.target, "ratio_kind": budget.kind, "bucket": list(budget.bucket),
+        "visual_tokens": budget.n, "text_tokens": budget.text, "vision_flops": budget.vision, "samples": len(samples),
+        "samples_with_answers": sum(s.answer is not None for s in samples), "full_accuracy": full_accuracy,
+        "grid": {"keep_ratio": list(KEEP_RATIOS), "anchor_ratio": list(ANCHOR_RATIOS), "ssr_ratio": list(SSR_RATIOS),
+                 "fixed": {k: v for k, v in plan.fixed.items() if v is not None}},
+        "counts": plan.counts, "objective": objective, "chosen": chosen, "shortlist": shortlist,
+        "seconds": round(time.perf_counter() - started, 2), "log": entries,
+    }
+    log(f"search: chose {values} (ratio {entries[chosen]['ratio']:.2f}, KL {entries[chosen]['kl_mean']:.3g}, "
+        f"top-1 {entries[chosen]['top1_agreement']:.3f}) in {record['seconds']:.0f} s")
+    return values, record
+
+
+def pareto(entries: list[dict]) -> list[int]:
+    """Indices of the candidates no other candidate beats on both ratio (higher) and KL (lower), by ratio."""
+    cands = [i for i, e in enumerate(entries) if e["role"] == "candidate"]
+    front = [i for i in cands if not any(entries[j]["ratio"] >= entries[i]["ratio"]
+                                         and entries[j]["kl_mean"] <= entries[i]["kl_mean"]
+                                         and (entries[j]["ratio"], entries[j]["kl_mean"]) !=
+                                         (entries[i]["ratio"], entries[i]["kl_mean"]) for j in cands)]
+    return sorted(front, key=lambda i: entries[i]["ratio"])
+
+
+def held_out_check(adapter, loaded, samples: list[Sample], searched: PruneSchedule, search: dict,
+                   progress: Callable = iter) -> dict:
+    """The searched schedule beside the paper's on data the search never saw (validate): fidelity to the unpruned
+    model, task accuracy where the samples carry answers, and each one's FLOPs ratio where the search measured it."""
+    from .schedule import apply_overrides, check_values
+
+    stack = adapter.text_stack(loaded)
+    depth = stack.num_layers
+    paper_values = adapter.paper.at_depth(depth)
+    apply_overrides(paper_values, {})
+    schedules = {"searched": searched, "paper": check_values(paper_values, depth, where="paper schedule")}
+    config = loaded.config.to_dict()
+    shape = LMShape.from_config(config)
+    batches = bucket_batches(adapter, loaded, samples)
+    batches_inputs = [adapter.prepare(loaded, [s.image for s in b], [s.prompt for s in b]) for b in batches]
+    budget = make_budget(search["ratio_kind"], config, shape, tuple(search["bucket"]), search["visual_tokens"],
+                         mean_text_rows(batches_inputs))
+    fidelity = evaluate_fidelity(stack, batches_inputs, list(schedules.values()), progress)
+    accuracy = (evaluate_accuracy(adapter, loaded, batches, batches_inputs, {"full": None, **schedules})
+                if any(s.answer is not None for s in samples) else {})
+    rows = {name: {"schedule": asdict(s), "ratio": round(budget.ratio(shape, s), 4), **fidelity[i],
+                   "accuracy": accuracy.get(name)} for i, (name, s) in enumerate(schedules.items())}
+    return {"samples": len(samples), "ratio_kind": search["ratio_kind"], "bucket": search["bucket"],
+            "target_ratio": search["target_ratio"], "full_accuracy": accuracy.get("full"), **rows,
+            "paper_ratio_at_most_searched": rows["paper"]["ratio"] <= rows["searched"]["ratio"]}
