@@ -155,3 +155,31 @@ def test_a_gate_on_kept_indices_fails_when_nothing_was_compared(exported, run_cl
     report = json.loads((artifacts / "report.json").read_text())
     assert "kept_indices_match" not in report["parity"] and report["parity"]["kept_pairs"] == 0
     assert report["parity"]["greedy_tokens_match"] == 1.0
+
+
+def test_a_selection_the_rule_would_never_make_fails_the_near_tie_gate(exported, run_cli, tmp_path, monkeypatch):
+    """The gate forgives only near-ties: an engine whose IVR keeps a row the rule would not pick (one kept index
+    moved to a dropped row) is caught through the forced eager replay, even though its logits are the real ones."""
+    from halfv_export.engines.pipeline import EnginePipeline
+
+    artifacts = copy_build(exported, tmp_path / "artifacts")
+    real_prefill = EnginePipeline.prefill
+
+    def moved_one_row(self, host, halfv=True, embeds=None):
+        state = real_prefill(self, host, halfv, embeds)
+        if "ivr" in state.kept:
+            kept = np.array(self.to_host(state.kept["ivr"]))
+            for b in range(kept.shape[0]):
+                dropped = sorted(set(range(host.num_visual)) - set(kept[b].tolist()))
+                kept[b, -1] = dropped[-1]
+                kept[b] = np.sort(kept[b])
+            state.kept["ivr"] = kept
+        return state
+
+    monkeypatch.setattr(EnginePipeline, "prefill", moved_one_row)
+    result = run_cli("validate", "--artifacts", artifacts, "--fail-under", "parity.selection_valid=1",
+                     "--latency-runs", 1)
+    assert result.exit_code == 1 and "parity.selection_valid = " in result.output, result.output
+    p = json.loads((artifacts / "report.json").read_text())["parity"]
+    assert p["kept_indices_match"] < 1 and p["selection_valid"] < 1 and p["selection_differs"] == p["kept_pairs"] // 2
+    assert p["selection_shortfall_max"] > 10 * p["selection_tolerance"]

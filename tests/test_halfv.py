@@ -166,3 +166,26 @@ def test_attention_and_random_baselines(qwen):
     assert draws[0] == sorted(set(draws[0])) and len(draws[0]) == k and max(draws[0]) < n
     with pytest.raises(Exception, match="keeps 0 of"):
         HalfVReference(stack, None, cut=SingleCut("random", 2, 0)).prefill(inputs)
+
+
+def test_forced_selection_reproduces_the_rule_and_measures_another(qwen):
+    adapter, loaded, stack = qwen
+    inputs = adapter.prepare(loaded, [make_image(448, 448, seed=s) for s in (0, 1)], ["Describe.", "Count the dots."])
+    schedule = PruneSchedule(2, 0.25, 0.1, 5, "topk", 0.05)
+    reference = HalfVReference(stack, schedule)
+    own = reference.prefill(inputs)
+    forced = reference.prefill(inputs, force={"ivr": own.kept["ivr"], "ssr": own.kept["ssr"]})
+    assert torch.equal(forced.logits, own.logits)  # forcing the rule's own choice changes nothing
+    assert set(forced.shortfall) == {"ivr", "ssr"} and float(max(v.max() for v in forced.shortfall.values())) < 1e-6
+    # keep the lowest-index dropped token instead of the last kept one: the rule would never choose that set
+    ivr, ssr = own.kept["ivr"].clone(), own.kept["ssr"].clone()
+    for b in range(2):
+        dropped = [u for u in range(inputs.num_visual) if u not in ivr[b].tolist()]
+        ivr[b, -1] = dropped[0]
+        ssr[b, 0] = dropped[0]  # for the SSR test below: a row IVR did not keep
+    other = reference.prefill(inputs, force={"ivr": ivr.sort(dim=1).values})
+    assert (other.shortfall["ivr"] > 1e-4).all() and not torch.equal(other.logits, own.logits)
+    assert torch.equal(other.kept["ivr"], ivr.sort(dim=1).values)
+    # an SSR set that is not inside the IVR set cannot be followed: infinite shortfall, never a silent gather
+    outside = reference.prefill(inputs, force={"ssr": ssr.sort(dim=1).values})
+    assert torch.isinf(outside.shortfall["ssr"]).all()

@@ -132,3 +132,41 @@ def test_fps_chain_exports_four_nodes_a_step_and_matches_onnxruntime(tmp_path):
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
         None, {"feats": feats3.numpy(), "anchors": anchors3.numpy()})[0]
     assert np.array_equal(got, farthest_point_fill_reference(feats3, anchors3, k).numpy())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_selection_shortfall_is_zero_for_the_rules_own_pick_and_large_for_another(seed):
+    from halfv_export.graphs.pruning import ivr_select, selection_shortfall
+
+    g = torch.Generator().manual_seed(seed)
+    feats = F.normalize(torch.randn(2, 40, 8, generator=g), dim=-1)
+    scores = torch.rand(2, 40, generator=g).softmax(-1)
+    picked = ivr_select(scores, feats, 12, 3)
+    assert selection_shortfall(scores, feats, picked, 3).max() < 1e-6  # fp32 inputs replayed in float64
+    top = top_indices(scores, 7)
+    assert selection_shortfall(scores, None, top, 0).max() == 0
+    # swap one kept row for the dropped row nearest to it: a different, worse set
+    for b in range(2):
+        other = picked.clone()
+        dropped = [u for u in range(40) if u not in picked[b].tolist()]
+        nearest = max(dropped, key=lambda u: float(feats[b, u] @ feats[b, picked[b, -1]]))
+        other[b, -1] = nearest
+        assert selection_shortfall(scores, feats, other.sort(dim=1).values, 3)[b] > 1e-3
+    worse = top.clone()
+    worse[:, 0] = scores.argmin(dim=1)  # the lowest score instead of a kept one
+    assert (selection_shortfall(scores, None, worse.sort(dim=1).values, 0) > 1e-4).all()
+
+
+def test_selection_shortfall_accepts_the_other_side_of_an_exact_tie():
+    from halfv_export.graphs.pruning import farthest_point_fill, selection_shortfall
+
+    g = torch.Generator().manual_seed(0)
+    feats = F.normalize(torch.randn(1, 20, 6, generator=g), dim=-1)
+    feats[0, 17] = feats[0, 3]  # rows 3 and 17 are the same point: every distance to them ties exactly
+    scores = torch.full((1, 20), 0.05)
+    picked = farthest_point_fill(feats, torch.zeros((1, 0), dtype=torch.long), 10)[0].tolist()
+    twin, other = (3, 17) if 3 in picked else (17, 3)
+    assert other not in picked  # a duplicate is never picked twice (distance 0 to its twin)
+    swapped = torch.tensor([sorted(other if u == twin else u for u in picked)])
+    assert swapped.tolist()[0] != picked
+    assert selection_shortfall(scores, feats, swapped, 0)[0] < 1e-6  # the rule could have picked either twin

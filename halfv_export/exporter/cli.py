@@ -470,9 +470,20 @@ def _num(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _kept_text(p: dict) -> str:
+    """Exact kept-index agreement, and the near-tie verdict when some kept set differs."""
+    if "kept_indices_match" not in p:
+        return "not measured"
+    text = f"{p['kept_indices_match']:.4f}"
+    if p.get("selection_differs"):
+        text += (f" (selection_valid {p['selection_valid']:.4f}: {p['selection_differs']} sample(s) broke a tie "
+                 f"the other way, shortfall <= {p['selection_shortfall_max']:.2g})")
+    return text
+
+
 def _print_summary(report: dict) -> None:
     p, lat = report["parity"], report["latency_ms"]
-    kept = f"{p['kept_indices_match']:.4f}" if "kept_indices_match" in p else "not measured"
+    kept = _kept_text(p)
     click.echo(f"kept_indices_match {kept}  logits_max_abs_diff {p['logits_max_abs_diff']:.3g}"
                f"  greedy_tokens_match {p['greedy_tokens_match']:.4f}  top1_agreement "
                f"{report['fidelity']['top1_agreement']:.4f} ({report['fidelity']['weights']} weights)")
@@ -574,7 +585,7 @@ def _summary_table(meta: dict, report: dict) -> None:
     for b in meta["buckets"]:
         table.add_row(f"bucket {b['size'][0]}x{b['size'][1]}", f"N {b['num_visual']} -> {b['k1']} -> {b['k2']}")
     p, lat = report["parity"], report["latency_ms"]
-    table.add_row("kept_indices_match", f"{p['kept_indices_match']:.4f}" if "kept_indices_match" in p else "not measured")
+    table.add_row("kept_indices_match", _kept_text(p))
     table.add_row("logits_max_abs_diff", f"{p['logits_max_abs_diff']:.2e}")
     table.add_row("greedy_tokens_match", f"{p['greedy_tokens_match']:.4f}")
     table.add_row(f"top1_agreement ({report['fidelity']['weights']} weights)",
@@ -584,6 +595,10 @@ def _summary_table(meta: dict, report: dict) -> None:
         table.add_row(f"accuracy full / HalfV / engine ({a['count']} answers)",
                       f"{_num(a.get('full'))} / {_num(a.get('halfv'))} / {_num(a.get('engine'))}")
         table.add_row("accuracy retention (HalfV / full)", _num(a.get("retention")))
+    for name in ("searched", "paper") if report.get("search_check") else ():
+        row = report["search_check"][name]
+        table.add_row(f"{name} schedule (held out, eager): ratio / top-1 / accuracy",
+                      f"{row['ratio']:.2f}x / {row['top1_agreement']:.3f} / {_num(row.get('accuracy'))}")
     table.add_row("engine prefill full / HalfV (ms)",
                   f"{lat['engine_full_prefill']:.1f} / {lat['engine_halfv_prefill']:.1f}")
     table.add_row("FLOPs ratio", f"{report['flops']['ratio']:.2f}x")

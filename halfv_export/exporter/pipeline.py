@@ -220,7 +220,7 @@ def flops_table(config_path: Path, schedule_path: Path | None, overrides: dict, 
 # Mapped to the processor's buckets when --image-size is not given; a trained embedded default exports the image
 # sizes it was trained on instead (training.json "image_sizes").
 DEFAULT_IMAGE_SIZES = ((448, 448), (336, 504))
-DEFAULT_GATES_UNDER = (("parity.kept_indices_match", 1.0), ("parity.greedy_tokens_match", 1.0))
+DEFAULT_GATES_UNDER = (("parity.selection_valid", 1.0), ("parity.greedy_tokens_match", 1.0))
 DEFAULT_GATES_OVER = (("parity.logits_max_abs_diff", 1e-3),)
 
 

@@ -15,6 +15,7 @@ Batches are left-padded and share N; selection is per sample.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -22,8 +23,9 @@ from transformers import DynamicCache
 
 from ..base.errors import BadInput
 from .adapter import PrefillInputs, TextStack
-from .pruning import (Budgets, PruneSchedule, SingleCut, budgets, gather_rows, keep_index, select_before_layer,
-                      select_single_cut, visual_rows)
+from .pruning import (Budgets, PruneSchedule, SingleCut, budgets, gather_rows, keep_index, relative_rows,
+                      select_before_layer, select_single_cut, selection_inputs, selection_shortfall, stage_at,
+                      visual_rows)
 
 
 def additive_mask(key_valid: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
@@ -68,6 +70,7 @@ class Rows:
     n_input: int  # visual rows in the prompt (the schedule's budgets are fractions of it)
     original: torch.Tensor  # [B, n] original index of each visual row
     kept: dict  # stage -> [B, K] kept visual indices so far
+    shortfall: dict = field(default_factory=dict)  # stage -> [B] of a forced selection (pruning.selection_shortfall)
 
 
 @dataclass
@@ -76,6 +79,7 @@ class PrefillResult:
     cache: PrunedCache
     kept: dict[str, torch.Tensor] = field(default_factory=dict)  # stage -> [B, K] kept visual indices (original numbering)
     budgets: Budgets | None = None
+    shortfall: dict[str, torch.Tensor] = field(default_factory=dict)  # stage -> [B], forced stages only
 
 
 class HalfVReference:
@@ -102,20 +106,23 @@ class HalfVReference:
     # ------------------------------------------------------------------------------------------- prefill
     @torch.no_grad()
     def prefill(self, inputs: PrefillInputs, freeze_layers: frozenset[int] = frozenset(),
-                capture: list | None = None) -> PrefillResult:
+                capture: list | None = None, force: dict[str, torch.Tensor] | None = None) -> PrefillResult:
         """Prefill. `freeze_layers` zeroes the visual rows' updates at those layers (the calibration KL probe);
         `capture`, when a list, receives the L+1 hidden states (input of every layer, then the last output),
-        each with the visual span as (start [B], N)."""
+        each with the visual span as (start [B], N). `force` ({"ivr"/"ssr": [B, K] original indices}, e.g. an
+        engine's) makes those stages keep the given rows instead of choosing; result.shortfall then says how far
+        each forced set is from one the rule could have chosen (validate: near-ties)."""
         rows = self.begin(inputs)
         cache, key_valid = DynamicCache(), []
-        rows = self.run(rows, freeze_layers=freeze_layers, capture=capture, cache=cache, key_valid=key_valid)
+        rows = self.run(rows, freeze_layers=freeze_layers, capture=capture, cache=cache, key_valid=key_valid,
+                        force=force)
         if capture is not None:
             capture.append((rows.h, rows.start, rows.n))
         kept = rows.kept
         if self.schedule is not None and rows.n_input > 0 and self.schedule.ssr_mode == "freeze":
             kept = {**kept, "ssr": rows.original}
         return PrefillResult(logits=self.logits(rows), cache=PrunedCache(cache, key_valid, inputs.next_positions.clone()),
-                             kept=kept, budgets=self.plan(rows.n_input))
+                             kept=kept, budgets=self.plan(rows.n_input), shortfall=rows.shortfall)
 
     def plan(self, n: int) -> Budgets | None:
         """This schedule's budgets for n visual tokens (None without a schedule or visual tokens)."""
@@ -142,7 +149,7 @@ class HalfVReference:
     @torch.no_grad()
     def run(self, rows: Rows, stop: int | None = None, *, freeze_layers: frozenset[int] = frozenset(),
             capture: list | None = None, cache: DynamicCache | None = None, key_valid: list | None = None,
-            snapshots: dict[int, Rows] | None = None) -> Rows:
+            snapshots: dict[int, Rows] | None = None, force: dict[str, torch.Tensor] | None = None) -> Rows:
         """Run layers rows.layer .. stop-1 (default: to the end) with this reference's schedule or cut, and return
         the rows before `stop`. `rows` is never modified, so one snapshot can be resumed under many schedules that
         agree on everything before it (the schedule search does that). `snapshots`, when a dict, receives the rows
@@ -155,12 +162,19 @@ class HalfVReference:
         generator = torch.Generator().manual_seed(cut.seed) if cut is not None else None
         h, prev_input, cos, sin, positions, valid = rows.h, rows.prev_input, rows.cos, rows.sin, rows.positions, rows.valid
         start, n, original, kept = rows.start, rows.n, rows.original, dict(rows.kept)
+        shortfall = dict(rows.shortfall)
 
         for i in range(rows.layer, stop):
             if snapshots is not None:
                 snapshots[i] = Rows(i, h, prev_input, cos, sin, positions, valid, start, n, rows.n_input, original,
-                                    dict(kept))
-            if plan is not None:
+                                    dict(kept), dict(shortfall))
+            stage = stage_at(sched, i) if plan is not None else None
+            if stage is not None and force is not None and stage in force:
+                scores, features = selection_inputs(st, stage, i, prev_input, h, start, n, cos, sin)
+                selected, present = relative_rows(original, force[stage].to(original.dtype))
+                shortfall[stage] = torch.where(present, selection_shortfall(
+                    scores, features, selected, plan.anchors if stage == "ivr" else 0), math.inf)
+            elif plan is not None:
                 selected = select_before_layer(st, sched, plan, i, prev_input, h, start, n, cos, sin)
             elif cut is not None:
                 selected = select_single_cut(st, cut, i, prev_input, h, start, n, generator)
@@ -189,7 +203,8 @@ class HalfVReference:
             h = out
             if key_valid is not None:
                 key_valid.append(valid)
-        return Rows(stop, h, prev_input, cos, sin, positions, valid, start, n, rows.n_input, original, kept)
+        return Rows(stop, h, prev_input, cos, sin, positions, valid, start, n, rows.n_input, original, kept,
+                    shortfall)
 
     def logits(self, rows: Rows) -> torch.Tensor:
         """Last-token logits [B, V] from the rows after the last layer."""
@@ -212,9 +227,11 @@ class HalfVReference:
         return st.lm_head(st.norm(h[:, -1]))
 
     @torch.no_grad()
-    def generate(self, inputs: PrefillInputs, max_new_tokens: int, eos_ids: set[int] = frozenset()) -> torch.Tensor:
-        """Greedy generation -> [B, <= max_new_tokens]; a sample that hit EOS keeps emitting EOS."""
-        result = self.prefill(inputs)
+    def generate(self, inputs: PrefillInputs, max_new_tokens: int, eos_ids: set[int] = frozenset(),
+                 force: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Greedy generation -> [B, <= max_new_tokens]; a sample that hit EOS keeps emitting EOS. `force`: as in
+        prefill."""
+        result = self.prefill(inputs, force=force)
         logits, cache = result.logits, result.cache
         out, done = [], torch.zeros(logits.shape[0], dtype=torch.bool)
         for step in range(max_new_tokens):

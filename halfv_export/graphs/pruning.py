@@ -201,24 +201,90 @@ def ivr_select(scores: torch.Tensor, features: torch.Tensor, k1: int, num_anchor
 
 
 # --------------------------------------------------------------------------------------------- the cut
+def stage_at(schedule: PruneSchedule, layer_index: int) -> str | None:
+    """The stage that selects just before `layer_index`: "ivr", "ssr" (topk mode only) or None."""
+    if layer_index == schedule.ivr_layer:
+        return "ivr"
+    if layer_index == schedule.ssr_layer and schedule.ssr_mode == "topk":
+        return "ssr"
+    return None
+
+
+def selection_inputs(stack, stage: str, layer_index: int, prev_input: torch.Tensor, hidden: torch.Tensor,
+                     start: torch.Tensor, n: int, cos: torch.Tensor, sin: torch.Tensor):
+    """What the stage's decision reads: (scores [B, N], features [B, N, D] for IVR's fill, else None).
+
+        IVR:  scores(layer L1-1 on its input, no RoPE), features of the input of L1
+        SSR:  scores(layer L2-1 on its input, RoPE at the kept positions)"""
+    layer = stack.layers[layer_index - 1]
+    if stage == "ivr":
+        return (relevance_scores(stack, layer, prev_input, start, n),
+                diversity_features(stack.norm, hidden, start, n))
+    return relevance_scores(stack, layer, prev_input, start, n, rope=(cos, sin)), None
+
+
 def select_before_layer(stack, schedule: PruneSchedule, plan: Budgets, layer_index: int, prev_input: torch.Tensor,
                         hidden: torch.Tensor, start: torch.Tensor, n: int, cos: torch.Tensor, sin: torch.Tensor,
                         exporting: bool = False) -> torch.Tensor | None:
-    """HalfV's decision just before `layer_index` runs: the visual rows to keep [B, K] (ascending, relative to the
+    """HalfV's decision just before `layer_index`: the visual rows to keep [B, K] (ascending, relative to the
     current visual block), or None when no stage acts there. Shared by the eager reference and the export graph.
 
-        layer L1:          IVR  scores(layer L1-1 on its input, no RoPE) -> top-A anchors + FPS fill -> K1
-        layer L2 (topk):   SSR  scores(layer L2-1 on its input, RoPE at the kept positions) -> top-K2
+        layer L1:          IVR  top-A anchors by score + FPS fill -> K1
+        layer L2 (topk):   SSR  top-K2 by score
     prev_input is the input of layer_index - 1; hidden the input of layer_index; cos/sin [B, S, hd].
     """
-    if layer_index == schedule.ivr_layer:
-        scores = relevance_scores(stack, stack.layers[layer_index - 1], prev_input, start, n)  # [B, N]
-        features = diversity_features(stack.norm, hidden, start, n)  # [B, N, D]
+    stage = stage_at(schedule, layer_index)
+    if stage is None:
+        return None
+    scores, features = selection_inputs(stack, stage, layer_index, prev_input, hidden, start, n, cos, sin)
+    if stage == "ivr":
         return ivr_select(scores, features, plan.k1, plan.anchors, exporting)  # [B, K1]
-    if layer_index == schedule.ssr_layer and schedule.ssr_mode == "topk":
-        scores = relevance_scores(stack, stack.layers[layer_index - 1], prev_input, start, n, rope=(cos, sin))
-        return top_indices(scores, plan.k2, exporting)  # [B, K2]
-    return None
+    return top_indices(scores, plan.k2, exporting)  # [B, K2]
+
+
+# --------------------------------------------------------------------------------------------- near-ties
+def relative_rows(original: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Original visual indices `kept` [B, K] -> their positions in the current block `original` [B, n] (both
+    ascending), and [B] whether every one of them is still in the block."""
+    rel = torch.searchsorted(original, kept).clamp(max=original.shape[1] - 1)
+    return rel, (original.gather(1, rel) == kept).all(dim=1)
+
+
+def selection_shortfall(scores: torch.Tensor, features: torch.Tensor | None, selected: torch.Tensor,
+                        anchors: int = 0) -> torch.Tensor:
+    """How far a given selection [B, K] (relative indices) is from one the rule could make on these inputs, [B].
+
+    0 means the rule, breaking ties some way, picks exactly this set; a value at fp32 rounding level (~1e-7) means
+    it does so once near-ties are allowed to fall either way, which is all an engine that computes the same inputs
+    with other rounding can promise; anything larger means a different selection.
+        top-K (features None):  max(0, best dropped score - worst kept score)
+        IVR: the A best-scoring kept rows are the anchors (top-A shortfall as above, against every other row), then
+             the fill is replayed greedily over the other kept rows: each step takes the kept row farthest from the
+             selection so far, and falls short by (largest min-distance among unselected rows) - (its min-distance).
+    """
+    out = []
+    for b in range(selected.shape[0]):
+        s, keep = scores[b].double(), selected[b]
+        kept = torch.zeros_like(s, dtype=torch.bool)
+        kept[keep] = True
+        if features is None:
+            out.append(max(0.0, float(s[~kept].max() - s[kept].min())) if bool((~kept).any()) else 0.0)
+            continue
+        anchor = keep[s[keep].argsort(descending=True, stable=True)[:anchors]]
+        chosen = torch.zeros_like(kept)
+        chosen[anchor] = True
+        gap = max(0.0, float(s[~chosen].max() - s[chosen].min())) if anchors and bool((~chosen).any()) else 0.0
+        f = features[b].double()
+        dist = 1.0 - f @ f.T  # [n, n]
+        md = dist[:, anchor].min(dim=1).values if anchors else torch.full_like(s, 2.0)
+        for _ in range(keep.numel() - anchors):
+            free = kept & ~chosen
+            pick = torch.where(free, md, -torch.inf).argmax()
+            gap = max(gap, float(md[~chosen].max() - md[pick]))
+            chosen[pick] = True
+            md = torch.minimum(md, dist[pick])
+        out.append(gap)
+    return torch.tensor(out, dtype=torch.float64)
 
 
 # --------------------------------------------------------------------------------------------- ablation baselines
