@@ -3,8 +3,9 @@
 The paper hand-sets (L1, rho, alpha, L2, SSR mode, sigma); a deployment starts from the other end ("3x faster,
 lose the least"). The search, in four steps:
 
- 1. Grid. L1 in 1..L-2, rho in KEEP_RATIOS, alpha in ANCHOR_RATIOS, L2 in L1+1..L-1, mode topk (sigma in SSR_RATIOS)
-    or freeze; any field given on the command line is held fixed.
+ 1. Grid. L1 in the shallow quarter 1..max(2, L//4), rho in KEEP_RATIOS, alpha in ANCHOR_RATIOS, L2 in L1+1..L-1
+    (each of L1, L2 at most MAX_LAYERS evenly spaced layers), mode topk (sigma in SSR_RATIOS) or freeze; any field
+    given on the command line is held fixed.
  2. FLOPs pruning, before any model runs. A candidate must reach the target ratio (validate.flops, prefill or
     time-to-first-token) at the bucket's N and the calibration prompts' text length T. Candidates whose token
     budgets (K1, A, K2) coincide are the same computation and are run once. For one structure (L1, alpha, L2,
@@ -49,6 +50,7 @@ SSR_RATIOS = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3)
 RATIO_KINDS = ("prefill", "ttft")
 SHORTLIST = 8
 BATCH = 16
+MAX_LAYERS = 12
 
 
 @dataclass(frozen=True)
@@ -84,11 +86,20 @@ def _values(fixed, grid):
     return (fixed,) if fixed is not None else grid
 
 
+def spread(lo: int, hi: int, most: int = MAX_LAYERS) -> list[int]:
+    """At most `most` layers from lo..hi, evenly spaced, both ends included."""
+    if hi - lo + 1 <= most:
+        return list(range(lo, hi + 1))
+    return sorted({round(lo + i * (hi - lo) / (most - 1)) for i in range(most)})
+
+
 def candidate_grid(depth: int, fixed: dict) -> list[PruneSchedule]:
-    """Every schedule of the grid, with the fields in `fixed` (not None) held at their given value."""
+    """Every schedule of the grid, with the fields in `fixed` (not None) held at their given value. L1 stays in
+    the shallow quarter (IVR removes inherited redundancy early: method §3; 1..max(2, L//4)); L1 and L2 each take
+    at most MAX_LAYERS evenly spaced layers, so a 28-layer model's grid stays the size of a small one's."""
     out = []
-    for l1 in _values(fixed.get("ivr_layer"), range(1, depth - 1)):
-        for l2 in _values(fixed.get("ssr_layer"), range(l1 + 1, depth)):
+    for l1 in _values(fixed.get("ivr_layer"), spread(1, min(max(2, depth // 4), depth - 2))):
+        for l2 in _values(fixed.get("ssr_layer"), spread(l1 + 1, depth - 1)):
             if not l1 < l2 < depth:
                 continue
             for rho, alpha, mode in itertools.product(_values(fixed.get("keep_ratio"), KEEP_RATIOS),
@@ -120,15 +131,12 @@ def prune_grid(grid: list[PruneSchedule], shape: LMShape, budget: Budget, sample
             continue
         seen.add(key)
         feasible.append((s, ratio))
-    frontier = []
+    structures: dict = {}  # (L1, alpha, L2, mode) -> [(K1, A, K2) at the bucket, schedule, ratio]
     for s, ratio in feasible:
-        k1, _, k2 = tokens(s, budget.n)
-        dominated = any(o.ivr_layer == s.ivr_layer and o.ssr_layer == s.ssr_layer and o.ssr_mode == s.ssr_mode
-                        and o.anchor_ratio == s.anchor_ratio and tokens(o, budget.n)[0] >= k1
-                        and tokens(o, budget.n)[2] >= k2 and tokens(o, budget.n) != tokens(s, budget.n)
-                        for o, _ in feasible)
-        if not dominated:
-            frontier.append((s, ratio))
+        structures.setdefault((s.ivr_layer, s.anchor_ratio, s.ssr_layer, s.ssr_mode), []).append(
+            (tokens(s, budget.n), s, ratio))
+    frontier = [(s, ratio) for members in structures.values() for t, s, ratio in members
+                if not any(o[0] >= t[0] and o[2] >= t[2] and o != t for o, _, _ in members)]
     counts = {"grid": len(grid), "reach_target": len(feasible), "frontier": len(frontier),
               "best_reachable_ratio": round(best, 4)}
     return frontier, counts
