@@ -170,3 +170,8 @@ def test_build_target_ratio_validates_against_the_paper_schedule(run_cli, tiny_q
     assert check["searched"]["ratio"] >= 1.5 and check["searched"]["accuracy"] is None
     assert "Searched schedule vs the paper's, held out" in (out / "report.md").read_text()
     assert "paper schedule (held out, eager)" in result.output
+    # text-only data has nothing to prune: validate still runs, without the searched-vs-paper check
+    (tmp_path / "plain.jsonl").write_text(json.dumps({"image": None, "prompt": "Tell me about circles."}) + "\n")
+    result = run_cli("validate", "--artifacts", out, "--data", tmp_path / "plain.jsonl", "--latency-runs", 1)
+    assert result.exit_code == 0, result.output
+    assert "search_check" not in json.loads((out / "report.json").read_text())

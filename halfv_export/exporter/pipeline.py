@@ -345,12 +345,13 @@ def run_validate(artifacts: Path, data: Path | None, model_dir: Path | None, fai
                                "methods": result["points"][0]["methods"]}
     schedule_file = Path(artifacts) / "schedule.json"
     schedule_doc = json.loads(schedule_file.read_text()) if schedule_file.exists() else {}
-    if schedule_doc.get("search"):
+    with_images = [s for s in samples if s.image is not None]
+    if schedule_doc.get("search") and with_images:  # pruning needs images; text-only data has nothing to compare
         from .search import held_out_check
 
         with _progress() as progress:
             track = sized_tracker(progress, progress.add_task("searched vs paper schedule (eager)", total=None))
-            report["search_check"] = held_out_check(adapter, loaded, samples, schedule, schedule_doc["search"],
+            report["search_check"] = held_out_check(adapter, loaded, with_images, schedule, schedule_doc["search"],
                                                     progress=track)
     report = {"backbone": meta["backbone"], "source": meta["source"], "schedule": meta["schedule"],
               "precision": meta.get("precision", "fp32"), "quantize": meta.get("quantize"),
