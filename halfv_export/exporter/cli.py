@@ -151,9 +151,9 @@ def calibrate(backbone, model_dir, data, samples, seed, random_weights, tme_k, k
     visual / text / whole hidden states per layer and the visual-update KL probe, and derives the HalfV schedule
     (IVR layer, SSR layer, SSR mode); the paper's values fill the rest and any field can be overridden.
 
-    With --target-ratio R it searches instead: every grid schedule whose FLOPs ratio at --bucket reaches R is run
-    on the calibration samples (shared prefixes once) and the one closest to the unpruned model wins (task accuracy
-    decides among the closest when the data has answers); the log goes into schedule.json["search"], the Pareto
+    With --target-ratio R it searches instead: the grid schedules whose FLOPs ratio at --bucket reaches R (the
+    token frontier of each structure) run on the calibration samples, shared prefixes once, and the one closest to
+    the unpruned model wins (task accuracy decides among the closest when the data has answers); the log goes into schedule.json["search"], the Pareto
     front into pareto.png.
     """
     from .pipeline import run_calibrate
