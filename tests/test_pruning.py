@@ -5,8 +5,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from halfv_export.graphs.pruning import (PruneSchedule, budgets, farthest_point_fill, floor_ratio, keep_index,
-                                         top_indices)
+from halfv_export.graphs.pruning import (PruneSchedule, budgets, farthest_point_fill, farthest_point_fill_reference,
+                                         floor_ratio, keep_index, top_indices)
 
 
 def brute_force_fps(feats: np.ndarray, anchors: list[int], k: int) -> list[int]:
@@ -102,15 +102,16 @@ def test_fps_chain_is_identical_to_the_literal_form(seed, n, dims, batch, duplic
     assert torch.equal(farthest_point_fill(feats, anchors, k), farthest_point_fill_reference(feats, anchors, k))
 
 
-def test_fps_chain_exports_four_nodes_a_step_and_matches_onnxruntime(tmp_path):
+@pytest.mark.parametrize("n", [96, 520])  # 520: the block-triangular similarity (pruning.similarity)
+def test_fps_chain_exports_four_nodes_a_step_and_matches_onnxruntime(tmp_path, n):
     import onnx
     import onnxruntime as ort
 
     from halfv_export.graphs.lint import lint_file
     from halfv_export.graphs.onnx_export import batch_dim, export_module
-    from halfv_export.graphs.pruning import farthest_point_fill_reference
+    from halfv_export.graphs.pruning import GRAM_BLOCKED_FROM, farthest_point_fill_reference
 
-    n, k, a = 96, 40, 4
+    k, a = 40, 4
 
     class Fill(torch.nn.Module):
         def forward(self, feats, anchors):
@@ -126,7 +127,9 @@ def test_fps_chain_exports_four_nodes_a_step_and_matches_onnxruntime(tmp_path):
     ops = [node.op_type for node in onnx.load(str(path)).graph.node]
     # one ArgMax per pick; the last pick's update is dead and pruned by the exporter
     assert ops.count("ArgMax") == k - a and ops.count("Gather") == ops.count("Min") == k - a - 1
-    assert len(ops) <= 4 * (k - a) + 30  # the chain, plus the distance matrix, the anchors' min and the sort
+    assert ops.count("MatMul") == (10 if n >= GRAM_BLOCKED_FROM else 1)  # 4 x 4 blocks: the upper 10 only
+    blocks = 30 if n >= GRAM_BLOCKED_FROM else 0  # split, transposes, concatenations
+    assert len(ops) <= 4 * (k - a) + 30 + blocks  # the chain, the distance matrix, the anchors' min and the sort
     feats3 = F.normalize(torch.randn(3, n, 16, generator=g), dim=-1)  # another batch size than traced
     anchors3 = torch.stack([torch.randperm(n, generator=g)[:a] for _ in range(3)])
     got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(
@@ -170,3 +173,28 @@ def test_selection_shortfall_accepts_the_other_side_of_an_exact_tie():
     swapped = torch.tensor([sorted(other if u == twin else u for u in picked)])
     assert swapped.tolist()[0] != picked
     assert selection_shortfall(scores, feats, swapped, 0)[0] < 1e-6  # the rule could have picked either twin
+
+
+@pytest.mark.parametrize("n", [512, 515, 1030])
+def test_block_triangular_similarity_is_the_gram_matrix(n):
+    from halfv_export.graphs.pruning import similarity
+
+    feats = F.normalize(torch.randn(2, n, 16, generator=torch.Generator().manual_seed(n)), dim=-1)
+    got = similarity(feats)
+    assert got.shape == (2, n, n) and torch.equal(got, got.transpose(1, 2))  # exactly symmetric by construction
+    torch.testing.assert_close(got, feats @ feats.transpose(1, 2), rtol=0, atol=1e-6)
+    anchors = torch.stack([torch.randperm(n, generator=torch.Generator().manual_seed(1))[:3]] * 2)
+    assert torch.equal(farthest_point_fill(feats, anchors, 40),  # the fill on blocks = the literal fill
+                       farthest_point_fill_reference(feats, anchors, 40))
+
+
+@pytest.mark.parametrize("n", [100, 512, 1030])
+def test_similarity_flops_count_what_similarity_computes(n):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from halfv_export.graphs.pruning import similarity, similarity_flops
+
+    with FlopCounterMode(display=False) as counter:
+        similarity(torch.randn(1, n, 24))
+    assert counter.get_total_flops() == similarity_flops(n, 24)
+    assert similarity_flops(n, 24) <= 2 * n * n * 24 * (1 if n < 512 else 0.63)

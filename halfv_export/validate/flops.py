@@ -13,7 +13,8 @@ compute keys and values:
 Full: every layer has q_rows = kv_rows = N + T. HalfV: N + T before L1, K1 + T from L1, then K2 + T from L2
 (topk) or, in freeze mode, q_rows = T with kv_rows = K1 + T (frozen visual rows still pay K/V). The last-token
 lm_head is included in both. The selection overhead (score projections and logits at L1-1 / L2-1, the N x N
-similarity of the farthest-point fill) is reported separately and is not in the ratio.
+similarity of the farthest-point fill, as pruning.similarity computes it) is reported separately and is not in the
+ratio.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..base.errors import BadInput
-from ..graphs.pruning import PruneSchedule, budgets
+from ..graphs.pruning import PruneSchedule, budgets, similarity_flops
 
 # Library defaults for configs that leave them out (LLaVA's text_config omits Llama/Mistral defaults).
 _TEXT_DEFAULTS = {
@@ -123,7 +124,7 @@ def prefill_flops(shape: LMShape, n_visual: int, n_text: int, schedule: PruneSch
         else:
             per_layer.append((plan.k2 + n_text, plan.k2 + n_text))
     halfv = sum(layer_flops(shape, q, kv) for q, kv in per_layer) + lm_head
-    overhead = score_flops(shape, n_visual) + 2 * n_visual * n_visual * shape.hidden
+    overhead = score_flops(shape, n_visual) + similarity_flops(n_visual, shape.hidden)
     if schedule.ssr_mode == "topk":
         overhead += score_flops(shape, plan.k1)
     return PrefillFlops(n_visual, n_text, full, halfv, overhead, tuple(per_layer))
