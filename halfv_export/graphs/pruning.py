@@ -140,7 +140,7 @@ def diversity_features(final_norm, hidden: torch.Tensor, start: torch.Tensor, n:
 
 
 GRAM_BLOCKS = 4  # the fill's similarity matrix in 4 x 4 blocks, the lower ones transposed from the upper
-GRAM_BLOCKED_FROM = 512  # below this many visual tokens one MatMul is cheaper than the extra nodes
+GRAM_BLOCKED_FROM = 512  # below it the whole Gram is a few ms and one MatMul keeps those graphs as they were
 
 
 def similarity(features: torch.Tensor) -> torch.Tensor:
