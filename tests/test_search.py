@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from halfv_export.exporter.pipeline import default_samples
-from halfv_export.exporter.search import (bucket_batches, candidate_grid, candidate_logits, held_out_check,
+from halfv_export.exporter.search import (BATCH, candidate_grid, candidate_logits, held_out_check,
                                           make_budget, prune_grid, tokens)
 from halfv_export.graphs.halfv import HalfVReference
 from halfv_export.graphs.pruning import PruneSchedule
+from halfv_export.validate.compare import bucket_batches
 from halfv_export.validate.flops import LMShape
 from tests.conftest import EMBEDDED_KIND
 
@@ -146,7 +147,7 @@ def test_held_out_check_puts_the_paper_schedule_beside_the_searched_one(qwen):
         row = check[name]
         full = HalfVReference(stack, None)
         agree = []
-        for b in bucket_batches(adapter, loaded, samples):
+        for b in bucket_batches(adapter, loaded, samples, BATCH):
             inputs = adapter.prepare(loaded, [s.image for s in b], [s.prompt for s in b])
             agree += (HalfVReference(stack, schedule).prefill(inputs).logits.argmax(-1)
                       == full.prefill(inputs).logits.argmax(-1)).tolist()

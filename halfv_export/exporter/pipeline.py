@@ -22,7 +22,7 @@ from ..base.data import load_data, synthetic_set
 from ..base.manifest import verify_manifest, write_manifest
 from ..engines.api import open_pipeline
 from .calibrate import KL_FREEZE_THRESHOLD, derive_schedule, measure_probes
-from .schedule import (FIELDS, apply_overrides, build_document, check_values, read_schedule,
+from .schedule import (FIELDS, apply_overrides, build_document, check_values, paper_schedule, read_schedule,
                        write_schedule)
 
 console = Console(stderr=True)
@@ -159,9 +159,7 @@ def _search(adapter, loaded, plan, overrides, rules_values):
     from .search import run_search
 
     depth = adapter.text_stack(loaded).num_layers
-    paper = adapter.paper.at_depth(depth)
-    apply_overrides(paper, {})
-    references = {"paper": check_values(paper, depth, where="paper schedule"),
+    references = {"paper": paper_schedule(adapter, depth),
                   "rules": check_values(rules_values, depth, where="calibrated schedule")}
     with _progress() as progress:
         def stage(description):
@@ -442,9 +440,7 @@ def run_compare(backbone: str, model_dir: Path | None, data: Path | None, schedu
                                   depth=depth)
         origin = str(schedule_path)
     else:
-        values = adapter.paper.at_depth(depth)
-        apply_overrides(values, {})
-        base, origin = check_values(values, depth, where="paper schedule"), "paper values at this depth"
+        base, origin = paper_schedule(adapter, depth), "paper values at this depth"
     data_samples = load_data(data) if data is not None else default_samples(loaded, samples, 1000, split="eval")
     if data_samples is None:
         raise BadInput("this model has no built-in task; pass --data DIR with answers (halfv-export make-task)")

@@ -70,6 +70,13 @@ def check_values(values: dict, depth: int | None, where: str = "schedule") -> Pr
     return sched
 
 
+def paper_schedule(adapter, depth: int) -> PruneSchedule:
+    """The paper's schedule for the adapter's backbone at this depth, sigma settled for its mode."""
+    values = adapter.paper.at_depth(depth)
+    apply_overrides(values, {})
+    return check_values(values, depth, where="paper schedule")
+
+
 def build_document(backbone: str, fingerprint: str, source: str, depth: int, values: dict, chosen_by: dict,
                    calibration: dict | None, tool_version: str) -> dict:
     sched = check_values(values, depth)

@@ -40,9 +40,10 @@ from ..graphs.halfv import HalfVReference
 from ..graphs.pruning import PruneSchedule, budgets
 from ..graphs.tme import kl_last_token
 from ..validate.accuracy import AccuracyTable, answer_budget, cut_at_eos
+from ..validate.compare import bucket_batches
 from ..validate.flops import LMShape, prefill_flops
 from ..validate.vision_flops import vision_flops
-from .schedule import FIELDS
+from .schedule import FIELDS, paper_schedule
 
 KEEP_RATIOS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.75)
 ANCHOR_RATIOS = (0.1, 0.25, 0.5)
@@ -143,20 +144,6 @@ def prune_grid(grid: list[PruneSchedule], shape: LMShape, budget: Budget, sample
 
 
 # ------------------------------------------------------------------------------------------------ evaluation
-def bucket_batches(adapter, loaded, samples: list[Sample], batch_size: int = BATCH) -> list[list[Sample]]:
-    """Samples grouped by the image-size bucket they resize to (a batch shares N), in batches of batch_size."""
-    from ..graphs.adapter import Processing
-
-    processing = Processing(loaded.tokenizer, loaded.image_processor, loaded.config)
-    groups: dict = {}
-    for sample in samples:
-        if sample.image is None:
-            raise BadInput(f"sample {sample.name} has no image; a schedule search needs an image per sample")
-        key = adapter.bucket_for(processing, (sample.image.height, sample.image.width))[0]
-        groups.setdefault(key, []).append(sample)
-    return [items[i:i + batch_size] for items in groups.values() for i in range(0, len(items), batch_size)]
-
-
 def candidate_logits(stack, batches_inputs: list, schedules: list[PruneSchedule], progress: Callable = iter):
     """Step 3: yield (batch index, unpruned logits, schedule index, that schedule's logits) for every batch and
     schedule, with the shared prefixes run once. The logits equal HalfVReference(schedule).prefill's exactly."""
@@ -240,7 +227,7 @@ def plan_search(adapter, loaded, samples: list[Sample], target: float, kind: str
     config = loaded.config.to_dict()
     shape = LMShape.from_config(config)
     _, n_bucket = adapter.bucket_for(Processing(loaded.tokenizer, loaded.image_processor, loaded.config), bucket)
-    batches = bucket_batches(adapter, loaded, samples)
+    batches = bucket_batches(adapter, loaded, samples, BATCH, needs="a schedule search")
     batches_inputs = [adapter.prepare(loaded, [s.image for s in b], [s.prompt for s in b]) for b in batches]
     budget = make_budget(kind, config, shape, bucket, n_bucket, mean_text_rows(batches_inputs))
     grid = candidate_grid(adapter.text_stack(loaded).num_layers, fixed)
@@ -325,16 +312,11 @@ def held_out_check(adapter, loaded, samples: list[Sample], searched: PruneSchedu
                    progress: Callable = iter) -> dict:
     """The searched schedule beside the paper's on data the search never saw (validate): fidelity to the unpruned
     model, task accuracy where the samples carry answers, and each one's FLOPs ratio where the search measured it."""
-    from .schedule import apply_overrides, check_values
-
     stack = adapter.text_stack(loaded)
-    depth = stack.num_layers
-    paper_values = adapter.paper.at_depth(depth)
-    apply_overrides(paper_values, {})
-    schedules = {"searched": searched, "paper": check_values(paper_values, depth, where="paper schedule")}
+    schedules = {"searched": searched, "paper": paper_schedule(adapter, stack.num_layers)}
     config = loaded.config.to_dict()
     shape = LMShape.from_config(config)
-    batches = bucket_batches(adapter, loaded, samples)
+    batches = bucket_batches(adapter, loaded, samples, BATCH, needs="the searched-vs-paper check")
     batches_inputs = [adapter.prepare(loaded, [s.image for s in b], [s.prompt for s in b]) for b in batches]
     budget = make_budget(search["ratio_kind"], config, shape, tuple(search["bucket"]), search["visual_tokens"],
                          mean_text_rows(batches_inputs))

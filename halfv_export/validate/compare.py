@@ -33,19 +33,25 @@ LABELS = {"halfv": "HalfV (IVR + SSR)", "ivr": "IVR without SSR", "attention": "
           "random": "random"}
 
 
-def _batches(adapter, loaded, samples: list[Sample], batch_size: int) -> list[list[Sample]]:
+def bucket_batches(adapter, loaded, samples: list[Sample], batch_size: int,
+                   needs: str = "comparing pruning methods") -> list[list[Sample]]:
+    """Samples grouped by the image-size bucket they resize to (a batch shares N), in batches of batch_size; a
+    sample without an image is refused, naming what `needs` one."""
     processing = Processing(loaded.tokenizer, loaded.image_processor, loaded.config)
     groups: dict = {}
     for sample in samples:
-        if sample.answer is None:
-            continue
         if sample.image is None:
-            raise BadInput(f"sample {sample.name} has no image; comparing pruning methods needs an image per sample")
+            raise BadInput(f"sample {sample.name} has no image; {needs} needs an image per sample")
         key = adapter.bucket_for(processing, (sample.image.height, sample.image.width))[0]
         groups.setdefault(key, []).append(sample)
-    if not groups:
-        raise BadInput("no sample carries an \"answer\"; compare needs data with answers (halfv-export make-task)")
     return [items[i:i + batch_size] for items in groups.values() for i in range(0, len(items), batch_size)]
+
+
+def _batches(adapter, loaded, samples: list[Sample], batch_size: int) -> list[list[Sample]]:
+    answered = [s for s in samples if s.answer is not None]
+    if not answered:
+        raise BadInput("no sample carries an \"answer\"; compare needs data with answers (halfv-export make-task)")
+    return bucket_batches(adapter, loaded, answered, batch_size)
 
 
 def evaluate_methods(adapter, loaded, samples: list[Sample], schedules: list[PruneSchedule],
