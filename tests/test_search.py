@@ -153,7 +153,8 @@ def test_held_out_check_puts_the_paper_schedule_beside_the_searched_one(qwen):
                       == full.prefill(inputs).logits.argmax(-1)).tolist()
         assert row["top1_agreement"] == sum(agree) / len(agree) and row["kl_mean"] >= 0
         assert 0 <= row["accuracy"] <= 1 and row["ratio"] > 1
-    assert check["paper_ratio_at_most_searched"] == (check["paper"]["ratio"] <= check["searched"]["ratio"])
+    # at 224x224 the searched freeze schedule (K1 = 32 from layer 1, frozen from 2) prunes more than the paper's
+    assert check["searched"]["ratio"] > check["paper"]["ratio"] > 1 and check["paper_ratio_at_most_searched"]
 
 
 @pytest.mark.slow
