@@ -33,12 +33,14 @@ def taught(tmp_path_factory):
     processing = Processing(loaded.tokenizer, loaded.image_processor, loaded.config)
     stack, eos = adapter.text_stack(loaded), loaded.tokenizer.eos_token_id
     prefix = train.answer_prefix(adapter, processing)
+    taught = samples[:TAUGHT]
+    host = adapter.host_inputs(processing, [s.image for s in taught], [s.prompt for s in taught])
+    answer, answer_valid = train.answer_batch(processing, taught, prefix, eos, loaded.tokenizer.pad_token_id)
     optimizer = torch.optim.AdamW(loaded.model.parameters(), lr=3e-3)
     torch.manual_seed(0)
     loaded.model.train()
     for _ in range(120):
-        loss, token_acc = train.teacher_forced_loss(adapter, loaded, stack, processing, samples[:TAUGHT], prefix,
-                                                    eos, loaded.tokenizer.pad_token_id)
+        loss, token_acc = train.teacher_forced_loss(adapter, loaded, stack, host, answer, answer_valid)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -1,6 +1,7 @@
-"""Train an embedded default end to end on the digit-grid task (halfv_export/base/tasks.py), on CPU, and ship it.
+"""Train an embedded default end to end on the digit-grid task (halfv_export/base/tasks.py) and ship it.
 
     nice -n 15 python tools/train_embedded.py --backbone qwen2.5-vl --out halfv_export/graphs/embedded/qwen2_5_vl
+    python tools/train_embedded.py --backbone llava-1.5 --slot 14 --device cuda --workers 4 --batch 32 ...
 
 The whole VLM (vision tower, projector, language model) starts from the seeded random weights of the shipped config
 and is trained with AdamW on teacher-forced answers: the prompt is built exactly as at inference (the adapter's
@@ -18,9 +19,13 @@ command, seed, steps, samples seen, wall time, threads, image sizes and the held
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
 import hashlib
+import itertools
 import json
 import math
+import multiprocessing
 import os
 import platform
 import shutil
@@ -59,28 +64,38 @@ def answer_ids(tokenizer, answers: list[str], prefix: str, eos: int) -> list[lis
     return [tokenizer.encode(prefix + a, add_special_tokens=False) + [eos] for a in answers]
 
 
-def teacher_forced_loss(adapter, loaded, stack, processing, samples, prefix: str, eos: int,
-                        pad: int) -> tuple[torch.Tensor, float]:
-    """Cross-entropy of the answer tokens (and EOS) given image + prompt; also the share of answer tokens whose
-    argmax is right (a cheap training-accuracy signal)."""
-    images, prompts = [s.image for s in samples], [s.prompt for s in samples]
-    host = adapter.host_inputs(processing, images, prompts)
+def answer_batch(processing, samples, prefix: str, eos: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The answer tokens (+ EOS) of a batch, right-padded: ids [B, A] and a 0/1 validity mask [B, A]."""
     targets = answer_ids(processing.tokenizer, [s.answer for s in samples], prefix, eos)
-    b, s, a = len(samples), host.input_ids.shape[1], max(len(t) for t in targets)
+    b, a = len(samples), max(len(t) for t in targets)
     answer = torch.full((b, a), pad, dtype=torch.long)
     answer_valid = torch.zeros((b, a), dtype=torch.long)
     for i, t in enumerate(targets):
         answer[i, :len(t)] = torch.tensor(t)
         answer_valid[i, :len(t)] = 1
+    return answer, answer_valid
+
+
+def on_device(host, device):
+    """HostInputs with every tensor moved to `device` (the host side always builds them on the CPU)."""
+    move = {k: getattr(host, k).to(device) for k in ("input_ids", "attention_mask", "positions", "visual_start",
+                                                        "next_positions")}
+    return dataclasses.replace(host, pixel_values=[p.to(device) for p in host.pixel_values], **move)
+
+
+def teacher_forced_loss(adapter, loaded, stack, host, answer, answer_valid) -> tuple[torch.Tensor, float]:
+    """Cross-entropy of the answer tokens (and EOS) given image + prompt; also the share of answer tokens whose
+    argmax is right (a cheap training-accuracy signal). Every tensor is on the model's device."""
+    b, s, a = host.input_ids.shape[0], host.input_ids.shape[1], answer.shape[1]
     ids = torch.cat([host.input_ids, answer], dim=1)  # [B, S + A]
     valid = torch.cat([host.attention_mask, answer_valid], dim=1)
-    steps = torch.arange(a)[None, None, :]  # answer j sits at next_position + j
+    steps = torch.arange(a, device=ids.device)[None, None, :]  # answer j sits at next_position + j
     positions = torch.cat([host.positions, host.next_positions[..., None] + steps], dim=2)  # [P, B, S + A]
 
     embeds = stack.embed_tokens(ids)  # [B, S + A, D]
     if host.num_visual > 0:
         feats = adapter.vision_batch(loaded, host.pixel_values, host.bucket)  # [B, N, D]
-        rows = host.visual_start[:, None] + torch.arange(host.num_visual)[None, :]
+        rows = host.visual_start[:, None] + torch.arange(host.num_visual, device=ids.device)[None, :]
         embeds = embeds.scatter(1, rows[..., None].expand(-1, -1, embeds.shape[-1]), feats.to(embeds.dtype))
     cos, sin = stack.rotary(embeds, positions)
     mask = additive_mask(valid, ids.shape[1], embeds.dtype)
@@ -88,12 +103,47 @@ def teacher_forced_loss(adapter, loaded, stack, processing, samples, prefix: str
     for layer in stack.layers:
         h = layer(h, attention_mask=mask, position_embeddings=(cos, sin))
     # the row before each answer token predicts it: rows S-1 .. S+A-2
-    pred_rows = (s - 1 + torch.arange(a))[None, :].expand(b, -1)
+    pred_rows = (s - 1 + torch.arange(a, device=ids.device))[None, :].expand(b, -1)
     logits = stack.lm_head(stack.norm(gather_rows(h, pred_rows)))  # [B, A, V]
     keep = answer_valid.bool()
     loss = F.cross_entropy(logits[keep].float(), answer[keep])
     token_acc = float((logits[keep].argmax(-1) == answer[keep]).float().mean())
     return loss, token_acc
+
+
+# ------------------------------------------------------------------------------------------- batches
+# Drawing a batch (PIL images, the processor, tokenising) costs more CPU than a GPU step of these small models, so
+# batches are made ahead in forked worker processes. What the makers need is put here before the pool forks.
+_MAKER: dict = {}
+
+
+def make_answer_batch(step: int):
+    """Stage 2's batch of `step`: (HostInputs, answer ids, answer mask), all on the CPU."""
+    m = _MAKER
+    size = m["sizes"][step % len(m["sizes"])]
+    phase_mix, digits = m["phase_of"](step)
+    samples = task_set(m["batch"], seed=m["seed"] * 1_000_003 + step, split="train", sizes=[size], mix=phase_mix,
+                       digits=digits, slot=m["slot"])
+    host = m["adapter"].host_inputs(m["processing"], [x.image for x in samples], [x.prompt for x in samples])
+    return (host, *answer_batch(m["processing"], samples, m["prefix"], m["eos"], m["pad"]))
+
+
+def prefetched(make, steps: range, workers: int):
+    """make(step) for every step, in order, computed `workers` processes ahead (0: inline)."""
+    if workers <= 0:
+        yield from (make(step) for step in steps)
+        return
+    # one intra-op thread in each worker: a forked child that enters the OpenMP pool its parent started hangs
+    with multiprocessing.get_context("fork").Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        todo, pending = iter(steps), collections.deque()
+        for step in itertools.islice(todo, 2 * workers):
+            pending.append(pool.apply_async(make, (step,)))
+        while pending:
+            result = pending.popleft().get()
+            step = next(todo, None)
+            if step is not None:
+                pending.append(pool.apply_async(make, (step,)))
+            yield result
 
 
 @torch.no_grad()
@@ -117,6 +167,15 @@ def held_out_accuracy(adapter, loaded, stack, samples, batch: int = 16) -> dict:
     everything = [x for v in per_type.values() for x in v]
     return {"accuracy": sum(everything) / len(everything), "count": len(everything),
             "per_type": {k: {"accuracy": sum(v) / len(v), "count": len(v)} for k, v in sorted(per_type.items())}}
+
+
+def held_out_on_cpu(adapter, loaded, stack, samples, device: torch.device) -> dict:
+    """held_out_accuracy on the CPU, the machine the shipped weights are evaluated on, then back to `device`."""
+    loaded.model.to("cpu")
+    try:
+        return held_out_accuracy(adapter, loaded, stack, samples)
+    finally:
+        loaded.model.to(device)
 
 
 def reinitialise(model, std: float, seed: int) -> None:
@@ -168,19 +227,29 @@ def token_centres(adapter, loaded, bucket: tuple[int, int]) -> torch.Tensor:
     return out
 
 
+def balanced_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over digit tokens plus mean over empty tokens. A plain mean is ~98% empty tokens at 256
+    CLIP patches per image: it is minimised by answering "empty" everywhere, and LLaVA's tower learnt nothing."""
+    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                                reduction="none")
+    flat = targets.reshape(-1)
+    digit, empty = flat.lt(10) & flat.ge(0), flat.eq(10)
+    return per_token[digit].mean() + per_token[empty].mean()
+
+
 def pretrain_vision(adapter, loaded, processing, sizes, steps: int, batch: int, lr: float, seed: int,
-                    slot: int) -> dict:
+                    slot: int, device: torch.device) -> dict:
     """Stage 1: the vision tower and projector learn to tell the digits apart. A temporary linear head reads every
     visual token on its own, RMS-normalised as the LLM's first norm sees it, and must name the digit drawn over it
     (or "empty"). The head is discarded; the VLM keeps the tower."""
     dim = loaded.config.text_config.hidden_size
-    head = torch.nn.Linear(dim, 11)
+    head = torch.nn.Linear(dim, 11).to(device)
     vision = [p for n, p in loaded.model.named_parameters() if "language_model" not in n and "lm_head" not in n]
     optimizer = torch.optim.AdamW([{"params": vision}, {"params": head.parameters()}], lr=lr, weight_decay=0.01)
     centres = {size: token_centres(adapter, loaded, size) for size in sizes}
 
     def token_logits(samples, size):
-        host = adapter.host_inputs(processing, [s.image for s in samples], ["x"] * len(samples))
+        host = on_device(adapter.host_inputs(processing, [s.image for s in samples], ["x"] * len(samples)), device)
         feats = adapter.vision_batch(loaded, host.pixel_values, host.bucket)  # [B, N, D]
         return head(F.rms_norm(feats, (dim,)))  # [B, N, 11]
 
@@ -206,8 +275,8 @@ def pretrain_vision(adapter, loaded, processing, sizes, steps: int, batch: int, 
             group["lr"] = learning_rate(step, steps, lr, max(1, steps // 20))
         size = sizes[step % len(sizes)]
         samples = task_set(batch, seed=seed * 7_000_003 + step, split="train", sizes=[size], slot=slot)
-        logits, targets = token_logits(samples, size), token_targets(samples, size)
-        loss = F.cross_entropy(logits.reshape(-1, 11), targets.reshape(-1), ignore_index=-100)
+        logits, targets = token_logits(samples, size), token_targets(samples, size).to(device)
+        loss = balanced_token_loss(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vision + list(head.parameters()), 1.0)
@@ -223,7 +292,7 @@ def pretrain_vision(adapter, loaded, processing, sizes, steps: int, batch: int, 
     with torch.no_grad():
         for size in sizes:
             held = task_set(32, seed=EVAL_SEED + 1, split="eval", sizes=[size], slot=slot)
-            logits, targets = token_logits(held, size), token_targets(held, size)
+            logits, targets = token_logits(held, size), token_targets(held, size).to(device)
             digit = targets < 10
             hits += (logits.argmax(-1)[digit] == targets[digit]).tolist()
     result = {"steps": steps, "batch": batch, "lr": lr, "seconds": round(time.perf_counter() - started, 1),
@@ -242,6 +311,11 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def machine(device: torch.device) -> str:
+    cpu = f"{platform.machine()} CPU, {os.cpu_count()} cores"
+    return f"{torch.cuda.get_device_name(device)}, {cpu}" if device.type == "cuda" else cpu
+
+
 def save_fp16(model, directory: Path) -> Path:
     """The model's weights as fp16 safetensors (save_pretrained, so the names are what from_pretrained expects)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -251,6 +325,7 @@ def save_fp16(model, directory: Path) -> Path:
         if not produced.exists():
             raise SystemExit(f"save_pretrained wrote {sorted(p.name for p in Path(tmp).iterdir())}, "
                              f"not {EMBEDDED_WEIGHTS}")
+        Path(directory).mkdir(parents=True, exist_ok=True)
         target = Path(directory) / EMBEDDED_WEIGHTS
         shutil.copyfile(produced, target.with_suffix(".tmp"))
         os.replace(target.with_suffix(".tmp"), target)
@@ -274,6 +349,12 @@ def main(argv=None) -> None:
     # One intra-op thread: on a shared, oversubscribed CPU two OpenMP threads spin-wait for each other and ran these
     # small matrices >10x slower than one (measured on the 2-core box while other jobs ran).
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="Where the training steps run: cpu, or cuda where a GPU is "
+                        "(batches are still drawn on the CPU; held-out scores are always computed on the CPU).")
+    parser.add_argument("--time-limit", type=float, default=0,
+                        help="Stop stage 2 after this many seconds (0: run every step); the steps run are recorded.")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="Processes drawing stage 2 batches ahead of the training steps (0: inline).")
     parser.add_argument("--init", type=Path, help="Continue from these safetensors instead of the seeded init.")
     parser.add_argument("--init-std", type=float, default=0.02,
                         help="Re-draw every weight matrix from N(0, std) before training (norms 1, biases 0); "
@@ -324,6 +405,8 @@ def main(argv=None) -> None:
     model, stack = loaded.model, adapter.text_stack(loaded)
     if args.init_std > 0 and args.init is None:
         reinitialise(model, args.init_std, args.seed)
+    device = torch.device(args.device)
+    model.to(device)
     processing = Processing(loaded.tokenizer, loaded.image_processor, loaded.config)
     prefix = answer_prefix(adapter, processing)
     eos = loaded.tokenizer.eos_token_id
@@ -335,7 +418,7 @@ def main(argv=None) -> None:
     if args.vision_steps > 0:
         model.train()
         vision_stage = pretrain_vision(adapter, loaded, processing, sizes, args.vision_steps, args.vision_batch,
-                                       args.vision_lr, args.seed, args.slot)
+                                       args.vision_lr, args.seed, args.slot, device)
         if args.stage1_out is not None:
             from safetensors.torch import save_file
 
@@ -351,24 +434,28 @@ def main(argv=None) -> None:
     optimizer = torch.optim.AdamW(
         [{"params": ps, "weight_decay": args.weight_decay if decays else 0.0, "vision": vision}
          for (vision, decays), ps in groups.items()], lr=args.lr, betas=(0.9, 0.98))
+    _MAKER.update(adapter=adapter, processing=processing, sizes=sizes, phase_of=phase_of, batch=args.batch,
+                  seed=args.seed, slot=args.slot, prefix=prefix, eos=eos, pad=pad)
     started = time.perf_counter()
-    log, running = [], []
-    for step in range(args.steps):
+    log, running, steps_run = [], [], 0
+    batches = prefetched(make_answer_batch, range(args.steps), args.workers)
+    for step, (host, answer, answer_valid) in zip(range(args.steps), batches):
         model.train()
         lr = learning_rate(step, args.steps, args.lr, args.warmup)
         for group in optimizer.param_groups:
             frozen = group["vision"] and step < args.freeze_vision_steps
             group["lr"] = 0.0 if frozen else lr * (args.vision_lr_scale if group["vision"] else 1.0)
-        size = sizes[step % len(sizes)]
-        phase_mix, digits = phase_of(step)
-        batch = task_set(args.batch, seed=args.seed * 1_000_003 + step, split="train", sizes=[size],
-                         mix=phase_mix, digits=digits, slot=args.slot)
-        loss, token_acc = teacher_forced_loss(adapter, loaded, stack, processing, batch, prefix, eos, pad)
+        loss, token_acc = teacher_forced_loss(adapter, loaded, stack, on_device(host, device), answer.to(device),
+                                              answer_valid.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         running.append((loss.item(), token_acc))
+        steps_run = step + 1
+        if args.time_limit and time.perf_counter() - started > args.time_limit:
+            print(f"time limit: stopping after {steps_run} of {args.steps} steps", flush=True)
+            break
         if (step + 1) % 20 == 0 or step == 0:
             l, t = (sum(x) / len(running) for x in zip(*running))
             print(f"step {step + 1:5d}  lr {lr:.2e}  loss {l:.4f}  answer-token acc {t:.3f}  "
@@ -378,12 +465,17 @@ def main(argv=None) -> None:
             running = []
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
             model.eval()
-            acc = held_out_accuracy(adapter, loaded, stack, held_out[:100])
+            acc = held_out_on_cpu(adapter, loaded, stack, held_out[:100], device)
             print(f"  held-out (100) exact match {acc['accuracy']:.3f}  "
                   + "  ".join(f"{k} {v['accuracy']:.2f}" for k, v in acc["per_type"].items()), flush=True)
     train_seconds = time.perf_counter() - overall  # both stages
-    images_seen = args.steps * args.batch + (args.vision_steps * args.vision_batch if vision_stage else 0)
+    images_seen = steps_run * args.batch + (args.vision_steps * args.vision_batch if vision_stage else 0)
     model.eval()
+    model.to("cpu")
+    with torch.no_grad():  # score what ships: the fp16 weights, on the CPU
+        for t in model.parameters():
+            if t.is_floating_point():
+                t.copy_(t.half().float())
     acc = held_out_accuracy(adapter, loaded, stack, held_out)
     print(f"held-out exact match {acc['accuracy']:.4f} on {acc['count']} samples ("
           + ", ".join(f"{k} {v['accuracy']:.3f}/{v['count']}" for k, v in acc["per_type"].items())
@@ -395,15 +487,15 @@ def main(argv=None) -> None:
         "backbone": args.backbone, "weights": EMBEDDED_WEIGHTS,
         "sha256": hashlib.sha256(target.read_bytes()).hexdigest(), "dtype": "float16",
         "command": "python tools/train_embedded.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "seed": args.seed, "steps": args.steps, "batch": args.batch, "lr": args.lr, "warmup": args.warmup,
+        "seed": args.seed, "steps": args.steps, "steps_run": steps_run, "batch": args.batch, "lr": args.lr, "warmup": args.warmup,
         "weight_decay": args.weight_decay,
         "curriculum": [{"steps": n, "mix": m, "digits": list(d)} for n, m, d in phases],
         "freeze_vision_steps": args.freeze_vision_steps, "vision_lr_scale": args.vision_lr_scale, "images_seen": images_seen, "vision_stage": vision_stage,
         "image_sizes": [list(s) for s in sizes], "mix": mix if args.mix else DEFAULT_MIX,
         "task": {"generator": "halfv_export.base.tasks", "split": "train", "slot": args.slot},
         "train_seconds": round(train_seconds, 1), "threads": args.threads,
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (shared)", "torch": torch.__version__,
-        "held_out": {"seed": EVAL_SEED, "split": "eval", **acc, "model": "unpruned eager, fp32 training weights"},
+        "machine": machine(device), "device": str(device), "workers": args.workers, "torch": torch.__version__,
+        "held_out": {"seed": EVAL_SEED, "split": "eval", **acc, "model": "unpruned eager, the fp16 weights, CPU"},
         "parameters": params, "log": log,
     }
     (args.out / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")

@@ -34,8 +34,8 @@ def additive_mask(key_valid: torch.Tensor, q_len: int, dtype: torch.dtype) -> to
     key_valid [B, kv_len]; the q_len queries are the last q_len rows. A padding query attends to itself only,
     so no softmax row is empty."""
     b, kv = key_valid.shape
-    q_rows = torch.arange(kv - q_len, kv)[:, None]  # [q, 1]
-    k_cols = torch.arange(kv)[None, :]  # [1, kv]
+    q_rows = torch.arange(kv - q_len, kv, device=key_valid.device)[:, None]  # [q, 1]
+    k_cols = torch.arange(kv, device=key_valid.device)[None, :]  # [1, kv]
     allowed = (k_cols <= q_rows)[None] & key_valid.bool()[:, None, :]  # [B, q, kv]
     allowed = allowed | (k_cols == q_rows)[None]
     return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)[:, None]

@@ -185,7 +185,7 @@ class LlavaNextAdapter(LlavaFamilyAdapter):
 
     def eager_vision(self, loaded: LoadedModel, pixel_values: torch.Tensor, bucket: tuple[int, int]) -> torch.Tensor:
         cfg = loaded.config
-        out = loaded.model.model.get_image_features(pixel_values[None], torch.tensor([list(bucket)]),
+        out = loaded.model.model.get_image_features(pixel_values[None], torch.tensor([list(bucket)], device=pixel_values.device),
                                                     vision_feature_layer=cfg.vision_feature_layer,
                                                     vision_feature_select_strategy=cfg.vision_feature_select_strategy,
                                                     return_dict=True)

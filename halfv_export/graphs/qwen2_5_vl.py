@@ -237,7 +237,7 @@ class Qwen25VLAdapter(BackboneAdapter):
         return loaded.model.model.get_image_features(pixel_values, grid, return_dict=True).pooler_output[0]
 
     def vision_batch(self, loaded: LoadedModel, pixel_values: list, bucket: tuple[int, int]) -> torch.Tensor:
-        grid = torch.tensor([self._grid(loaded.image_processor, bucket)] * len(pixel_values))
+        grid = torch.tensor([self._grid(loaded.image_processor, bucket)] * len(pixel_values), device=pixel_values[0].device)
         feats = loaded.model.model.get_image_features(torch.cat(pixel_values), grid, return_dict=True).pooler_output
         feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats  # [B * N, D]
         return feats.reshape(len(pixel_values), -1, feats.shape[-1])
