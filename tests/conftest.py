@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 from halfv_export.exporter.cli import cli
 from halfv_export.graphs import get_adapter
 from halfv_export.graphs.adapter import EMBEDDED_WEIGHTS
 from halfv_export.graphs.checkpoint import seeded_model
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` on a 2-core box: one worker per core. Two workers each running torch's two OpenMP threads spin-wait
+    # for each other and ran small matrices >10x slower (measured for tools/train_embedded.py's --threads).
+    torch.set_num_threads(1)
 
 # what the embedded Qwen default holds: its shipped trained weights, or seeded random ones where none are shipped
 EMBEDDED_KIND = "trained" if (get_adapter("qwen2.5-vl").embedded_dir / EMBEDDED_WEIGHTS).exists() else "random"
