@@ -62,3 +62,14 @@ def test_balanced_token_loss_does_not_reward_all_empty(train):
     assert plain < 0.3 and balanced > 15  # the plain mean calls this nearly solved; the digit half is ~16 nats
     perfect = torch.full((2, 256, 11), -8.0).scatter(-1, targets.clamp(min=0)[..., None], 8.0)
     assert train.balanced_token_loss(perfect, targets) < 1e-5
+
+
+def test_init_loads_what_the_script_saved(train, tmp_path):
+    adapter = get_adapter("qwen2.5-vl")
+    saved = adapter.load(None, seed=1)
+    train.save_fp16(saved.model, tmp_path)
+    fresh = adapter.load(None, seed=2)
+    train.load_init(adapter, fresh, tmp_path / "model.safetensors")
+    expected = saved.model.state_dict()
+    for name, value in fresh.model.state_dict().items():
+        assert torch.equal(value, expected[name].half().float()), name

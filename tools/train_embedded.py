@@ -178,6 +178,19 @@ def held_out_on_cpu(adapter, loaded, stack, samples, device: torch.device) -> di
         loaded.model.to(device)
 
 
+def load_init(adapter, loaded, weights: Path) -> None:
+    """Weights this script saved (model.safetensors: save_pretrained's names, which are not the module's) into the
+    model, through from_pretrained on a temporary checkpoint of the shipped config so the names map as transformers
+    maps them. A plain load_state_dict matched none of them and trained from the random init instead."""
+    from halfv_export.graphs.checkpoint import load_pretrained
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copyfile(adapter.embedded_dir / "config.json", Path(tmp) / "config.json")
+        os.symlink(Path(weights).resolve(), Path(tmp) / EMBEDDED_WEIGHTS)
+        trained = load_pretrained(adapter.model_class, Path(tmp))
+    loaded.model.load_state_dict(trained.state_dict(), strict=True)
+
+
 def reinitialise(model, std: float, seed: int) -> None:
     """Seeded fresh weights: norm layers weight 1 / bias 0, every other bias 0, every other parameter (Linear, Conv,
     Embedding, CLIP's class embedding, LLaVA-NeXT's image newline) from N(0, std)."""
@@ -397,11 +410,8 @@ def main(argv=None) -> None:
     adapter = get_adapter(args.backbone)
     loaded = adapter.load(None, seed=args.seed)  # the shipped config with seeded random weights
     if args.init is not None:
-        from safetensors.torch import load_file
-
-        state = {k: v.float() for k, v in load_file(str(args.init)).items()}
-        missing, unexpected = loaded.model.load_state_dict(state, strict=False)
-        print(f"init from {args.init}: {len(missing)} missing, {len(unexpected)} unexpected", flush=True)
+        load_init(adapter, loaded, args.init)
+        print(f"init from {args.init}", flush=True)
     model, stack = loaded.model, adapter.text_stack(loaded)
     if args.init_std > 0 and args.init is None:
         reinitialise(model, args.init_std, args.seed)
