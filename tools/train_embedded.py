@@ -449,7 +449,7 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     log, running, steps_run = [], [], 0
     batches = prefetched(make_answer_batch, range(args.steps), args.workers)
-    for step, (host, answer, answer_valid) in zip(range(args.steps), batches):
+    for step, (host, answer, answer_valid) in enumerate(batches):
         model.train()
         lr = learning_rate(step, args.steps, args.lr, args.warmup)
         for group in optimizer.param_groups:
