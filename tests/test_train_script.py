@@ -73,3 +73,18 @@ def test_init_loads_what_the_script_saved(train, tmp_path):
     expected = saved.model.state_dict()
     for name, value in fresh.model.state_dict().items():
         assert torch.equal(value, expected[name].half().float()), name
+
+
+@pytest.mark.parametrize("backbone,per_cell", [("qwen2.5-vl", 4), ("llava-1.5", 16)])
+def test_localisation_probe_cells_cover_every_visual_row_once(train, backbone, per_cell):
+    # tools/localisation_probe.py lays synthetic digits out by these cells: each of the 4x4 cells of a 224x224 image
+    # owns the tokens its 56 px cover (2x2 merged Qwen tokens, 4x4 CLIP patches), and no token is in two cells
+    spec = importlib.util.spec_from_file_location("localisation_probe", ROOT / "tools" / "localisation_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    adapter = get_adapter(backbone)
+    loaded = adapter.load(None, seed=0)
+    cells = probe.cell_tokens(adapter, loaded, (224, 224))
+    assert sorted(cells) == [(r, c) for r in range(4) for c in range(4)]
+    assert all(len(rows) == per_cell for rows in cells.values())
+    assert sorted(k for rows in cells.values() for k in rows) == list(range(16 * per_cell))

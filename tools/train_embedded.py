@@ -83,9 +83,11 @@ def on_device(host, device):
     return dataclasses.replace(host, pixel_values=[p.to(device) for p in host.pixel_values], **move)
 
 
-def teacher_forced_loss(adapter, loaded, stack, host, answer, answer_valid) -> tuple[torch.Tensor, float]:
+def teacher_forced_loss(adapter, loaded, stack, host, answer, answer_valid,
+                        feats: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """Cross-entropy of the answer tokens (and EOS) given image + prompt; also the share of answer tokens whose
-    argmax is right (a cheap training-accuracy signal). Every tensor is on the model's device."""
+    argmax is right (a cheap training-accuracy signal). Every tensor is on the model's device. `feats` [B, N, D]
+    stands in for the vision tower's output (tools/localisation_probe.py)."""
     b, s, a = host.input_ids.shape[0], host.input_ids.shape[1], answer.shape[1]
     ids = torch.cat([host.input_ids, answer], dim=1)  # [B, S + A]
     valid = torch.cat([host.attention_mask, answer_valid], dim=1)
@@ -94,7 +96,8 @@ def teacher_forced_loss(adapter, loaded, stack, host, answer, answer_valid) -> t
 
     embeds = stack.embed_tokens(ids)  # [B, S + A, D]
     if host.num_visual > 0:
-        feats = adapter.vision_batch(loaded, host.pixel_values, host.bucket)  # [B, N, D]
+        if feats is None:
+            feats = adapter.vision_batch(loaded, host.pixel_values, host.bucket)  # [B, N, D]
         rows = host.visual_start[:, None] + torch.arange(host.num_visual, device=ids.device)[None, :]
         embeds = embeds.scatter(1, rows[..., None].expand(-1, -1, embeds.shape[-1]), feats.to(embeds.dtype))
     cos, sin = stack.rotary(embeds, positions)

@@ -1,0 +1,147 @@
+"""Can the embedded LLM find a visual row by its grid position? The digit_at question without the vision tower.
+
+    python tools/localisation_probe.py --backbone qwen2.5-vl --steps 1500
+
+The embedded model's LLM, freshly initialised as tools/train_embedded.py starts it, gets the real prompts of digit_at
+questions (the adapter's host_inputs: chat template, placeholder expansion, (M-)RoPE positions) with synthetic
+visual rows in place of the tower's output: a fixed random vector per digit and one for "empty", plus noise, laid
+out as the task lays digits out (2-6 filled cells of the grid, digits from 1-4 classes, each digit on one random
+token of the tokens its cell covers). Only the LLM trains. Every `--eval-every` steps it prints the first answer
+token's accuracy on fresh questions beside what guessing the image's most frequent digit would score.
+
+Why: trained end to end, the embedded models stall at that guess on questions about places
+(docs/accuracy/training-log.md). If this probe learns digit_at, the LLM can localise and the stall is on the
+vision side or in the joint training; if it stalls here too, the LLM cannot single out a row by position.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from halfv_export.base.tasks import CELL, NONE, PROMPTS, grid_shape  # noqa: E402
+from halfv_export.graphs import get_adapter  # noqa: E402
+from halfv_export.graphs.adapter import Processing  # noqa: E402
+from train_embedded import (answer_batch, answer_prefix, learning_rate, parse_size, reinitialise,  # noqa: E402
+                            teacher_forced_loss, token_centres)
+
+
+def cell_tokens(adapter, loaded, size) -> dict[tuple[int, int], list[int]]:
+    """(row, column) of the grid -> the visual rows whose centre lies in that cell."""
+    centres = token_centres(adapter, loaded, size)
+    rows, cols = grid_shape(size)
+    out: dict = {}
+    for k, (y, x) in enumerate(centres.tolist()):
+        if y == y:  # not NaN: an image patch
+            out.setdefault((min(int(y // CELL), rows - 1), min(int(x // CELL), cols - 1)), []).append(k)
+    return out
+
+
+def draw(batch: int, cells: dict, n_visual: int, table: torch.Tensor, noise: float, g: torch.Generator):
+    """Synthetic visual rows [B, N, D], the asked cell index per sample, answers, and the guess's hits."""
+    keys = sorted(cells)
+    feats = table[10].expand(batch, n_visual, -1).clone()
+    asked, answers, guess_hits = [], [], []
+    for b in range(batch):
+        filled = torch.randperm(len(keys), generator=g)[:int(torch.randint(2, 7, (1,), generator=g))].tolist()
+        classes = torch.randperm(10, generator=g)[:int(torch.randint(1, 5, (1,), generator=g))]
+        digits = {keys[i]: int(classes[int(torch.randint(len(classes), (1,), generator=g))]) for i in filled}
+        for cell, d in digits.items():
+            rows = cells[cell]
+            feats[b, rows[int(torch.randint(len(rows), (1,), generator=g))]] = table[d]
+        empty = [k for k in keys if k not in digits]
+        pool = list(digits) if (not empty or float(torch.rand(1, generator=g)) < 0.8) else empty
+        cell = pool[int(torch.randint(len(pool), (1,), generator=g))]
+        asked.append(keys.index(cell))
+        answers.append(str(digits[cell]) if cell in digits else NONE)
+        counts = {d: list(digits.values()).count(d) for d in set(digits.values())}
+        guess = max(sorted(counts), key=lambda d: counts[d])  # the most frequent digit, ties to the smallest
+        guess_hits.append(answers[-1] == str(guess))
+    return feats + noise * torch.randn(feats.shape, generator=g), asked, answers, guess_hits
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="qwen2.5-vl")
+    parser.add_argument("--image-size", default="224x224")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--noise", type=float, default=0.3)
+    parser.add_argument("--eval-every", type=int, default=250)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    size = parse_size(args.image_size)
+    adapter = get_adapter(args.backbone)
+    loaded = adapter.load(None, seed=args.seed)
+    reinitialise(loaded.model, 0.02, args.seed)
+    stack = adapter.text_stack(loaded)
+    processing = Processing(loaded.tokenizer, loaded.image_processor, loaded.config)
+    cells = cell_tokens(adapter, loaded, size)
+    keys = sorted(cells)
+    prompts = [PROMPTS["digit_at"].format(row=r + 1, col=c + 1) for r, c in keys]
+    blank = Image.new("RGB", (size[1], size[0]), "white")
+    host = adapter.host_inputs(processing, [blank] * len(keys), prompts)  # one row per cell
+    g = torch.Generator().manual_seed(args.seed)
+    table = torch.randn(11, loaded.config.text_config.hidden_size, generator=g)
+    prefix, eos = answer_prefix(adapter, processing), loaded.tokenizer.eos_token_id
+    pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else eos
+
+    def batch_of(n: int):
+        feats, asked, answers, guess = draw(n, cells, host.num_visual, table, args.noise, g)
+        idx = torch.tensor(asked)
+        sub = dataclasses.replace(host, input_ids=host.input_ids[idx], attention_mask=host.attention_mask[idx],
+                                  positions=host.positions[:, idx], visual_start=host.visual_start[idx],
+                                  next_positions=host.next_positions[:, idx], pixel_values=[])
+        answer, valid = answer_batch(processing, [SimpleNamespace(answer=a) for a in answers], prefix, eos, pad)
+        return sub, answer, valid, feats, guess
+
+    llm = [p for n, p in loaded.model.named_parameters() if "language_model" in n or "lm_head" in n]
+    optimizer = torch.optim.AdamW(llm, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
+    print(f"{args.backbone} {size}: {len(keys)} cells, {host.num_visual} visual rows, "
+          f"{sum(p.numel() for p in llm) / 1e6:.2f} M LLM parameters", flush=True)
+    started = time.perf_counter()
+    for step in range(args.steps):
+        loaded.model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args.steps, args.lr, 50)
+        sub, answer, valid, feats, _ = batch_of(args.batch)
+        loss, _ = teacher_forced_loss(adapter, loaded, stack, sub, answer, valid, feats=feats)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(llm, 1.0)
+        optimizer.step()
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            loaded.model.eval()
+            with torch.no_grad():
+                sub, answer, valid, feats, guess = batch_of(512)
+                _, first = first_token_accuracy(adapter, loaded, stack, sub, answer, valid, feats)
+            print(f"step {step + 1:5d}  loss {loss.item():.4f}  first answer token accuracy {first:.3f}  "
+                  f"(guessing the most frequent digit: {sum(guess) / len(guess):.3f})  "
+                  f"{time.perf_counter() - started:6.0f}s", flush=True)
+
+
+def first_token_accuracy(adapter, loaded, stack, host, answer, valid, feats) -> tuple[float, float]:
+    """(loss, accuracy of the first answer token) of a batch, teacher-forced: the digit, or the first token of
+    "none"."""
+    only_first = valid.clone()
+    only_first[:, 1:] = 0
+    return teacher_forced_loss(adapter, loaded, stack, host, answer, only_first, feats=feats)
+
+
+if __name__ == "__main__":
+    main()
