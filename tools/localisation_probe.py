@@ -23,13 +23,14 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from halfv_export.base.tasks import CELL, NONE, PROMPTS, grid_shape  # noqa: E402
+from halfv_export.base.tasks import CELL, PROMPTS, _cells, _question, digits_of, grid_shape, scan_indices  # noqa: E402
 from halfv_export.graphs import get_adapter  # noqa: E402
 from halfv_export.graphs.adapter import Processing  # noqa: E402
 from train_embedded import (answer_batch, answer_prefix, learning_rate, parse_size, reinitialise,  # noqa: E402
@@ -47,26 +48,26 @@ def cell_tokens(adapter, loaded, size) -> dict[tuple[int, int], list[int]]:
     return out
 
 
-def draw(batch: int, cells: dict, n_visual: int, table: torch.Tensor, noise: float, g: torch.Generator):
-    """Synthetic visual rows [B, N, D], the asked cell index per sample, answers, and the guess's hits."""
-    keys = sorted(cells)
+def draw(batch: int, size, cells: dict, prompt_row: dict, n_visual: int, table: torch.Tensor, noise: float,
+         rng: np.random.Generator, g: torch.Generator):
+    """Synthetic visual rows [B, N, D], the host row of each sample's question, answers, and the guess's hits.
+    Grids and questions come from the task's own generator (tasks._cells, _question), so the digits drawn and the
+    cells asked about are distributed exactly as in training."""
+    rows, cols = grid_shape(size)
+    pool = scan_indices("train")
     feats = table[10].expand(batch, n_visual, -1).clone()
     asked, answers, guess_hits = [], [], []
     for b in range(batch):
-        filled = torch.randperm(len(keys), generator=g)[:int(torch.randint(2, 7, (1,), generator=g))].tolist()
-        classes = torch.randperm(10, generator=g)[:int(torch.randint(1, 5, (1,), generator=g))]
-        digits = {keys[i]: int(classes[int(torch.randint(len(classes), (1,), generator=g))]) for i in filled}
-        for cell, d in digits.items():
-            rows = cells[cell]
-            feats[b, rows[int(torch.randint(len(rows), (1,), generator=g))]] = table[d]
-        empty = [k for k in keys if k not in digits]
-        pool = list(digits) if (not empty or float(torch.rand(1, generator=g)) < 0.8) else empty
-        cell = pool[int(torch.randint(len(pool), (1,), generator=g))]
-        asked.append(keys.index(cell))
-        answers.append(str(digits[cell]) if cell in digits else NONE)
-        counts = {d: list(digits.values()).count(d) for d in set(digits.values())}
-        guess = max(sorted(counts), key=lambda d: counts[d])  # the most frequent digit, ties to the smallest
-        guess_hits.append(answers[-1] == str(guess))
+        grid = digits_of(_cells(rng, pool, rows, cols))
+        prompt, answer = _question("digit_at", grid, rng)
+        present = [d for line in grid for d in line if d is not None]
+        for (r, c), tokens in cells.items():
+            if grid[r][c] is not None:
+                feats[b, tokens[int(rng.integers(len(tokens)))]] = table[grid[r][c]]
+        asked.append(prompt_row[prompt])
+        answers.append(answer)
+        guess = max(sorted(set(present)), key=present.count)  # the most frequent digit, ties to the smallest
+        guess_hits.append(answer == str(guess))
     return feats + noise * torch.randn(feats.shape, generator=g), asked, answers, guess_hits
 
 
@@ -97,12 +98,14 @@ def main(argv=None) -> None:
     blank = Image.new("RGB", (size[1], size[0]), "white")
     host = adapter.host_inputs(processing, [blank] * len(keys), prompts)  # one row per cell
     g = torch.Generator().manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    prompt_row = {prompt: i for i, prompt in enumerate(prompts)}
     table = torch.randn(11, loaded.config.text_config.hidden_size, generator=g)
     prefix, eos = answer_prefix(adapter, processing), loaded.tokenizer.eos_token_id
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else eos
 
     def batch_of(n: int):
-        feats, asked, answers, guess = draw(n, cells, host.num_visual, table, args.noise, g)
+        feats, asked, answers, guess = draw(n, size, cells, prompt_row, host.num_visual, table, args.noise, rng, g)
         idx = torch.tensor(asked)
         sub = dataclasses.replace(host, input_ids=host.input_ids[idx], attention_mask=host.attention_mask[idx],
                                   positions=host.positions[:, idx], visual_start=host.visual_start[idx],
@@ -135,7 +138,7 @@ def main(argv=None) -> None:
                   f"{time.perf_counter() - started:6.0f}s", flush=True)
 
 
-def first_token_accuracy(adapter, loaded, stack, host, answer, valid, feats) -> tuple[float, float]:
+def first_token_accuracy(adapter, loaded, stack, host, answer, valid, feats) -> tuple[torch.Tensor, float]:
     """(loss, accuracy of the first answer token) of a batch, teacher-forced: the digit, or the first token of
     "none"."""
     only_first = valid.clone()
