@@ -6,6 +6,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,11 +44,11 @@ def test_worker_batches_equal_inline_batches(train):
                         pad=loaded.tokenizer.pad_token_id)
     inline = list(train.prefetched(train.make_answer_batch, range(3), workers=0))
     ahead = list(train.prefetched(train.make_answer_batch, range(3), workers=2))
-    for (host_a, ans_a, valid_a), (host_b, ans_b, valid_b) in zip(inline, ahead, strict=True):
+    for (host_a, ans_a, valid_a, asked_a), (host_b, ans_b, valid_b, asked_b) in zip(inline, ahead, strict=True):
         assert torch.equal(host_a.input_ids, host_b.input_ids) and torch.equal(host_a.positions, host_b.positions)
         assert all(torch.equal(a, b) for a, b in zip(host_a.pixel_values, host_b.pixel_values, strict=True))
-        assert torch.equal(ans_a, ans_b) and torch.equal(valid_a, valid_b)
-    assert [h.bucket for h, _, _ in ahead] == [(224, 224), (224, 336), (224, 224)]  # buckets in turn
+        assert torch.equal(ans_a, ans_b) and torch.equal(valid_a, valid_b) and torch.equal(asked_a, asked_b)
+    assert [batch[0].bucket for batch in ahead] == [(224, 224), (224, 336), (224, 224)]  # buckets in turn
 
 
 def test_balanced_token_loss_does_not_reward_all_empty(train):
@@ -75,16 +76,95 @@ def test_init_loads_what_the_script_saved(train, tmp_path):
         assert torch.equal(value, expected[name].half().float()), name
 
 
+def _probe():
+    spec = importlib.util.spec_from_file_location("localisation_probe", ROOT / "tools" / "localisation_probe.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    return probe
+
+
 @pytest.mark.parametrize("backbone,per_cell", [("qwen2.5-vl", 4), ("llava-1.5", 16)])
 def test_localisation_probe_cells_cover_every_visual_row_once(train, backbone, per_cell):
     # tools/localisation_probe.py lays synthetic digits out by these cells: each of the 4x4 cells of a 224x224 image
     # owns the tokens its 56 px cover (2x2 merged Qwen tokens, 4x4 CLIP patches), and no token is in two cells
-    spec = importlib.util.spec_from_file_location("localisation_probe", ROOT / "tools" / "localisation_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = _probe()
     adapter = get_adapter(backbone)
     loaded = adapter.load(None, seed=0)
     cells = probe.cell_tokens(adapter, loaded, (224, 224))
     assert sorted(cells) == [(r, c) for r in range(4) for c in range(4)]
     assert all(len(rows) == per_cell for rows in cells.values())
     assert sorted(k for rows in cells.values() for k in rows) == list(range(16 * per_cell))
+
+
+def test_set_overrides_reach_the_built_model_and_its_checkpoint(train, tmp_path):
+    # --set edits the shipped text_config before the model is built: the rotary table and the projections follow,
+    # and --init reloads weights saved from that model into the same edited config
+    overrides = ["rope_parameters.rope_theta=10", "num_attention_heads=2", "num_key_value_heads=2",
+                 "rope_parameters.mrope_section=[8,12,12]"]
+    adapter = get_adapter("qwen2.5-vl")
+    loaded = train.load_with(adapter, overrides, 0)
+    text = loaded.model.model.language_model
+    assert text.layers[0].self_attn.head_dim == 64 and text.layers[0].self_attn.q_proj.weight.shape == (128, 128)
+    assert torch.allclose(text.rotary_emb.inv_freq, 10.0 ** (-torch.arange(0, 64, 2).float() / 64))
+    shipped = adapter.load(None, seed=0).model.model.language_model
+    assert shipped.layers[0].self_attn.head_dim == 32 and shipped.rotary_emb.inv_freq[1] < 0.5  # θ = 1e6 untouched
+    train.save_fp16(loaded.model, tmp_path)
+    fresh = train.load_with(adapter, overrides, 1)
+    train.load_init(adapter, fresh, tmp_path / "model.safetensors", overrides)
+    assert torch.equal(fresh.model.model.language_model.layers[0].self_attn.q_proj.weight,
+                       text.layers[0].self_attn.q_proj.weight.half().float())
+    with pytest.raises(SystemExit, match="write KEY=JSON"):
+        train.edited_config(adapter, ["rope_parameters.rope_thetaa=10"])
+
+
+def test_localisation_probe_dense_grids():
+    # dense grids fill each cell with probability FILL, digits uniform over 0-9
+    probe = _probe()
+    rng = np.random.default_rng(0)
+    full = [probe.dense_grid(4, 4, 1.0, rng) for _ in range(50)]
+    assert all(d is not None for g in full for line in g for d in line)
+    assert {d for g in full for line in g for d in line} == set(range(10))
+    half = [d for _ in range(200) for line in probe.dense_grid(4, 4, 0.5, rng) for d in line]
+    assert 0.4 < sum(d is None for d in half) / len(half) < 0.6
+
+
+def test_question_targets_name_what_the_answer_is_about(train):
+    # parsed back from the prompt, the named row/column/digit reproduce the task's own answer
+    from halfv_export.base.tasks import answer_for, task_set
+
+    samples = task_set(60, seed=11, split="train")
+    targets = train.question_targets(samples)
+    seen = set()
+    for sample, (row, col, digit) in zip(samples, targets.tolist()):
+        seen.add(sample.type)
+        if sample.type == "digit_at":
+            assert answer_for("digit_at", sample.grid, row + 1, col + 1) == sample.answer and digit == -100
+        elif sample.type == "row_digits":
+            assert answer_for("row_digits", sample.grid, row + 1) == sample.answer and col == digit == -100
+        elif sample.type == "count_digit":
+            assert answer_for("count_digit", sample.grid, digit=digit) == sample.answer and row == col == -100
+        else:
+            assert row == col == digit == -100
+    assert seen == set(DEFAULT_MIX)
+
+
+def test_question_probe_trains_only_the_layers_below_it(train):
+    # the auxiliary loss reads the last prompt row after layer 2: layers 0-2 get its gradient, layers 3+ none
+    from halfv_export.base.tasks import task_set
+
+    adapter = get_adapter("qwen2.5-vl")
+    loaded = adapter.load(None, seed=0)
+    stack = adapter.text_stack(loaded)
+    processing = Processing(loaded.tokenizer, loaded.image_processor, loaded.config)
+    samples = task_set(4, seed=2, split="train", mix={"digit_at": 1.0})
+    host = adapter.host_inputs(processing, [s.image for s in samples], [s.prompt for s in samples])
+    answer, valid = train.answer_batch(processing, samples, train.answer_prefix(adapter, processing),
+                                       loaded.tokenizer.eos_token_id, loaded.tokenizer.pad_token_id)
+    gather = train.QuestionProbe(stack, 2, loaded.config.text_config.hidden_size, 4, 4)
+    train.teacher_forced_loss(adapter, loaded, stack, host, answer, valid)
+    aux = gather.loss(host.input_ids.shape[1], train.question_targets(samples))
+    assert math.isfinite(aux.item()) and aux.item() > 0
+    aux.backward()
+    touched = [any(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
+               for layer in stack.layers]
+    assert touched == [True, True, True] + [False] * (len(stack.layers) - 3)

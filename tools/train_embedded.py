@@ -28,6 +28,7 @@ import math
 import multiprocessing
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -39,7 +40,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from halfv_export.base.tasks import DEFAULT_MIX, MAX_DIGITS, MIN_DIGITS, normalise_answer, parse_mix, task_set  # noqa: E402
+from halfv_export.base.tasks import (DEFAULT_MIX, MAX_DIGITS, MIN_DIGITS, PROMPTS, grid_shape,  # noqa: E402
+                                     normalise_answer, parse_mix, task_set)
 from halfv_export.graphs import get_adapter  # noqa: E402
 from halfv_export.graphs.adapter import EMBEDDED_WEIGHTS, TRAINING_RECORD, Processing  # noqa: E402
 from halfv_export.graphs.halfv import HalfVReference, additive_mask  # noqa: E402
@@ -114,6 +116,55 @@ def teacher_forced_loss(adapter, loaded, stack, host, answer, answer_valid,
     return loss, token_acc
 
 
+# ------------------------------------------------------------------------------------------- question gathering
+QUESTION_FIELDS = ("row", "col", "digit")
+_PROMPT_PATTERNS = {kind: re.compile(re.escape(text).replace(r"\{row\}", r"(?P<row>\d+)")
+                                     .replace(r"\{col\}", r"(?P<col>\d+)").replace(r"\{digit\}", r"(?P<digit>\d)") + "$")
+                    for kind, text in PROMPTS.items()}
+
+
+def question_targets(samples) -> torch.Tensor:
+    """[B, 3]: what each prompt names, (row - 1, column - 1, digit), -100 where it names none (count_all names
+    nothing, row_digits only a row)."""
+    out = torch.full((len(samples), len(QUESTION_FIELDS)), -100, dtype=torch.long)
+    for i, sample in enumerate(samples):
+        named = _PROMPT_PATTERNS[sample.type].match(sample.prompt).groupdict()
+        for j, key in enumerate(QUESTION_FIELDS):
+            if key in named:
+                out[i, j] = int(named[key]) - (key != "digit")
+    return out
+
+
+class QuestionProbe(torch.nn.Module):
+    """Auxiliary heads that make the LLM gather the question into the row that answers it.
+
+    Asked "What is the digit in row 2, column 3?", the answer's first token is predicted by the prompt's last row,
+    which must first collect "2" and "3" from ten and five tokens back, then look up that cell among the visual rows.
+    Learnt only through the answer, the two hops wait on each other and sat at the guess for thousands of steps;
+    with this loss (linear heads on that row after `layer` must name the asked row, column and digit) the lookup
+    was learnt in a few hundred (tools/localisation_probe.py, docs/accuracy/training-log.md). The heads are
+    discarded; the shipped model is the transformers architecture, unchanged."""
+
+    def __init__(self, stack, layer: int, dim: int, rows: int, cols: int):
+        super().__init__()
+        self.heads = torch.nn.ModuleList([torch.nn.Linear(dim, rows), torch.nn.Linear(dim, cols),
+                                          torch.nn.Linear(dim, 10)])
+        self.hidden: torch.Tensor | None = None
+        stack.layers[layer].register_forward_hook(self._keep)
+
+    def _keep(self, module, inputs, output) -> None:
+        self.hidden = output[0] if isinstance(output, tuple) else output
+
+    def loss(self, prompt_length: int, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of each field the prompts name, from the last prompt row of the latest forward."""
+        last = F.rms_norm(self.hidden[:, prompt_length - 1], (self.hidden.shape[-1],))
+        total = last.new_zeros(())
+        for head, target in zip(self.heads, targets.to(last.device).unbind(1)):
+            if bool((target >= 0).any()):
+                total = total + F.cross_entropy(head(last), target, ignore_index=-100)
+        return total
+
+
 # ------------------------------------------------------------------------------------------- batches
 # Drawing a batch (PIL images, the processor, tokenising) costs more CPU than a GPU step of these small models, so
 # batches are made ahead in forked worker processes. What the makers need is put here before the pool forks.
@@ -121,14 +172,14 @@ _MAKER: dict = {}
 
 
 def make_answer_batch(step: int):
-    """Stage 2's batch of `step`: (HostInputs, answer ids, answer mask), all on the CPU."""
+    """Stage 2's batch of `step`: (HostInputs, answer ids, answer mask, question_targets), all on the CPU."""
     m = _MAKER
     size = m["sizes"][step % len(m["sizes"])]
     phase_mix, digits = m["phase_of"](step)
     samples = task_set(m["batch"], seed=m["seed"] * 1_000_003 + step, split="train", sizes=[size], mix=phase_mix,
                        digits=digits, slot=m["slot"])
     host = m["adapter"].host_inputs(m["processing"], [x.image for x in samples], [x.prompt for x in samples])
-    return (host, *answer_batch(m["processing"], samples, m["prefix"], m["eos"], m["pad"]))
+    return (host, *answer_batch(m["processing"], samples, m["prefix"], m["eos"], m["pad"]), question_targets(samples))
 
 
 def prefetched(make, steps: range, workers: int):
@@ -181,14 +232,46 @@ def held_out_on_cpu(adapter, loaded, stack, samples, device: torch.device) -> di
         loaded.model.to(device)
 
 
-def load_init(adapter, loaded, weights: Path) -> None:
+def edited_config(adapter, overrides: list[str]) -> dict:
+    """The shipped config.json with text_config entries replaced: KEY=JSON, dots reaching into dicts
+    (rope_parameters.rope_theta=10). What --set trains, and what is written beside the weights it produces."""
+    config = json.loads((adapter.embedded_dir / "config.json").read_text())
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        *path, last = key.split(".")
+        target = config["text_config"]
+        try:
+            for part in path:
+                target = target[part]
+            target[last]  # an existing entry: a misspelt key must not train a silently unchanged model
+            target[last] = json.loads(value)
+        except (KeyError, TypeError, json.JSONDecodeError):
+            raise SystemExit(f"--set {item!r}: write KEY=JSON for an existing text_config entry, e.g. "
+                             "rope_parameters.rope_theta=10") from None
+    return config
+
+
+def load_with(adapter, overrides: list[str], seed: int):
+    """The embedded model with weights drawn from `seed`, its config edited by `overrides` (edited_config)."""
+    from halfv_export.graphs.adapter import LoadedModel
+    from halfv_export.graphs.checkpoint import seeded_model
+
+    if not overrides:
+        return adapter.load(None, seed=seed)
+    model = seeded_model(adapter.model_class, adapter.config_class.from_dict(edited_config(adapter, overrides)), seed)
+    proc = adapter.load_processing(adapter.embedded_dir, config=model.config)
+    return LoadedModel(model=model, tokenizer=proc.tokenizer, image_processor=proc.image_processor,
+                       source=f"embedded:{adapter.name}:seed={seed}+{','.join(overrides)}")
+
+
+def load_init(adapter, loaded, weights: Path, overrides: list[str] = ()) -> None:
     """Weights this script saved (model.safetensors: save_pretrained's names, which are not the module's) into the
     model, through from_pretrained on a temporary checkpoint of the shipped config so the names map as transformers
     maps them. A plain load_state_dict matched none of them and trained from the random init instead."""
     from halfv_export.graphs.checkpoint import load_pretrained
 
     with tempfile.TemporaryDirectory() as tmp:
-        shutil.copyfile(adapter.embedded_dir / "config.json", Path(tmp) / "config.json")
+        (Path(tmp) / "config.json").write_text(json.dumps(edited_config(adapter, list(overrides))))
         os.symlink(Path(weights).resolve(), Path(tmp) / EMBEDDED_WEIGHTS)
         trained = load_pretrained(adapter.model_class, Path(tmp))
     loaded.model.load_state_dict(trained.state_dict(), strict=True)
@@ -388,6 +471,12 @@ def main(argv=None) -> None:
                              "before their gradients are trusted).")
     parser.add_argument("--vision-lr-scale", type=float, default=0.25,
                         help="Stage 2 learning rate of the vision tower and projector, relative to --lr.")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                        help="Train a config with this text_config entry changed, e.g. rope_parameters.rope_theta=10 "
+                             "(repeatable); --out then gets the edited config.json beside the weights.")
+    parser.add_argument("--question-aux", type=int, default=None, metavar="LAYER",
+                        help="Stage 2 auxiliary loss: the last prompt row after LLM layer LAYER must name the row, "
+                             "column and digit the question asks about (QuestionProbe; discarded after training).")
     parser.add_argument("--slot", type=int, default=28, help="Digit slot in pixels (28: a merged Qwen token; "
                         "14: a CLIP patch); recorded in training.json, used by make-task --backbone.")
     parser.add_argument("--vision-steps", type=int, default=300, help="Stage 1 steps (0: skip).")
@@ -411,9 +500,9 @@ def main(argv=None) -> None:
             step -= length
         return mix, (MIN_DIGITS, MAX_DIGITS)
     adapter = get_adapter(args.backbone)
-    loaded = adapter.load(None, seed=args.seed)  # the shipped config with seeded random weights
+    loaded = load_with(adapter, args.set, args.seed)  # the shipped config (edited by --set), seeded random weights
     if args.init is not None:
-        load_init(adapter, loaded, args.init)
+        load_init(adapter, loaded, args.init, args.set)
         print(f"init from {args.init}", flush=True)
     model, stack = loaded.model, adapter.text_stack(loaded)
     if args.init_std > 0 and args.init is None:
@@ -444,6 +533,12 @@ def main(argv=None) -> None:
         vision = "language_model" not in n and "lm_head" not in n
         decays = p.dim() >= 2 and "embed" not in n
         groups.setdefault((vision, decays), []).append(p)
+    gather = None
+    if args.question_aux is not None:
+        grids = [grid_shape(size) for size in sizes]
+        gather = QuestionProbe(stack, args.question_aux, loaded.config.text_config.hidden_size,
+                               max(r for r, _ in grids), max(c for _, c in grids)).to(device)
+        groups[(False, False)] = groups.get((False, False), []) + list(gather.parameters())
     optimizer = torch.optim.AdamW(
         [{"params": ps, "weight_decay": args.weight_decay if decays else 0.0, "vision": vision}
          for (vision, decays), ps in groups.items()], lr=args.lr, betas=(0.9, 0.98))
@@ -452,7 +547,7 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     log, running, steps_run = [], [], 0
     batches = prefetched(make_answer_batch, range(args.steps), args.workers)
-    for step, (host, answer, answer_valid) in enumerate(batches):
+    for step, (host, answer, answer_valid, asked) in enumerate(batches):
         model.train()
         lr = learning_rate(step, args.steps, args.lr, args.warmup)
         for group in optimizer.param_groups:
@@ -460,6 +555,8 @@ def main(argv=None) -> None:
             group["lr"] = 0.0 if frozen else lr * (args.vision_lr_scale if group["vision"] else 1.0)
         loss, token_acc = teacher_forced_loss(adapter, loaded, stack, on_device(host, device), answer.to(device),
                                               answer_valid.to(device))
+        if gather is not None:
+            loss = loss + gather.loss(host.input_ids.shape[1], asked)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -496,6 +593,8 @@ def main(argv=None) -> None:
     if args.out is None:
         return
     target = save_fp16(model, args.out)
+    if args.set:  # the weights only load into the config they were trained with
+        (args.out / "config.json").write_text(json.dumps(edited_config(adapter, args.set), indent=2) + "\n")
     record = {
         "backbone": args.backbone, "weights": EMBEDDED_WEIGHTS,
         "sha256": hashlib.sha256(target.read_bytes()).hexdigest(), "dtype": "float16",
@@ -503,7 +602,7 @@ def main(argv=None) -> None:
         "seed": args.seed, "steps": args.steps, "steps_run": steps_run, "batch": args.batch, "lr": args.lr, "warmup": args.warmup,
         "weight_decay": args.weight_decay,
         "curriculum": [{"steps": n, "mix": m, "digits": list(d)} for n, m, d in phases],
-        "freeze_vision_steps": args.freeze_vision_steps, "vision_lr_scale": args.vision_lr_scale, "images_seen": images_seen, "vision_stage": vision_stage,
+        "config_overrides": args.set, "question_aux_layer": args.question_aux, "freeze_vision_steps": args.freeze_vision_steps, "vision_lr_scale": args.vision_lr_scale, "images_seen": images_seen, "vision_stage": vision_stage,
         "image_sizes": [list(s) for s in sizes], "mix": mix if args.mix else DEFAULT_MIX,
         "task": {"generator": "halfv_export.base.tasks", "split": "train", "slot": args.slot},
         "train_seconds": round(train_seconds, 1), "threads": args.threads,
