@@ -168,3 +168,5 @@ def test_question_probe_trains_only_the_layers_below_it(train):
     touched = [any(p.grad is not None and p.grad.abs().sum() > 0 for p in layer.parameters())
                for layer in stack.layers]
     assert touched == [True, True, True] + [False] * (len(stack.layers) - 3)
+    with pytest.raises(SystemExit, match="the LLM has layers 0..7"):
+        train.QuestionProbe(stack, len(stack.layers), loaded.config.text_config.hidden_size, 4, 4)

@@ -146,6 +146,7 @@ def main(argv=None) -> None:
         return sub, answer, valid, feats, guess, idx
 
     llm = [p for n, p in loaded.model.named_parameters() if "language_model" in n or "lm_head" in n]
+    llm_parameters = sum(p.numel() for p in llm)
     gather = None
     if args.query_aux is not None:
         gather = QuestionProbe(stack, args.query_aux, loaded.config.text_config.hidden_size, *grid_shape(size))
@@ -153,7 +154,7 @@ def main(argv=None) -> None:
         asked_cell = torch.tensor([[r, c, -100] for r, c in keys])  # prompt row -> question_targets' fields
     optimizer = torch.optim.AdamW(llm, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     print(f"{args.backbone} {size}: {len(keys)} cells, {host.num_visual} visual rows, "
-          f"{sum(p.numel() for p in llm) / 1e6:.2f} M LLM parameters", flush=True)
+          f"{llm_parameters / 1e6:.2f} M LLM parameters", flush=True)
     started = time.perf_counter()
     for step in range(args.steps):
         loaded.model.train()

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from halfv_export.base.tasks import (DEFAULT_MIX, MAX_DIGITS, MIN_DIGITS, PROMPTS, grid_shape,  # noqa: E402
                                      normalise_answer, parse_mix, task_set)
+from halfv_export.base.atomic import write_text_atomic  # noqa: E402
 from halfv_export.graphs import get_adapter  # noqa: E402
 from halfv_export.graphs.adapter import EMBEDDED_WEIGHTS, TRAINING_RECORD, Processing  # noqa: E402
 from halfv_export.graphs.halfv import HalfVReference, additive_mask  # noqa: E402
@@ -147,6 +148,9 @@ class QuestionProbe(torch.nn.Module):
 
     def __init__(self, stack, layer: int, dim: int, rows: int, cols: int):
         super().__init__()
+        if not 0 <= layer < len(stack.layers):
+            raise SystemExit(f"--question-aux {layer}: the LLM has layers 0..{len(stack.layers) - 1}; pick one of "
+                             "them (2 worked on the embedded models)")
         self.heads = torch.nn.ModuleList([torch.nn.Linear(dim, rows), torch.nn.Linear(dim, cols),
                                           torch.nn.Linear(dim, 10)])
         self.hidden: torch.Tensor | None = None
@@ -594,7 +598,7 @@ def main(argv=None) -> None:
         return
     target = save_fp16(model, args.out)
     if args.set:  # the weights only load into the config they were trained with
-        (args.out / "config.json").write_text(json.dumps(edited_config(adapter, args.set), indent=2) + "\n")
+        write_text_atomic(args.out / "config.json", json.dumps(edited_config(adapter, args.set), indent=2) + "\n")
     record = {
         "backbone": args.backbone, "weights": EMBEDDED_WEIGHTS,
         "sha256": hashlib.sha256(target.read_bytes()).hexdigest(), "dtype": "float16",
