@@ -1,7 +1,9 @@
 """tools/train_embedded.py's batch pipeline and stage-1 loss: batches drawn ahead in worker processes are the batches
 drawn inline, and the digit-token loss cannot be won by answering "empty" everywhere."""
 
+import hashlib
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -170,3 +172,34 @@ def test_question_probe_trains_only_the_layers_below_it(train):
     assert touched == [True, True, True] + [False] * (len(stack.layers) - 3)
     with pytest.raises(SystemExit, match="the LLM has layers 0..7"):
         train.QuestionProbe(stack, len(stack.layers), loaded.config.text_config.hidden_size, 4, 4)
+
+
+def test_continued_run_records_the_runs_it_continues(train, tmp_path):
+    # a model trained in two runs (the second with --init) ships with both commands, and the time of both
+    common = ["--backbone", "qwen2.5-vl", "--steps", "1", "--batch", "2", "--vision-steps", "0", "--first-steps", "0",
+              "--warm-steps", "0", "--eval-samples", "2", "--eval-every", "0", "--threads", "1"]
+    train.main(common + ["--out", str(tmp_path / "first")])
+    train.main(common + ["--init", str(tmp_path / "first" / "model.safetensors"), "--out", str(tmp_path / "second")])
+    first = json.loads((tmp_path / "first" / "training.json").read_text())
+    second = json.loads((tmp_path / "second" / "training.json").read_text())
+    assert first["init_history"] == [] and first["total_train_seconds"] == first["train_seconds"]
+    [earlier] = second["init_history"]
+    assert earlier["command"] == first["command"] and "--init" in second["command"]
+    assert earlier["sha256"] == hashlib.sha256((tmp_path / "first" / "model.safetensors").read_bytes()).hexdigest()
+    assert earlier["held_out"] == {"accuracy": first["held_out"]["accuracy"], "count": 2}
+    assert second["total_train_seconds"] == pytest.approx(first["train_seconds"] + second["train_seconds"], abs=0.11)
+
+
+def test_mid_run_held_out_score_leaves_a_checkpoint_to_continue_from(train, tmp_path):
+    # a run cut off after a held-out score still leaves those weights, and --init continues from them
+    out = tmp_path / "run"
+    train.main(["--backbone", "qwen2.5-vl", "--steps", "3", "--batch", "2", "--vision-steps", "0", "--first-steps", "0",
+                "--warm-steps", "0", "--eval-samples", "2", "--eval-every", "2", "--threads", "1", "--out", str(out)])
+    saved = json.loads((out / train.CHECKPOINT_DIR / "checkpoint.json").read_text())
+    assert saved["step"] == 2 and saved["of_steps"] == 3 and 0 <= saved["held_out_100"] <= 1
+    adapter = get_adapter("qwen2.5-vl")
+    mid, final = (train.load_with(adapter, [], 0) for _ in range(2))
+    train.load_init(adapter, mid, out / train.CHECKPOINT_DIR / train.EMBEDDED_WEIGHTS)
+    train.load_init(adapter, final, out / train.EMBEDDED_WEIGHTS)
+    weights = [(a, b) for a, b in zip(mid.model.parameters(), final.model.parameters())]
+    assert any(not torch.equal(a, b) for a, b in weights)  # the checkpoint is step 2's, not the final step's

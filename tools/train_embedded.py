@@ -48,6 +48,7 @@ from halfv_export.graphs.adapter import EMBEDDED_WEIGHTS, TRAINING_RECORD, Proce
 from halfv_export.graphs.halfv import HalfVReference, additive_mask  # noqa: E402
 from halfv_export.graphs.pruning import gather_rows  # noqa: E402
 
+CHECKPOINT_DIR = "checkpoint"  # under --out: the weights at the latest mid-run held-out score
 EVAL_SEED = 12345  # the held-out set of the training log (validate's evaluation set is written by make-task)
 
 
@@ -279,6 +280,21 @@ def load_init(adapter, loaded, weights: Path, overrides: list[str] = ()) -> None
         os.symlink(Path(weights).resolve(), Path(tmp) / EMBEDDED_WEIGHTS)
         trained = load_pretrained(adapter.model_class, Path(tmp))
     loaded.model.load_state_dict(trained.state_dict(), strict=True)
+
+
+def init_history(weights: Path | None) -> list[dict]:
+    """The runs that made the --init weights, oldest first, from the training.json beside them (empty when there is
+    none): a continued model ships with every command it took, so the README can say how to rebuild it."""
+    record = weights.parent / TRAINING_RECORD if weights is not None else None
+    if record is None or not record.is_file():
+        return []
+    earlier = json.loads(record.read_text())
+    keep = ("command", "sha256", "steps", "steps_run", "batch", "lr", "images_seen", "train_seconds", "threads",
+            "machine", "device", "held_out")
+    run = {k: earlier[k] for k in keep if k in earlier}
+    if "held_out" in run:
+        run["held_out"] = {k: run["held_out"][k] for k in ("accuracy", "count") if k in run["held_out"]}
+    return earlier.get("init_history", []) + [run]
 
 
 def reinitialise(model, std: float, seed: int) -> None:
@@ -582,6 +598,11 @@ def main(argv=None) -> None:
             acc = held_out_on_cpu(adapter, loaded, stack, held_out[:100], device)
             print(f"  held-out (100) exact match {acc['accuracy']:.3f}  "
                   + "  ".join(f"{k} {v['accuracy']:.2f}" for k, v in acc["per_type"].items()), flush=True)
+            if args.out is not None:  # a run cut off later still leaves these weights (continue with --init)
+                save_fp16(model, args.out / CHECKPOINT_DIR)
+                write_text_atomic(args.out / CHECKPOINT_DIR / "checkpoint.json", json.dumps(
+                    {"step": step + 1, "of_steps": args.steps, "held_out_100": acc["accuracy"],
+                     "seconds": round(time.perf_counter() - overall, 1), "command": " ".join(sys.argv)}) + "\n")
     train_seconds = time.perf_counter() - overall  # both stages
     images_seen = steps_run * args.batch + (args.vision_steps * args.vision_batch if vision_stage else 0)
     model.eval()
@@ -613,6 +634,8 @@ def main(argv=None) -> None:
         "machine": machine(device), "device": str(device), "workers": args.workers, "torch": torch.__version__,
         "held_out": {"seed": EVAL_SEED, "split": "eval", **acc, "model": "unpruned eager, the fp16 weights, CPU"},
         "parameters": params, "log": log,
+        "init_history": init_history(args.init),
+        "total_train_seconds": round(train_seconds + sum(r.get("train_seconds", 0) for r in init_history(args.init)), 1),
     }
     (args.out / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB) and {args.out / TRAINING_RECORD}", flush=True)
