@@ -108,8 +108,10 @@ def test_set_overrides_reach_the_built_model_and_its_checkpoint(train, tmp_path)
     text = loaded.model.model.language_model
     assert text.layers[0].self_attn.head_dim == 64 and text.layers[0].self_attn.q_proj.weight.shape == (128, 128)
     assert torch.allclose(text.rotary_emb.inv_freq, 10.0 ** (-torch.arange(0, 64, 2).float() / 64))
-    shipped = adapter.load(None, seed=0).model.model.language_model
-    assert shipped.layers[0].self_attn.head_dim == 32 and shipped.rotary_emb.inv_freq[1] < 0.5  # θ = 1e6 untouched
+    shipped = adapter.load(None, seed=0).model.model.language_model  # untouched: its own heads and rotary base
+    theta = json.loads((adapter.embedded_dir / "config.json").read_text())["text_config"]["rope_parameters"]["rope_theta"]
+    assert shipped.layers[0].self_attn.head_dim == 32
+    assert torch.allclose(shipped.rotary_emb.inv_freq, theta ** (-torch.arange(0, 32, 2).float() / 32))
     train.save_fp16(loaded.model, tmp_path)
     fresh = train.load_with(adapter, overrides, 1)
     train.load_init(adapter, fresh, tmp_path / "model.safetensors", overrides)
