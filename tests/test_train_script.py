@@ -198,7 +198,8 @@ def test_mid_run_held_out_score_leaves_a_checkpoint_to_continue_from(train, tmp_
     train.main(["--backbone", "qwen2.5-vl", "--steps", "3", "--batch", "2", "--vision-steps", "0", "--first-steps", "0",
                 "--warm-steps", "0", "--eval-samples", "2", "--eval-every", "2", "--threads", "1", "--out", str(out)])
     saved = json.loads((out / train.CHECKPOINT_DIR / "checkpoint.json").read_text())
-    assert saved["step"] == 2 and saved["of_steps"] == 3 and 0 <= saved["held_out_100"] <= 1
+    assert saved["step"] == 2 and saved["of_steps"] == 3 and 0 <= saved["held_out"]["accuracy"] <= 1
+    assert saved["held_out"]["count"] == 2 and saved["command"].endswith(f"--out {out}")
     adapter = get_adapter("qwen2.5-vl")
     mid, final = (train.load_with(adapter, [], 0) for _ in range(2))
     train.load_init(adapter, mid, out / train.CHECKPOINT_DIR / train.EMBEDDED_WEIGHTS)

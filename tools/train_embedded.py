@@ -519,6 +519,7 @@ def main(argv=None) -> None:
                 return phase_mix, digits
             step -= length
         return mix, (MIN_DIGITS, MAX_DIGITS)
+    command = "python tools/train_embedded.py " + " ".join(sys.argv[1:] if argv is None else argv)
     adapter = get_adapter(args.backbone)
     loaded = load_with(adapter, args.set, args.seed)  # the shipped config (edited by --set), seeded random weights
     if args.init is not None:
@@ -601,8 +602,9 @@ def main(argv=None) -> None:
             if args.out is not None:  # a run cut off later still leaves these weights (continue with --init)
                 save_fp16(model, args.out / CHECKPOINT_DIR)
                 write_text_atomic(args.out / CHECKPOINT_DIR / "checkpoint.json", json.dumps(
-                    {"step": step + 1, "of_steps": args.steps, "held_out_100": acc["accuracy"],
-                     "seconds": round(time.perf_counter() - overall, 1), "command": " ".join(sys.argv)}) + "\n")
+                    {"step": step + 1, "of_steps": args.steps,
+                     "held_out": {"accuracy": acc["accuracy"], "count": acc["count"]},
+                     "seconds": round(time.perf_counter() - overall, 1), "command": command}) + "\n")
     train_seconds = time.perf_counter() - overall  # both stages
     images_seen = steps_run * args.batch + (args.vision_steps * args.vision_batch if vision_stage else 0)
     model.eval()
@@ -618,12 +620,13 @@ def main(argv=None) -> None:
     if args.out is None:
         return
     target = save_fp16(model, args.out)
+    earlier = init_history(args.init)
     if args.set:  # the weights only load into the config they were trained with
         write_text_atomic(args.out / "config.json", json.dumps(edited_config(adapter, args.set), indent=2) + "\n")
     record = {
         "backbone": args.backbone, "weights": EMBEDDED_WEIGHTS,
         "sha256": hashlib.sha256(target.read_bytes()).hexdigest(), "dtype": "float16",
-        "command": "python tools/train_embedded.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command,
         "seed": args.seed, "steps": args.steps, "steps_run": steps_run, "batch": args.batch, "lr": args.lr, "warmup": args.warmup,
         "weight_decay": args.weight_decay,
         "curriculum": [{"steps": n, "mix": m, "digits": list(d)} for n, m, d in phases],
@@ -634,8 +637,8 @@ def main(argv=None) -> None:
         "machine": machine(device), "device": str(device), "workers": args.workers, "torch": torch.__version__,
         "held_out": {"seed": EVAL_SEED, "split": "eval", **acc, "model": "unpruned eager, the fp16 weights, CPU"},
         "parameters": params, "log": log,
-        "init_history": init_history(args.init),
-        "total_train_seconds": round(train_seconds + sum(r.get("train_seconds", 0) for r in init_history(args.init)), 1),
+        "init_history": earlier,
+        "total_train_seconds": round(train_seconds + sum(r.get("train_seconds", 0) for r in earlier), 1),
     }
     (args.out / TRAINING_RECORD).write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {target} ({target.stat().st_size / 1e6:.1f} MB) and {args.out / TRAINING_RECORD}", flush=True)
