@@ -777,8 +777,9 @@ def test_trt_runner_runs_the_pipeline_on_device_buffers(built, fake_trt):
     for images, prompts in cases:
         ours = trt_pipe.prefill(trt_pipe.host(images, prompts))
         reference = ort_pipe.prefill(ort_pipe.host(images, prompts))
-        # the stand-in's sessions and OrtRunner's (shared weights, prepacking off) may order float sums differently
-        np.testing.assert_allclose(trt_pipe.to_host(ours.logits), reference.logits, rtol=0, atol=1e-5)
+        # the stand-in's sessions and OrtRunner's (shared weights, prepacking off) may order float sums differently:
+        # a few fp32 ulps of the logit, and one ulp at |logit| ~ 14 is already 1.9e-6, so the bound scales with it
+        np.testing.assert_allclose(trt_pipe.to_host(ours.logits), reference.logits, rtol=4e-6, atol=1e-5)
         assert ours.kept.keys() == reference.kept.keys()
         for stage in ours.kept:
             np.testing.assert_array_equal(trt_pipe.to_host(ours.kept[stage]), reference.kept[stage])

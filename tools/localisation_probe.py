@@ -55,10 +55,12 @@ def dense_grid(rows: int, cols: int, fill: float, rng: np.random.Generator) -> l
 
 
 def draw(batch: int, size, cells: dict, prompt_row: dict, n_visual: int, table: torch.Tensor, noise: float,
-         rng: np.random.Generator, g: torch.Generator, fill: float = 0.0, where: torch.Tensor | None = None):
+         rng: np.random.Generator, g: torch.Generator, fill: float = 0.0, where: torch.Tensor | None = None,
+         spread: int = 1):
     """Synthetic visual rows [B, N, D], the host row of each sample's question, answers, and the guess's hits.
     Grids and questions come from the task's own generator (tasks._cells, _question), so the digits drawn and the
-    cells asked about are distributed exactly as in training; `fill` > 0 draws dense_grid instead."""
+    cells asked about are distributed exactly as in training; `fill` > 0 draws dense_grid instead. A digit is
+    written on `spread` distinct random rows of its cell (all of them when the cell has fewer)."""
     rows, cols = grid_shape(size)
     pool = scan_indices("train")
     feats = table[10].expand(batch, n_visual, -1).clone()
@@ -71,7 +73,8 @@ def draw(batch: int, size, cells: dict, prompt_row: dict, n_visual: int, table: 
         present = [d for line in grid for d in line if d is not None]
         for (r, c), tokens in cells.items():
             if grid[r][c] is not None:
-                feats[b, tokens[int(rng.integers(len(tokens)))]] = table[grid[r][c]]
+                chosen = rng.choice(len(tokens), size=min(spread, len(tokens)), replace=False)
+                feats[b, [tokens[i] for i in chosen]] = table[grid[r][c]]
         asked.append(prompt_row[prompt])
         answers.append(answer)
         guess = max(sorted(set(present)), key=present.count)  # the most frequent digit, ties to the smallest
@@ -102,6 +105,9 @@ def main(argv=None) -> None:
     parser.add_argument("--query-aux", type=int, default=None, metavar="LAYER",
                         help="train_embedded's QuestionProbe loss: the last prompt row after LLM layer LAYER must "
                              "name the asked row and column")
+    parser.add_argument("--spread", type=int, default=1, metavar="K",
+                        help="write each digit on K rows of its cell instead of one (a digit over K patches: "
+                             "LLaVA's 14-px patches put 16 rows in a cell, Qwen's merged tokens 4)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                         help="override a text_config entry of the shipped config, e.g. num_attention_heads=8 or "
                              "rope_parameters.rope_theta=10 (repeatable)")
@@ -137,7 +143,7 @@ def main(argv=None) -> None:
 
     def batch_of(n: int, fill: float = 0.0):
         feats, asked, answers, guess = draw(n, size, cells, prompt_row, host.num_visual, table, args.noise, rng, g,
-                                            fill, where)
+                                            fill, where, args.spread)
         idx = torch.tensor(asked)
         sub = dataclasses.replace(host, input_ids=host.input_ids[idx], attention_mask=host.attention_mask[idx],
                                   positions=host.positions[:, idx], visual_start=host.visual_start[idx],
