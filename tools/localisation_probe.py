@@ -73,7 +73,10 @@ def draw(batch: int, size, cells: dict, prompt_row: dict, n_visual: int, table: 
         present = [d for line in grid for d in line if d is not None]
         for (r, c), tokens in cells.items():
             if grid[r][c] is not None:
-                chosen = rng.choice(len(tokens), size=min(spread, len(tokens)), replace=False)
+                if spread == 1:  # the draw of the runs logged before --spread existed, so they replay exactly
+                    chosen = [int(rng.integers(len(tokens)))]
+                else:
+                    chosen = rng.choice(len(tokens), size=min(spread, len(tokens)), replace=False)
                 feats[b, [tokens[i] for i in chosen]] = table[grid[r][c]]
         asked.append(prompt_row[prompt])
         answers.append(answer)
