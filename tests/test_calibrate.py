@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from halfv_export.base.errors import BadInput
-from halfv_export.exporter.calibrate import derive_schedule
+from halfv_export.exporter.calibrate import choose_ssr_mode, derive_schedule, measure_ssr_modes
 from halfv_export.exporter.schedule import read_schedule
 from halfv_export.graphs import get_adapter
 from tests.conftest import make_image
@@ -94,21 +94,62 @@ class _Adapter:
     paper = get_adapter("qwen2.5-vl").paper
 
 
-def test_rules_pick_stage_boundaries_and_mode():
+def test_rules_pick_stage_boundaries():
     depth = 12
     visual = [1.0, 1.1, 1.3, 1.2, 1.0, 0.9, 0.8, 0.6, 0.7, 0.9, 1.0, 1.1, 1.2]  # peak at 2, minimum at 7
-    tiny_kl = [1e-2] * 7 + [1e-6] * 5
-    values, chosen = derive_schedule({"visual": visual, "kl_visual_update": tiny_kl}, depth, _Adapter, {})
-    assert (values["ivr_layer"], values["ssr_layer"], values["ssr_mode"]) == (2, 7, "freeze")
-    assert values["ssr_ratio"] is None
-    big_kl = [1e-2] * 12
-    values, _ = derive_schedule({"visual": visual, "kl_visual_update": big_kl}, depth, _Adapter, {})
-    assert values["ssr_mode"] == "topk" and values["ssr_ratio"] == 0.05
+    values, chosen = derive_schedule({"visual": visual, "kl_visual_update": [1e-6] * 12}, depth, _Adapter, {})
+    assert (values["ivr_layer"], values["ssr_layer"]) == (2, 7)
+    # the per-layer KL curve no longer picks the mode: the paper's (Qwen: topk) stands until the whole-cut probe
+    assert values["ssr_mode"] == "topk" and values["ssr_ratio"] == 0.05 and chosen["ssr_mode"].startswith("paper:")
     # no curves -> paper values at the same relative depth (Qwen 2/28, 21/28 -> 1/12, 9/12)
     values, chosen = derive_schedule(None, depth, _Adapter, {})
     assert (values["ivr_layer"], values["ssr_layer"]) == (1, 9) and chosen["ssr_layer"].startswith("paper:")
     values, _ = derive_schedule(None, 28, _Adapter, {})
     assert (values["ivr_layer"], values["ssr_layer"]) == (2, 21)
+
+
+@pytest.mark.parametrize("topk_kl,freeze_kl,paper,expected", [
+    (0.9, 0.3, "topk", "freeze"), (0.3, 0.9, "topk", "topk"), (0.5, 0.5, "topk", "topk"),
+    (0.5, 0.5, "freeze", "freeze"), (0.2, 0.6, "freeze", "topk")])
+def test_ssr_mode_is_the_cut_with_the_lower_kl(topk_kl, freeze_kl, paper, expected):
+    values = {"ivr_layer": 2, "keep_ratio": 0.5, "anchor_ratio": 0.2, "ssr_layer": 3, "ssr_mode": paper,
+              "ssr_ratio": 0.05 if paper == "topk" else None}
+    chosen: dict = {}
+    probe = {"topk": {"kl_mean": topk_kl}, "freeze": {"kl_mean": freeze_kl}}
+    choose_ssr_mode(values, chosen, probe, paper, {})
+    assert values["ssr_mode"] == expected and chosen["ssr_mode"].startswith("rule:")
+    assert values["ssr_ratio"] == (0.05 if expected == "topk" else None)  # sigma settled for the mode kept
+    forced = dict(values, ssr_mode="topk", ssr_ratio=0.05)
+    choose_ssr_mode(forced, {}, {"topk": {"kl_mean": 9.0}, "freeze": {"kl_mean": 0.0}}, paper, {"ssr_mode": "topk"})
+    assert forced["ssr_mode"] == "topk"  # --ssr-mode on the CLI wins over the probe
+    sigma = dict(values, ssr_mode="topk", ssr_ratio=0.1)
+    choose_ssr_mode(sigma, {}, {"topk": {"kl_mean": 9.0}, "freeze": {"kl_mean": 0.0}}, "topk", {"ssr_ratio": 0.1})
+    assert (sigma["ssr_mode"], sigma["ssr_ratio"]) == ("topk", 0.1)  # so does --ssr-ratio (a sigma asks for topk)
+
+
+def test_ssr_mode_probe_scores_the_schedules_it_compares():
+    """The probe's KLs are those of the eager HalfV prefill with each mode, on a real (trained) model."""
+    from halfv_export.graphs.halfv import HalfVReference
+    from halfv_export.graphs.pruning import PruneSchedule
+    from halfv_export.graphs.tme import kl_last_token
+    from halfv_export.exporter.pipeline import default_samples
+
+    adapter = get_adapter("llava-1.5")
+    loaded = adapter.load(None)
+    samples = default_samples(loaded, 2, seed=0, split="train")
+    values = {"ivr_layer": 2, "keep_ratio": 0.5, "anchor_ratio": 0.2, "ssr_layer": 3, "ssr_mode": "freeze",
+              "ssr_ratio": None}
+    probe = measure_ssr_modes(adapter, loaded, samples, values)
+    stack = adapter.text_stack(loaded)
+    for mode, sigma in (("topk", 0.05), ("freeze", None)):
+        kls = []
+        for s in samples:
+            inputs = adapter.prepare(loaded, [s.image], [s.prompt])
+            full = HalfVReference(stack, None).prefill(inputs).logits
+            cut = HalfVReference(stack, PruneSchedule(2, 0.5, 0.2, 3, mode, sigma)).prefill(inputs).logits
+            kls.append(float(kl_last_token(full, cut)[0]))
+        assert probe[mode]["kl_mean"] == pytest.approx(np.mean(kls), rel=1e-4, abs=1e-7)
+    assert probe["topk"]["kl_mean"] != pytest.approx(probe["freeze"]["kl_mean"])
 
 
 @pytest.mark.parametrize("edit,message", [

@@ -21,7 +21,7 @@ from ..base.atomic import prepare_out_dir
 from ..base.data import load_data, synthetic_set
 from ..base.manifest import verify_manifest, write_manifest
 from ..engines.api import open_pipeline
-from .calibrate import KL_FREEZE_THRESHOLD, derive_schedule, measure_probes
+from .calibrate import choose_ssr_mode, derive_schedule, measure_probes, measure_ssr_modes
 from .schedule import (FIELDS, apply_overrides, build_document, check_values, paper_schedule, read_schedule,
                        write_schedule)
 
@@ -107,6 +107,13 @@ def run_calibrate(backbone: str, model_dir: Path | None, data: Path | None, samp
 
             curves = measure_probes(adapter, loaded, calib, k=tme_k, kl_probe=kl_probe, progress=track)
     values, chosen = derive_schedule(curves, depth, adapter, overrides, use_rules=use_rules)
+    ssr_modes = None
+    if use_rules and kl_probe and target_ratio is None:
+        with _progress() as progress:
+            task = progress.add_task("calibrating (SSR mode probe)", total=None)
+            ssr_modes = measure_ssr_modes(adapter, loaded, calib, values, progress=sized_tracker(progress, task))
+        choose_ssr_mode(values, chosen, ssr_modes, adapter.paper.ssr_mode, overrides)
+        check_values(values, depth, where="calibrated schedule")
     search = None
     if target_ratio is not None:
         values, chosen, search = _search(adapter, loaded, search_plan, overrides, values)
@@ -114,7 +121,7 @@ def run_calibrate(backbone: str, model_dir: Path | None, data: Path | None, samp
     if curves is not None:
         calibration = {
             "samples": [s.name for s in calib], "tme_k": tme_k, "tme_clip_gram": False,
-            "kl_freeze_threshold": KL_FREEZE_THRESHOLD, "curves": curves,
+            "curves": curves, "ssr_modes": ssr_modes,
             "weights": {"random": f"random (seed {weights_seed})", "trained": "trained (shipped)",
                         "checkpoint": "checkpoint"}[loaded.weights],
             "data": str(data) if data is not None else ("digit-grid task, training scans"
@@ -124,7 +131,7 @@ def run_calibrate(backbone: str, model_dir: Path | None, data: Path | None, samp
     doc = build_document(backbone, config_fingerprint(config), source, depth, values, chosen, calibration, VERSION)
     if curves is not None:
         tme_plot(curves, doc["schedule"], f"{backbone} ({source}): truncated matrix entropy per layer",
-                 out / "tme.png", kl_threshold=KL_FREEZE_THRESHOLD if kl_probe else None)
+                 out / "tme.png")
     if search is not None:
         from .search import pareto
         from ..validate.plots import pareto_plot

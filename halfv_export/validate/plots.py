@@ -26,9 +26,10 @@ def save_figure(fig, path: Path) -> None:
     write_bytes_atomic(Path(path), buf.getvalue())
 
 
-def tme_plot(curves: dict, schedule: dict, title: str, path: Path, kl_threshold: float | None = None) -> None:
+def tme_plot(curves: dict, schedule: dict, title: str, path: Path) -> None:
     """Top: TME H1 of visual / text / whole rows per layer point, stages shaded, L1 and L2 marked.
-    Bottom: the visual-update KL probe per layer (log scale) with the freeze/topk threshold."""
+    Bottom: the visual-update KL probe per layer (log scale), the paper's Fig. 2(d); the SSR mode itself is chosen
+    by the whole-cut probe (calibration.ssr_modes in schedule.json)."""
     l1, l2 = schedule["ivr_layer"], schedule["ssr_layer"]
     depth = len(curves["whole"]) - 1
     x = list(range(depth + 1))
@@ -56,8 +57,6 @@ def tme_plot(curves: dict, schedule: dict, title: str, path: Path, kl_threshold:
         kl = [v if (v is not None and v > 0) else _NAN for v in curves["kl_visual_update"][:-1]]
         ax2.semilogy(range(depth - 1), kl, marker="s", ms=3, color="tab:orange",
                      label="KL, visual updates zeroed at layer")
-        if kl_threshold:
-            ax2.axhline(kl_threshold, color="k", ls=":", label=f"freeze threshold {kl_threshold:.2g}")
         ax2.axvline(l2, color="tab:purple", ls="--")
         ax2.set_ylabel("KL(p_probe || p_full)")
         ax2.legend(fontsize=8)
