@@ -35,6 +35,8 @@ def test_calibrate_writes_schedule_and_plot(calibrated):
     assert len(curves["kl_visual_update"]) == 8
     assert all(0 < v < np.log(50) for v in curves["whole"])
     assert doc["chosen_by"]["ssr_layer"].startswith("rule:") and doc["chosen_by"]["ssr_mode"].startswith("rule:")
+    modes = doc["calibration"]["ssr_modes"]
+    assert doc["schedule"]["ssr_mode"] == min(modes, key=lambda m: modes[m]["kl_mean"])
     png = (calibrated / "tme.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     assert not list(calibrated.glob(".*.tmp"))  # no temp file left behind
@@ -116,15 +118,15 @@ def test_ssr_mode_is_the_cut_with_the_lower_kl(topk_kl, freeze_kl, paper, expect
               "ssr_ratio": 0.05 if paper == "topk" else None}
     chosen: dict = {}
     probe = {"topk": {"kl_mean": topk_kl}, "freeze": {"kl_mean": freeze_kl}}
-    choose_ssr_mode(values, chosen, probe, paper, {})
+    choose_ssr_mode(values, chosen, probe, {})
     assert values["ssr_mode"] == expected and chosen["ssr_mode"].startswith("rule:")
     assert values["ssr_ratio"] == (0.05 if expected == "topk" else None)  # sigma settled for the mode kept
     forced = dict(values, ssr_mode="topk", ssr_ratio=0.05)
-    choose_ssr_mode(forced, {}, {"topk": {"kl_mean": 9.0}, "freeze": {"kl_mean": 0.0}}, paper, {"ssr_mode": "topk"})
+    choose_ssr_mode(forced, {}, {"topk": {"kl_mean": 9.0}, "freeze": {"kl_mean": 0.0}}, {"ssr_mode": "topk"})
     assert forced["ssr_mode"] == "topk"  # --ssr-mode on the CLI wins over the probe
-    sigma = dict(values, ssr_mode="topk", ssr_ratio=0.1)
-    choose_ssr_mode(sigma, {}, {"topk": {"kl_mean": 9.0}, "freeze": {"kl_mean": 0.0}}, "topk", {"ssr_ratio": 0.1})
-    assert (sigma["ssr_mode"], sigma["ssr_ratio"]) == ("topk", 0.1)  # so does --ssr-ratio (a sigma asks for topk)
+    sigma = dict(values, ssr_mode="freeze", ssr_ratio=0.1)
+    choose_ssr_mode(sigma, {}, {"topk": {"kl_mean": 0.1}, "freeze": {"kl_mean": 0.2}}, {"ssr_ratio": 0.1})
+    assert (sigma["ssr_mode"], sigma["ssr_ratio"]) == ("topk", 0.1)  # a CLI sigma is what topk keeps when it wins
 
 
 def test_ssr_mode_probe_scores_the_schedules_it_compares():
@@ -139,12 +141,12 @@ def test_ssr_mode_probe_scores_the_schedules_it_compares():
     samples = default_samples(loaded, 2, seed=0, split="train")
     values = {"ivr_layer": 2, "keep_ratio": 0.5, "anchor_ratio": 0.2, "ssr_layer": 3, "ssr_mode": "freeze",
               "ssr_ratio": None}
-    probe = measure_ssr_modes(adapter, loaded, samples, values)
     stack = adapter.text_stack(loaded)
+    prepared = [adapter.prepare(loaded, [s.image], [s.prompt]) for s in samples]
+    probe = measure_ssr_modes(stack, prepared, values)
     for mode, sigma in (("topk", 0.05), ("freeze", None)):
         kls = []
-        for s in samples:
-            inputs = adapter.prepare(loaded, [s.image], [s.prompt])
+        for inputs in prepared:
             full = HalfVReference(stack, None).prefill(inputs).logits
             cut = HalfVReference(stack, PruneSchedule(2, 0.5, 0.2, 3, mode, sigma)).prefill(inputs).logits
             kls.append(float(kl_last_token(full, cut)[0]))

@@ -40,14 +40,19 @@ from .schedule import DEFAULT_SSR_RATIO, FIELDS, apply_overrides, check_values
 
 
 def measure_probes(adapter: BackboneAdapter, loaded: LoadedModel, samples: list[Sample], k: int = DEFAULT_K,
-                   kl_probe: bool = True, progress: Callable[[Iterable], Iterable] = iter) -> dict:
-    """Per-layer curves averaged over samples: {"visual", "text", "whole": [L+1], "kl_visual_update": [L]}."""
+                   kl_probe: bool = True, progress: Callable[[Iterable], Iterable] = iter,
+                   keep_inputs: list | None = None) -> dict:
+    """Per-layer curves averaged over samples: {"visual", "text", "whole": [L+1], "kl_visual_update": [L]}.
+    keep_inputs, when a list, receives each sample's prefill inputs (the vision tower's output: the SSR mode probe
+    reuses them rather than run the tower again)."""
     stack = adapter.text_stack(loaded)
     depth = stack.num_layers
     reference = HalfVReference(stack, None)
     per_sample = {"visual": [], "text": [], "whole": [], "kl_visual_update": []}
     for sample in progress(samples):
         inputs = adapter.prepare(loaded, [sample.image], [sample.prompt])
+        if keep_inputs is not None:
+            keep_inputs.append(inputs)
         captured: list = []
         full = reference.prefill(inputs, capture=captured)
         s, n = int(inputs.visual_start[0]), inputs.num_visual
@@ -101,14 +106,12 @@ def derive_schedule(curves: dict | None, depth: int, adapter: BackboneAdapter, o
     return values, chosen
 
 
-def measure_ssr_modes(adapter: BackboneAdapter, loaded: LoadedModel, samples: list[Sample], values: dict,
-                      progress: Callable[[Iterable], Iterable] = iter) -> dict | None:
+def measure_ssr_modes(stack, inputs: list, values: dict, progress: Callable[[Iterable], Iterable] = iter) -> dict | None:
     """{"topk": {"kl_mean", "top1_agreement"}, "freeze": {...}}: the calibrated schedule with each SSR mode against
-    the unpruned model over `samples` (None without visual tokens). topk uses the schedule's sigma, or HalfV's."""
+    the unpruned model over the prefill `inputs` (batches of one, as measure_probes keeps them; None when none has
+    visual tokens). topk uses the schedule's sigma, or HalfV's."""
     from .search import evaluate_fidelity  # the search's scorer: the same HalfVReference prefill, shared prefixes
 
-    stack = adapter.text_stack(loaded)
-    inputs = [adapter.prepare(loaded, [s.image], [s.prompt]) for s in samples]
     inputs = [x for x in inputs if x.num_visual > 0]
     if not inputs:
         return None
@@ -119,15 +122,16 @@ def measure_ssr_modes(adapter: BackboneAdapter, loaded: LoadedModel, samples: li
     return {mode: score for mode, score in zip(modes, scores)}
 
 
-def choose_ssr_mode(values: dict, chosen: dict, probe: dict | None, paper_mode: str, overrides: dict) -> None:
-    """Keep the SSR mode with the lower mean KL, in place (a tie keeps the paper's; a CLI --ssr-mode wins), then
-    settle sigma for it as the schedule's other rules do (apply_overrides). A CLI --ssr-mode or --ssr-ratio (a sigma
-    asks for topk) is the user's choice: the probe is then only reported."""
-    if probe is None or overrides.get("ssr_mode") is not None or overrides.get("ssr_ratio") is not None:
+def choose_ssr_mode(values: dict, chosen: dict, probe: dict | None, overrides: dict) -> None:
+    """Keep the SSR mode with the lower mean KL, in place; a tie keeps the mode `values` holds (the paper's: no
+    other rule sets it). Then sigma is settled for it as the schedule's other rules do (apply_overrides). A CLI
+    --ssr-mode is the user's choice; a CLI --ssr-ratio is the sigma the topk side was probed (and kept) with."""
+    if probe is None or overrides.get("ssr_mode") is not None:
         return
     kl = {mode: probe[mode]["kl_mean"] for mode in probe}
-    other = "freeze" if paper_mode == "topk" else "topk"
-    values["ssr_mode"] = other if kl[other] < kl[paper_mode] else paper_mode
+    other = "freeze" if values["ssr_mode"] == "topk" else "topk"
+    if kl[other] < kl[values["ssr_mode"]]:
+        values["ssr_mode"] = other
     chosen["ssr_mode"] = (f"rule: the SSR cut closer to the unpruned model, mean last-token KL "
                           f"topk {kl['topk']:.3g} vs freeze {kl['freeze']:.3g}")
     chosen.update(apply_overrides(values, overrides))

@@ -105,14 +105,17 @@ def run_calibrate(backbone: str, model_dir: Path | None, data: Path | None, samp
                     yield item
                     progress.advance(task)
 
-            curves = measure_probes(adapter, loaded, calib, k=tme_k, kl_probe=kl_probe, progress=track)
+            prepared: list = []
+            curves = measure_probes(adapter, loaded, calib, k=tme_k, kl_probe=kl_probe, progress=track,
+                                    keep_inputs=prepared)
     values, chosen = derive_schedule(curves, depth, adapter, overrides, use_rules=use_rules)
     ssr_modes = None
     if use_rules and kl_probe and target_ratio is None:
         with _progress() as progress:
             task = progress.add_task("calibrating (SSR mode probe)", total=None)
-            ssr_modes = measure_ssr_modes(adapter, loaded, calib, values, progress=sized_tracker(progress, task))
-        choose_ssr_mode(values, chosen, ssr_modes, adapter.paper.ssr_mode, overrides)
+            ssr_modes = measure_ssr_modes(adapter.text_stack(loaded), prepared, values,
+                                          progress=sized_tracker(progress, task))
+        choose_ssr_mode(values, chosen, ssr_modes, overrides)
         check_values(values, depth, where="calibrated schedule")
     search = None
     if target_ratio is not None:
