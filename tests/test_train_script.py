@@ -206,3 +206,14 @@ def test_mid_run_held_out_score_leaves_a_checkpoint_to_continue_from(train, tmp_
     train.load_init(adapter, final, out / train.EMBEDDED_WEIGHTS)
     weights = [(a, b) for a, b in zip(mid.model.parameters(), final.model.parameters())]
     assert any(not torch.equal(a, b) for a, b in weights)  # the checkpoint is step 2's, not the final step's
+
+
+def test_eval_mix_scores_other_questions_than_the_training_mix(train, tmp_path):
+    # training weighted towards one type still reports the held-out score on the mix it is asked for
+    train.main(["--backbone", "qwen2.5-vl", "--steps", "1", "--batch", "2", "--vision-steps", "0", "--first-steps", "0",
+                "--warm-steps", "0", "--eval-samples", "3", "--eval-every", "0", "--threads", "1",
+                "--mix", "digit_at=1", "--eval-mix", "read_all=1", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "training.json").read_text())
+    assert record["mix"] == {"digit_at": 1.0} and record["curriculum"][-1]["mix"] == {"digit_at": 1.0}
+    assert record["held_out"]["mix"] == {"read_all": 1.0} and list(record["held_out"]["per_type"]) == ["read_all"]
+    assert record["held_out"]["per_type"]["read_all"]["count"] == 3

@@ -463,6 +463,9 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0, help="Initial weights and training data.")
     parser.add_argument("--mix", default=None, help="Question mix, e.g. digit_at=3,read_all=2 (default: the task's).")
+    parser.add_argument("--eval-mix", default=None,
+                        help="Question mix of the held-out questions (default: --mix), e.g. the task's own mix "
+                             "when --mix weights training towards the weakest types.")
     parser.add_argument("--eval-samples", type=int, default=200)
     parser.add_argument("--eval-every", type=int, default=200)
     # One intra-op thread: on a shared, oversubscribed CPU two OpenMP threads spin-wait for each other and ran these
@@ -534,7 +537,8 @@ def main(argv=None) -> None:
     prefix = answer_prefix(adapter, processing)
     eos = loaded.tokenizer.eos_token_id
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else eos
-    held_out = task_set(args.eval_samples, seed=EVAL_SEED, split="eval", sizes=sizes, mix=mix, slot=args.slot)
+    eval_mix = parse_mix(args.eval_mix) if args.eval_mix else mix
+    held_out = task_set(args.eval_samples, seed=EVAL_SEED, split="eval", sizes=sizes, mix=eval_mix, slot=args.slot)
     params = sum(p.numel() for p in model.parameters())
     overall = time.perf_counter()
     vision_stage = None
@@ -635,7 +639,7 @@ def main(argv=None) -> None:
         "task": {"generator": "halfv_export.base.tasks", "split": "train", "slot": args.slot},
         "train_seconds": round(train_seconds, 1), "threads": args.threads,
         "machine": machine(device), "device": str(device), "workers": args.workers, "torch": torch.__version__,
-        "held_out": {"seed": EVAL_SEED, "split": "eval", **acc, "model": "unpruned eager, the fp16 weights, CPU"},
+        "held_out": {"seed": EVAL_SEED, "split": "eval", "mix": eval_mix, **acc, "model": "unpruned eager, the fp16 weights, CPU"},
         "parameters": params, "log": log,
         "init_history": earlier,
         "total_train_seconds": round(train_seconds + sum(r.get("train_seconds", 0) for r in earlier), 1),
