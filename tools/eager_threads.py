@@ -6,24 +6,18 @@ above the fastest run (validate's `latency_ms.min_ms` and its noisy-timing line)
     python tools/eager_threads.py --backbone llava-1.5 --threads 2
 """
 import argparse
-import statistics
-import time
 
 import torch
 
 from halfv_export.base.tasks import task_set
 from halfv_export.graphs import get_adapter
 from halfv_export.graphs.halfv import HalfVReference
+from halfv_export.validate.report import timed  # validate's own: one warm-up, then the runs
 
 
-def timed(fn, runs: int) -> str:
-    fn()  # warm-up
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return f"median {statistics.median(times):.1f} ms, fastest {min(times):.1f} ms"
+def spread(fn, runs: int) -> str:
+    t = timed(fn, runs)
+    return f"median {t['median_ms']:.1f} ms, fastest {t['min_ms']:.1f} ms"
 
 
 def main() -> None:
@@ -40,9 +34,9 @@ def main() -> None:
     inputs = adapter.prepare(loaded, [sample.image], [sample.prompt])
     with torch.no_grad():
         print(f"{args.backbone}, {args.threads} thread(s), unpruned eager prefill, inputs ready: "
-              + timed(lambda: full.prefill(inputs), args.runs))
+              + spread(lambda: full.prefill(inputs), args.runs))
         print(f"{args.backbone}, {args.threads} thread(s), prepare + prefill: "
-              + timed(lambda: full.prefill(adapter.prepare(loaded, [sample.image], [sample.prompt])), args.runs))
+              + spread(lambda: full.prefill(adapter.prepare(loaded, [sample.image], [sample.prompt])), args.runs))
 
 
 if __name__ == "__main__":
