@@ -1,0 +1,73 @@
+"""Which parts of a digit-grid image each selection keeps: IVR (anchors + farthest-point fill), attention-only and
+random, the same K rows before the same layer, on evaluation questions of the embedded task. Per image: the share of
+drawn digits with at least one kept row over them, the share of their rows kept, and the share of the grid's cells
+(56-px, digit or empty) with at least one kept row. A question about a place needs that place's rows — an empty
+cell's too, to answer "none".
+
+    python tools/coverage_probe.py --backbone llava-1.5 --schedule build/schedule.json --samples 100
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from halfv_export.base.tasks import CELL, task_set
+from halfv_export.graphs import get_adapter
+from halfv_export.graphs.halfv import HalfVReference
+from halfv_export.graphs.pruning import PruneSchedule, SingleCut
+
+TOKEN_SIDE = {"qwen2.5-vl": 28, "llava-1.5": 14}  # pixels per visual row: a merged 2x2 Qwen patch, one CLIP patch
+
+
+def rows_over(box, side: int, columns: int) -> set[int]:
+    """Row-major visual rows whose patch overlaps a drawn digit (top, left, size in pixels)."""
+    _, _, top, left, size = box
+    return {r * columns + c for r in range(top // side, (top + size - 1) // side + 1)
+            for c in range(left // side, (left + size - 1) // side + 1)}
+
+
+def coverage(sample, kept: set[int], side: int, columns: int) -> dict:
+    digits = [rows_over(b, side, columns) for b in sample.boxes]
+    per_cell = CELL // side
+    cells = {(r // per_cell, c // per_cell) for r, c in (divmod(i, columns) for i in kept)}
+    grid_cells = len(sample.grid) * len(sample.grid[0])
+    return {"digits_seen": sum(bool(d & kept) for d in digits) / len(digits),
+            "digit_rows_kept": sum(len(d & kept) for d in digits) / sum(len(d) for d in digits),
+            "cells_seen": len(cells) / grid_cells}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="llava-1.5", choices=sorted(TOKEN_SIDE))
+    parser.add_argument("--schedule", type=Path, required=True, help="schedule.json (its IVR layer, keep ratio, alpha)")
+    parser.add_argument("--samples", type=int, default=100)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    adapter = get_adapter(args.backbone)
+    loaded = adapter.load(None)
+    stack = adapter.text_stack(loaded)
+    schedule = PruneSchedule(**json.loads(args.schedule.read_text())["schedule"])
+    side = TOKEN_SIDE[args.backbone]
+    totals: dict[str, dict[str, float]] = {}
+    samples = task_set(args.samples, seed=0, split="eval", sizes=[(224, 224)])
+    for sample in samples:
+        inputs = adapter.prepare(loaded, [sample.image], [sample.prompt])
+        halfv = HalfVReference(stack, schedule).prefill(inputs)
+        k = halfv.kept["ivr"].shape[1]
+        kept = {"ivr": halfv.kept["ivr"][0]}
+        for method in ("attention", "random"):
+            cut = SingleCut(method, schedule.ivr_layer, k, schedule.anchor_ratio, seed=0)
+            kept[method] = HalfVReference(stack, None, cut=cut).prefill(inputs).kept["cut"][0]
+        columns = 224 // side
+        for method, rows in kept.items():
+            for key, value in coverage(sample, set(rows.tolist()), side, columns).items():
+                totals.setdefault(method, {}).setdefault(key, 0.0)
+                totals[method][key] += value / len(samples)
+    print(f"{args.backbone}: K = {k} rows kept before layer {schedule.ivr_layer}, {len(samples)} evaluation images")
+    for method, row in totals.items():
+        print(f"  {method:9s} " + "  ".join(f"{key} {value:.3f}" for key, value in row.items()))
+
+
+if __name__ == "__main__":
+    main()
