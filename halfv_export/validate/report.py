@@ -359,7 +359,7 @@ def render_markdown(report: dict) -> str:
     noisy = noisy_timing(lat)
     if noisy is not None:
         lines += ["", f"**Noisy timings:** the median of {noisy[0]} is {noisy[1]:.1f}x its fastest run "
-                      f"({lat.get('torch_threads')} torch threads): something else was using these cores. Re-run "
+                      f"(torch threads: {lat.get('torch_threads')}): something else was using these cores. Re-run "
                       "validate on an idle machine before reading the latencies; the FLOPs below do not depend on it."]
     lines += [
         "", "## FLOPs (that sample)", "",
