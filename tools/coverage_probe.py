@@ -51,6 +51,7 @@ def main() -> None:
     side = TOKEN_SIDE[args.backbone]
     totals: dict[str, dict[str, float]] = {}
     samples = task_set(args.samples, seed=0, split="eval", sizes=[(224, 224)])
+    columns = samples[0].image.width // side  # visual rows per grid row (row-major, as both towers emit them)
     for sample in samples:
         inputs = adapter.prepare(loaded, [sample.image], [sample.prompt])
         halfv = HalfVReference(stack, schedule).prefill(inputs)
@@ -59,7 +60,6 @@ def main() -> None:
         for method in ("attention", "random"):
             cut = SingleCut(method, schedule.ivr_layer, k, schedule.anchor_ratio, seed=0)
             kept[method] = HalfVReference(stack, None, cut=cut).prefill(inputs).kept["cut"][0]
-        columns = 224 // side
         for method, rows in kept.items():
             for key, value in coverage(sample, set(rows.tolist()), side, columns).items():
                 totals.setdefault(method, {}).setdefault(key, 0.0)
