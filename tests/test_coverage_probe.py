@@ -25,3 +25,17 @@ def test_coverage_of_all_rows_and_of_one_digit():
     one = probe.coverage(sample, {min(first)}, 14, 16)
     assert one["digits_seen"] == 1 / len(sample.boxes) and one["cells_seen"] == 1 / 16
     assert 0 < one["digit_rows_kept"] < 1
+
+
+def test_bands_split_the_rows_by_grid_row_of_cells():
+    bands = probe.band_of(256, 14, 16)  # 16 x 16 CLIP rows, 4 visual rows per 56-px cell
+    assert bands.tolist() == [r // 4 for r in range(16) for _ in range(16)]
+    top_band = set(range(64))
+    assert probe.band_shares(top_band, bands) == [1.0, 0.0, 0.0, 0.0]
+    assert probe.band_shares(set(range(0, 256, 2)), bands) == [0.5] * 4
+
+
+def test_nearest_distance_is_zero_for_a_duplicate_row():
+    import torch
+    features = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    assert probe.nearest_distance(features).tolist() == [0.0, 0.0, 1.0]

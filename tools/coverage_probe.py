@@ -2,7 +2,9 @@
 random, the same K rows before the same layer, on evaluation questions of the embedded task. Per image: the share of
 drawn digits with at least one kept row over them, the share of their rows kept, and the share of the grid's cells
 (56-px, digit or empty) with at least one kept row. A question about a place needs that place's rows — an empty
-cell's too, to answer "none".
+cell's too, to answer "none". Then, per grid row of cells (top to bottom): the share of its visual rows each method
+keeps, and how redundant IVR's fill features are there (mean cosine distance of each row's feature to its nearest
+other visual row at the IVR layer's input: the farthest-point fill passes over rows with a close neighbour).
 
     python tools/coverage_probe.py --backbone llava-1.5 --schedule build/schedule.json --samples 100
 """
@@ -15,7 +17,7 @@ import torch
 from halfv_export.base.tasks import CELL, task_set
 from halfv_export.graphs import get_adapter
 from halfv_export.graphs.halfv import HalfVReference
-from halfv_export.graphs.pruning import PruneSchedule, SingleCut
+from halfv_export.graphs.pruning import PruneSchedule, SingleCut, diversity_features
 
 TOKEN_SIDE = {"qwen2.5-vl": 28, "llava-1.5": 14}  # pixels per visual row: a merged 2x2 Qwen patch, one CLIP patch
 
@@ -37,6 +39,26 @@ def coverage(sample, kept: set[int], side: int, columns: int) -> dict:
             "cells_seen": len(cells) / grid_cells}
 
 
+def band_of(n: int, side: int, columns: int) -> torch.Tensor:
+    """[n] the grid row of cells (CELL pixels tall) each row-major visual row lies in."""
+    return torch.arange(n) // columns // (CELL // side)
+
+
+def band_shares(kept: set[int], bands: torch.Tensor) -> list[float]:
+    """Share of each band's visual rows that are kept, top band first."""
+    hit = torch.zeros(len(bands))
+    hit[sorted(kept)] = 1.0
+    return [float(hit[bands == b].mean()) for b in range(int(bands.max()) + 1)]
+
+
+@torch.no_grad()
+def nearest_distance(features: torch.Tensor) -> torch.Tensor:
+    """Unit rows [n, C] -> [n] cosine distance of each row to its nearest other row."""
+    similarity = features @ features.T
+    similarity.fill_diagonal_(-2.0)
+    return 1.0 - similarity.max(dim=1).values
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="llava-1.5", choices=sorted(TOKEN_SIDE))
@@ -52,21 +74,36 @@ def main() -> None:
     totals: dict[str, dict[str, float]] = {}
     samples = task_set(args.samples, seed=0, split="eval", sizes=[(224, 224)])
     columns = samples[0].image.width // side  # visual rows per grid row (row-major, as both towers emit them)
+    bands_kept: dict[str, list[list[float]]] = {}
+    redundancy: list[list[float]] = []
     for sample in samples:
         inputs = adapter.prepare(loaded, [sample.image], [sample.prompt])
         halfv = HalfVReference(stack, schedule).prefill(inputs)
+        captured: list = []
+        HalfVReference(stack, None).prefill(inputs, capture=captured)  # nothing is cut before the IVR layer
+        hidden, start, n = captured[schedule.ivr_layer]  # so this is the input IVR reads, all rows
+        bands = band_of(n, side, columns)
+        with torch.no_grad():
+            distance = nearest_distance(diversity_features(stack.norm, hidden, start, n)[0])
+        redundancy.append([float(distance[bands == b].mean()) for b in range(int(bands.max()) + 1)])
         k = halfv.kept["ivr"].shape[1]
         kept = {"ivr": halfv.kept["ivr"][0]}
         for method in ("attention", "random"):
             cut = SingleCut(method, schedule.ivr_layer, k, schedule.anchor_ratio, seed=0)
             kept[method] = HalfVReference(stack, None, cut=cut).prefill(inputs).kept["cut"][0]
         for method, rows in kept.items():
+            bands_kept.setdefault(method, []).append(band_shares(set(rows.tolist()), bands))
             for key, value in coverage(sample, set(rows.tolist()), side, columns).items():
                 totals.setdefault(method, {}).setdefault(key, 0.0)
                 totals[method][key] += value / len(samples)
     print(f"{args.backbone}: K = {k} rows kept before layer {schedule.ivr_layer}, {len(samples)} evaluation images")
     for method, row in totals.items():
         print(f"  {method:9s} " + "  ".join(f"{key} {value:.3f}" for key, value in row.items()))
+    print("per grid row of cells, top to bottom:")
+    for method, shares in bands_kept.items():
+        print(f"  {method:9s} rows kept   " + "  ".join(f"{v:.3f}" for v in torch.tensor(shares).mean(0).tolist()))
+    print(f"  nearest-row cosine distance at layer {schedule.ivr_layer}'s input (IVR's fill features)   "
+          + "  ".join(f"{v:.4f}" for v in torch.tensor(redundancy).mean(0).tolist()))
 
 
 if __name__ == "__main__":
