@@ -217,3 +217,14 @@ def test_eval_mix_scores_other_questions_than_the_training_mix(train, tmp_path):
     assert record["mix"] == {"digit_at": 1.0} and record["curriculum"][-1]["mix"] == {"digit_at": 1.0}
     assert record["held_out"]["mix"] == {"read_all": 1.0} and list(record["held_out"]["per_type"]) == ["read_all"]
     assert record["held_out"]["per_type"]["read_all"]["count"] == 3
+
+
+def test_init_weights_without_their_record_warn_that_the_history_is_lost(train, tmp_path, capsys):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    assert train.init_history(weights) == []
+    assert f"no training.json beside {weights}" in capsys.readouterr().out
+    (tmp_path / "training.json").write_text(json.dumps({"command": "python tools/train_embedded.py ...",
+                                                         "train_seconds": 5.0, "init_history": []}))
+    assert train.init_history(weights) == [{"command": "python tools/train_embedded.py ...", "train_seconds": 5.0}]
+    assert capsys.readouterr().out == ""

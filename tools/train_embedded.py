@@ -286,7 +286,12 @@ def init_history(weights: Path | None) -> list[dict]:
     """The runs that made the --init weights, oldest first, from the training.json beside them (empty when there is
     none): a continued model ships with every command it took, so the README can say how to rebuild it."""
     record = weights.parent / TRAINING_RECORD if weights is not None else None
-    if record is None or not record.is_file():
+    if record is None:
+        return []
+    if not record.is_file():
+        # a copied model.safetensors alone loses the commands that made it; say so before hours of training
+        print(f"warning: no {TRAINING_RECORD} beside {weights}: this run's init_history will be empty; copy the "
+              f"record next to the weights to keep it", flush=True)
         return []
     earlier = json.loads(record.read_text())
     keep = ("command", "sha256", "steps", "steps_run", "batch", "lr", "images_seen", "train_seconds", "threads",
