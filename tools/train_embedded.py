@@ -289,7 +289,7 @@ def init_history(weights: Path | None) -> list[dict]:
     if record is None:
         return []
     if not record.is_file():
-        # a copied model.safetensors alone loses the commands that made it; say so before hours of training
+        # a copied model.safetensors alone loses the commands that made it; main() reads this before training
         print(f"warning: no {TRAINING_RECORD} beside {weights}: this run's init_history will be empty; copy the "
               f"record next to the weights to keep it", flush=True)
         return []
@@ -533,6 +533,7 @@ def main(argv=None) -> None:
     if args.init is not None:
         load_init(adapter, loaded, args.init, args.set)
         print(f"init from {args.init}", flush=True)
+    earlier = init_history(args.init)  # read with the weights, so a missing record is reported before training
     model, stack = loaded.model, adapter.text_stack(loaded)
     if args.init_std > 0 and args.init is None:
         reinitialise(model, args.init_std, args.seed)
@@ -629,7 +630,6 @@ def main(argv=None) -> None:
     if args.out is None:
         return
     target = save_fp16(model, args.out)
-    earlier = init_history(args.init)
     if args.set:  # the weights only load into the config they were trained with
         write_text_atomic(args.out / "config.json", json.dumps(edited_config(adapter, args.set), indent=2) + "\n")
     record = {
