@@ -59,16 +59,21 @@ def nearest_distance(features: torch.Tensor) -> torch.Tensor:
     return 1.0 - similarity.max(dim=1).values
 
 
+def shipped_model(backbone: str):
+    """(adapter, loaded, text stack) of the embedded trained default, on one torch thread."""
+    torch.set_num_threads(1)
+    adapter = get_adapter(backbone)
+    loaded = adapter.load(None)
+    return adapter, loaded, adapter.text_stack(loaded)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="llava-1.5", choices=sorted(TOKEN_SIDE))
     parser.add_argument("--schedule", type=Path, required=True, help="schedule.json (its IVR layer, keep ratio, alpha)")
     parser.add_argument("--samples", type=int, default=100)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    adapter = get_adapter(args.backbone)
-    loaded = adapter.load(None)
-    stack = adapter.text_stack(loaded)
+    adapter, loaded, stack = shipped_model(args.backbone)
     schedule = PruneSchedule(**json.loads(args.schedule.read_text())["schedule"])
     side = TOKEN_SIDE[args.backbone]
     totals: dict[str, dict[str, float]] = {}

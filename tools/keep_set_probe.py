@@ -18,10 +18,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from coverage_probe import TOKEN_SIDE, rows_over  # noqa: E402
+from coverage_probe import TOKEN_SIDE, rows_over, shipped_model  # noqa: E402
 
 from halfv_export.base.tasks import normalise_answer, task_set  # noqa: E402
-from halfv_export.graphs import get_adapter  # noqa: E402
 from halfv_export.graphs.halfv import HalfVReference  # noqa: E402
 from halfv_export.graphs.pruning import PruneSchedule, SingleCut  # noqa: E402
 from halfv_export.validate.accuracy import answer_budget, cut_at_eos  # noqa: E402
@@ -64,10 +63,7 @@ def main() -> None:
     parser.add_argument("--keep", type=int, default=128, help="rows kept by the baselines in the by-row part")
     parser.add_argument("--samples", type=int, default=200)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    adapter = get_adapter(args.backbone)
-    loaded = adapter.load(None)
-    stack = adapter.text_stack(loaded)
+    adapter, loaded, stack = shipped_model(args.backbone)
     eos = adapter.eos_token_ids(loaded)
     side = TOKEN_SIDE[args.backbone]
     generator = torch.Generator().manual_seed(0)
