@@ -3,6 +3,7 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 from halfv_export.base.tasks import task_set
@@ -15,15 +16,16 @@ probe = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(probe)
 
 
-def test_a_given_row_set_is_kept_and_all_rows_change_nothing():
-    adapter = get_adapter("llava-1.5")
+@pytest.mark.parametrize("backbone", ["llava-1.5", "qwen2.5-vl"])  # 256 and 64 visual rows
+def test_a_given_row_set_is_kept_and_all_rows_change_nothing(backbone):
+    adapter = get_adapter(backbone)
     loaded = adapter.load(None)
     stack = adapter.text_stack(loaded)
     sample = task_set(1, seed=0, split="eval", sizes=[(224, 224)])[0]
     inputs = adapter.prepare(loaded, [sample.image], [sample.prompt])
     n = inputs.num_visual
     given = HalfVReference(stack, probe.given_rows_cut(2, stack.num_layers))
-    rows = torch.tensor([[0, 5, 17, 200, n - 1]])
+    rows = torch.tensor([[0, 5, 17, n - 2, n - 1]])
     assert given.prefill(inputs, force={"ivr": rows}).kept["ivr"].tolist() == rows.tolist()
     # every row kept + a freeze of the last layer only = the unpruned model's answer logits
     everything = given.prefill(inputs, force={"ivr": torch.arange(n)[None]}).logits

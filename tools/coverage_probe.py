@@ -44,11 +44,16 @@ def band_of(n: int, side: int, columns: int) -> torch.Tensor:
     return torch.arange(n) // columns // (CELL // side)
 
 
+def band_means(values: torch.Tensor, bands: torch.Tensor) -> list[float]:
+    """Mean of per-row `values` [n] over each band, top band first."""
+    return [float(values[bands == b].mean()) for b in range(int(bands.max()) + 1)]
+
+
 def band_shares(kept: set[int], bands: torch.Tensor) -> list[float]:
     """Share of each band's visual rows that are kept, top band first."""
     hit = torch.zeros(len(bands))
     hit[sorted(kept)] = 1.0
-    return [float(hit[bands == b].mean()) for b in range(int(bands.max()) + 1)]
+    return band_means(hit, bands)
 
 
 @torch.no_grad()
@@ -83,19 +88,20 @@ def main() -> None:
     redundancy: list[list[float]] = []
     for sample in samples:
         inputs = adapter.prepare(loaded, [sample.image], [sample.prompt])
-        halfv = HalfVReference(stack, schedule).prefill(inputs)
-        captured: list = []
-        HalfVReference(stack, None).prefill(inputs, capture=captured)  # nothing is cut before the IVR layer
-        hidden, start, n = captured[schedule.ivr_layer]  # so this is the input IVR reads, all rows
-        bands = band_of(n, side, columns)
+        unpruned = HalfVReference(stack, None)
+        # the layers before the IVR layer are the same for every method: run them once, then each selection on top
+        before = unpruned.run(unpruned.begin(inputs), stop=schedule.ivr_layer)
+        bands = band_of(before.n, side, columns)
         with torch.no_grad():
-            distance = nearest_distance(diversity_features(stack.norm, hidden, start, n)[0])
-        redundancy.append([float(distance[bands == b].mean()) for b in range(int(bands.max()) + 1)])
-        k = halfv.kept["ivr"].shape[1]
-        kept = {"ivr": halfv.kept["ivr"][0]}
+            distance = nearest_distance(diversity_features(stack.norm, before.h, before.start, before.n)[0])
+        redundancy.append(band_means(distance, bands))
+        after = schedule.ivr_layer + 1
+        ivr = HalfVReference(stack, schedule).run(before, stop=after).kept["ivr"]
+        k = ivr.shape[1]
+        kept = {"ivr": ivr[0]}
         for method in ("attention", "random"):
             cut = SingleCut(method, schedule.ivr_layer, k, schedule.anchor_ratio, seed=0)
-            kept[method] = HalfVReference(stack, None, cut=cut).prefill(inputs).kept["cut"][0]
+            kept[method] = HalfVReference(stack, None, cut=cut).run(before, stop=after).kept["cut"][0]
         for method, rows in kept.items():
             bands_kept.setdefault(method, []).append(band_shares(set(rows.tolist()), bands))
             for key, value in coverage(sample, set(rows.tolist()), side, columns).items():

@@ -5,8 +5,8 @@ chosen set of rows, and accuracy by the grid row a question asks about under IVR
 
 Keep sets (one cut before --layer, nothing after it): the rows over the drawn digits only; those plus a random
 0.25 / 0.5 of the other rows; every row except those over a digit ("background only"); a random half. Then, on
-digit_at / row_digits questions (both name a row), the accuracy per asked row with --keep rows kept by each
-single-cut baseline. The cut is HalfVReference's own `force` path: a schedule whose IVR stage is handed the rows,
+digit_at / row_digits questions (both name a row), the accuracy per asked row with --keep rows (default half)
+kept by each single-cut baseline. The cut is HalfVReference's own `force` path: a schedule whose IVR stage is handed the rows,
 and whose SSR stage freezes the last layer only, which cannot change the last row's logits (its keys and values
 come from that layer's input).
 """
@@ -27,9 +27,10 @@ from halfv_export.validate.accuracy import answer_budget, cut_at_eos  # noqa: E4
 
 
 def given_rows_cut(layer: int, num_layers: int) -> PruneSchedule:
-    """A schedule that prunes once before `layer` to whatever rows `force={"ivr": ...}` names: ratios small enough
-    that the rule's own budget never exceeds a forced set, freeze from the last layer (a no-op for the answer)."""
-    return PruneSchedule(ivr_layer=layer, keep_ratio=0.01, anchor_ratio=0.01, ssr_layer=num_layers - 1,
+    """A schedule that prunes once before `layer` to whatever rows `force={"ivr": ...}` names, then freezes the last
+    layer only (a no-op for the answer). keep_ratio 1 gives every N a budget (the forced set replaces it); alpha 0.01
+    keeps the rule's anchor count (what the force path's near-tie check compares against) below any set drawn here."""
+    return PruneSchedule(ivr_layer=layer, keep_ratio=1.0, anchor_ratio=0.01, ssr_layer=num_layers - 1,
                          ssr_mode="freeze")
 
 
@@ -60,7 +61,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="llava-1.5", choices=sorted(TOKEN_SIDE))
     parser.add_argument("--layer", type=int, default=2, help="the cut is before this LLM layer")
-    parser.add_argument("--keep", type=int, default=128, help="rows kept by the baselines in the by-row part")
+    parser.add_argument("--keep", type=int, default=None,
+                        help="rows kept by the baselines in the by-row part (default: half the visual rows)")
     parser.add_argument("--samples", type=int, default=200)
     args = parser.parse_args()
     adapter, loaded, stack = shipped_model(args.backbone)
@@ -86,18 +88,20 @@ def main() -> None:
         print(f"  {name:26s} rows {mean_kept}  accuracy {share([x for v in by_type.values() for x in v])}  "
               + "  ".join(f"{t} {share(v)}" for t, v in sorted(by_type.items())))
 
-    cuts = {"unpruned": HalfVReference(stack, None)}
-    for method in ("ivr", "random", "attention"):
-        cuts[method] = HalfVReference(stack, None, cut=SingleCut(method, args.layer, args.keep, 0.2, 0))
     by_row: dict[str, dict[int, list[bool]]] = {}
+    keep = args.keep
     for sample in task_set(args.samples, seed=1, split="eval", sizes=[(224, 224)],
                            mix={"digit_at": 0.5, "row_digits": 0.5}):
         row = int(re.search(r"row (\d+)", sample.prompt).group(1))
         inputs = adapter.prepare(loaded, [sample.image], [sample.prompt])
+        keep = keep or inputs.num_visual // 2  # one image size, so one N
+        cuts = {"unpruned": HalfVReference(stack, None)}
+        for method in ("ivr", "random", "attention"):
+            cuts[method] = HalfVReference(stack, None, cut=SingleCut(method, args.layer, keep, 0.2, 0))
         for method, reference in cuts.items():
             by_row.setdefault(method, {}).setdefault(row, []).append(
                 answer(adapter, loaded, reference, inputs, sample, eos))
-    print(f"  digit_at + row_digits by asked grid row, {args.keep} rows kept before layer {args.layer}:")
+    print(f"  digit_at + row_digits by asked grid row, {keep} rows kept before layer {args.layer}:")
     for method, rows in by_row.items():
         print(f"  {method:9s} " + "  ".join(f"row {r} {share(v)} ({len(v)})" for r, v in sorted(rows.items())))
 
