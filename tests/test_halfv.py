@@ -168,6 +168,24 @@ def test_attention_and_random_baselines(qwen):
         HalfVReference(stack, None, cut=SingleCut("random", 2, 0)).prefill(inputs)
 
 
+def test_random_baseline_draws_afresh_for_every_image(qwen):
+    """One stream per evaluation, never reseeded: prefilling the same image again draws another subset (a reseed per
+    prefill gave the b-th image of every batch the same one), a generator shared by successive references continues
+    the stream, and the same seed replays it."""
+    from halfv_export.graphs.pruning import SingleCut
+
+    adapter, loaded, stack = qwen
+    inputs = adapter.prepare(loaded, [make_image(336, 336, 14)], ["Which digits are in row 1, left to right?"])
+    cut = SingleCut("random", 2, inputs.num_visual // 4, seed=3)
+    one = HalfVReference(stack, None, cut=cut)
+    first, second = (one.prefill(inputs).kept["cut"][0].tolist() for _ in range(2))
+    assert first != second
+    shared = torch.Generator().manual_seed(3)
+    replay = [HalfVReference(stack, None, cut=cut, draws=shared).prefill(inputs).kept["cut"][0].tolist()
+              for _ in range(2)]
+    assert replay == [first, second]
+
+
 def test_forced_selection_reproduces_the_rule_and_measures_another(qwen):
     adapter, loaded, stack = qwen
     inputs = adapter.prepare(loaded, [make_image(448, 448, seed=s) for s in (0, 1)], ["Describe.", "Count the dots."])

@@ -86,6 +86,7 @@ def main() -> None:
     columns = samples[0].image.width // side  # visual rows per grid row (row-major, as both towers emit them)
     bands_kept: dict[str, list[list[float]]] = {}
     redundancy: list[list[float]] = []
+    draws = torch.Generator().manual_seed(0)  # one stream for the run: every image gets its own random subset
     for sample in samples:
         inputs = adapter.prepare(loaded, [sample.image], [sample.prompt])
         unpruned = HalfVReference(stack, None)
@@ -101,7 +102,7 @@ def main() -> None:
         kept = {"ivr": ivr[0]}
         for method in ("attention", "random"):
             cut = SingleCut(method, schedule.ivr_layer, k, schedule.anchor_ratio, seed=0)
-            kept[method] = HalfVReference(stack, None, cut=cut).run(before, stop=after).kept["cut"][0]
+            kept[method] = HalfVReference(stack, None, cut=cut, draws=draws).run(before, stop=after).kept["cut"][0]
         for method, rows in kept.items():
             bands_kept.setdefault(method, []).append(band_shares(set(rows.tolist()), bands))
             for key, value in coverage(sample, set(rows.tolist()), side, columns).items():

@@ -97,7 +97,8 @@ def main() -> None:
         keep = keep or inputs.num_visual // 2  # one image size, so one N
         cuts = {"unpruned": HalfVReference(stack, None)}
         for method in ("ivr", "random", "attention"):
-            cuts[method] = HalfVReference(stack, None, cut=SingleCut(method, args.layer, keep, 0.2, 0))
+            cuts[method] = HalfVReference(stack, None, cut=SingleCut(method, args.layer, keep, 0.2, 0),
+                                             draws=generator)  # the run's one stream: a subset per image
         for method, reference in cuts.items():
             by_row.setdefault(method, {}).setdefault(row, []).append(
                 answer(adapter, loaded, reference, inputs, sample, eos))

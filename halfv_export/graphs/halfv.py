@@ -84,12 +84,19 @@ class PrefillResult:
 
 class HalfVReference:
     """Eager HalfV over a TextStack. `schedule=None` is the unpruned model (the fidelity baseline); `cut` (with no
-    schedule) runs an ablation baseline instead: one selection at one layer (pruning.SingleCut), no second stage."""
+    schedule) runs an ablation baseline instead: one selection at one layer (pruning.SingleCut), no second stage.
 
-    def __init__(self, stack: TextStack, schedule: PruneSchedule | None = None, cut: SingleCut | None = None):
+    The random baseline draws from `draws`, a stream seeded once (default: a new one from cut.seed) and never
+    reseeded, so every image it prefills gets its own subset. A caller that scores a data set batch by batch passes
+    one generator to every batch's reference: reseeding per prefill would give the b-th image of every batch the
+    same subset."""
+
+    def __init__(self, stack: TextStack, schedule: PruneSchedule | None = None, cut: SingleCut | None = None,
+                 draws: torch.Generator | None = None):
         self.stack = stack
         self.schedule = schedule
         self.cut = cut
+        self.draws = draws if draws is not None or cut is None else torch.Generator().manual_seed(cut.seed)
         if cut is not None:
             if schedule is not None:
                 raise BadInput("pass either a HalfV schedule or a baseline cut, not both")
@@ -158,8 +165,6 @@ class HalfVReference:
         stop = st.num_layers if stop is None else stop
         plan = self.plan(rows.n_input)
         cut = self.cut if rows.n_input > 0 else None
-        # the random baseline draws from the same seeded stream on every prefill (its one cut is in this run)
-        generator = torch.Generator().manual_seed(cut.seed) if cut is not None else None
         h, prev_input, cos, sin, positions, valid = rows.h, rows.prev_input, rows.cos, rows.sin, rows.positions, rows.valid
         start, n, original, kept = rows.start, rows.n, rows.original, dict(rows.kept)
         shortfall = dict(rows.shortfall)
@@ -177,7 +182,7 @@ class HalfVReference:
             elif plan is not None:
                 selected = select_before_layer(st, sched, plan, i, prev_input, h, start, n, cos, sin)
             elif cut is not None:
-                selected = select_single_cut(st, cut, i, prev_input, h, start, n, generator)
+                selected = select_single_cut(st, cut, i, prev_input, h, start, n, self.draws)
             else:
                 selected = None
             if selected is not None:

@@ -7,7 +7,8 @@ before HalfV's IVR layer L1, and keep the K visual rows whose single-cut prefill
     halfv      IVR at L1 (anchors + farthest-point fill, K1 = floor(N rho)) + SSR at L2 (top-K2 or freeze)
     ivr        the same IVR selection, K rows, no SSR
     attention  the top-K last-token relevance scores at L1 - 1 (FastV-like), no diversity fill, no SSR
-    random     K rows drawn uniformly (seeded), no SSR
+    random     K rows drawn uniformly, a fresh draw per image from one stream per (method, rho) seeded with
+               `seed`: the same data in the same order draws the same subsets; no SSR
 
 Accuracy is exact match of the greedy answer (validate.accuracy); FLOPs are the analytic LLM prefill count
 (validate.flops), as a fraction of the unpruned model's, averaged over samples.
@@ -19,6 +20,7 @@ from dataclasses import replace
 from typing import Callable
 
 import numpy as np
+import torch
 
 from ..base.data import Sample
 from ..base.errors import BadInput
@@ -66,6 +68,7 @@ def evaluate_methods(adapter, loaded, samples: list[Sample], schedules: list[Pru
     table = AccuracyTable()
     fractions: dict[str, list[float]] = {}
     kept: dict[str, dict[str, int]] = {}
+    draws = {f"random@{s.keep_ratio:g}": torch.Generator().manual_seed(seed) for s in schedules}  # across batches
     for batch in progress(_batches(adapter, loaded, samples, batch_size)):
         inputs = adapter.prepare(loaded, [s.image for s in batch], [s.prompt for s in batch])
         n = inputs.num_visual
@@ -90,7 +93,7 @@ def evaluate_methods(adapter, loaded, samples: list[Sample], schedules: list[Pru
                 else:
                     k = matched_keep(shape, n, n_text, schedule.ivr_layer, halfv_flops)
                     cut = SingleCut(method, schedule.ivr_layer, k, schedule.anchor_ratio, seed)
-                    reference, spent = HalfVReference(stack, None, cut=cut), single_cut_flops(
+                    reference, spent = HalfVReference(stack, None, cut=cut, draws=draws.get(system)), single_cut_flops(
                         shape, n, n_text, schedule.ivr_layer, k)
                 score(system, reference)
                 fractions.setdefault(system, []).extend([spent / full_flops] * len(batch))
