@@ -56,7 +56,11 @@ def test_engine_matches_eager(exported, qwen, batch):
     prompts = [p for *_, p in batch]
     state = pipeline.prefill(pipeline.host(images, prompts))
     eager = HalfVReference(stack, SCHEDULE).prefill(adapter.prepare(loaded, images, prompts))
-    np.testing.assert_allclose(state.logits, eager.logits.numpy(), atol=1e-4, rtol=1e-4)
+    want = eager.logits.numpy()
+    # ORT and torch order fp32 sums differently; a difference in the final hidden state shifts every logit of the row
+    # by about the same amount (1.7e-4 across a row whose largest |logit| is 22, measured), so the bound scales with
+    # the row's largest logit rather than with each small one
+    np.testing.assert_allclose(state.logits, want, rtol=1e-4, atol=max(1e-4, 2e-5 * float(np.abs(want).max())))
     assert state.kept.keys() == eager.kept.keys()
     for stage in eager.kept:
         np.testing.assert_array_equal(state.kept[stage], eager.kept[stage].numpy())
