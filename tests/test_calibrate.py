@@ -34,7 +34,12 @@ def test_calibrate_writes_schedule_and_plot(calibrated):
     assert len(curves["visual"]) == len(curves["text"]) == len(curves["whole"]) == 9
     assert len(curves["kl_visual_update"]) == 8
     assert all(0 < v < np.log(50) for v in curves["whole"])
-    assert doc["chosen_by"]["ssr_layer"].startswith("rule:") and doc["chosen_by"]["ssr_mode"].startswith("rule:")
+    assert doc["chosen_by"]["ssr_mode"].startswith("rule:")
+    # the layers are what the rules make of the written curves: a turn of the curve, or the paper's layer and why
+    layers, why = derive_schedule(curves, 8, get_adapter("qwen2.5-vl"), {})
+    assert (layers["ivr_layer"], layers["ssr_layer"]) == (doc["schedule"]["ivr_layer"], doc["schedule"]["ssr_layer"])
+    assert why["ivr_layer"] == doc["chosen_by"]["ivr_layer"] and why["ssr_layer"] == doc["chosen_by"]["ssr_layer"]
+    assert all(doc["chosen_by"][k].startswith("rule:") or " no " in doc["chosen_by"][k] for k in ("ivr_layer", "ssr_layer"))
     modes = doc["calibration"]["ssr_modes"]
     assert doc["schedule"]["ssr_mode"] == min(modes, key=lambda m: modes[m]["kl_mean"])
     png = (calibrated / "tme.png").read_bytes()
@@ -108,6 +113,36 @@ def test_rules_pick_stage_boundaries():
     assert (values["ivr_layer"], values["ssr_layer"]) == (1, 9) and chosen["ssr_layer"].startswith("paper:")
     values, _ = derive_schedule(None, 28, _Adapter, {})
     assert (values["ivr_layer"], values["ssr_layer"]) == (2, 21)
+
+
+@pytest.mark.parametrize("visual,expected,rules", [
+    # the trained LLaVA-1.5 default's curve: rising through points 1..2 (no peak), then L2's window 2..6 has its
+    # lowest value at 2, on the rise (no minimum): both layers are the paper's at depth 8 (Qwen 2/28, 21/28 -> 1, 6)
+    ([0.94, 1.62, 1.77, 1.81, 1.81, 1.80, 1.79, 1.70, 1.72], (1, 6), (False, False)),
+    # the trained LLaVA-NeXT default's: rising everywhere
+    ([1.51, 1.55, 1.59, 1.67, 1.72, 1.84, 1.95, 2.00, 2.08], (1, 6), (False, False)),
+    # a peak inside the window and a minimum still falling at the window's end (the true one at 7): L1 only
+    ([1.0, 1.3, 1.2, 1.1, 1.0, 0.9, 0.8, 0.7, 0.75], (1, 6), (True, False)),
+    # a peak at the window's end that the curve falls from: a turn, kept; then a real minimum at 4
+    ([1.0, 1.1, 1.3, 1.2, 0.9, 1.0, 1.1, 1.2, 1.3], (2, 4), (True, True)),
+])
+def test_a_pick_on_a_slope_is_no_stage_boundary(visual, expected, rules):
+    values, chosen = derive_schedule({"visual": visual, "kl_visual_update": None}, 8, _Adapter, {})
+    assert (values["ivr_layer"], values["ssr_layer"]) == expected
+    assert (chosen["ivr_layer"].startswith("rule:"), chosen["ssr_layer"].startswith("rule:")) == rules
+    if not rules[0]:
+        assert chosen["ivr_layer"].startswith("paper:") and "still rises at point 3" in chosen["ivr_layer"]
+
+
+def test_calibrate_says_which_layers_the_curve_could_not_place(capsys):
+    from halfv_export.exporter.cli import _echo_layer_fallbacks
+
+    visual = [1.0, 1.3, 1.2, 1.1, 1.0, 0.9, 0.8, 0.7, 0.75]  # a stage-I peak at 1, no stage-III minimum before 7
+    values, chosen = derive_schedule({"visual": visual}, 8, _Adapter, {})
+    _echo_layer_fallbacks({"schedule": values, "chosen_by": chosen})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["note: ssr_layer 6 is the paper's: no minimum of visual TME over points 2..6: the lowest, point "
+                     "6, is on a slope (no stage III found); --target-ratio R picks the layers by measurement instead"]
 
 
 @pytest.mark.parametrize("topk_kl,freeze_kl,paper,expected", [

@@ -10,6 +10,11 @@ Rules (each value records which one chose it in schedule.json["chosen_by"]):
   L1   end of stage I: the peak of the visual TME curve over the shallow quarter, points 1..max(1, L//4)
        (stage I is flat or rising, stage II falls; IVR goes where the fall starts).
   L2   start of stage III: the minimum of the visual TME curve over points L1+1..L-2 (stage III keeps >= 2 layers).
+  Each pick must be a turn of the whole curve, not an edge of its window: the peak must be followed by a fall
+  (point L1+1 lower), the minimum preceded by a fall and followed by a rise. Otherwise the curve has no such stage
+  boundary where the rule looks, and the layer is the paper's. Without this check a curve that still rises through
+  the shallow quarter (every trained 8-layer default: stage I outlasts two layers) made the window's last point
+  the "peak", so L1 was set by the window's size, not by the model (README, Calibration: the grid of schedules).
   mode the SSR cut that stays closer to the unpruned model: with L1, L2, rho, alpha, sigma fixed, the prefill is
        run once with SSR = topk and once with SSR = freeze on every calibration sample; the mode with the lower
        mean last-token KL to the unpruned prefill is kept (a tie keeps the paper's mode). The per-layer KL curve
@@ -90,17 +95,27 @@ def derive_schedule(curves: dict | None, depth: int, adapter: BackboneAdapter, o
     chosen = {key: paper_note for key in FIELDS}
     visual = (curves or {}).get("visual")
 
-    if use_rules and visual and depth >= 4:
+    if use_rules and visual and depth >= 4 and all(v is not None for v in visual):
         shallow = range(1, min(max(1, depth // 4), depth - 2) + 1)
-        if all(visual[i] is not None for i in shallow):
-            values["ivr_layer"] = max(shallow, key=lambda i: (visual[i], -i))
+        peak = max(shallow, key=lambda i: (visual[i], -i))
+        if visual[peak + 1] < visual[peak]:
+            values["ivr_layer"] = peak
             chosen["ivr_layer"] = f"rule: peak of visual TME over points 1..{shallow[-1]} (end of stage I)"
+        else:
+            chosen["ivr_layer"] = (f"{paper_note}; no peak of visual TME over points 1..{shallow[-1]}: it still "
+                                   f"rises at point {peak + 1} (stage I outlasts the window)")
         deep = range(values["ivr_layer"] + 1, depth - 1)
-        if len(deep) and all(visual[i] is not None for i in deep):
-            values["ssr_layer"] = min(deep, key=lambda i: (visual[i], i))
-            chosen["ssr_layer"] = f"rule: minimum of visual TME over points {deep[0]}..{deep[-1]} (start of stage III)"
-        elif values["ssr_layer"] <= values["ivr_layer"]:
+        if len(deep):
+            low = min(deep, key=lambda i: (visual[i], i))
+            if visual[low - 1] > visual[low] < visual[low + 1]:
+                values["ssr_layer"] = low
+                chosen["ssr_layer"] = f"rule: minimum of visual TME over points {deep[0]}..{deep[-1]} (start of stage III)"
+            else:
+                chosen["ssr_layer"] = (f"{paper_note}; no minimum of visual TME over points {deep[0]}..{deep[-1]}: "
+                                       f"the lowest, point {low}, is on a slope (no stage III found)")
+        if values["ssr_layer"] <= values["ivr_layer"]:  # a paper L2 at or above a deeper rule-chosen L1
             values["ssr_layer"] = min(values["ivr_layer"] + 1, depth - 1)
+            chosen["ssr_layer"] += "; moved to L1 + 1"
     chosen.update(apply_overrides(values, overrides))
     check_values(values, depth, where="calibrated schedule")
     return values, chosen

@@ -168,6 +168,7 @@ def calibrate(backbone, model_dir, data, samples, seed, random_weights, tme_k, k
     click.echo(f"schedule: IVR before layer {s['ivr_layer']} keep {s['keep_ratio']} (anchors {s['anchor_ratio']}), "
                f"SSR {s['ssr_mode']} from layer {s['ssr_layer']}"
                + (f" keep {s['ssr_ratio']}" if s["ssr_ratio"] is not None else ""))
+    _echo_layer_fallbacks(doc)
     if "search" in doc:
         chosen = doc["search"]["log"][doc["search"]["chosen"]]
         click.echo(f"search: {doc['search']['ratio_kind']} FLOPs ratio {chosen['ratio']:.2f} (target "
@@ -548,9 +549,9 @@ def build(backbone, model_dir, data, image_sizes, target, precision, paper_value
         raise CliError("--random-weights applies to the embedded default only; drop it or --model", 2)
     with staged_build(out) as work:  # the previous build in `out` stays intact until this one has passed
         click.echo("[1/4] calibrate", err=True)
-        run_calibrate(backbone=backbone, model_dir=model_dir, data=data, samples=None, seed=0, tme_k=50,
-                      kl_probe=True, use_rules=not paper_values, overrides=overrides, out=work,
-                      weights_seed=random_weights, **search)
+        _echo_layer_fallbacks(run_calibrate(backbone=backbone, model_dir=model_dir, data=data, samples=None, seed=0,
+                                            tme_k=50, kl_probe=True, use_rules=not paper_values, overrides=overrides,
+                                            out=work, weights_seed=random_weights, **search), err=True)
         click.echo("[2/4] export", err=True)
         meta = run_export(work / "schedule.json", model_dir, sizes, work, precision=precision)
         click.echo(f"[3/4] engine ({target})", err=True)
@@ -571,6 +572,16 @@ def build(backbone, model_dir, data, image_sizes, target, precision, paper_value
         if failures:
             raise CliError("validation failed: " + "; ".join(failures) + f"; the previous build in {out} is kept", 1)
     click.echo(f"build complete: {out}")
+
+
+def _echo_layer_fallbacks(doc: dict, err: bool = False) -> None:
+    """One line per layer the TME rules could not place (calibrate.derive_schedule: no turn of the curve), naming
+    the measured alternative."""
+    for field in ("ivr_layer", "ssr_layer"):
+        why = doc["chosen_by"][field]
+        if "; no " in why:
+            click.echo(f"note: {field} {doc['schedule'][field]} is the paper's: {why.split('; ', 1)[1]}; "
+                       f"--target-ratio R picks the layers by measurement instead", err=err)
 
 
 def _summary_table(meta: dict, report: dict) -> None:
