@@ -68,7 +68,7 @@ def main() -> None:
     lines = [f"{args.backbone}: unpruned accuracy {full:.3f} on {len(samples)} questions; rho {paper['keep_ratio']:g}, "
              f"alpha {paper['anchor_ratio']:g}, sigma {paper['ssr_ratio'] or DEFAULT_SSR_RATIO:g} (topk). "
              "* = on the frontier.", "",
-             "| L1 | L2 | SSR | accuracy | prefill FLOPs | speed-up | |", "|---|---|---|---|---|---|---|"]
+             "| L1 | L2 | SSR | accuracy | prefill FLOPs (fraction of unpruned) | 1 / fraction | |", "|---|---|---|---|---|---|---|"]
     for i, r in sorted(enumerate(rows), key=lambda item: item[1]["flops"]):
         lines.append(f"| {r['ivr_layer']} | {r['ssr_layer']} | {r['ssr_mode']} | {r['accuracy']:.3f}"
                      f"{' *' if i in best else ''} | {r['flops']:.3f} | {1 / r['flops']:.2f}x | "
