@@ -42,6 +42,8 @@ from ..base.data import Sample
 from ..graphs.pruning import PruneSchedule
 from .schedule import DEFAULT_SSR_RATIO, FIELDS, apply_overrides, check_values
 
+UNPLACED = "; no "  # in chosen_by, between the paper's note and why the curve could not place that layer
+
 
 
 def measure_probes(adapter: BackboneAdapter, loaded: LoadedModel, samples: list[Sample], k: int = DEFAULT_K,
@@ -102,7 +104,7 @@ def derive_schedule(curves: dict | None, depth: int, adapter: BackboneAdapter, o
             values["ivr_layer"] = peak
             chosen["ivr_layer"] = f"rule: peak of visual TME over points 1..{shallow[-1]} (end of stage I)"
         else:
-            chosen["ivr_layer"] = (f"{paper_note}; no peak of visual TME over points 1..{shallow[-1]}: it still "
+            chosen["ivr_layer"] = (f"{paper_note}{UNPLACED}peak of visual TME over points 1..{shallow[-1]}: it still "
                                    f"rises at point {peak + 1} (stage I outlasts the window)")
         deep = range(values["ivr_layer"] + 1, depth - 1)
         if len(deep):
@@ -111,7 +113,7 @@ def derive_schedule(curves: dict | None, depth: int, adapter: BackboneAdapter, o
                 values["ssr_layer"] = low
                 chosen["ssr_layer"] = f"rule: minimum of visual TME over points {deep[0]}..{deep[-1]} (start of stage III)"
             else:
-                chosen["ssr_layer"] = (f"{paper_note}; no minimum of visual TME over points {deep[0]}..{deep[-1]}: "
+                chosen["ssr_layer"] = (f"{paper_note}{UNPLACED}minimum of visual TME over points {deep[0]}..{deep[-1]}: "
                                        f"the lowest, point {low}, is on a slope (no stage III found)")
         if values["ssr_layer"] <= values["ivr_layer"]:  # a paper L2 at or above a deeper rule-chosen L1
             values["ssr_layer"] = min(values["ivr_layer"] + 1, depth - 1)

@@ -577,10 +577,12 @@ def build(backbone, model_dir, data, image_sizes, target, precision, paper_value
 def _echo_layer_fallbacks(doc: dict, err: bool = False) -> None:
     """One line per layer the TME rules could not place (calibrate.derive_schedule: no turn of the curve), naming
     the measured alternative."""
+    from .calibrate import UNPLACED
+
     for field in ("ivr_layer", "ssr_layer"):
-        why = doc["chosen_by"][field]
-        if "; no " in why:
-            click.echo(f"note: {field} {doc['schedule'][field]} is the paper's: {why.split('; ', 1)[1]}; "
+        _, unplaced, reason = doc["chosen_by"][field].partition(UNPLACED)
+        if unplaced:
+            click.echo(f"note: {field} {doc['schedule'][field]} is the paper's: no {reason}; "
                        f"--target-ratio R picks the layers by measurement instead", err=err)
 
 
