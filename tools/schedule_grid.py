@@ -6,8 +6,9 @@ beats at both accuracy and FLOPs (the frontier, marked *).
     halfv-export make-task --backbone llava-1.5 --count 200 --out evalset/
     python tools/schedule_grid.py --backbone llava-1.5 --data evalset/ --out grid-llava-1.5.md
 
-One eager greedy pass over the data per schedule (validate.compare.evaluate_methods, HalfV only); 2(L-1)+2(L-2)
-schedules for L1 in {1, 2}: ~3 min for the 8-layer LLaVA-1.5 default on 200 questions, one thread.
+One eager greedy pass over the data per schedule (validate.compare.evaluate_methods, HalfV only); 2(L-2)+2(L-3)
+schedules for L1 in {1, 2} (22 at 8 layers): 201 s for the LLaVA-1.5 default on 200 questions, one thread, another
+grid on the other core (2-core box).
 """
 import argparse
 import json
