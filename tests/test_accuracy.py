@@ -168,3 +168,27 @@ def test_compare_puts_baselines_at_halfvs_flops(task_build, run_cli, tmp_path):
     assert doc["full"]["count"] == QUESTIONS and (tmp_path / "accuracy_flops.png").stat().st_size > 10_000
     assert np.isclose(point["methods"]["halfv"]["retention"],
                       point["methods"]["halfv"]["accuracy"] / doc["full"]["accuracy"])
+
+
+def test_schedules_sharing_a_keep_ratio_are_told_apart_by_label():
+    """The schedule grid's use: several schedules at one rho in one call, the unpruned model run once; each scores
+    exactly what it scores alone."""
+    from halfv_export.graphs.pruning import PruneSchedule
+    from halfv_export.validate.compare import evaluate_methods
+
+    adapter = _trained("qwen2.5-vl")
+    loaded = adapter.load(None)
+    sizes = [tuple(s) for s in loaded.meta["image_sizes"]]
+    samples = task_set(8, seed=5, split="eval", sizes=sizes[:1])
+    schedules = [PruneSchedule(ivr_layer=1, keep_ratio=0.25, anchor_ratio=0.1, ssr_layer=l2, ssr_mode="freeze",
+                               ssr_ratio=None) for l2 in (2, 6)]
+    together = evaluate_methods(adapter, loaded, samples, schedules, methods=("halfv",), labels=["a", "b"])
+    for schedule, point in zip(schedules, together["points"]):
+        alone = evaluate_methods(adapter, loaded, samples, [schedule], methods=("halfv",))["points"][0]
+        assert point["schedule"] == alone["schedule"] == schedule.__dict__
+        assert point["methods"]["halfv"]["accuracy"] == alone["methods"]["halfv"]["accuracy"]
+        assert point["methods"]["halfv"]["flops_fraction"] == alone["methods"]["halfv"]["flops_fraction"]
+    fractions = [p["methods"]["halfv"]["flops_fraction"] for p in together["points"]]
+    assert fractions[0] < fractions[1]  # freeze from layer 2 spends less than from layer 6: not one system twice
+    with pytest.raises(ValueError, match="unique"):
+        evaluate_methods(adapter, loaded, samples, schedules, methods=("halfv",))  # both would be "halfv@0.25"

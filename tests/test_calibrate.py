@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from halfv_export.base.errors import BadInput
-from halfv_export.exporter.calibrate import choose_ssr_mode, derive_schedule, measure_ssr_modes
+from halfv_export.exporter.calibrate import UNPLACED, choose_ssr_mode, derive_schedule, measure_ssr_modes
 from halfv_export.exporter.schedule import read_schedule
 from halfv_export.graphs import get_adapter
 from tests.conftest import make_image
@@ -39,7 +39,7 @@ def test_calibrate_writes_schedule_and_plot(calibrated):
     layers, why = derive_schedule(curves, 8, get_adapter("qwen2.5-vl"), {})
     assert (layers["ivr_layer"], layers["ssr_layer"]) == (doc["schedule"]["ivr_layer"], doc["schedule"]["ssr_layer"])
     assert why["ivr_layer"] == doc["chosen_by"]["ivr_layer"] and why["ssr_layer"] == doc["chosen_by"]["ssr_layer"]
-    assert all(doc["chosen_by"][k].startswith("rule:") or " no " in doc["chosen_by"][k] for k in ("ivr_layer", "ssr_layer"))
+    assert all(doc["chosen_by"][k].startswith("rule:") or UNPLACED in doc["chosen_by"][k] for k in ("ivr_layer", "ssr_layer"))
     modes = doc["calibration"]["ssr_modes"]
     assert doc["schedule"]["ssr_mode"] == min(modes, key=lambda m: modes[m]["kl_mean"])
     png = (calibrated / "tme.png").read_bytes()

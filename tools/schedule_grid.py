@@ -6,9 +6,9 @@ beats at both accuracy and FLOPs (the frontier, marked *).
     halfv-export make-task --backbone llava-1.5 --count 200 --out evalset/
     python tools/schedule_grid.py --backbone llava-1.5 --data evalset/ --out grid-llava-1.5.md
 
-One eager greedy pass over the data per schedule (validate.compare.evaluate_methods, HalfV only); 2(L-2)+2(L-3)
-schedules for L1 in {1, 2} (22 at 8 layers): 201 s for the LLaVA-1.5 default on 200 questions, one thread, another
-grid on the other core (2-core box).
+One eager greedy pass over the data per schedule and one unpruned (validate.compare.evaluate_methods, HalfV
+only); 2(L-2)+2(L-3) schedules for L1 in {1, 2} (22 at 8 layers): 72 s for the LLaVA-1.5 default on 200
+questions, one thread, a test run on the other core (2-core box; 201 s when every schedule re-ran the unpruned model).
 """
 import argparse
 import json
@@ -54,11 +54,12 @@ def main() -> None:
     paper = derive_schedule(None, depth, adapter, {})[0]
     picked = json.loads(args.schedule.read_text())["schedule"] if args.schedule else None
     samples = load_data(args.data)
-    rows, full = [], None
-    for schedule in grid(depth, paper, [int(x) for x in args.ivr_layers.split(",")]):
-        result = evaluate_methods(adapter, loaded, samples, [schedule], methods=("halfv",), batch_size=16)
-        point = result["points"][0]["methods"]["halfv"]
-        full = result["full"]["accuracy"]
+    schedules = grid(depth, paper, [int(x) for x in args.ivr_layers.split(",")])
+    labels = [f"{s.ivr_layer}/{s.ssr_layer}/{s.ssr_mode}" for s in schedules]
+    result = evaluate_methods(adapter, loaded, samples, schedules, methods=("halfv",), batch_size=16, labels=labels)
+    full, rows = result["full"]["accuracy"], []
+    for schedule, row in zip(schedules, result["points"]):
+        point = row["methods"]["halfv"]
         marks = [name for name, values in (("paper", paper), ("rule", picked)) if values and all(
             values[k] == getattr(schedule, k) for k in ("ivr_layer", "ssr_layer", "ssr_mode"))]
         rows.append({"ivr_layer": schedule.ivr_layer, "ssr_layer": schedule.ssr_layer, "ssr_mode": schedule.ssr_mode,

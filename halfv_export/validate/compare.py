@@ -58,9 +58,12 @@ def _batches(adapter, loaded, samples: list[Sample], batch_size: int) -> list[li
 
 def evaluate_methods(adapter, loaded, samples: list[Sample], schedules: list[PruneSchedule],
                      methods: tuple[str, ...] = METHODS, seed: int = 0, batch_size: int = 8,
-                     progress: Callable = iter) -> dict:
-    """Accuracy and FLOPs of the unpruned model and of every (schedule, method) pair on the same samples.
+                     progress: Callable = iter, labels: list[str] | None = None) -> dict:
+    """Accuracy and FLOPs of the unpruned model and of every (schedule, method) pair on the same samples; the
+    unpruned model runs once per batch whatever the number of schedules.
 
+    labels name the schedules in the systems' names ("halfv@<label>"); the default, each keep ratio, suits a sweep
+    over rho and must be replaced when two schedules share one.
     Returns {"full": {...}, "points": [{"keep_ratio", "schedule", "methods": {method: {...}}}]}."""
     stack = adapter.text_stack(loaded)
     shape = LMShape.from_config(loaded.config.to_dict())
@@ -68,7 +71,10 @@ def evaluate_methods(adapter, loaded, samples: list[Sample], schedules: list[Pru
     table = AccuracyTable()
     fractions: dict[str, list[float]] = {}
     kept: dict[str, dict[str, int]] = {}
-    draws = {f"random@{s.keep_ratio:g}": torch.Generator().manual_seed(seed) for s in schedules}  # across batches
+    labels = labels or [f"{s.keep_ratio:g}" for s in schedules]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"schedule labels must be unique, got {labels}")
+    draws = {f"random@{label}": torch.Generator().manual_seed(seed) for label in labels}  # across batches
     for batch in progress(_batches(adapter, loaded, samples, batch_size)):
         inputs = adapter.prepare(loaded, [s.image for s in batch], [s.prompt for s in batch])
         n = inputs.num_visual
@@ -84,10 +90,10 @@ def evaluate_methods(adapter, loaded, samples: list[Sample], schedules: list[Pru
                           sample.name)
 
         score("full", HalfVReference(stack, None))
-        for schedule in schedules:
+        for schedule, label in zip(schedules, labels):
             halfv_flops = prefill_flops(shape, n, n_text, schedule).halfv
             for method in methods:
-                system = f"{method}@{schedule.keep_ratio:g}"
+                system = f"{method}@{label}"
                 if method == "halfv":
                     reference, spent, k = HalfVReference(stack, schedule), halfv_flops, budgets(n, schedule).k1
                 else:
@@ -107,10 +113,10 @@ def evaluate_methods(adapter, loaded, samples: list[Sample], schedules: list[Pru
 
     full = summary("full")
     points = []
-    for schedule in schedules:
+    for schedule, label in zip(schedules, labels):
         row = {"keep_ratio": schedule.keep_ratio, "schedule": schedule.__dict__.copy(), "methods": {}}
         for method in methods:
-            system = f"{method}@{schedule.keep_ratio:g}"
+            system = f"{method}@{label}"
             entry = summary(system)
             entry.update({"label": LABELS[method], "flops_fraction": float(np.mean(fractions[system])),
                           "kept": kept[system], "retention": retention(entry["accuracy"], full["accuracy"])})
