@@ -134,6 +134,20 @@ def test_a_pick_on_a_slope_is_no_stage_boundary(visual, expected, rules):
         assert chosen["ivr_layer"].startswith("paper:") and "still rises at point 3" in chosen["ivr_layer"]
 
 
+def test_a_paper_l2_above_the_measured_l1_moves_below_it():
+    """A backbone whose paper cut its second stage shallow (L2 3 of 28 -> 1 at depth 8, kept at L1 + 1 = 2 by
+    at_depth) while the curve places L1 at 2: the paper's L2 would cut at or above IVR, so it moves to L1 + 1."""
+    import dataclasses
+
+    class Shallow:
+        paper = dataclasses.replace(_Adapter.paper, ssr_layer=3)
+
+    visual = [1.0, 1.1, 1.3, 1.2, 1.1, 1.0, 0.9, 0.8, 0.85]  # a peak at 2, still falling at 6: no stage-III minimum
+    values, chosen = derive_schedule({"visual": visual}, 8, Shallow, {})
+    assert (values["ivr_layer"], values["ssr_layer"]) == (2, 3)
+    assert chosen["ivr_layer"].startswith("rule:") and chosen["ssr_layer"].endswith("; moved to L1 + 1")
+
+
 def test_calibrate_says_which_layers_the_curve_could_not_place(capsys):
     from halfv_export.exporter.cli import _echo_layer_fallbacks
 

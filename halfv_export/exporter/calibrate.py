@@ -45,7 +45,6 @@ from .schedule import DEFAULT_SSR_RATIO, FIELDS, apply_overrides, check_values
 UNPLACED = "; no "  # in chosen_by, between the paper's note and why the curve could not place that layer
 
 
-
 def measure_probes(adapter: BackboneAdapter, loaded: LoadedModel, samples: list[Sample], k: int = DEFAULT_K,
                    kl_probe: bool = True, progress: Callable[[Iterable], Iterable] = iter,
                    keep_inputs: list | None = None) -> dict:
