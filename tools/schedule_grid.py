@@ -7,8 +7,9 @@ beats at both accuracy and FLOPs (the frontier, marked *).
     python tools/schedule_grid.py --backbone llava-1.5 --data evalset/ --out grid-llava-1.5.md
 
 One eager greedy pass over the data per schedule and one unpruned (validate.compare.evaluate_methods, HalfV
-only); 2(L-2)+2(L-3) schedules for L1 in {1, 2} (22 at 8 layers): 72 s for the LLaVA-1.5 default on 200
-questions, one thread, a test run on the other core (2-core box; 201 s when every schedule re-ran the unpruned model).
+only); 2(L-2)+2(L-3) schedules for L1 in {1, 2} (22 at 8 layers): 72 s for the LLaVA-1.5 default (0.875 weights) on
+200 questions, one thread, a test run on the other core (2-core box; 201 s when every schedule re-ran the unpruned
+model).
 """
 import argparse
 import json
