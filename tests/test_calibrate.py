@@ -120,7 +120,7 @@ def test_rules_pick_stage_boundaries():
     # points 1..2 (no peak), then L2's window 2..6 has its lowest value at 2, on the rise (no minimum): both layers
     # are the paper's at depth 8 (Qwen 2/28, 21/28 -> 1, 6)
     ([1.13, 1.67, 1.86, 1.91, 1.92, 1.91, 1.90, 1.76, 1.76], (1, 6), (False, False)),
-    # the trained LLaVA-NeXT default's (the 0.925 weights; the 0.895 ones rose everywhere too): rising everywhere
+    # the trained LLaVA-NeXT default's (the 0.925 weights, like the 0.895 ones before them): rising everywhere
     ([1.48, 1.72, 1.81, 1.90, 1.94, 2.05, 2.12, 2.15, 2.18], (1, 6), (False, False)),
     # a peak inside the window and a minimum still falling at the window's end (the true one at 7): L1 only
     ([1.0, 1.3, 1.2, 1.1, 1.0, 0.9, 0.8, 0.7, 0.75], (1, 6), (True, False)),
