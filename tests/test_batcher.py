@@ -1,6 +1,6 @@
 """The serve request queue without HTTP: waiting requests are grouped by (bucket, pruned), capped at max_batch, in
-arrival order; answers equal the single-prompt answers; a cancelled request is skipped; the engine thread survives a
-failing batch."""
+arrival order; answers equal the single-prompt answers; a cancelled request is skipped in the queue or dropped from
+its running batch while the others finish; the engine thread survives a failing batch."""
 
 import threading
 import time
@@ -66,16 +66,59 @@ def test_waiting_requests_are_grouped_by_bucket_and_graph(model):
 
 def test_max_batch_caps_a_group_and_cancelled_requests_are_skipped(model):
     square = make_image(448, 448, 43)
+    prompts = ("a", "b", "c", "d")
+    alone = {p: model.generate(square, p, max_new_tokens=3).token_ids for p in prompts}  # before the engine thread
     batcher = Batcher(model, max_batch=2, batch_wait=0.2)
-    jobs, events, done = submit_all(batcher, model, [(square, p, False) for p in ("a", "b", "c", "d")])
+    jobs, events, done = submit_all(batcher, model, [(square, p, False) for p in prompts])
     jobs[1].cancelled.set()
     batcher.start()
     try:
         wait(done, [0, 2, 3])
+        # b's place went to c: a + c, then d alone; b is never started and never answered
+        assert events[1] == [] and [events[i][0].batch_size for i in (0, 2, 3)] == [2, 2, 1]
+        for i in (0, 2, 3):
+            assert [t.token_id for t in events[i][1:]] == alone[prompts[i]], prompts[i]
+        assert batcher.stats.snapshot()["requests"]["cancelled"] == 1
+        _, more, more_done = submit_all(batcher, model, [(square, "b", False)])  # the thread serves on
+        wait(more_done, [0])
+        assert [t.token_id for t in more[0][1:]] == alone["b"]
     finally:
         batcher.stop()
-    assert events[1] == [] and [events[i][0].batch_size for i in (0, 2, 3)] == [2, 2, 1]
-    assert batcher.stats.snapshot()["requests"]["cancelled"] == 1
+
+
+def test_a_request_cancelled_mid_answer_leaves_its_batch_and_the_other_finishes(model):
+    square = make_image(448, 448, 44)
+    prompts = ["Describe the picture in detail.", "What is in this image?"]
+    alone = [model.generate(square, p, max_new_tokens=6) for p in prompts]  # before the engine thread starts
+    assert len(alone[0].token_ids) >= 3  # long enough that a cut after one token shows
+    batcher = Batcher(model, max_batch=2, batch_wait=0.2)
+    jobs, events, done = submit_all(batcher, model, [(square, p, False) for p in prompts], max_new_tokens=6)
+    deliver = jobs[0].deliver
+
+    def client_leaves_after_one_token(event):
+        deliver(event)
+        if isinstance(event, Token):
+            jobs[0].cancelled.set()
+
+    jobs[0].deliver = client_leaves_after_one_token
+    batcher.start()
+    try:
+        wait(done, [1])
+        deadline = time.monotonic() + 60
+        while batcher.depth() != {"waiting": 0, "running": 0} and time.monotonic() < deadline:
+            time.sleep(0.05)
+        started, *tokens = events[0]
+        assert started.batch_size == 2 and [(t.token_id, t.finish_reason) for t in tokens] == [
+            (alone[0].token_ids[0], None)]  # one token, then nothing: no finish, no failure
+        assert [t.token_id for t in events[1][1:]] == alone[1].token_ids
+        assert events[1][-1].finish_reason == alone[1].finish_reason
+        counts = batcher.stats.snapshot()["requests"]
+        assert (counts["completed"], counts["cancelled"], counts["failed"]) == (1, 1, 0)
+        _, more, more_done = submit_all(batcher, model, [(square, prompts[0], False)], max_new_tokens=6)
+        wait(more_done, [0])  # the same prompt again, uncancelled: the whole answer
+        assert [t.token_id for t in more[0][1:]] == alone[0].token_ids and more[0][0].batch_size == 1
+    finally:
+        batcher.stop()
 
 
 def test_a_request_that_cannot_run_fails_alone_and_the_thread_lives_on(model):

@@ -11,7 +11,7 @@ from halfv_export.base.errors import BadInput
 from halfv_export.exporter.calibrate import UNPLACED, choose_ssr_mode, derive_schedule, measure_ssr_modes
 from halfv_export.exporter.schedule import read_schedule
 from halfv_export.graphs import get_adapter
-from tests.conftest import make_image
+from tests.conftest import EMBEDDED_KIND, make_image
 
 
 @pytest.fixture(scope="module")
@@ -35,11 +35,16 @@ def test_calibrate_writes_schedule_and_plot(calibrated):
     assert len(curves["kl_visual_update"]) == 8
     assert all(0 < v < np.log(50) for v in curves["whole"])
     assert doc["chosen_by"]["ssr_mode"].startswith("rule:")
-    # the layers are what the rules make of the written curves: a turn of the curve, or the paper's layer and why
-    layers, why = derive_schedule(curves, 8, get_adapter("qwen2.5-vl"), {})
-    assert (layers["ivr_layer"], layers["ssr_layer"]) == (doc["schedule"]["ivr_layer"], doc["schedule"]["ssr_layer"])
-    assert why["ivr_layer"] == doc["chosen_by"]["ivr_layer"] and why["ssr_layer"] == doc["chosen_by"]["ssr_layer"]
-    assert all(doc["chosen_by"][k].startswith("rule:") or UNPLACED in doc["chosen_by"][k] for k in ("ivr_layer", "ssr_layer"))
+    if EMBEDDED_KIND == "trained":
+        # the shipped weights' visual curve rises through points 1..6, so it has no stage-I peak in 1..2 and no
+        # stage-III minimum in 2..6: both layers are the paper's at depth 8 (Qwen 2/28, 21/28 -> 1, 6)
+        visual = curves["visual"]
+        assert all(visual[i] < visual[i + 1] for i in range(1, 6)), visual
+        assert (doc["schedule"]["ivr_layer"], doc["schedule"]["ssr_layer"]) == (1, 6)
+        assert doc["chosen_by"]["ivr_layer"].endswith(UNPLACED + "peak of visual TME over points 1..2: it still "
+                                                      "rises at point 3 (stage I outlasts the window)")
+        assert doc["chosen_by"]["ssr_layer"].endswith(UNPLACED + "minimum of visual TME over points 2..6: the "
+                                                      "lowest, point 2, is on a slope (no stage III found)")
     modes = doc["calibration"]["ssr_modes"]
     assert doc["schedule"]["ssr_mode"] == min(modes, key=lambda m: modes[m]["kl_mean"])
     png = (calibrated / "tme.png").read_bytes()
@@ -50,6 +55,32 @@ def test_calibrate_writes_schedule_and_plot(calibrated):
                              fingerprint=doc["model"]["fingerprint"], depth=8)
     assert 1 <= sched.ivr_layer < sched.ssr_layer < 8
     assert adapter.paper.keep_ratio == sched.keep_ratio
+
+
+@pytest.mark.parametrize("visual,layers,why", [
+    # a peak at 2 that the curve falls from (1.3 -> 1.2), the lowest of 3..6 at 4 between falls and rises
+    ([1.0, 1.1, 1.3, 1.2, 0.9, 1.0, 1.1, 1.2, 1.3], (2, 4),
+     ("rule: peak of visual TME over points 1..2 (end of stage I)",
+      "rule: minimum of visual TME over points 3..6 (start of stage III)")),
+    # rising everywhere: no turn to place either layer, so both are the paper's at depth 8 (2/28, 21/28 -> 1, 6)
+    ([1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8], (1, 6),
+     ("paper: Qwen2.5-VL-7B-Instruct (layers scaled 28->8); no peak of visual TME over points 1..2: it still rises "
+      "at point 3 (stage I outlasts the window)",
+      "paper: Qwen2.5-VL-7B-Instruct (layers scaled 28->8); no minimum of visual TME over points 2..6: the lowest, "
+      "point 2, is on a slope (no stage III found)")),
+])
+def test_calibrate_writes_the_layers_a_known_curve_places(run_cli, tmp_path, monkeypatch, visual, layers, why):
+    """Hand-built curves in place of the measured ones: schedule.json holds the layers worked out by hand above."""
+    import halfv_export.exporter.pipeline as pipeline
+
+    curves = {"visual": visual, "text": [2.0] * 9, "whole": [2.5] * 9, "kl_visual_update": None}
+    monkeypatch.setattr(pipeline, "measure_probes", lambda *args, **kwargs: curves)
+    result = run_cli("calibrate", "--backbone", "qwen2.5-vl", "--samples", 1, "--no-kl-probe", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "schedule.json").read_text())
+    assert doc["calibration"]["curves"] == curves
+    assert (doc["schedule"]["ivr_layer"], doc["schedule"]["ssr_layer"]) == layers
+    assert (doc["chosen_by"]["ivr_layer"], doc["chosen_by"]["ssr_layer"]) == why
 
 
 def test_cli_overrides_and_paper_values(run_cli, tmp_path):

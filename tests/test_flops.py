@@ -95,7 +95,7 @@ def test_flops_cli_needs_a_schedule_for_unknown_backbones(run_cli, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-def test_qwen_vision_flops_by_hand_at_4096_tokens():
+def test_windowed_vision_flops_by_hand_at_4096_tokens():
     """Published 7B tower at 64x64 merged tokens (1792x1792 px): 16384 patches, 256 full 64-patch windows."""
     from halfv_export.validate.vision_flops import vision_flops
 
@@ -124,7 +124,7 @@ def test_vision_flops_match_flop_counter_on_the_tower(qwen):
     a grid whose windows do not divide evenly."""
     import torch
 
-    from halfv_export.validate.vision_flops import qwen_vision_flops
+    from halfv_export.validate.vision_flops import windowed_vision_flops
 
     adapter, loaded, _ = qwen
     loaded.model.set_attn_implementation("eager")
@@ -136,7 +136,7 @@ def test_vision_flops_match_flop_counter_on_the_tower(qwen):
     finally:
         loaded.model.set_attn_implementation("sdpa")
     config = loaded.config.to_dict()
-    analytic = qwen_vision_flops(config["vision_config"], config["text_config"]["hidden_size"], (9, 12))
+    analytic = windowed_vision_flops(config["vision_config"], config["text_config"]["hidden_size"], (9, 12))
     assert analytic.total == pytest.approx(measured, rel=0.01)
 
 

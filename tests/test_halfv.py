@@ -149,8 +149,28 @@ def test_ivr_baseline_at_k1_selects_what_halfv_selects(qwen):
     assert cut.cache.lengths()[-1] == inputs.seq_len - inputs.num_visual + k1  # no second stage
 
 
+@torch.no_grad()
+def paper_relevance(layer, h: torch.Tensor, start: int, n: int, heads: int, kv_heads: int) -> torch.Tensor:
+    """The paper's IVR relevance, restated from the formula (method §4a) in float64 with plain loops: h [S, D] is the
+    layer's input; x = RMSNorm(h); per head, softmax over the n visual keys of q(x[last]) . k(x[v]), with the head's
+    GQA key head, no RoPE and no 1/sqrt(head_dim); mean over heads -> [n]."""
+    norm, attn = layer.input_layernorm, layer.self_attn
+    h = h.double()
+    x = h / torch.sqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon) * norm.weight.double()
+    q = x[-1] @ attn.q_proj.weight.double().T + attn.q_proj.bias.double()  # [H * hd]
+    hd = q.numel() // heads
+    score = torch.zeros(n, dtype=torch.float64)
+    for head in range(heads):
+        g = head // (heads // kv_heads)
+        wk, bk = attn.k_proj.weight.double()[g * hd:(g + 1) * hd], attn.k_proj.bias.double()[g * hd:(g + 1) * hd]
+        logits = torch.stack([(x[start + v] @ wk.T + bk) @ q[head * hd:(head + 1) * hd] for v in range(n)])
+        weights = torch.exp(logits - logits.max())
+        score += weights / weights.sum() / heads
+    return score
+
+
 def test_attention_and_random_baselines(qwen):
-    from halfv_export.graphs.pruning import SingleCut, relevance_scores
+    from halfv_export.graphs.pruning import SingleCut
 
     adapter, loaded, stack = qwen
     inputs = adapter.prepare(loaded, [make_image(336, 336, 13)], ["How many times does 7 appear?"])
@@ -158,8 +178,16 @@ def test_attention_and_random_baselines(qwen):
     attention = HalfVReference(stack, None, cut=SingleCut("attention", 2, k)).prefill(inputs)
     captured = []
     HalfVReference(stack, None).prefill(inputs, capture=captured)
-    scores = relevance_scores(stack, stack.layers[1], captured[1][0], inputs.visual_start, n)[0]
-    assert sorted(attention.kept["cut"][0].tolist()) == sorted(scores.argsort(descending=True)[:k].tolist())
+    scores = paper_relevance(stack.layers[1], captured[1][0][0], int(inputs.visual_start[0]), n, stack.num_heads,
+                             stack.num_kv_heads)
+    order = sorted(range(n), key=lambda v: (-float(scores[v]), v))  # highest first, ties to the lower index
+    assert attention.kept["cut"][0].tolist() == sorted(order[:k])
+    assert float(scores[order[k - 1]] - scores[order[k]]) > 1e-6  # no near-tie at the cut: the comparison is exact
+    # and the scores themselves (fp32 in the implementation) are the formula's
+    from halfv_export.graphs.pruning import relevance_scores
+
+    got = relevance_scores(stack, stack.layers[1], captured[1][0], inputs.visual_start, n)[0]
+    torch.testing.assert_close(got.double(), scores, rtol=1e-4, atol=1e-6)
     draws = [HalfVReference(stack, None, cut=SingleCut("random", 2, k, seed=s)).prefill(inputs).kept["cut"][0].tolist()
              for s in (0, 0, 1)]
     assert draws[0] == draws[1] != draws[2]

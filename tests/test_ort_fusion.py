@@ -93,3 +93,37 @@ def test_engine_stage_records_fusion_and_runs_follow_it(tmp_path, exported):
     runner = OrtRunner(artifacts)  # follows engine.json
     runner.session("prefill_448x448.onnx")
     assert runner.fused == {"prefill_448x448.onnx": 0}
+
+
+def test_a_refused_fusion_is_one_warning_and_recorded(tmp_path, exported, monkeypatch, caplog):
+    """An ONNX Runtime that refuses the fused graph (here: a GroupQueryAttention attribute it does not know, as an
+    older runtime would refuse `causal`) runs the graph as exported, says why in one warning line per graph, and
+    engine.json records it; nothing falls back silently."""
+    import halfv_export.engines.ort_fusion as fusion
+
+    real = fusion.fuse_causal_attention
+
+    def fuse_then_break(model):
+        sites = real(model)
+        for node in model.graph.node:
+            if node.op_type == "GroupQueryAttention":
+                node.attribute.append(onnx.helper.make_attribute("not_an_attribute", 1))
+        return sites
+
+    monkeypatch.setattr(fusion, "fuse_causal_attention", fuse_then_break)
+    artifacts = copy_build(exported, tmp_path / "a")
+    with caplog.at_level("WARNING", logger="halfv_export"):
+        info = build_ort_engines(artifacts)
+    prefill = {"prefill_448x448.onnx", "prefill_336x504.onnx", "prefill_full.onnx"}
+    assert set(info["fusion_refused"]) == prefill and not any(info["fused_attention"][g] for g in prefill)
+    assert all("not_an_attribute" in why for why in info["fusion_refused"].values())  # ORT's own reason
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == len(prefill) and all("\n" not in w and "refused the fused attention" in w for w in warned)
+    assert json.loads((artifacts / "ort" / "engine.json").read_text())["fusion_refused"] == info["fusion_refused"]
+
+
+def test_describe_names_the_provider_the_sessions_run(exported):
+    runner = OrtRunner(exported)
+    runner.session("embed.onnx")
+    assert runner.ran_on == {"embed.onnx": ["CPUExecutionProvider"]}
+    assert "CPU, ONNX Runtime" in runner.describe() and "CPUExecutionProvider" in runner.describe()

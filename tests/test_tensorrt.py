@@ -123,17 +123,32 @@ def test_without_tensorrt_engine_says_so_and_exits_2(exported, run_cli, monkeypa
     assert lines == ["Error: " + trt_module.NO_TENSORRT]
 
 
+def _tree(folder):
+    """Every file under a folder -> its bytes' sha256 (what "untouched" means)."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.mark.slow
-def test_build_with_tensorrt_target_stops_after_export(tiny_qwen_dir, run_cli, tmp_path, monkeypatch):
+def test_failed_engine_stage_keeps_the_previous_build(tiny_qwen_dir, tiny_qwen_build, run_cli, tmp_path,
+                                                      monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    out = tmp_path / "b"
+    out = tmp_path / "prod"
+    shutil.copytree(tiny_qwen_build, out)  # the previous good, validated build
+    before = _tree(out)
     result = run_cli("build", "--backbone", "qwen2.5-vl", "--model", tiny_qwen_dir, "--image-size", "252x336",
                      "--paper-values", "--target", "tensorrt", "--out", out)
-    assert result.exit_code == 2 and "stopped after export" in result.output
-    assert (out / "prefill_252x336.onnx").exists() and not (out / "report.json").exists()
-    # ... and what is left is usable by ONNX Runtime
-    assert run_cli("engine", "--artifacts", out, "--target", "onnxruntime").exit_code == 0
-    assert run_cli("run", "--artifacts", out, "--prompt", "hello", "--max-new-tokens", 2).exit_code == 0
+    assert result.exit_code == 2
+    assert _tree(out) == before  # not one byte of the previous build changed
+    aside = tmp_path / "prod.export-only"
+    assert f"{out} is unchanged" in result.output and str(aside) in result.output
+    assert (aside / "prefill_252x336.onnx").exists() and not (aside / "report.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prod", "prod.export-only"]  # no partial left behind
+    # ... and the export left aside is usable by ONNX Runtime
+    assert run_cli("engine", "--artifacts", aside, "--target", "onnxruntime").exit_code == 0
+    assert run_cli("run", "--artifacts", aside, "--prompt", "hello", "--max-new-tokens", 2).exit_code == 0
 
 
 # ------------------------------------------------------------------------------------------------ the stand-in

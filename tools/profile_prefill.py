@@ -32,7 +32,7 @@ def profile(path: Path, feeds: dict, out: Path, runs: int = 4) -> tuple[dict, li
     options = session_options()
     options.enable_profiling = True
     options.profile_file_prefix = str(out / path.stem)
-    session, _ = open_session(path, options, ["CPUExecutionProvider"])
+    session = open_session(path, options, ["CPUExecutionProvider"])[0]
     wanted = {i.name for i in session.get_inputs()}
     feeds = {k: v for k, v in feeds.items() if k in wanted}
     for _ in range(runs + 1):

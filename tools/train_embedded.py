@@ -182,7 +182,7 @@ def make_answer_batch(step: int):
     size = m["sizes"][step % len(m["sizes"])]
     phase_mix, digits = m["phase_of"](step)
     samples = task_set(m["batch"], seed=m["seed"] * 1_000_003 + step, split="train", sizes=[size], mix=phase_mix,
-                       digits=digits, slot=m["slot"])
+                       digits=digits, slot=m["slot"], task=m.get("task", "grid"))
     host = m["adapter"].host_inputs(m["processing"], [x.image for x in samples], [x.prompt for x in samples])
     return (host, *answer_batch(m["processing"], samples, m["prefix"], m["eos"], m["pad"]), question_targets(samples))
 
@@ -505,6 +505,8 @@ def main(argv=None) -> None:
     parser.add_argument("--question-aux", type=int, default=None, metavar="LAYER",
                         help="Stage 2 auxiliary loss: the last prompt row after LLM layer LAYER must name the row, "
                              "column and digit the question asks about (QuestionProbe; discarded after training).")
+    parser.add_argument("--task", choices=("grid", "page"), default="grid",
+                        help="grid: the digit grid covers the image; page: a small block of digits on a large page.")
     parser.add_argument("--slot", type=int, default=28, help="Digit slot in pixels (28: a merged Qwen token; "
                         "14: a CLIP patch); recorded in training.json, used by make-task --backbone.")
     parser.add_argument("--vision-steps", type=int, default=300, help="Stage 1 steps (0: skip).")
@@ -527,6 +529,8 @@ def main(argv=None) -> None:
                 return phase_mix, digits
             step -= length
         return mix, (MIN_DIGITS, MAX_DIGITS)
+    if args.task == "page" and args.question_aux is not None:
+        parser.error("--question-aux reads grid cells at fixed image positions; a page block moves: drop it for --task page")
     command = "python tools/train_embedded.py " + " ".join(sys.argv[1:] if argv is None else argv)
     adapter = get_adapter(args.backbone)
     loaded = load_with(adapter, args.set, args.seed)  # the shipped config (edited by --set), seeded random weights
@@ -544,7 +548,8 @@ def main(argv=None) -> None:
     eos = loaded.tokenizer.eos_token_id
     pad = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else eos
     eval_mix = parse_mix(args.eval_mix) if args.eval_mix else mix
-    held_out = task_set(args.eval_samples, seed=EVAL_SEED, split="eval", sizes=sizes, mix=eval_mix, slot=args.slot)
+    held_out = task_set(args.eval_samples, seed=EVAL_SEED, split="eval", sizes=sizes, mix=eval_mix, slot=args.slot,
+                        task=args.task)
     params = sum(p.numel() for p in model.parameters())
     overall = time.perf_counter()
     vision_stage = None
@@ -574,7 +579,7 @@ def main(argv=None) -> None:
         [{"params": ps, "weight_decay": args.weight_decay if decays else 0.0, "vision": vision}
          for (vision, decays), ps in groups.items()], lr=args.lr, betas=(0.9, 0.98))
     _MAKER.update(adapter=adapter, processing=processing, sizes=sizes, phase_of=phase_of, batch=args.batch,
-                  seed=args.seed, slot=args.slot, prefix=prefix, eos=eos, pad=pad)
+                  seed=args.seed, slot=args.slot, prefix=prefix, eos=eos, pad=pad, task=args.task)
     started = time.perf_counter()
     log, running, steps_run = [], [], 0
     batches = prefetched(make_answer_batch, range(args.steps), args.workers)
@@ -641,7 +646,7 @@ def main(argv=None) -> None:
         "curriculum": [{"steps": n, "mix": m, "digits": list(d)} for n, m, d in phases],
         "config_overrides": args.set, "question_aux_layer": args.question_aux, "freeze_vision_steps": args.freeze_vision_steps, "vision_lr_scale": args.vision_lr_scale, "images_seen": images_seen, "vision_stage": vision_stage,
         "image_sizes": [list(s) for s in sizes], "mix": mix if args.mix else DEFAULT_MIX,
-        "task": {"generator": "halfv_export.base.tasks", "split": "train", "slot": args.slot},
+        "task": {"generator": "halfv_export.base.tasks", "split": "train", "slot": args.slot, "kind": args.task},
         "train_seconds": round(train_seconds, 1), "threads": args.threads,
         "machine": machine(device), "device": str(device), "workers": args.workers, "torch": torch.__version__,
         "held_out": {"seed": EVAL_SEED, "split": "eval", "mix": eval_mix, **acc, "model": "unpruned eager, the fp16 weights, CPU"},

@@ -3,6 +3,8 @@
     out/                      the previous good build, untouched while the new one runs
     .out.partial-<pid>/       the build in progress (left behind if the job is killed; removed by the next run)
     .out.previous/            only for the instant between the two renames of the swap
+    out.export-only/          a build whose engine stage failed: its complete ONNX export, unvalidated; `out` is
+                              left as it was
 
 So a build killed at any stage (SIGINT, SIGKILL) leaves the previous build exactly as it was, and a rerun completes.
 """
@@ -64,6 +66,11 @@ def staged_build(out: Path):
         shutil.rmtree(partial, ignore_errors=True)
         raise
     promote(partial, out)
+
+
+def export_only_path(out: Path) -> Path:
+    """Where a build whose engine stage failed leaves its complete, unvalidated export: beside `out`, never in it."""
+    return out.parent / f"{out.name}.export-only"
 
 
 def promote(partial: Path, out: Path) -> None:

@@ -44,6 +44,7 @@ DEFAULT_SLOT = 28  # pixels per digit slot (the digit is 75-100% of it)
 MIN_DIGITS, MAX_DIGITS = 2, 6  # filled cells per image
 EVAL_EVERY = 5  # scan i is held out for evaluation when i % EVAL_EVERY == EVAL_EVERY - 1
 SPLITS = ("train", "eval")
+TASKS = ("grid", "page")  # the grid covers the image / a small block of cells on a large page (base/pages.py)
 
 QUESTION_TYPES = ("digit_at", "row_digits", "count_digit", "count_all", "read_all")
 # The mix of question types in a generated set (training and evaluation use the same mix).
@@ -132,22 +133,36 @@ def grid_shape(size: tuple[int, int]) -> tuple[int, int]:
 
 def render(cells: list[list[int | None]], size: tuple[int, int], rng: np.random.Generator,
            slot: int = DEFAULT_SLOT, boxes: list | None = None) -> Image.Image:
-    """Draw a grid of scans: cells[r][c] is a scan index (into load_digits) or None; size is (height, width); each
-    digit fills 75-100% of a random slot x slot square of its cell. `boxes`, when a list, receives
-    (row, col, top, left, side) of every digit drawn."""
+    """Draw a grid of scans over the whole image: cells[r][c] is a scan index (into load_digits) or None; size is
+    (height, width); each digit fills 75-100% of a random slot x slot square of its cell. `boxes`, when a list,
+    receives (row, col, top, left, side) of every digit drawn."""
     h, w = size
     rows, cols = len(cells), len(cells[0])
-    canvas = _background(rng, h, w)
+    rects = [[(round(r * h / rows), round((r + 1) * h / rows), round(c * w / cols), round((c + 1) * w / cols))
+              for c in range(cols)] for r in range(rows)]
+    return _ink(_background(rng, h, w), cells, rects, rng, slot, boxes)
+
+
+def render_page(cells: list[list[int | None]], block, size: tuple[int, int], rng: np.random.Generator,
+                slot: int = DEFAULT_SLOT, boxes: list | None = None) -> Image.Image:
+    """Draw the cells inside `block` (base/pages.py: where each cell lies) on a paper-like page of `size`."""
+    from .pages import paper
+
+    h, w = size
+    return _ink(paper(rng, _background(rng, h, w)), cells, block.rects, rng, slot, boxes)
+
+
+def _ink(canvas: np.ndarray, cells, rects, rng: np.random.Generator, slot: int, boxes: list | None) -> Image.Image:
+    """Ink each filled cell's scan into its rect (y0, y1, x0, x1) of the canvas [h, w, 3]."""
     ink = _colour(rng, 0.0, 0.3)
-    for r in range(rows):
-        for c in range(cols):
-            if cells[r][c] is None:
+    for r, line in enumerate(cells):
+        for c, index in enumerate(line):
+            if index is None:
                 continue
-            y0, y1 = round(r * h / rows), round((r + 1) * h / rows)
-            x0, x1 = round(c * w / cols), round((c + 1) * w / cols)
+            y0, y1, x0, x1 = rects[r][c]
             span = min(slot, y1 - y0, x1 - x0)
             side = max(8, int(round(span * rng.uniform(0.75, 1.0))))
-            glyph, _ = scan(cells[r][c])
+            glyph, _ = scan(index)
             alpha = np.asarray(Image.fromarray((glyph * 255).astype(np.uint8)).resize((side, side), Image.BICUBIC),
                                np.float32)[..., None] / 255  # [side, side, 1]
             sy, sx = int(rng.integers(0, max(1, (y1 - y0) // span))), int(rng.integers(0, max(1, (x1 - x0) // span)))
@@ -242,14 +257,22 @@ def parse_mix(text: str | None) -> dict[str, float]:
 
 def task_set(count: int, seed: int = 0, split: str = "eval", sizes: list[tuple[int, int]] = ((224, 224),),
              mix: dict[str, float] | None = None, digits: tuple[int, int] = (MIN_DIGITS, MAX_DIGITS),
-             slot: int = DEFAULT_SLOT) -> list[TaskSample]:
+             slot: int = DEFAULT_SLOT, task: str = "grid") -> list[TaskSample]:
     """`count` samples; sample i uses sizes[i % len(sizes)]; `digits` bounds the filled cells per image (a training
-    curriculum can start lower). Deterministic in all arguments."""
+    curriculum can start lower). task "grid": the grid covers the image; "page": a small block of cells on a
+    paper-like page (base/pages.py). Deterministic in all arguments."""
+    from .pages import block_shapes, place_block
+
     if count < 1:
         raise BadInput(f"count={count}: ask for at least one sample")
+    if task not in TASKS:
+        raise BadInput(f"unknown task '{task}'; choose one of: {', '.join(TASKS)}")
     if not 8 <= slot <= CELL:
         raise BadInput(f"slot={slot}: a digit slot must be 8..{CELL} pixels")
     for h, w in sizes:
+        if task == "page" and not block_shapes((h, w), slot):
+            raise BadInput(f"page size {h}x{w} is too small for two {slot}-pixel cells in a fifth of it; use a "
+                           "larger page")
         if h < CELL // 2 or w < CELL // 2 or h * w < 2 * CELL * CELL:
             raise BadInput(f"image size {h}x{w} is too small for a grid of two or more {CELL}-pixel cells; use "
                            f"at least {CELL}x{2 * CELL}")
@@ -261,12 +284,17 @@ def task_set(count: int, seed: int = 0, split: str = "eval", sizes: list[tuple[i
     samples = []
     for i in range(count):
         size = tuple(sizes[i % len(sizes)])
-        cells = _cells(rng, pool, *grid_shape(size), digits=digits)
+        block = place_block(rng, size, slot, slot) if task == "page" else None  # page cells: one slot each
+        if block:  # every cell of a page block is filled (base/pages.py)
+            cells = _cells(rng, pool, *block.shape, digits=(block.rows * block.cols,) * 2)
+        else:
+            cells = _cells(rng, pool, *grid_shape(size), digits=digits)
         grid = digits_of(cells)
         kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
         prompt, answer = _question(kind, grid, rng)
         boxes: list = []
-        image = render(cells, size, rng, slot, boxes)
+        image = (render_page(cells, block, size, rng, slot, boxes) if block else
+                 render(cells, size, rng, slot, boxes))
         samples.append(TaskSample(name=f"{split}-{seed}-{i:05d}-{kind}-{size[0]}x{size[1]}", image=image,
                                   prompt=prompt, answer=answer, type=kind, grid=grid, scans=cells, boxes=boxes))
     return samples

@@ -9,22 +9,20 @@ token-by-token `stream`. The CLI's `run` and the HTTP server (`serve`) are shell
 
 Batches: the graphs take one image-size bucket per call (one visual token count N), so a batch whose images fall
 into different buckets (text-only prompts are their own group) is split into per-bucket sub-batches, run one after
-the other, and the answers come back in the order of the prompts. Inside a sub-batch prompts are left-padded to one
-length S and the attention mask hides the padding. That alone is exact in real arithmetic but not in float: ONNX
-Runtime's CPU kernels reduce over the sequence axis in SIMD lanes, so the same prompt behind 2 pad tokens gets logits
-~3e-6 away from the prompt alone, while behind 4, 8, 12, ... pads it is bit-identical (measured on the embedded build;
-batch size itself changes nothing). So every prefill, single or batched, is left-padded to a multiple of
-PAD_MULTIPLE: a prompt's tokens then sit at the same offset modulo the lane width whoever shares its batch, and a
-batched answer is bit-for-bit the answer the prompt gets alone (tests/test_api.py checks logits and tokens).
+the other, and the answers come back in the order of the prompts. Inside a sub-batch prompts are left-padded to a
+multiple of PAD_MULTIPLE (EnginePipeline.host, the rows validate gates too), so a prompt sits at the same SIMD-lane
+offset batched or alone and gets the same kept tokens and answer (graphs/prompts.py says why; tests/test_api.py
+checks kept indices, tokens and logits to float rounding).
 
-Decoding is greedy. A prompt leaves its batch when it emits an end-of-sequence token (finish_reason "stop"; the
-token is in `token_ids`, not in `text`) or reaches max_new_tokens ("length"); the KV cache is then compacted to the
-rows still decoding, so a batch never pays for finished or cancelled prompts.
+Decoding is greedy, through the loop every runtime shares (base/greedy.py). A prompt leaves its batch when it emits
+an end-of-sequence token (finish_reason "stop"; the token is in `token_ids`, not in `text`) or reaches
+max_new_tokens ("length"); the KV cache is then compacted to the rows still decoding, so a batch never pays for
+finished or cancelled prompts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -32,10 +30,11 @@ import numpy as np
 
 from ..base.data import image_from_bytes, load_image, to_rgb
 from ..base.errors import BadInput
+from ..base.greedy import Greedy
 from ..base.manifest import verify_manifest
 from ..base.staging import recover
 from .base import DEFAULT_TARGET, EngineOptions, get_target
-from .pipeline import EnginePipeline
+from .pipeline import EnginePipeline, EngineStepper
 
 
 def open_pipeline(artifacts: Path, target: str = DEFAULT_TARGET, options: EngineOptions | None = None,
@@ -116,110 +115,26 @@ class Detokenizer:
         return after[len(before):] if after.startswith(before) else ""
 
 
-PAD_MULTIPLE = 16  # 4 suffices on the AVX-512 box this was measured on; 16 covers 16-lane fp32 reductions
-
-
-def align_left(host, multiple: int, pad_id: int):
-    """HostInputs [B, S] -> the same with S rounded up to a multiple by more left padding: input_ids gets pad_id,
-    attention_mask 0, positions [P, B, S] repeat their first column (masked rows never reach real ones),
-    visual_start moves right. next_positions and everything a real token sees stay as they were."""
-    batch, seq = host.input_ids.shape
-    extra = (-seq) % multiple
-    if extra == 0:
-        return host
-    import torch
-
-    def left(x, value):
-        return torch.cat([torch.full((batch, extra), value, dtype=x.dtype), x], dim=1)
-
-    return replace(host, input_ids=left(host.input_ids, pad_id), attention_mask=left(host.attention_mask, 0),
-                   positions=torch.cat([host.positions[..., :1].expand(-1, -1, extra), host.positions], dim=2),
-                   visual_start=host.visual_start + extra if host.num_visual > 0 else host.visual_start)
-
-
-def _host(x) -> np.ndarray:
-    """A runner output as a host array (runners may hand back device tensors)."""
-    if isinstance(x, np.ndarray):
-        return x
-    if hasattr(x, "detach"):
-        return x.detach().float().cpu().numpy()
-    return np.asarray(x)
-
-
-class Decoding:
-    """A greedy decode of one batch whose prompts share a bucket (or are all text-only).
-
-    `step()` returns one token per prompt still decoding: after the prefill, the argmax of its logits; later, one
-    decode graph call over the rows still active. Rows leave on an end-of-sequence token, on their own token budget,
-    or through `cancel`; their KV cache rows (past [B, G, len, hd]), validity masks [B, len_g], rope positions
-    [P, B] and pending tokens are then dropped so the next step runs on the remaining rows only."""
+class Decoding(Greedy):
+    """A greedy decode (base/greedy.py) of one batch whose prompts share a bucket (or are all text-only), prefilled
+    on the graphs. The batcher drives `step()` and `cancel`; finished and cancelled rows leave the cache at once."""
 
     def __init__(self, pipeline: EnginePipeline, images: list, prompts: list[str], budgets: list[int], halfv: bool,
                  context: int | None = None):
-        pad_id = pipeline.processing.tokenizer.pad_token_id
-        host = align_left(pipeline.host(images, prompts), PAD_MULTIPLE, 0 if pad_id is None else int(pad_id))
+        host = pipeline.host(images, prompts)
         self.prompt_tokens = [int(n) for n in host.attention_mask.sum(dim=1)]
         for i, (n, budget) in enumerate(zip(self.prompt_tokens, budgets)):
             if context is not None and n + budget > context:
                 raise BadInput(f"prompt {i} has {n} tokens; with max_new_tokens {budget} that exceeds the "
                                f"{context}-token context; shorten the prompt or lower max_new_tokens")
-        self.pipeline = pipeline
         self.bucket = host.bucket
-        self.budgets = list(budgets)
-        self.eos = {int(t) for t in pipeline.meta["eos_token_ids"]}
-        self.generated: list[list[int]] = [[] for _ in prompts]
-        self.finish: list[str | None] = [None] * len(prompts)
-        self.rows = list(range(len(prompts)))  # prompt index of each batch row still decoding
-        self.pending: np.ndarray | None = None  # [rows] tokens the next decode step feeds
-        self.state = pipeline.prefill(host, halfv)
+        super().__init__(EngineStepper(pipeline, pipeline.prefill(host, halfv)), budgets,
+                         {int(t) for t in pipeline.meta["eos_token_ids"]})
 
     @property
-    def done(self) -> bool:
-        return not self.rows
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.rows)
-
-    def step(self) -> list[tuple[int, int, str | None]]:
-        """[(prompt index, token id, finish_reason or None)] for every row that was still decoding."""
-        if not self.rows:
-            return []
-        if self.pending is not None:
-            self.pipeline.decode_step(self.pending, self.state)
-        tokens = _host(self.state.logits).argmax(-1).astype(np.int64)  # [rows]
-        out, keep = [], []
-        for pos, (row, token) in enumerate(zip(self.rows, tokens.tolist())):
-            self.generated[row].append(token)
-            finish = ("stop" if token in self.eos else
-                      "length" if len(self.generated[row]) >= self.budgets[row] else None)
-            self.finish[row] = finish
-            out.append((row, token, finish))
-            if finish is None:
-                keep.append(pos)
-        self.pending = tokens
-        self._keep(keep)
-        return out
-
-    def cancel(self, indices) -> None:
-        """Stop decoding these prompts (e.g. their client went away); the others carry on unchanged."""
-        gone = set(indices)
-        self._keep([pos for pos, row in enumerate(self.rows) if row not in gone])
-
-    def _keep(self, keep: list[int]) -> None:
-        if len(keep) == len(self.rows):
-            return
-        self.rows = [self.rows[pos] for pos in keep]
-        if not keep:
-            self.state = self.pending = None  # frees the cache now, not when the caller drops this object
-            return
-        s = self.state
-        s.past = [p[keep] for p in s.past]
-        s.valid = [v[keep] for v in s.valid]
-        s.next_positions = s.next_positions[:, keep]
-        s.logits = s.logits[keep]
-        if self.pending is not None:
-            self.pending = self.pending[keep]
+    def state(self):
+        """The engine state of the rows still decoding (None once all are done)."""
+        return self.stepper.state
 
 
 class Model:

@@ -17,6 +17,7 @@ in memory from the small graph file (engines/ort_fusion.py; engine.json records 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from .arrays import NUMPY
 from .base import EngineTarget, register_target
 
 ORT_DIR = "ort"
+log = logging.getLogger("halfv_export")
 
 
 def _ort():
@@ -80,7 +82,8 @@ def build_ort_engines(artifacts: Path, ep: str = "cpu", fuse_attention: bool = T
     info = {"target": "onnxruntime", "ep": ep, "providers": providers, "onnxruntime": ort.__version__,
             "graph_optimization_level": "ORT_ENABLE_ALL", "optimised": "at session creation",
             "shared_weights": runner.shared_file is not None, "session_seconds": seconds,
-            "fuse_attention": runner.fuse_attention, "fused_attention": runner.fused, "graphs": meta["graphs"]}
+            "fuse_attention": runner.fuse_attention, "fused_attention": runner.fused,
+            "fusion_refused": runner.fusion_refused, "ran_on": runner.ran_on, "graphs": meta["graphs"]}
     write_text_atomic(target / "engine.json", json.dumps(info, indent=2) + "\n")
     return info
 
@@ -112,9 +115,9 @@ class SharedWeights:
 
 def open_session(path: Path, options, providers: list[str], shared: "SharedWeights | None" = None,
                  fuse_attention: bool = True):
-    """One InferenceSession of an exported graph -> (session, fused attention sites). Shared weights go in through
-    add_initializer; on the CPU provider the marked causal attention is fused first (engines/ort_fusion.py), and
-    the rewritten graph, a few MB without its weights, is handed over as bytes."""
+    """One InferenceSession of an exported graph -> (session, fused attention sites, why fusion was dropped or
+    None). Shared weights go in through add_initializer; on the CPU provider the marked causal attention is fused
+    first (engines/ort_fusion.py), and the rewritten graph, a few MB without its weights, is handed over as bytes."""
     import onnx
 
     from .ort_fusion import fuse_causal_attention
@@ -124,16 +127,18 @@ def open_session(path: Path, options, providers: list[str], shared: "SharedWeigh
         shared.add_to(options, {i.name for i in model.graph.initializer
                                 if i.data_location == onnx.TensorProto.EXTERNAL})
     fused = fuse_causal_attention(model) if fuse_attention and providers[0] == "CPUExecutionProvider" else 0
+    dropped = None
     if fused:
         # external data the shared weights do not cover is read relative to this folder, as for a model path
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
         try:
-            return _ort().InferenceSession(model.SerializeToString(), options, providers=providers), fused
-        except Exception:
-            # an ONNX Runtime whose GroupQueryAttention lacks `causal` / attention_bias (older than the 1.30-1.31
-            # tested here) refuses the fused graph: run it as exported; engine.json then records 0 fused sites
-            pass
-    return _ort().InferenceSession(str(path), options, providers=providers), 0
+            return _ort().InferenceSession(model.SerializeToString(), options, providers=providers), fused, None
+        except Exception as e:  # e.g. an ONNX Runtime whose GroupQueryAttention lacks `causal` / attention_bias
+            reason = " ".join(str(e).split()) or type(e).__name__
+            dropped = reason if len(reason) <= 240 else "..." + reason[-240:]  # ORT names the cause last
+            log.warning(f"warning: {path.name}: ONNX Runtime refused the fused attention ({dropped}); running the "
+                        "graph as exported (slower prefill; `engine --no-fuse-attention` silences this)")
+    return _ort().InferenceSession(str(path), options, providers=providers), 0, dropped
 
 
 class OrtRunner:
@@ -158,6 +163,8 @@ class OrtRunner:
         self.optimized = built.get("ep") == ep
         self.fuse_attention = fuse_attention and built.get("fuse_attention", True)
         self.fused: dict[str, int] = {}
+        self.fusion_refused: dict[str, str] = {}  # graph -> ONNX Runtime's reason, for engine.json
+        self.ran_on: dict[str, list[str]] = {}  # graph -> the providers its session actually holds
         index = read_index(self.artifacts)
         meta_path = self.artifacts / "artifacts.json"
         quantize = json.loads(meta_path.read_text()).get("quantize") if meta_path.exists() else None
@@ -167,9 +174,13 @@ class OrtRunner:
         self._sessions: dict = {}
 
     def describe(self) -> str:
+        """The device and provider that run: those of the sessions opened so far (ONNX Runtime drops a provider
+        it cannot initialise), else the provider asked for."""
         import platform
 
-        return (f"{platform.machine()} CPU, ONNX Runtime {_ort().__version__} {self.providers[0]}"
+        ran = {p[0] for p in self.ran_on.values()} or {self.providers[0]}
+        device = f"{platform.machine()} CPU" if ran == {"CPUExecutionProvider"} else "GPU"
+        return (f"{device}, ONNX Runtime {_ort().__version__} {' + '.join(sorted(ran))}"
                 + (" (engine stage ran)" if self.optimized else ""))
 
     def session(self, graph: str):
@@ -186,8 +197,12 @@ class OrtRunner:
                 # the sharing (measured: two sessions over a 4.9 GB weights.bin hold 2 copies with prepacking, 1
                 # without; README "Real-size artifacts")
                 options.add_session_config_entry("session.disable_prepacking", "1")
-            self._sessions[graph], self.fused[graph] = open_session(path, options, self.providers, self._shared,
-                                                                    self.fuse_attention)
+            session, self.fused[graph], refused = open_session(path, options, self.providers, self._shared,
+                                                               self.fuse_attention)
+            if refused:
+                self.fusion_refused[graph] = refused
+            self.ran_on[graph] = session.get_providers()
+            self._sessions[graph] = session
         return self._sessions[graph]
 
     def close(self, graph: str) -> None:

@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 
 from ..base.errors import BadInput
+from ..base.greedy import Greedy
 from ..graphs import get_adapter
+from ..graphs.prompts import PAD_MULTIPLE, align_left
 from ..graphs.specs import DECODE, DECODE_FULL, EMBED, PREFILL_FULL
 from .base import Runner, arrays_of
 
@@ -73,7 +75,12 @@ class EnginePipeline:
         return image.resize((w, h))
 
     def host(self, images: list, prompts: list[str]):
-        return self.adapter.host_inputs(self.processing, [self.fit_image(im) for im in images], prompts)
+        """The prompt rows every consumer of the graphs runs (run, the API, serve, and validate's parity gate):
+        the adapter's host inputs, left-padded to a multiple of PAD_MULTIPLE (graphs/prompts.py: a prompt's
+        logits are then bit-identical in any batch)."""
+        host = self.adapter.host_inputs(self.processing, [self.fit_image(im) for im in images], prompts)
+        pad_id = self.processing.tokenizer.pad_token_id
+        return align_left(host, PAD_MULTIPLE, 0 if pad_id is None else int(pad_id))
 
     # -------------------------------------------------------------------------------------------- prefill
     def embeds(self, host):
@@ -128,20 +135,36 @@ class EnginePipeline:
 
     def generate(self, images: list, prompts: list[str], max_new_tokens: int, halfv: bool = True,
                  stop_at_eos: bool = True) -> np.ndarray:
-        """Greedy tokens [B, <= max_new_tokens]; a finished sample repeats EOS until all are done."""
-        state = self.prefill(self.host(images, prompts), halfv)
+        """Greedy tokens [B, <= max_new_tokens] through the shared loop (base/greedy.py); a finished sample
+        repeats its EOS up to the longest answer."""
         eos = set(self.meta["eos_token_ids"]) if stop_at_eos else set()
-        tokens, done = [], np.zeros(state.logits.shape[0], dtype=bool)
-        for step in range(max_new_tokens):
-            token = self.to_host(self.arrays.argmax(state.logits, -1))  # B ids cross to the host, not [B, V]
-            if tokens and eos:
-                token = np.where(done, tokens[-1], token)
-            tokens.append(token)
-            done |= np.isin(token, list(eos))
-            if (eos and done.all()) or step == max_new_tokens - 1:
-                break
-            self.decode_step(token, state)
-        return np.stack(tokens, axis=1)
+        state = self.prefill(self.host(images, prompts), halfv)
+        return Greedy(EngineStepper(self, state), [max_new_tokens] * len(prompts), eos).run().tokens()
 
     def decode_text(self, token_ids) -> str:
         return self.processing.tokenizer.decode([int(t) for t in token_ids], skip_special_tokens=True)
+
+
+class EngineStepper:
+    """base/greedy.py's Stepper over the graphs: the logits and the K/V cache stay in the runner's arrays; only
+    the B chosen ids cross to the host."""
+
+    def __init__(self, pipeline: EnginePipeline, state: EngineState):
+        self.pipeline = pipeline
+        self.state: EngineState | None = state
+
+    def argmax(self) -> np.ndarray:
+        return self.pipeline.to_host(self.pipeline.arrays.argmax(self.state.logits, -1))
+
+    def advance(self, tokens: np.ndarray) -> None:
+        self.pipeline.decode_step(tokens, self.state)
+
+    def keep(self, positions: list[int]) -> None:
+        if not positions:
+            self.state = None  # frees the cache now, not when the caller drops this object
+            return
+        s = self.state
+        s.past = [p[positions] for p in s.past]
+        s.valid = [v[positions] for v in s.valid]
+        s.next_positions = s.next_positions[:, positions]
+        s.logits = s.logits[positions]

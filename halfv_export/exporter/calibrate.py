@@ -23,7 +23,13 @@ Rules (each value records which one chose it in schedule.json["chosen_by"]):
        and for Qwen (2.1e-3), so the paper's cue (LLaVA ~1e-5, Qwen ~1e-2) cannot tell them apart, and the
        threshold rule it implied (median < 10^-3.5 -> freeze) picked topk on LLaVA-1.5, where freeze keeps 0.61 of
        0.66 answers and topk 0.40 at nearly the same FLOPs (README, Calibration).
-  rho, alpha, sigma: the paper's values for the backbone. Any field can be overridden from the CLI.
+  alpha the share of the IVR budget given to attention anchors (the rest is the farthest-point fill) that stays
+       closest to the unpruned model: with L1, L2, rho and the paper's SSR mode fixed, the prefill runs once per
+       alpha in ANCHOR_PROBE (the paper's included) on every calibration sample; the lowest mean last-token KL wins
+       (a tie keeps the paper's). The paper's 0.1 suits natural images; where content is a small part of a
+       redundant page, the fill spends the budget on background diversity (ruled lines, grain, marks) and misses
+       the content that attention finds (docs/accuracy.md, the page task). Runs before the SSR mode probe.
+  rho, sigma: the paper's values for the backbone. Any field can be overridden from the CLI.
 A rule that cannot apply (too shallow a model, NaN curves) falls back to the paper's value at the same relative depth.
 """
 
@@ -136,6 +142,37 @@ def measure_ssr_modes(stack, inputs: list, values: dict, progress: Callable[[Ite
              "freeze": PruneSchedule(**base, ssr_mode="freeze", ssr_ratio=None)}
     scores = evaluate_fidelity(stack, inputs, list(modes.values()), progress)
     return {mode: score for mode, score in zip(modes, scores)}
+
+
+ANCHOR_PROBE = (0.1, 0.25, 0.5, 1.0)  # anchor ratios the alpha rule compares (the paper's is always added)
+
+
+def measure_anchor_ratios(stack, inputs: list, values: dict, progress: Callable[[Iterable], Iterable] = iter
+                          ) -> dict | None:
+    """{alpha: {"kl_mean", "top1_agreement"}} of the calibrated schedule at each anchor ratio of ANCHOR_PROBE plus
+    the schedule's own, against the unpruned model (None when no input has visual tokens)."""
+    from .search import evaluate_fidelity
+
+    inputs = [x for x in inputs if x.num_visual > 0]
+    if not inputs:
+        return None
+    ratios = sorted(set(ANCHOR_PROBE) | {values["anchor_ratio"]})
+    base = {k: v for k, v in values.items() if k != "anchor_ratio"}
+    scores = evaluate_fidelity(stack, inputs, [PruneSchedule(**base, anchor_ratio=a) for a in ratios], progress)
+    return {str(a): score for a, score in zip(ratios, scores)}
+
+
+def choose_anchor_ratio(values: dict, chosen: dict, probe: dict | None, overrides: dict) -> None:
+    """Keep the anchor ratio with the lowest mean KL, in place; a tie keeps the one `values` holds (the paper's).
+    A CLI --anchor-ratio is the user's choice."""
+    if probe is None or overrides.get("anchor_ratio") is not None:
+        return
+    kl = {float(a): score["kl_mean"] for a, score in probe.items()}
+    best = min(kl, key=lambda a: (kl[a], a != values["anchor_ratio"]))
+    if kl[best] < kl[values["anchor_ratio"]]:
+        values["anchor_ratio"] = best
+    chosen["anchor_ratio"] = ("rule: the anchor share closest to the unpruned model, mean last-token KL "
+                              + ", ".join(f"{a:g}: {v:.3g}" for a, v in sorted(kl.items())))
 
 
 def choose_ssr_mode(values: dict, chosen: dict, probe: dict | None, overrides: dict) -> None:

@@ -320,6 +320,8 @@ def engine(artifacts, target, ep, max_batch, min_text, opt_text, max_text, max_n
     fused = sum(info.get("fused_attention", {}).values())
     if fused:
         click.echo(f"fused attention: {fused} causal attention sites run as GroupQueryAttention")
+    for graph, why in info.get("fusion_refused", {}).items():
+        click.echo(f"{graph}: fused attention refused by ONNX Runtime, the graph runs as exported ({why})")
 
 
 @cli.command(epilog="""\b
@@ -539,7 +541,7 @@ def build(backbone, model_dir, data, image_sizes, target, precision, paper_value
     from ..engines import DEFAULT_TARGET
     from .pipeline import DEFAULT_GATES_OVER, DEFAULT_GATES_UNDER, run_calibrate, run_engine, run_export, run_validate
 
-    from ..base.staging import promote, staged_build
+    from ..base.staging import export_only_path, promote, staged_build
 
     sizes = [parse_image_size(s) for s in image_sizes]
     overrides, search = pick_overrides(kwargs), pick_search(kwargs)
@@ -560,9 +562,13 @@ def build(backbone, model_dir, data, image_sizes, target, precision, paper_value
         except HalfvError as e:
             if target == DEFAULT_TARGET:
                 raise
-            promote(work, out)  # the exported folder is a complete ONNX Runtime deliverable
-            raise CliError(f"stopped after export: {e}. {out} holds complete ONNX graphs that ONNX Runtime can use "
-                           f"(halfv-export engine --artifacts {out} --target onnxruntime)", e.exit_code) from None
+            # the export is complete but unvalidated: it goes beside --out under a name that says so, never over
+            # the previous (validated) build
+            aside = export_only_path(out)
+            promote(work, aside)
+            raise CliError(f"stopped after export: {e}. {out} is unchanged; this run's unvalidated ONNX graphs are "
+                           f"in {aside} (halfv-export engine --artifacts {aside} --target onnxruntime)",
+                           e.exit_code) from None
         click.echo("[4/4] validate", err=True)
         gated = precision == "fp32"
         report, failures = run_validate(work, None, model_dir, list(DEFAULT_GATES_UNDER) if gated else [],
@@ -594,7 +600,9 @@ def _summary_table(meta: dict, report: dict) -> None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     s = meta["schedule"]
-    table.add_row("schedule", f"IVR@{s['ivr_layer']} keep {s['keep_ratio']} | SSR {s['ssr_mode']}@{s['ssr_layer']}")
+    ssr_keep = f" keep {s['ssr_ratio']}" if s["ssr_mode"] == "topk" else ""
+    table.add_row("schedule", f"IVR@{s['ivr_layer']} keep {s['keep_ratio']} anchors {s['anchor_ratio']} | "
+                              f"SSR {s['ssr_mode']}@{s['ssr_layer']}{ssr_keep}")
     for b in meta["buckets"]:
         table.add_row(f"bucket {b['size'][0]}x{b['size'][1]}", f"N {b['num_visual']} -> {b['k1']} -> {b['k2']}")
     p, lat = report["parity"], report["latency_ms"]
@@ -605,8 +613,9 @@ def _summary_table(meta: dict, report: dict) -> None:
                   f"{report['fidelity']['top1_agreement']:.4f}")
     if report.get("accuracy"):
         a = report["accuracy"]
-        table.add_row(f"accuracy full / HalfV / engine ({a['count']} answers)",
-                      f"{_num(a.get('full'))} / {_num(a.get('halfv'))} / {_num(a.get('engine'))}")
+        task = f"{report['task']} " if report.get("task") else ""
+        table.add_row(f"{task}accuracy full / HalfV / engine ({a['count']} answers, ± 1 s.e.)",
+                      " / ".join(_with_stderr(a, s) for s in ("full", "halfv", "engine")))
         table.add_row("accuracy retention (HalfV / full)", _num(a.get("retention")))
     for name in ("searched", "paper") if report.get("search_check") else ():
         row = report["search_check"][name]
@@ -614,14 +623,25 @@ def _summary_table(meta: dict, report: dict) -> None:
                       f"{row['ratio']:.2f}x / {row['top1_agreement']:.3f} / {_num(row.get('accuracy'))}")
     table.add_row("engine prefill full / HalfV (ms)",
                   f"{lat['engine_full_prefill']:.1f} / {lat['engine_halfv_prefill']:.1f}")
-    table.add_row("FLOPs ratio", f"{report['flops']['ratio']:.2f}x")
+    table.add_row("LLM prefill: FLOPs ratio / measured time ratio",
+                  f"{report['flops']['ratio']:.2f}x / {lat['engine_full_prefill'] / lat['engine_halfv_prefill']:.2f}x")
+    if "engine_full_ttft" in lat and "e2e_ratio" in report["flops"]:
+        table.add_row("time to first token: FLOPs ratio / measured time ratio",
+                      f"{report['flops']['e2e_ratio']:.2f}x / "
+                      f"{lat['engine_full_ttft'] / lat['engine_halfv_ttft']:.2f}x")
     Console().print(table)
+
+
+def _with_stderr(accuracy: dict, system: str) -> str:
+    value, err = accuracy.get(system), (accuracy.get("stderr") or {}).get(system)
+    return _num(value) if value is None or err is None else f"{value:.3f} ± {err:.3f}"
 
 @cli.command("make-task", epilog="""\b
 Examples:
   halfv-export make-task --backbone qwen2.5-vl --out evalset/
   halfv-export make-task --image-size 224x224 --image-size 224x336 --count 500 --seed 7 --out evalset/
   halfv-export make-task --backbone llava-1.5 --mix digit_at=1,count_all=1 --count 100 --out quick/
+  halfv-export make-task --task page --image-size 448x448 --image-size 392x504 --count 1000 --out pages/
 """)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for images/ + prompts.jsonl.")
 @click.option("--backbone", help="Use the image sizes this backbone's embedded default was trained on.")
@@ -634,21 +654,29 @@ Examples:
 @click.option("--mix", help="Question types and weights, e.g. digit_at=3,read_all=1 (default: the training mix).")
 @click.option("--slot", type=click.IntRange(8, 56), help="Digit slot in pixels (default: the backbone's training "
               "setting, else 28).")
+@click.option("--task", type=click.Choice(["page", "grid"]), help="page: a small block of digits on a large "
+              "paper-like page; grid: a digit grid over the whole image (default: the task the backbone's embedded "
+              "default was trained on, else page).")
 @user_errors
-def make_task(out, backbone, image_sizes, count, seed, split, mix, slot):
-    """Write a fixed evaluation set of the digit-grid task: images/*.png and prompts.jsonl with "answer" and "type".
+def make_task(out, backbone, image_sizes, count, seed, split, mix, slot, task):
+    """Write a fixed evaluation set of the digit task: images/*.png and prompts.jsonl with "answer" and "type".
 
     \b
-    Images are grids of 56-pixel cells (4x4 at 224x224, 4x6 at 224x336) holding two to six real handwritten digit
-    scans (scikit-learn's load_digits) at varied scales and offsets, on varied light backgrounds. Question types:
-    digit_at (row r, column c), row_digits, count_digit, count_all, read_all. Same arguments, same files. Feed the folder to `validate --data` or `compare --data`.
+    Real handwritten digit scans (scikit-learn's load_digits), at varied scales and offsets, with questions about
+    the digits' rows and columns: digit_at (row r, column c), row_digits, count_digit, count_all, read_all.
+    page: a block of 2-8 digits (a grid, a line or spread apart) somewhere on a page whose background (gradients,
+    grain, ruled lines, faint marks) is most of the image, as on a high-resolution document. grid: 56-pixel cells
+    over the whole image (4x4 at 224x224) holding two to six digits. Same arguments, same files. Feed the folder to
+    `validate --data` or `compare --data`.
     """
     from .export import parse_image_size
     from .pipeline import run_make_task
 
-    info = run_make_task(out, backbone, [parse_image_size(s) for s in image_sizes], count, seed, split, mix, slot)
+    info = run_make_task(out, backbone, [parse_image_size(s) for s in image_sizes], count, seed, split, mix, slot,
+                         task)
     sizes = ", ".join(f"{h}x{w}" for h, w in info["image_sizes"])
-    click.echo(f"wrote {count} questions ({sizes}; {', '.join(f'{k} {v}' for k, v in info['types'].items())}) "
+    click.echo(f"wrote {count} {info['task']} questions ({sizes}; "
+               f"{', '.join(f'{k} {v}' for k, v in info['types'].items())}) "
                f"to {out / 'prompts.jsonl'}")
 
 

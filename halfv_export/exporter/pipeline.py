@@ -21,7 +21,8 @@ from ..base.atomic import prepare_out_dir
 from ..base.data import load_data, synthetic_set
 from ..base.manifest import verify_manifest, write_manifest
 from ..engines.api import open_pipeline
-from .calibrate import choose_ssr_mode, derive_schedule, measure_probes, measure_ssr_modes
+from .calibrate import (choose_anchor_ratio, choose_ssr_mode, derive_schedule, measure_anchor_ratios, measure_probes,
+                        measure_ssr_modes)
 from .schedule import (FIELDS, apply_overrides, build_document, check_values, paper_schedule, read_schedule,
                        write_schedule)
 
@@ -35,8 +36,8 @@ def _progress() -> Progress:
 
 def default_samples(loaded, count: int, seed: int, split: str, sizes: list | None = None,
                     any_size: bool = False) -> list | None:
-    """Data for a stage run without --data on the trained embedded default: its own task (digit grids with answers,
-    at `sizes` or else the image sizes it was trained on; `split` scans: "train" for calibration, "eval" for
+    """Data for a stage run without --data on the trained embedded default: its own task (digit grids or pages, as
+    its training record says, with answers, at `sizes` or else the image sizes it was trained on; `split` scans: "train" for calibration, "eval" for
     validation). None for any other model, or (unless any_size) sizes it was not trained on."""
     trained = [tuple(s) for s in loaded.meta.get("image_sizes", [])]
     sizes = [tuple(s) for s in sizes] if sizes else trained
@@ -44,8 +45,18 @@ def default_samples(loaded, count: int, seed: int, split: str, sizes: list | Non
         return None
     from ..base.tasks import DEFAULT_SLOT, task_set
 
-    return task_set(count, seed=seed, split=split, sizes=sizes,
-                    slot=loaded.meta.get("task", {}).get("slot", DEFAULT_SLOT))
+    task = loaded.meta.get("task", {})
+    return task_set(count, seed=seed, split=split, sizes=sizes, slot=task.get("slot", DEFAULT_SLOT),
+                    task=task.get("kind", "grid"))
+
+
+def task_kind(data: Path | None, loaded) -> str | None:
+    """Which digit task the answers come from: the data folder's task.json (make-task), else the embedded
+    default's own task (what default_samples drew)."""
+    if data is None:
+        return loaded.meta.get("task", {}).get("kind", "grid")
+    info = (Path(data) if Path(data).is_dir() else Path(data).parent) / "task.json"
+    return json.loads(info.read_text()).get("task", "grid") if info.exists() else None
 
 
 def sized_tracker(progress: Progress, task):
@@ -109,8 +120,13 @@ def run_calibrate(backbone: str, model_dir: Path | None, data: Path | None, samp
             curves = measure_probes(adapter, loaded, calib, k=tme_k, kl_probe=kl_probe, progress=track,
                                     keep_inputs=prepared)
     values, chosen = derive_schedule(curves, depth, adapter, overrides, use_rules=use_rules)
-    ssr_modes = None
+    ssr_modes = anchor_ratios = None
     if use_rules and kl_probe and target_ratio is None:
+        with _progress() as progress:
+            task = progress.add_task("calibrating (anchor share probe)", total=None)
+            anchor_ratios = measure_anchor_ratios(adapter.text_stack(loaded), prepared, values,
+                                                  progress=sized_tracker(progress, task))
+        choose_anchor_ratio(values, chosen, anchor_ratios, overrides)
         with _progress() as progress:
             task = progress.add_task("calibrating (SSR mode probe)", total=None)
             ssr_modes = measure_ssr_modes(adapter.text_stack(loaded), prepared, values,
@@ -124,7 +140,7 @@ def run_calibrate(backbone: str, model_dir: Path | None, data: Path | None, samp
     if curves is not None:
         calibration = {
             "samples": [s.name for s in calib], "tme_k": tme_k, "tme_clip_gram": False,
-            "curves": curves, "ssr_modes": ssr_modes,
+            "curves": curves, "anchor_ratios": anchor_ratios, "ssr_modes": ssr_modes,
             "weights": {"random": f"random (seed {weights_seed})", "trained": "trained (shipped)",
                         "checkpoint": "checkpoint"}[loaded.weights],
             "data": str(data) if data is not None else ("digit-grid task, training scans"
@@ -330,20 +346,26 @@ def run_validate(artifacts: Path, data: Path | None, model_dir: Path | None, fai
 
     schedule = PruneSchedule(**meta["schedule"])
     buckets = [tuple(b["size"]) for b in meta["buckets"]]
+    # without --data: the embedded default's own task, at least 32 answers (a standard error near 0.08 at most)
     samples = (load_data(data) if data is not None
-               else default_samples(loaded, 8 * len(buckets), 1000, split="eval", sizes=buckets)
+               else default_samples(loaded, max(32, 8 * len(buckets)), 1000, split="eval", sizes=buckets)
                or held_out_samples(buckets))
+    task = task_kind(data, loaded) if any(s.answer is not None for s in samples) else None
     if baselines and not any(s.answer is not None for s in samples):
         raise BadInput("--baselines needs data with answers; pass --data DIR written by `halfv-export make-task`")
     # a checkpoint folder may hold random weights too (tools/shaped_checkpoint.py): say where they came from only
     weights = weights or {"random": "random", "trained": "trained"}.get(loaded.weights, "checkpoint")
     with _progress() as progress:
         track = sized_tracker(progress, progress.add_task("validating (parity, fidelity)", total=None))
-        report = run_validation(pipeline, loaded, samples, schedule, weights, progress=track)
+        pictures: list = []
+        report = run_validation(pipeline, loaded, samples, schedule, weights, progress=track, pictures=pictures)
     with console.status("measuring latency"):
         largest = max(buckets, key=lambda b: b[0] * b[1])
-        latency, flops = measure_latency(pipeline, loaded, held_out_samples([largest], 1, seed=2000)[0], schedule,
-                                         runs=latency_runs or LATENCY_RUNS)
+        # timed on a question of the evaluated task where there is one at the largest bucket (its prompt length)
+        timed_sample = next((s for s in samples if s.image is not None and s.answer is not None
+                             and (s.image.height, s.image.width) == largest), None)
+        latency, flops = measure_latency(pipeline, loaded, timed_sample or held_out_samples([largest], 1, seed=2000)[0],
+                                         schedule, runs=latency_runs or LATENCY_RUNS)
     if baselines:
         from ..validate.compare import evaluate_methods
 
@@ -364,13 +386,32 @@ def run_validate(artifacts: Path, data: Path | None, model_dir: Path | None, fai
     report = {"backbone": meta["backbone"], "source": meta["source"], "schedule": meta["schedule"],
               "precision": meta.get("precision", "fp32"), "quantize": meta.get("quantize"),
               "buckets": [f"{h}x{w}" for h, w in buckets], "device": pipeline.runner.describe(), **report,
+              **({"task": task} if task else {}),
               "latency_ms": latency,
               "flops": flops}
     failures = check_thresholds(report, fail_under, fail_over)
     report["thresholds"] = {"fail_under": dict(fail_under), "fail_over": dict(fail_over), "failures": failures}
     write_report(Path(artifacts), report)
+    draw_kept(pipeline, pictures, Path(artifacts) / "kept.png")
     write_manifest(artifacts, verified=pipeline.verified)
     return report, failures
+
+
+def draw_kept(pipeline, pictures: list, path: Path) -> None:
+    """kept.png: what the engine kept on the first validated images, where the backbone maps its visual rows to
+    image boxes (not LLaVA-NeXT's anyres tiles)."""
+    from ..validate.plots import kept_tokens_plot
+
+    items = []
+    for image, bucket, kept, sample in pictures:
+        boxes = pipeline.adapter.token_boxes(pipeline.processing, bucket)
+        if boxes is None or not kept:
+            continue
+        answer = f" | answer {sample.answer}" if sample.answer is not None else ""
+        counts = ", ".join(f"{stage} {len(k)}" for stage, k in kept.items())
+        items.append((image, boxes, kept, f"{sample.prompt}{answer}\n{len(boxes)} tokens, kept {counts}"))
+    if items:
+        kept_tokens_plot(items, path)
 
 
 def run_lint(artifacts: Path) -> tuple[list[str], list]:
@@ -384,23 +425,25 @@ def run_lint(artifacts: Path) -> tuple[list[str], list]:
 
 
 # ------------------------------------------------------------------------------------------------ task data, compare
-def task_settings(backbone: str | None, image_sizes: list[tuple[int, int]],
-                  slot: int | None) -> tuple[list[tuple[int, int]], int]:
-    """Image sizes and digit slot of a task set: as given (sizes checked against the backbone's processor when one
-    is named), else what the backbone's embedded default was trained on, else 224x224 and the default slot."""
+def task_settings(backbone: str | None, image_sizes: list[tuple[int, int]], slot: int | None,
+                  task: str | None = None) -> tuple[list[tuple[int, int]], int, str]:
+    """Image sizes, digit slot and task kind of a task set: as given (sizes checked against the backbone's processor
+    when one is named), else what the backbone's embedded default was trained on, else 224x224, the default slot
+    and the page task."""
     from ..base.tasks import DEFAULT_SLOT
 
     if backbone is None:
-        return image_sizes or [(224, 224)], slot or DEFAULT_SLOT
+        return image_sizes or [(224, 224)], slot or DEFAULT_SLOT, task or "page"
     from ..graphs.adapter import read_training_record
 
     adapter = get_adapter(backbone)
     record = read_training_record(adapter.embedded_dir)
     slot = slot or record.get("task", {}).get("slot", DEFAULT_SLOT)
+    task = task or record.get("task", {}).get("kind", "grid")
     if not image_sizes:
         if not record.get("image_sizes"):
             raise BadInput(f"the embedded {backbone} has no training record; pass --image-size HxW")
-        return [tuple(s) for s in record["image_sizes"]], slot
+        return [tuple(s) for s in record["image_sizes"]], slot, task
     processing = adapter.load_processing(adapter.embedded_dir)
     for size in image_sizes:
         bucket, _ = adapter.bucket_for(processing, size)
@@ -408,25 +451,25 @@ def task_settings(backbone: str | None, image_sizes: list[tuple[int, int]],
             raise BadInput(f"--image-size {size[0]}x{size[1]}: {backbone}'s image processor turns it into "
                            f"{bucket[0]}x{bucket[1]} (resize/crop would move the grid cells); use "
                            f"--image-size {bucket[0]}x{bucket[1]}")
-    return image_sizes, slot
+    return image_sizes, slot, task
 
 
 def run_make_task(out: Path, backbone: str | None, image_sizes: list[tuple[int, int]], count: int, seed: int,
-                  split: str, mix: str | None, slot: int | None = None) -> dict:
+                  split: str, mix: str | None, slot: int | None = None, task: str | None = None) -> dict:
     import shutil
 
     from ..base.tasks import parse_mix, task_set, write_task_set
 
-    sizes, slot = task_settings(backbone, image_sizes, slot)
+    sizes, slot, task = task_settings(backbone, image_sizes, slot, task)
     mix_weights = parse_mix(mix)
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not (out / "task.json").exists():
         raise BadInput(f"{out} is not empty and holds no earlier task; choose an empty or new --out")
-    samples = task_set(count, seed=seed, split=split, sizes=sizes, mix=mix_weights, slot=slot)
+    samples = task_set(count, seed=seed, split=split, sizes=sizes, mix=mix_weights, slot=slot, task=task)
     prepare_out_dir(out)
     (out / "prompts.jsonl").unlink(missing_ok=True)  # an interrupted rewrite leaves no stale, complete-looking set
     shutil.rmtree(out / "images", ignore_errors=True)
-    info = {"generator": "halfv_export.base.tasks", "seed": seed, "split": split, "count": count,
+    info = {"generator": "halfv_export.base.tasks", "task": task, "seed": seed, "split": split, "count": count,
             "image_sizes": [list(s) for s in sizes], "slot": slot, "mix": mix_weights, "backbone": backbone}
     write_task_set(samples, out, info)
     return {**info, "types": {t: sum(s.type == t for s in samples) for t in mix_weights}}

@@ -203,6 +203,10 @@ class BackboneAdapter(abc.ABC):
     image_processor_class: ClassVar[type]  # a PIL image processor (no torchvision)
     embedded_dir: ClassVar[Path]  # shipped checkpoint directory without weights
 
+    # which analytic FLOPs model counts the vision encoder (validate/vision_flops.py): "windowed" for a ViT with
+    # attention windows and a spatial merger, "clip" for a CLIP tower run once per tile
+    vision_tower: ClassVar[str | None] = None
+
     def load(self, model_dir: Path | None = None, seed: int | None = None, dtype=None) -> LoadedModel:
         """A local checkpoint directory (weights at `dtype`, default fp32); or the embedded default: its shipped
         trained weights (seed None), or weights drawn from `seed` (random, for testing the machinery). An embedded
@@ -316,9 +320,18 @@ class BackboneAdapter(abc.ABC):
         """An image size (h, w) -> (the bucket it resizes to, its visual token count N)."""
         raise NotImplementedError
 
+    def token_boxes(self, processing: "Processing", bucket: tuple[int, int]) -> list[tuple[int, int, int, int]] | None:
+        """Pixel box (top, left, bottom, right) on a bucket-sized image of each visual row, in row order, for the
+        kept-token picture; None where the rows do not each cover one box of the image (anyres tiles)."""
+        return None
+
     def prepare(self, loaded: LoadedModel, images: list, prompts: list[str]) -> PrefillInputs:
         """Host inputs + the eager embedding and vision tower -> prefill inputs (the reference path)."""
         host = self.host_inputs(Processing(loaded.tokenizer, loaded.image_processor, loaded.config), images, prompts)
+        return self.embed_host(loaded, host)
+
+    def embed_host(self, loaded: LoadedModel, host: HostInputs) -> PrefillInputs:
+        """Given host inputs (e.g. exactly the rows an engine runs: validate's parity) -> the eager prefill inputs."""
         with torch.no_grad():
             embeds = self.text_stack(loaded).embed_tokens(host.input_ids)  # [B, S, D]
             if host.num_visual > 0:
@@ -416,3 +429,10 @@ def visual_span(input_ids: torch.Tensor, image_token_id: int) -> tuple[torch.Ten
                        "of one; the chat template or tokenizer splits the image slot, so use the checkpoint's own "
                        "chat_template.jinja and tokenizer.json")
     return start.long(), n
+
+
+def grid_boxes(bucket: tuple[int, int], rows: int, cols: int) -> list[tuple[int, int, int, int]]:
+    """Row-major boxes of a rows x cols token grid laid over a bucket-sized image."""
+    h, w = bucket
+    return [(round(r * h / rows), round(c * w / cols), round((r + 1) * h / rows), round((c + 1) * w / cols))
+            for r in range(rows) for c in range(cols)]

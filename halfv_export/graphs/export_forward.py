@@ -170,11 +170,22 @@ class DecodeGraph(nn.Module):
 
 
 class SelectionGraph(nn.Module):
-    """The HalfV selection work alone, as it runs inside the prefill graph (for measuring its share): IVR scores at
-    L1-1 + anchors + farthest-point fill + the gathers, then SSR scores at L2-1 + top-K2 + the gathers.
+    """The HalfV selection work alone, as it runs inside the prefill graph (for measuring its share), on the same
+    states the prefill's two cuts read:
 
-    inputs:  h_prev, h [B, S, D] (inputs of layers L1-1 and L1), cos, sin [B, S, hd], valid [B, S], start [B]
-    outputs: the compacted h, cos, sin, valid [B, S - N + K, ...]"""
+        IVR  scores(layer L1-1 on h_prev, no RoPE) + top-A anchors + farthest-point fill on final-norm(h)
+             -> gather h, cos, sin, valid                                                [B, S1 = S - N + K1, ...]
+        SSR  (topk) scores(layer L2-1 on h_ssr_prev, RoPE at the IVR-kept rows' cos/sin) + top-K2
+             -> gather h_ssr, cos, sin, valid                                            [B, S2 = S - N + K2, ...]
+
+    h_ssr_prev / h_ssr are the inputs of layers L2-1 and L2 of the IVR-compacted sequence (in the prefill, the
+    output of layers L1 .. L2-2 / L2-1); the decoder layers between the cuts are not part of the selection work.
+
+    inputs:  h_prev, h [B, S, D] (inputs of layers L1-1 and L1), cos, sin [B, S, hd], valid [B, S], start [B], and
+             in topk mode h_ssr_prev, h_ssr [B, S1, D]
+    outputs: topk:   h_ivr_out [B, S1, D] (what layer L1 runs on), h_out, cos_out, sin_out, valid_out [B, S2, ...],
+                     kept_ivr [B, K1], kept_ssr [B, K2] (original visual numbering, as PrefillGraph's)
+             freeze: h_out, cos_out, sin_out, valid_out [B, S1, ...], kept_ivr [B, K1]"""
 
     def __init__(self, stack: TextStack, schedule: PruneSchedule, n: int):
         super().__init__()
@@ -182,13 +193,27 @@ class SelectionGraph(nn.Module):
         self.layers, self.norm = nn.ModuleList(stack.layers), stack.norm
         self.plan = budgets(n, schedule)
 
-    def forward(self, h_prev, h, cos, sin, valid, start):
+    @property
+    def topk(self) -> bool:
+        return self.schedule.ssr_mode == "topk"
+
+    def input_names(self) -> list[str]:
+        return ["h_prev", "h", "cos", "sin", "valid", "start"] + (["h_ssr_prev", "h_ssr"] if self.topk else [])
+
+    def output_names(self) -> list[str]:
+        if self.topk:
+            return ["h_ivr_out", "h_out", "cos_out", "sin_out", "valid_out", "kept_ivr", "kept_ssr"]
+        return ["h_out", "cos_out", "sin_out", "valid_out", "kept_ivr"]
+
+    def forward(self, h_prev, h, cos, sin, valid, start, h_ssr_prev=None, h_ssr=None):
         st, sched, plan = self.stack, self.schedule, self.plan
         sel = select_before_layer(st, sched, plan, sched.ivr_layer, h_prev, h, start, self.n, cos, sin, True)
-        index = keep_index(start, sel, self.n, h.shape[1])
+        index = keep_index(start, sel, self.n, h.shape[1])  # [B, S1]
         h, cos, sin, valid = (gather_rows(t, index) for t in (h, cos, sin, valid))
-        if sched.ssr_mode == "topk":
-            sel2 = select_before_layer(st, sched, plan, sched.ssr_layer, h, h, start, plan.k1, cos, sin, True)
-            index = keep_index(start, sel2, plan.k1, h.shape[1])
-            h, cos, sin, valid = (gather_rows(t, index) for t in (h, cos, sin, valid))
-        return h, cos, sin, valid
+        if not self.topk:
+            return h, cos, sin, valid, sel
+        # SSR: scored on layer L2-1's input of the compacted sequence (not on h, the input of L1), as the prefill does
+        sel2 = select_before_layer(st, sched, plan, sched.ssr_layer, h_ssr_prev, h_ssr, start, plan.k1, cos, sin, True)
+        index = keep_index(start, sel2, plan.k1, h_ssr.shape[1])  # [B, S2]
+        h_ssr, cos, sin, valid = (gather_rows(t, index) for t in (h_ssr, cos, sin, valid))
+        return h, h_ssr, cos, sin, valid, sel, sel.gather(1, sel2)

@@ -22,6 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from ..base.errors import BadInput
+from ..base.greedy import Greedy
 from .adapter import PrefillInputs, TextStack
 from .pruning import (Budgets, PruneSchedule, SingleCut, budgets, gather_rows, keep_index, relative_rows,
                       select_before_layer, select_single_cut, selection_inputs, selection_shortfall, stage_at,
@@ -198,7 +199,7 @@ class HalfVReference:
             if capture is not None:
                 capture.append((h, start, n))
             out = st.layers[i](h, attention_mask=additive_mask(valid, h.shape[1], h.dtype),
-                               position_embeddings=(cos, sin), past_key_values=cache, use_cache=cache is not None)
+                               position_embeddings=(cos, sin), cache=cache, use_cache=cache is not None)
             if frozen and n > 0:
                 # visual rows keep their input (no attention/MLP update); their K/V, computed above from that
                 # same frozen input, still serve the text rows.
@@ -227,25 +228,39 @@ class HalfVReference:
         for i, layer in enumerate(st.layers):
             cache.key_valid[i] = torch.cat([cache.key_valid[i], torch.ones_like(tokens)[:, None]], dim=1)
             h = layer(h, attention_mask=additive_mask(cache.key_valid[i], 1, h.dtype), position_embeddings=(cos, sin),
-                      past_key_values=cache.kv, use_cache=True)
+                      cache=cache.kv, use_cache=True)
         cache.next_positions = cache.next_positions + 1
         return st.lm_head(st.norm(h[:, -1]))
 
     @torch.no_grad()
     def generate(self, inputs: PrefillInputs, max_new_tokens: int, eos_ids: set[int] = frozenset(),
                  force: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Greedy generation -> [B, <= max_new_tokens]; a sample that hit EOS keeps emitting EOS. `force`: as in
-        prefill."""
+        """Greedy generation through the loop the runtimes share (base/greedy.py) -> [B, <= max_new_tokens]; a
+        sample that hit EOS repeats it up to the longest answer. `force`: as in prefill."""
         result = self.prefill(inputs, force=force)
-        logits, cache = result.logits, result.cache
-        out, done = [], torch.zeros(logits.shape[0], dtype=torch.bool)
-        for step in range(max_new_tokens):
-            token = logits.argmax(dim=-1)  # [B]
-            if out and eos_ids:
-                token = torch.where(done, out[-1], token)
-            out.append(token)
-            done = done | torch.isin(token, torch.tensor(sorted(eos_ids), dtype=token.dtype)) if eos_ids else done
-            if bool(done.all()) or step == max_new_tokens - 1:
-                break
-            logits = self.decode_step(token, cache)
-        return torch.stack(out, dim=1) if out else torch.zeros((logits.shape[0], 0), dtype=torch.long)
+        if max_new_tokens < 1:
+            return torch.zeros((result.logits.shape[0], 0), dtype=torch.long)
+        stepper = EagerStepper(self, result.logits, result.cache)
+        return torch.from_numpy(Greedy(stepper, [max_new_tokens] * result.logits.shape[0], eos_ids).run().tokens())
+
+
+class EagerStepper:
+    """base/greedy.py's Stepper over the eager reference: logits and the pruned cache stay torch tensors; rows
+    that finish leave the cache (DynamicCache.batch_select_indices), as they leave the engines'."""
+
+    def __init__(self, reference: HalfVReference, logits: torch.Tensor, cache: PrunedCache):
+        self.reference, self.logits, self.cache = reference, logits, cache
+
+    def argmax(self):
+        return self.logits.argmax(dim=-1).numpy()
+
+    def advance(self, tokens) -> None:
+        self.logits = self.reference.decode_step(torch.as_tensor(tokens, dtype=torch.long), self.cache)
+
+    def keep(self, positions: list[int]) -> None:
+        index = torch.tensor(positions, dtype=torch.long)
+        if positions:
+            self.cache.kv.batch_select_indices(index)
+        self.cache.key_valid = [v[index] for v in self.cache.key_valid]
+        self.cache.next_positions = self.cache.next_positions[:, index]
+        self.logits = self.logits[index]

@@ -23,7 +23,7 @@ from transformers.models.llava_next.modeling_llava_next import LlavaNextModel, i
 
 from ..base.errors import BadInput
 from .adapter import (BackboneAdapter, HostInputs, LoadedModel, PaperSchedule, Processing, TextStack, layer_head_dim,
-                      register, visual_span)
+                      grid_boxes, register, visual_span)
 from .checkpoint import EMBEDDED_ROOT
 
 IMAGE_TOKEN = "<image>"
@@ -54,6 +54,7 @@ class ClipProjectorVision(nn.Module):
 
 class LlavaFamilyAdapter(BackboneAdapter):
     add_bos = True
+    vision_tower = "clip"
 
     # ---------------------------------------------------------------- buckets
     def tokens_per_tile(self, config) -> int:
@@ -130,6 +131,13 @@ class Llava15Adapter(LlavaFamilyAdapter):
     def bucket_for(self, processing: Processing, image_size: tuple[int, int]) -> tuple[tuple[int, int], int]:
         crop = processing.image_processor.crop_size
         return (crop.height, crop.width), self.tokens_per_tile(processing.config)
+
+    def token_boxes(self, processing: Processing, bucket: tuple[int, int]) -> list[tuple[int, int, int, int]] | None:
+        vc = processing.config.vision_config
+        if processing.config.vision_feature_select_strategy != "default":
+            return None  # the CLS row keeps no place on the image
+        side = vc.image_size // vc.patch_size  # one CLIP patch
+        return grid_boxes(bucket, side, side)
 
     def eager_vision(self, loaded: LoadedModel, pixel_values: torch.Tensor, bucket: tuple[int, int]) -> torch.Tensor:
         cfg = loaded.config

@@ -22,7 +22,7 @@ mark it special). Non-special added tokens are ordinary vocabulary and stay as t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -157,3 +157,28 @@ def left_padded(rows: list[list[int]], pad_id: int | None) -> tuple[torch.Tensor
     input_ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
     attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
     return input_ids, attention_mask
+
+
+# A batch's rows are left-padded to one length S; that is exact in real arithmetic but not in float: ONNX Runtime's
+# CPU kernels reduce over the sequence axis in SIMD lanes, so the same prompt behind 2 pad tokens gets logits ~3e-6
+# away from the prompt alone. Padding every prefill, single or batched, to a multiple of PAD_MULTIPLE puts a prompt's
+# tokens at the same lane offset whoever shares its batch (bit-identical answers on the AVX-512 box it was measured
+# on; elsewhere ONNX Runtime's threads may still split a batch differently, ~1e-5), and validate gates these rows.
+PAD_MULTIPLE = 16
+
+
+def align_left(host, multiple: int, pad_id: int):
+    """HostInputs [B, S] -> the same with S rounded up to a multiple by more left padding: input_ids gets pad_id,
+    attention_mask 0, positions [P, B, S] repeat their first column (masked rows never reach real ones),
+    visual_start moves right. next_positions and everything a real token sees stay as they were."""
+    batch, seq = host.input_ids.shape
+    extra = (-seq) % multiple
+    if extra == 0:
+        return host
+
+    def left(x, value):
+        return torch.cat([torch.full((batch, extra), value, dtype=x.dtype), x], dim=1)
+
+    return replace(host, input_ids=left(host.input_ids, pad_id), attention_mask=left(host.attention_mask, 0),
+                   positions=torch.cat([host.positions[..., :1].expand(-1, -1, extra), host.positions], dim=2),
+                   visual_start=host.visual_start + extra if host.num_visual > 0 else host.visual_start)

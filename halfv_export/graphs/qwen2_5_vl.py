@@ -20,7 +20,7 @@ from transformers.vision_utils import get_vision_attention_seqlens, get_vision_p
 
 from ..base.errors import BadInput
 from .adapter import (BackboneAdapter, HostInputs, LoadedModel, PaperSchedule, Processing, TextStack, layer_head_dim,
-                      register, visual_span)
+                      grid_boxes, register, visual_span)
 from .checkpoint import EMBEDDED_ROOT
 
 IMAGE_PAD = "<|image_pad|>"
@@ -160,6 +160,7 @@ class Qwen25VLAdapter(BackboneAdapter):
     model_class = Qwen2_5_VLForConditionalGeneration
     config_class = Qwen2_5_VLConfig
     image_processor_class = Qwen2VLImageProcessorPil
+    vision_tower = "windowed"
     embedded_dir = EMBEDDED_ROOT / "qwen2_5_vl"
 
     # ---------------------------------------------------------------- inputs
@@ -169,6 +170,10 @@ class Qwen25VLAdapter(BackboneAdapter):
         h, w = smart_resize(image_size[0], image_size[1], factor=factor, min_pixels=ip.size.shortest_edge,
                             max_pixels=ip.size.longest_edge)
         return (h, w), (h // factor) * (w // factor)
+
+    def token_boxes(self, processing: Processing, bucket: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+        factor = processing.image_processor.patch_size * processing.image_processor.merge_size  # one merged token
+        return grid_boxes(bucket, bucket[0] // factor, bucket[1] // factor)
 
     def host_inputs(self, processing: Processing, images: list, prompts: list[str]) -> HostInputs:
         if len(images) != len(prompts):

@@ -142,13 +142,17 @@ def decode_spec(stack: TextStack, groups: list[int], pruned: bool) -> GraphSpec:
 def selection_spec(stack: TextStack, schedule: PruneSchedule, num_visual: int, label: str,
                    positions: torch.Tensor, start: int) -> GraphSpec:
     """The selection work alone at N = num_visual with the visual block at row `start`, static shapes, traced on
-    random hidden states at `positions` [P, 1, S] (its example is its benchmark input)."""
+    random hidden states at `positions` [P, 1, S] (its example is its benchmark input). In topk mode the SSR cut reads
+    its own states, the inputs of layers L2-1 and L2 of the IVR-compacted sequence [1, S - N + K1, D]."""
     seq = positions.shape[-1]
     g = torch.Generator().manual_seed(1)
     dtype = stack.embed_tokens.weight.dtype
-    h_prev, h = (torch.randn(1, seq, stack.embed_tokens.embedding_dim, generator=g).to(dtype) for _ in range(2))
+    dim = stack.embed_tokens.embedding_dim
+    graph = SelectionGraph(stack, schedule, num_visual).eval()
+    h_prev, h = (torch.randn(1, seq, dim, generator=g).to(dtype) for _ in range(2))
     cos, sin = stack.rotary(h, positions)
     example = (h_prev, h, cos, sin, torch.ones(1, seq, dtype=torch.long), torch.tensor([start]))
-    return GraphSpec(SELECTION, SELECTION.file(label), SelectionGraph(stack, schedule, num_visual).eval(), example,
-                     ["h_prev", "h", "cos", "sin", "valid", "start"], ["h_out", "cos_out", "sin_out", "valid_out"],
-                     None)
+    if graph.topk:
+        compacted = seq - num_visual + graph.plan.k1
+        example += tuple(torch.randn(1, compacted, dim, generator=g).to(dtype) for _ in range(2))
+    return GraphSpec(SELECTION, SELECTION.file(label), graph, example, graph.input_names(), graph.output_names(), None)

@@ -8,6 +8,8 @@ without a `type` count under "untyped".
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -71,6 +73,10 @@ def retention(part: float | None, whole: float | None) -> float | None:
     return None if part is None or not whole else part / whole
 
 
+def standard_error(p: float | None, n: int) -> float | None:
+    return None if p is None or n < 1 else math.sqrt(p * (1 - p) / n)
+
+
 def accuracy_section(table: AccuracyTable, systems=("full", "halfv", "engine")) -> dict:
     """report.json's "accuracy": overall and per type, with counts; retention = halfv / full (eager),
     engine_retention = engine / full."""
@@ -83,6 +89,9 @@ def accuracy_section(table: AccuracyTable, systems=("full", "halfv", "engine")) 
         return row
 
     section = block(None)
+    # the standard error of each accuracy as a binomial proportion over these answers: what a second draw of the
+    # same number of questions could move it by
+    section["stderr"] = {s: standard_error(section[s], section["count"]) for s in systems if s in section}
     section["per_type"] = {kind: block(kind) for kind in table.types()}
     section["normalisation"] = NORMALISATION
     section["wrong_examples"] = table.examples

@@ -112,7 +112,7 @@ def measure_ort(path: Path, feeds: dict, runs: int, outputs: list[str] | None = 
     """A CPU session as the onnxruntime engine opens it (causal attention fused where marked) -> timings, RSS
     and how many attention sites ran fused."""
     with PeakRss() as rss:
-        session, fused = open_session(Path(path), session_options(), ["CPUExecutionProvider"])
+        session, fused, _ = open_session(Path(path), session_options(), ["CPUExecutionProvider"])
         wanted = {i.name for i in session.get_inputs()}
         feeds = {k: v for k, v in feeds.items() if k in wanted}
         result = timed(lambda: session.run(outputs, feeds), runs)

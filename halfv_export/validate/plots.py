@@ -134,3 +134,33 @@ def pareto_plot(search: dict, front: list[int], title: str, path: Path) -> None:
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7, loc="best")
     save_figure(fig, path)
+
+
+def kept_tokens_plot(items: list, path: Path, columns: int = 2) -> None:
+    """The pages with what HalfV kept drawn over them: dropped visual tokens dimmed, the IVR-kept ones clear, the
+    SSR-kept ones (a second top-K, Qwen) outlined in red. items: (image, token boxes, {stage: kept indices},
+    title)."""
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    rows = (len(items) + columns - 1) // columns
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 5.2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (image, boxes, kept, title) in zip(axes.flat, items):
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+        dim = np.ones(pixels.shape[:2], dtype=bool)
+        ivr = kept.get("ivr", kept.get("cut", []))
+        for i in ivr:
+            top, left, bottom, right = boxes[int(i)]
+            dim[top:bottom, left:right] = False
+        pixels[dim] = pixels[dim] * 0.25 + 0.75 * 0.15  # dropped: dark
+        ax.imshow(pixels)
+        ssr = kept.get("ssr", [])
+        for i in ssr if "ivr" in kept and len(ssr) < len(ivr) else []:  # freeze mode keeps the IVR set itself
+            top, left, bottom, right = boxes[int(i)]
+            ax.add_patch(Rectangle((left - 0.5, top - 0.5), right - left, bottom - top, fill=False, edgecolor="red",
+                                   linewidth=1.2))
+        ax.set_title(title, fontsize=8)
+    fig.suptitle("visual tokens kept: IVR (clear), SSR top-K (red outline); dropped tokens dimmed", fontsize=9)
+    save_figure(fig, path)

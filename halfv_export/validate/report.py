@@ -8,7 +8,8 @@ Near-ties. A trained model's farthest-point fill meets distances that differ bel
 background cells), so an engine that computes the same inputs with other rounding may break a tie the other way and
 keep another, equally valid set. Exact kept-index agreement is still reported (kept_indices_match); the gate is
 selection_valid: a sample whose kept set differs counts as valid when eager HalfV, forced to keep the engine's set,
-finds that set within TIE_TOLERANCE of one its own rule could pick (pruning.selection_shortfall). The logits and
+finds that set within TIE_TOLERANCE of one its own rule could pick (pruning.selection_shortfall: score gaps
+relative to the scores, whose scale is 1/N, so the tolerance means the same at N = 64 and N = 4096). The logits and
 greedy tokens of such a sample are then compared with that forced eager run, so the parity numbers measure the
 graphs, not which way a tie fell.
 """
@@ -39,7 +40,9 @@ from .plots import latency_plot
 GREEDY_TOKENS = 16
 LATENCY_RUNS = 7
 NOISY_SPREAD = 1.5  # median / fastest run above this: the timings shared their cores with something else
-TIE_TOLERANCE = 1e-5  # scores are softmax means in [0, 1], fill distances in [0, 2]; fp32 rounding is ~1e-7
+PICTURES = 4  # samples drawn in kept.png
+TIE_TOLERANCE = 1e-5  # of pruning.selection_shortfall: score gaps relative to the scores, fill gaps in [0, 2];
+# fp32 rounding is ~1e-7 of either
 
 
 def held_out_samples(buckets: list[tuple[int, int]], per_bucket: int = 2, seed: int = 1000) -> list[Sample]:
@@ -80,10 +83,11 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run_validation(pipeline, loaded, samples: list[Sample], schedule: PruneSchedule, weights: str,
-                   progress: Callable = iter, batch_size: int = 2) -> dict:
+                   progress: Callable = iter, batch_size: int = 2, pictures: list | None = None) -> dict:
     """Parity and fidelity on every sample; where samples carry an answer, also task accuracy of the unpruned eager
     model ("full"), eager HalfV ("halfv") and the exported HalfV graphs ("engine"), from the same greedy tokens that
-    parity compares (generated without stopping, then cut at the first EOS)."""
+    parity compares (generated without stopping, then cut at the first EOS). `pictures`, when a list, receives
+    (image, bucket, the engine's kept indices per stage, sample) of the first PICTURES samples with an image."""
     adapter = pipeline.adapter
     stack = adapter.text_stack(loaded)
     eager_halfv, eager_full = HalfVReference(stack, schedule), HalfVReference(stack, None)
@@ -103,8 +107,8 @@ def run_validation(pipeline, loaded, samples: list[Sample], schedule: PruneSched
     for batch in progress(batches):
         images, prompts = [im for _, im in batch], [s.prompt for s, _ in batch]
         answers = [s.answer for s, _ in batch]
-        host = pipeline.host(images, prompts)
-        ref_inputs = adapter.prepare(loaded, images, prompts)
+        host = pipeline.host(images, prompts)  # the rows run / the API / serve run, padding included
+        ref_inputs = adapter.embed_host(loaded, host)  # ... and the eager side sees the same rows
         engine = pipeline.prefill(host, halfv=True)
         eager = eager_halfv.prefill(ref_inputs)
         full = eager_full.prefill(ref_inputs)
@@ -120,6 +124,8 @@ def run_validation(pipeline, loaded, samples: list[Sample], schedule: PruneSched
             parity_ref = eager_halfv.prefill(ref_inputs, force=force)
             ref_logits = parity_ref.logits.numpy()
         for b in range(len(batch)):
+            if pictures is not None and len(pictures) < PICTURES and images[b] is not None:
+                pictures.append((images[b], host.bucket, {k: v[b] for k, v in engine_kept.items()}, batch[b][0]))
             cosines.append(_cosine(logits[b], ref_logits[b]))
             cos_min = min(cos_min, cosines[-1])
             engine_top1.append(bool(logits[b].argmax() == ref_logits[b].argmax()))
@@ -180,7 +186,7 @@ def measure_latency(pipeline, loaded, sample: Sample, schedule: PruneSchedule,
     stack = adapter.text_stack(loaded)
     image = pipeline.fit_image(sample.image)
     host = pipeline.host([image], [sample.prompt])
-    inputs = adapter.prepare(loaded, [image], [sample.prompt])
+    inputs = adapter.embed_host(loaded, host)
     embeds = pipeline.embeds(host)
     halfv, full = HalfVReference(stack, schedule), HalfVReference(stack, None)
     state = pipeline.prefill(host, halfv=True, embeds=embeds)
@@ -205,16 +211,18 @@ def measure_latency(pipeline, loaded, sample: Sample, schedule: PruneSchedule,
         "engine_halfv_ttft": lambda: pipeline.prefill(pipeline.host([image], [sample.prompt]), halfv=True),
     }
     measured = {key: timed(fn, runs) for key, fn in timings.items()}
+    sequence = int(host.attention_mask[0].sum())  # the prompt's own tokens; FLOPs count these
     latency = {key: m["median_ms"] for key, m in measured.items()}
     latency.update({
         # the fastest run beside each median: a wide spread says the cores were shared (see noisy_timing)
         "min_ms": {key: m["min_ms"] for key, m in measured.items()}, "torch_threads": torch.get_num_threads(),
-        "runs": runs, "batch": 1, "visual_tokens": host.num_visual, "sequence": int(host.input_ids.shape[1]),
+        "runs": runs, "batch": 1, "visual_tokens": host.num_visual, "sequence": sequence,
+        "sequence_padded": int(host.input_ids.shape[1]),  # the rows the graphs ran (prompts.PAD_MULTIPLE)
     })
     shape = LMShape.from_config(loaded.config.to_dict())
-    f = prefill_flops(shape, host.num_visual, int(host.input_ids.shape[1]) - host.num_visual, schedule)
+    f = prefill_flops(shape, host.num_visual, sequence - host.num_visual, schedule)
     flops = {"full": f.full, "halfv": f.halfv, "overhead": f.overhead, "ratio": f.ratio,
-             "visual_tokens": host.num_visual, "text_tokens": int(host.input_ids.shape[1]) - host.num_visual}
+             "visual_tokens": host.num_visual, "text_tokens": sequence - host.num_visual}
     if host.num_visual > 0:
         config = loaded.config.to_dict()
         vc = config.get("vision_config") or {}

@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 from ..base.errors import BadInput
+from ..graphs.adapter import ADAPTERS, adapter_for_model_type
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class VisionFlops:
     blocks: int  # the transformer blocks (attention + MLP), all kinds
     windowed_attention: int  # QKᵀ + AV of the windowed blocks
     full_attention: int  # QKᵀ + AV of the full-attention blocks
-    grid: tuple[int, int]  # merged tokens (rows, cols) for Qwen; (passes, tokens per pass) for CLIP
+    grid: tuple[int, int]  # merged tokens (rows, cols) for a windowed tower; (passes, tokens per pass) for CLIP
 
 
 def square_grid(n: int) -> tuple[int, int]:
@@ -49,7 +50,7 @@ def window_lengths(rows: int, cols: int, side: int, unit: int) -> list[int]:
     return [a * b * unit for a in cut(rows) for b in cut(cols)]
 
 
-def qwen_vision_flops(vision: dict, llm_hidden: int, grid: tuple[int, int]) -> VisionFlops:
+def windowed_vision_flops(vision: dict, llm_hidden: int, grid: tuple[int, int]) -> VisionFlops:
     c, m, depth = int(vision["hidden_size"]), int(vision["intermediate_size"]), int(vision["depth"])
     merge, patch = int(vision.get("spatial_merge_size", 2)), int(vision.get("patch_size", 14))
     temporal = int(vision.get("temporal_patch_size", 2))
@@ -85,16 +86,19 @@ def clip_vision_flops(vision: dict, llm_hidden: int, n_visual: int) -> VisionFlo
 
 
 def vision_flops(config: dict, llm_hidden: int, n_visual: int, grid: tuple[int, int] | None = None) -> VisionFlops:
-    """Vision encoder FLOPs for n_visual LLM-side visual tokens of one image (Qwen: on `grid` merged tokens, by
-    default square_grid(n_visual))."""
+    """Vision encoder FLOPs for n_visual LLM-side visual tokens of one image. The backbone adapter of the config's
+    model_type says which tower it has (BackboneAdapter.vision_tower); a windowed tower is counted on `grid` merged
+    tokens, by default square_grid(n_visual)."""
     vision = config.get("vision_config")
     if not vision:
-        raise BadInput("config has no vision_config; --end-to-end needs a VLM config.json (Qwen2.5-VL or LLaVA)")
+        raise BadInput("config has no vision_config; --end-to-end needs a vision-language model's config.json")
     if n_visual == 0:
         return VisionFlops(0, 0, 0, 0, (0, 0))
-    if "window_size" in vision or str(config.get("model_type", "")).startswith("qwen2_5_vl"):
-        return qwen_vision_flops(vision, llm_hidden, grid or square_grid(n_visual))
-    if str(vision.get("model_type", "clip_vision_model")).startswith("clip"):
+    adapter = adapter_for_model_type(str(config.get("model_type")))
+    tower = adapter.vision_tower if adapter is not None else None
+    if tower == "windowed":
+        return windowed_vision_flops(vision, llm_hidden, grid or square_grid(n_visual))
+    if tower == "clip":
         return clip_vision_flops(vision, llm_hidden, n_visual)
-    raise BadInput(f"vision tower '{vision.get('model_type')}' has no FLOPs model; --end-to-end knows Qwen2.5-VL "
-                   "windowed towers and CLIP")
+    raise BadInput(f"model_type '{config.get('model_type')}' has no vision FLOPs model; --end-to-end counts the "
+                   f"towers of the backbones with an adapter: {', '.join(sorted(ADAPTERS))}")
