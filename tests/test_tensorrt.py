@@ -125,9 +125,7 @@ def test_without_tensorrt_engine_says_so_and_exits_2(exported, run_cli, monkeypa
 
 def _tree(folder):
     """Every file under a folder -> its bytes' sha256 (what "untouched" means)."""
-    import hashlib
-
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+    return {str(p.relative_to(folder)): sha256_file(p)
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
