@@ -11,14 +11,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from halfv_export.exporter.cli import cli
+from halfv_export.cli.main import cli
 from halfv_export.graphs import get_adapter
 from halfv_export.graphs.adapter import EMBEDDED_WEIGHTS
 from halfv_export.graphs.checkpoint import seeded_model
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `pytest -n 2` on a 2-core box: one worker per core. Two workers each running torch's two OpenMP threads spin-wait
-    # for each other and ran small matrices >10x slower (measured for tools/train_embedded.py's --threads).
+    # for each other and ran small matrices >10x slower (measured for halfv_export.training's --threads).
     torch.set_num_threads(1)
 
 # what the embedded Qwen default holds: its shipped trained weights, or seeded random ones where none are shipped
@@ -105,7 +105,7 @@ def exported(tmp_path_factory, qwen):
     """Embedded default, schedule via the CLI flags, two buckets: 448x448 and non-square 336x504."""
     from click.testing import CliRunner
 
-    from halfv_export.exporter.cli import cli
+    from halfv_export.cli.main import cli
 
     out = tmp_path_factory.mktemp("artifacts")
     runner = CliRunner()

@@ -13,12 +13,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from halfv_export.base.errors import BadInput
-from halfv_export.base.tasks import normalise_answer, task_set
+from halfv_export.tasks.digits import normalise_answer, task_set
 from halfv_export.graphs import get_adapter
 from halfv_export.graphs.adapter import EMBEDDED_WEIGHTS, read_training_record
 from halfv_export.graphs.halfv import HalfVReference
 from halfv_export.graphs.pruning import PruneSchedule
-from halfv_export.validate.accuracy import cut_at_eos
+from halfv_export.measure.accuracy import cut_at_eos
 
 BACKBONES = ["qwen2.5-vl", "llava-1.5", "llava-next"]
 QUESTIONS = 24  # enough that at_least() asks for some right answers from a model at the shipped accuracy
@@ -104,7 +104,7 @@ def task_build(tmp_path_factory):
     evaluation set at that size."""
     from click.testing import CliRunner
 
-    from halfv_export.exporter.cli import cli
+    from halfv_export.cli.main import cli
 
     adapter = _trained("qwen2.5-vl")
     size = "x".join(str(v) for v in read_training_record(adapter.embedded_dir)["image_sizes"][0])
@@ -172,7 +172,7 @@ def test_validate_scores_accuracy_and_gates_on_retention(task_build, run_cli):
 
 def test_a_gate_passes_at_its_limit_and_fails_past_it():
     """Gates on a constructed report: fail-under keeps a value equal to its limit, fail-over likewise."""
-    from halfv_export.validate.report import check_thresholds
+    from halfv_export.measure.report import check_thresholds
 
     report = {"accuracy": {"retention": 0.8, "full": 0.5}}
     assert check_thresholds(report, [("accuracy.retention", 0.8)], [("accuracy.full", 0.5)]) == []
@@ -211,7 +211,7 @@ def test_schedules_sharing_a_keep_ratio_are_told_apart_by_label():
     """The schedule grid's use: several schedules at one rho in one call, the unpruned model run once; each scores
     exactly what it scores alone."""
     from halfv_export.graphs.pruning import PruneSchedule
-    from halfv_export.validate.compare import evaluate_methods
+    from halfv_export.measure.compare import evaluate_methods
 
     adapter = _trained("qwen2.5-vl")
     loaded = adapter.load(None)

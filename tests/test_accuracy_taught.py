@@ -2,14 +2,13 @@
 embedded Qwen config is taught four digit-grid questions by the training script's own loss (teacher forcing), then
 goes through calibrate -> export -> validate --data with a fifth question it never saw."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from halfv_export.base.tasks import task_set, write_task_set
+from halfv_export.tasks.digits import task_set, write_task_set
 from halfv_export.graphs import get_adapter
 from halfv_export.graphs.adapter import Processing
 
@@ -18,10 +17,9 @@ TAUGHT = 4
 
 
 def _training_script():
-    spec = importlib.util.spec_from_file_location("train_embedded", ROOT / "tools" / "train_embedded.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from halfv_export.training import train
+
+    return train
 
 
 @pytest.fixture(scope="module")

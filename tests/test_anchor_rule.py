@@ -1,7 +1,7 @@
-"""The calibration rule for the IVR anchor share alpha (exporter/calibrate.py): the probed share whose prefill stays
+"""The calibration rule for the IVR anchor share alpha (calibration/rules.py): the probed share whose prefill stays
 closest to the unpruned model wins; ties keep the paper's; the CLI's choice is never replaced."""
 
-from halfv_export.exporter.calibrate import ANCHOR_PROBE, choose_anchor_ratio, measure_anchor_ratios
+from halfv_export.calibration.rules import ANCHOR_PROBE, choose_anchor_ratio, measure_anchor_ratios
 
 from .conftest import make_image
 
@@ -17,7 +17,7 @@ def test_the_share_with_the_lowest_kl_wins_and_is_recorded():
     values, chosen = dict(PAPER), {}
     choose_anchor_ratio(values, chosen, _probe({0.1: 1.7, 0.25: 0.31, 0.5: 0.064, 1.0: 3.7}), {})
     assert values["anchor_ratio"] == 0.5
-    assert chosen["anchor_ratio"].startswith("rule:") and "0.5: 0.064" in chosen["anchor_ratio"]
+    assert chosen["anchor_ratio"].by == "rule" and "0.5: 0.064" in chosen["anchor_ratio"].why
 
 
 def test_a_tie_keeps_the_papers_share_and_the_cli_wins():

@@ -8,7 +8,7 @@ import time
 import pytest
 
 import halfv_export
-from halfv_export.engines.batcher import Batcher, Failed, Job, Started, Token
+from halfv_export.serving.batcher import Batcher, Failed, Job, Started, Token
 from tests.conftest import make_image
 
 

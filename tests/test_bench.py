@@ -9,8 +9,8 @@ import pytest
 
 from halfv_export.base.errors import BadInput
 from halfv_export.graphs import get_adapter
-from halfv_export.validate.bench import BenchShape
-from halfv_export.validate.bench_report import END, START, update_readme
+from halfv_export.benchmarks.bench import BenchShape
+from halfv_export.benchmarks.report import END, START, update_readme
 
 GENAI_INSTALLED = importlib.util.find_spec("onnxruntime_genai") is not None
 GENAI_MISSING = "onnxruntime-genai is not installed (pip install 'halfv-export[bench]')"
@@ -65,7 +65,7 @@ def test_genai_peer_without_the_package_says_how_to_install_it(tmp_path, monkeyp
 
     import torch
 
-    from halfv_export.validate.bench import genai_peer
+    from halfv_export.benchmarks.bench import genai_peer
 
     monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)  # import now raises ImportError
     ids = torch.zeros((1, 4), dtype=torch.long)

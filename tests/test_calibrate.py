@@ -1,6 +1,7 @@
 """calibrate end to end through the CLI, the rules, and schedule.json strictness."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -8,8 +9,9 @@ import torch
 from PIL import Image
 
 from halfv_export.base.errors import BadInput
-from halfv_export.exporter.calibrate import UNPLACED, choose_ssr_mode, derive_schedule, measure_ssr_modes
-from halfv_export.exporter.schedule import read_schedule
+from halfv_export.calibration.rules import choose_ssr_mode, derive_schedule, measure_ssr_modes
+from halfv_export.calibration.schedule import ChosenBy, Choice
+from halfv_export.calibration.schedule import read_schedule
 from halfv_export.graphs import get_adapter
 from tests.conftest import EMBEDDED_KIND, make_image
 
@@ -18,7 +20,7 @@ from tests.conftest import EMBEDDED_KIND, make_image
 def calibrated(tmp_path_factory):
     from click.testing import CliRunner
 
-    from halfv_export.exporter.cli import cli
+    from halfv_export.cli.main import cli
 
     out = tmp_path_factory.mktemp("calib")
     result = CliRunner().invoke(cli, ["calibrate", "--backbone", "qwen2.5-vl", "--samples", "4", "--out", str(out)])
@@ -28,23 +30,23 @@ def calibrated(tmp_path_factory):
 
 def test_calibrate_writes_schedule_and_plot(calibrated):
     doc = json.loads((calibrated / "schedule.json").read_text())
-    assert doc["schema_version"] == 1 and doc["backbone"] == "qwen2.5-vl"
+    assert doc["schema_version"] == 2 and doc["backbone"] == "qwen2.5-vl"
     assert doc["model"]["num_layers"] == 8 and doc["model"]["fingerprint"].startswith("sha256:")
     curves = doc["calibration"]["curves"]
     assert len(curves["visual"]) == len(curves["text"]) == len(curves["whole"]) == 9
     assert len(curves["kl_visual_update"]) == 8
     assert all(0 < v < np.log(50) for v in curves["whole"])
-    assert doc["chosen_by"]["ssr_mode"].startswith("rule:")
+    assert doc["chosen_by"]["ssr_mode"]["by"] == "rule"
     if EMBEDDED_KIND == "trained":
         # the shipped weights' visual curve rises through points 1..6, so it has no stage-I peak in 1..2 and no
         # stage-III minimum in 2..6: both layers are the paper's at depth 8 (Qwen 2/28, 21/28 -> 1, 6)
         visual = curves["visual"]
         assert all(visual[i] < visual[i + 1] for i in range(1, 6)), visual
         assert (doc["schedule"]["ivr_layer"], doc["schedule"]["ssr_layer"]) == (1, 6)
-        assert doc["chosen_by"]["ivr_layer"].endswith(UNPLACED + "peak of visual TME over points 1..2: it still "
-                                                      "rises at point 3 (stage I outlasts the window)")
-        assert doc["chosen_by"]["ssr_layer"].endswith(UNPLACED + "minimum of visual TME over points 2..6: the "
-                                                      "lowest, point 2, is on a slope (no stage III found)")
+        assert doc["chosen_by"]["ivr_layer"]["unplaced"] == ("peak of visual TME over points 1..2: it still rises "
+                                                             "at point 3 (stage I outlasts the window)")
+        assert doc["chosen_by"]["ssr_layer"]["unplaced"] == ("minimum of visual TME over points 2..6: the lowest, "
+                                                             "point 2, is on a slope (no stage III found)")
     modes = doc["calibration"]["ssr_modes"]
     assert doc["schedule"]["ssr_mode"] == min(modes, key=lambda m: modes[m]["kl_mean"])
     png = (calibrated / "tme.png").read_bytes()
@@ -60,21 +62,22 @@ def test_calibrate_writes_schedule_and_plot(calibrated):
 @pytest.mark.parametrize("visual,layers,why", [
     # a peak at 2 that the curve falls from (1.3 -> 1.2), the lowest of 3..6 at 4 between falls and rises
     ([1.0, 1.1, 1.3, 1.2, 0.9, 1.0, 1.1, 1.2, 1.3], (2, 4),
-     ("rule: peak of visual TME over points 1..2 (end of stage I)",
-      "rule: minimum of visual TME over points 3..6 (start of stage III)")),
+     ({"by": "rule", "why": "peak of visual TME over points 1..2 (end of stage I)", "unplaced": None},
+      {"by": "rule", "why": "minimum of visual TME over points 3..6 (start of stage III)", "unplaced": None})),
     # rising everywhere: no turn to place either layer, so both are the paper's at depth 8 (2/28, 21/28 -> 1, 6)
     ([1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7, 1.8], (1, 6),
-     ("paper: Qwen2.5-VL-7B-Instruct (layers scaled 28->8); no peak of visual TME over points 1..2: it still rises "
-      "at point 3 (stage I outlasts the window)",
-      "paper: Qwen2.5-VL-7B-Instruct (layers scaled 28->8); no minimum of visual TME over points 2..6: the lowest, "
-      "point 2, is on a slope (no stage III found)")),
+     ({"by": "paper", "why": "Qwen2.5-VL-7B-Instruct (layers scaled 28->8)",
+       "unplaced": "peak of visual TME over points 1..2: it still rises at point 3 (stage I outlasts the window)"},
+      {"by": "paper", "why": "Qwen2.5-VL-7B-Instruct (layers scaled 28->8)",
+       "unplaced": "minimum of visual TME over points 2..6: the lowest, point 2, is on a slope (no stage III "
+                   "found)"})),
 ])
 def test_calibrate_writes_the_layers_a_known_curve_places(run_cli, tmp_path, monkeypatch, visual, layers, why):
     """Hand-built curves in place of the measured ones: schedule.json holds the layers worked out by hand above."""
-    import halfv_export.exporter.pipeline as pipeline
+    import halfv_export.stages.calibrate as stage
 
     curves = {"visual": visual, "text": [2.0] * 9, "whole": [2.5] * 9, "kl_visual_update": None}
-    monkeypatch.setattr(pipeline, "measure_probes", lambda *args, **kwargs: curves)
+    monkeypatch.setattr(stage, "measure_probes", lambda *args, **kwargs: curves)
     result = run_cli("calibrate", "--backbone", "qwen2.5-vl", "--samples", 1, "--no-kl-probe", "--out", tmp_path)
     assert result.exit_code == 0, result.output
     doc = json.loads((tmp_path / "schedule.json").read_text())
@@ -90,7 +93,7 @@ def test_cli_overrides_and_paper_values(run_cli, tmp_path):
     doc = json.loads((tmp_path / "schedule.json").read_text())
     assert doc["schedule"] == {"ivr_layer": 1, "keep_ratio": 0.5, "anchor_ratio": 0.1, "ssr_layer": 5,
                                "ssr_mode": "topk", "ssr_ratio": 0.05}
-    assert doc["chosen_by"]["ssr_layer"] == "cli" and doc["chosen_by"]["ivr_layer"].startswith("paper:")
+    assert doc["chosen_by"]["ssr_layer"]["by"] == "cli" and doc["chosen_by"]["ivr_layer"]["by"] == "paper"
     assert doc["calibration"] is None and not (tmp_path / "tme.png").exists()
 
 
@@ -138,10 +141,10 @@ def test_rules_pick_stage_boundaries():
     values, chosen = derive_schedule({"visual": visual, "kl_visual_update": [1e-6] * 12}, depth, _Adapter, {})
     assert (values["ivr_layer"], values["ssr_layer"]) == (2, 7)
     # the per-layer KL curve no longer picks the mode: the paper's (Qwen: topk) stands until the whole-cut probe
-    assert values["ssr_mode"] == "topk" and values["ssr_ratio"] == 0.05 and chosen["ssr_mode"].startswith("paper:")
+    assert values["ssr_mode"] == "topk" and values["ssr_ratio"] == 0.05 and chosen["ssr_mode"].by is ChosenBy.PAPER
     # no curves -> paper values at the same relative depth (Qwen 2/28, 21/28 -> 1/12, 9/12)
     values, chosen = derive_schedule(None, depth, _Adapter, {})
-    assert (values["ivr_layer"], values["ssr_layer"]) == (1, 9) and chosen["ssr_layer"].startswith("paper:")
+    assert (values["ivr_layer"], values["ssr_layer"]) == (1, 9) and chosen["ssr_layer"].by is ChosenBy.PAPER
     values, _ = derive_schedule(None, 28, _Adapter, {})
     assert (values["ivr_layer"], values["ssr_layer"]) == (2, 21)
 
@@ -161,12 +164,12 @@ def test_rules_pick_stage_boundaries():
 def test_a_pick_on_a_slope_is_no_stage_boundary(visual, expected, rules):
     values, chosen = derive_schedule({"visual": visual, "kl_visual_update": None}, 8, _Adapter, {})
     assert (values["ivr_layer"], values["ssr_layer"]) == expected
-    assert (chosen["ivr_layer"].startswith("rule:"), chosen["ssr_layer"].startswith("rule:")) == rules
+    assert (chosen["ivr_layer"].by is ChosenBy.RULE, chosen["ssr_layer"].by is ChosenBy.RULE) == rules
     if not rules[0]:
-        assert chosen["ivr_layer"].startswith("paper:") and "still rises at point 3" in chosen["ivr_layer"]
+        assert chosen["ivr_layer"].by is ChosenBy.PAPER and "still rises at point 3" in chosen["ivr_layer"].unplaced
 
 
-def test_a_paper_l2_above_the_measured_l1_moves_below_it():
+def test_a_paper_l2_above_the_measured_l1_moves_below_it(capsys):
     """A backbone whose paper cut its second stage shallow (L2 3 of 28 -> 1 at depth 8, kept at L1 + 1 = 2 by
     at_depth) while the curve places L1 at 2: the paper's L2 would cut at or above IVR, so it moves to L1 + 1."""
     import dataclasses
@@ -177,15 +180,24 @@ def test_a_paper_l2_above_the_measured_l1_moves_below_it():
     visual = [1.0, 1.1, 1.3, 1.2, 1.1, 1.0, 0.9, 0.8, 0.85]  # a peak at 2, still falling at 6: no stage-III minimum
     values, chosen = derive_schedule({"visual": visual}, 8, Shallow, {})
     assert (values["ivr_layer"], values["ssr_layer"]) == (2, 3)
-    assert chosen["ivr_layer"].startswith("rule:") and chosen["ssr_layer"].endswith("; moved to L1 + 1")
+    assert chosen["ivr_layer"].by is ChosenBy.RULE and chosen["ssr_layer"].why.endswith("; moved to L1 + 1")
+    from halfv_export.cli.render import layer_fallbacks
+    from halfv_export.graphs.pruning import PruneSchedule
+    from halfv_export.stages.results import Calibration
+
+    layer_fallbacks(Calibration(Path("."), PruneSchedule(**values), chosen, {}))
+    assert capsys.readouterr().out.startswith("note: ssr_layer 3 is L1 + 1 (the paper's was not below IVR's layer): "
+                                              "no minimum of visual TME")
 
 
 def test_calibrate_says_which_layers_the_curve_could_not_place(capsys):
-    from halfv_export.exporter.cli import _echo_layer_fallbacks
+    from halfv_export.cli.render import layer_fallbacks
+    from halfv_export.graphs.pruning import PruneSchedule
+    from halfv_export.stages.results import Calibration
 
     visual = [1.0, 1.3, 1.2, 1.1, 1.0, 0.9, 0.8, 0.7, 0.75]  # a stage-I peak at 1, no stage-III minimum before 7
     values, chosen = derive_schedule({"visual": visual}, 8, _Adapter, {})
-    _echo_layer_fallbacks({"schedule": values, "chosen_by": chosen})
+    layer_fallbacks(Calibration(Path("."), PruneSchedule(**values), chosen, {}))
     lines = capsys.readouterr().out.splitlines()
     assert lines == ["note: ssr_layer 6 is the paper's: no minimum of visual TME over points 2..6: the lowest, point "
                      "6, is on a slope (no stage III found); --target-ratio R picks the layers by measurement instead"]
@@ -200,7 +212,7 @@ def test_ssr_mode_is_the_cut_with_the_lower_kl(topk_kl, freeze_kl, paper, expect
     chosen: dict = {}
     probe = {"topk": {"kl_mean": topk_kl}, "freeze": {"kl_mean": freeze_kl}}
     choose_ssr_mode(values, chosen, probe, {})
-    assert values["ssr_mode"] == expected and chosen["ssr_mode"].startswith("rule:")
+    assert values["ssr_mode"] == expected and chosen["ssr_mode"].by is ChosenBy.RULE
     assert values["ssr_ratio"] == (0.05 if expected == "topk" else None)  # sigma settled for the mode kept
     forced = dict(values, ssr_mode="topk", ssr_ratio=0.05)
     choose_ssr_mode(forced, {}, {"topk": {"kl_mean": 9.0}, "freeze": {"kl_mean": 0.0}}, {"ssr_mode": "topk"})
@@ -215,7 +227,7 @@ def test_ssr_mode_probe_scores_the_schedules_it_compares():
     from halfv_export.graphs.halfv import HalfVReference
     from halfv_export.graphs.pruning import PruneSchedule
     from halfv_export.graphs.tme import kl_last_token
-    from halfv_export.exporter.pipeline import default_samples
+    from halfv_export.stages.data import default_samples
 
     adapter = get_adapter("llava-1.5")
     loaded = adapter.load(None)
@@ -288,3 +300,26 @@ def test_paper_values_read_no_weights(run_cli, tmp_path, tiny_qwen_dir, monkeypa
     loaded = get_adapter("qwen2.5-vl").load(tiny_qwen_dir)
     assert doc["model"]["fingerprint"] == config_fingerprint(loaded.config)
     assert doc["model"]["source"] == loaded.source and doc["calibration"] is None
+
+
+def test_schema_1_prose_is_read_as_data(tmp_path):
+    """A schedule.json written before chosen_by was data still reads, its prose parsed into Choice records."""
+    from halfv_export.calibration.schedule import read_choices, read_schedule
+
+    doc = {"schema_version": 1, "backbone": "qwen2.5-vl", "model": {"fingerprint": "x", "num_layers": 8},
+           "schedule": {"ivr_layer": 1, "keep_ratio": 0.25, "anchor_ratio": 0.5, "ssr_layer": 6, "ssr_mode": "topk",
+                        "ssr_ratio": 0.05},
+           "chosen_by": {"ivr_layer": "paper: Qwen2.5-VL-7B-Instruct (layers scaled 28->8); no peak of visual TME",
+                         "keep_ratio": "paper: Qwen2.5-VL-7B-Instruct (layers scaled 28->8)",
+                         "anchor_ratio": "rule: the anchor share closest to the unpruned model",
+                         "ssr_layer": "paper: LLaVA; no minimum of visual TME: on a slope; moved to L1 + 1",
+                         "ssr_mode": "search: top-1 agreement", "ssr_ratio": "unused in freeze mode"}}
+    (tmp_path / "schedule.json").write_text(json.dumps(doc))
+    _, read = read_schedule(tmp_path / "schedule.json")
+    assert read_choices(read) == {
+        "ivr_layer": Choice(ChosenBy.PAPER, "Qwen2.5-VL-7B-Instruct (layers scaled 28->8)", "peak of visual TME"),
+        "keep_ratio": Choice(ChosenBy.PAPER, "Qwen2.5-VL-7B-Instruct (layers scaled 28->8)"),
+        "anchor_ratio": Choice(ChosenBy.RULE, "the anchor share closest to the unpruned model"),
+        "ssr_layer": Choice(ChosenBy.PAPER, "LLaVA; moved to L1 + 1", "minimum of visual TME: on a slope"),
+        "ssr_mode": Choice(ChosenBy.SEARCH, "top-1 agreement"),
+        "ssr_ratio": Choice(ChosenBy.DEFAULT, "unused in freeze mode")}

@@ -3,7 +3,7 @@
 import importlib.util
 from pathlib import Path
 
-from halfv_export.base.tasks import task_set
+from halfv_export.tasks.digits import task_set
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("coverage_probe", ROOT / "tools" / "coverage_probe.py")

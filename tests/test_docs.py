@@ -1,5 +1,6 @@
 """The documentation stays usable: a short README whose set-up block CI runs, links that resolve, a CLI reference
-that matches the commands, and no number in the README without its command or a link beside it.
+that matches the commands, no number in the README without its command or a link beside it, and no section of a
+docs page with numbers but no command (or test, tool or result file) that produced them.
 
 The number check (test_readme_numbers_have_a_command_or_a_link) is a heuristic, kept simple on purpose:
 
@@ -179,3 +180,39 @@ def test_number_check_flags_a_bare_number(text):
 ])
 def test_number_check_accepts_a_sourced_number(text):
     assert not unsourced_claims(text), text
+
+
+COMMAND = re.compile(r"halfv-export |python3? |bash |pytest |`(?:tests|tools)/[\w/]+\.py")
+
+
+def sections(text: str) -> list[tuple[str, str]]:
+    """(heading, body) of every section of a markdown page; headings inside code blocks do not split."""
+    found, body, title, in_code = [], [], "(top)", False
+    for line in text.splitlines():
+        in_code = in_code != bool(FENCE.match(line.strip()))
+        if not in_code and re.match(r"#{1,6} ", line):
+            found.append((title, "\n".join(body)))
+            body, title = [], line
+        else:
+            body.append(line)
+    return found + [(title, "\n".join(body))]
+
+
+def sections_without_a_source(text: str) -> list[str]:
+    """Headings of the sections that hold a measured-looking number (CLAIM) but no command, in prose or in a code
+    block, no `tests/...` or `tools/...` file and no relative link: on a docs page the command may sit in the code
+    block under the paragraph, so the unit is the section, not the paragraph."""
+    return [title for title, body in sections(text)
+            if CLAIM.search(prose(body)) and not (COMMAND.search(body) or SOURCE.search(prose(body)))]
+
+
+@pytest.mark.parametrize("path", sorted(DOCS.glob("*.md")), ids=lambda p: p.name)
+def test_docs_sections_with_numbers_name_their_source(path):
+    bad = sections_without_a_source(path.read_text())
+    assert not bad, f"{path.name}: sections with numbers and no command, test, tool or link: {bad}"
+
+
+def test_section_check_sees_an_unsourced_section():
+    page = ("# Page\n\n## Measured\n\nThe prefill took 612 ms.\n\n## Sourced\n\nIt took 5.1 s:\n\n"
+            "```bash\nhalfv-export bench --out b/\n```\n")
+    assert sections_without_a_source(page) == ["## Measured"]

@@ -108,7 +108,7 @@ TIMINGS = {"eager_full_prefill", "eager_halfv_prefill", "engine_full_prefill", "
 
 
 def test_timed_reports_the_median_and_the_fastest_run_after_one_warm_up(monkeypatch):
-    from halfv_export.validate import report
+    from halfv_export.measure import report
 
     clock, durations, calls = [0.0], [0.050, 0.005, 0.001, 0.003, 0.009], []  # seconds; the first is the warm-up
 
@@ -141,7 +141,7 @@ def test_validate_gates(exported, run_cli, tmp_path):
     assert report["flops"]["vision"] > 0 and 1 < report["flops"]["e2e_ratio"] < report["flops"]["ratio"]
     assert "time to first token" in (exported / "report.md").read_text()
     assert report["flops"]["ratio"] > 1 and (exported / "latency.png").stat().st_size > 10_000
-    from halfv_export.validate.report import METRICS, lookup
+    from halfv_export.measure.report import METRICS, lookup
 
     assert all(lookup(report, key) is not None for key in METRICS)  # the gate vocabulary is what reports carry
     before = (exported / "report.json").read_text()
@@ -215,7 +215,7 @@ def test_a_selection_the_rule_would_never_make_fails_the_near_tie_gate(exported,
 
 
 def test_a_wide_timing_spread_is_flagged_in_the_report():
-    from halfv_export.validate.report import NOISY_SPREAD, noisy_timing
+    from halfv_export.measure.report import NOISY_SPREAD, noisy_timing
     steady = {"eager_full_prefill": 30.0, "engine_full_prefill": 3.1, "min_ms": {"eager_full_prefill": 28.0,
                                                                                   "engine_full_prefill": 3.0}}
     assert noisy_timing(steady) is None and noisy_timing({"eager_full_prefill": 30.0}) is None

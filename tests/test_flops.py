@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from halfv_export.graphs import get_adapter
 from halfv_export.graphs.halfv import HalfVReference
 from halfv_export.graphs.pruning import PruneSchedule
-from halfv_export.validate.flops import LMShape, layer_flops, prefill_flops
+from halfv_export.measure.flops import LMShape, layer_flops, prefill_flops
 from tests.conftest import make_image
 
 CONFIGS = Path(__file__).parent / "data" / "model-configs.json"  # copy of shared/reference/model-configs.json
@@ -97,7 +97,7 @@ def test_flops_cli_needs_a_schedule_for_unknown_backbones(run_cli, tmp_path):
 # ------------------------------------------------------------------------------------------------ end to end
 def test_windowed_vision_flops_by_hand_at_4096_tokens():
     """Published 7B tower at 64x64 merged tokens (1792x1792 px): 16384 patches, 256 full 64-patch windows."""
-    from halfv_export.validate.vision_flops import vision_flops
+    from halfv_export.measure.vision_flops import vision_flops
 
     v = vision_flops(published("Qwen/Qwen2.5-VL-7B-Instruct"), 3584, 4096)
     p, c, m = 16384, 1280, 3420
@@ -113,7 +113,7 @@ def test_windowed_vision_flops_by_hand_at_4096_tokens():
 
 
 def test_border_windows_are_counted_as_they_run():
-    from halfv_export.validate.vision_flops import window_lengths
+    from halfv_export.measure.vision_flops import window_lengths
 
     # 9 x 12 merged grid, 4 x 4 windows: rows cut 4, 4, 1; columns 4, 4, 4; 4 patches per merged token
     assert window_lengths(9, 12, 4, 4) == [64, 64, 64, 64, 64, 64, 16, 16, 16]
@@ -124,7 +124,7 @@ def test_vision_flops_match_flop_counter_on_the_tower(qwen):
     a grid whose windows do not divide evenly."""
     import torch
 
-    from halfv_export.validate.vision_flops import windowed_vision_flops
+    from halfv_export.measure.vision_flops import windowed_vision_flops
 
     adapter, loaded, _ = qwen
     loaded.model.set_attn_implementation("eager")
@@ -141,7 +141,7 @@ def test_vision_flops_match_flop_counter_on_the_tower(qwen):
 
 
 def test_clip_vision_flops_by_hand():
-    from halfv_export.validate.vision_flops import vision_flops
+    from halfv_export.measure.vision_flops import vision_flops
 
     v = vision_flops(published("llava-hf/llava-1.5-7b-hf"), 4096, 576)
     t, c, m = 577, 1024, 4096
@@ -151,8 +151,8 @@ def test_clip_vision_flops_by_hand():
 
 
 def test_flops_cli_end_to_end_prints_both_ratios(run_cli, tmp_path):
-    from halfv_export.validate.flops import LMShape, prefill_flops
-    from halfv_export.validate.vision_flops import vision_flops
+    from halfv_export.measure.flops import LMShape, prefill_flops
+    from halfv_export.measure.vision_flops import vision_flops
 
     cfg = published("Qwen/Qwen2.5-VL-7B-Instruct")
     config = tmp_path / "config.json"
@@ -179,7 +179,7 @@ def test_flops_end_to_end_needs_a_vision_config(run_cli, tmp_path):
 
 def test_matched_keep_spends_what_halfv_spends():
     from halfv_export.graphs.pruning import PruneSchedule
-    from halfv_export.validate.flops import LMShape, matched_keep, prefill_flops, single_cut_flops
+    from halfv_export.measure.flops import LMShape, matched_keep, prefill_flops, single_cut_flops
 
     shape = LMShape(hidden=128, intermediate=352, layers=8, heads=4, kv_heads=2, head_dim=32, vocab=1038)
     sched = PruneSchedule(1, 0.25, 0.1, 6, "topk", 0.05)

@@ -18,8 +18,8 @@ from PIL import Image
 
 from halfv_export.base.errors import BadInput
 from halfv_export.base.data import load_image
-from halfv_export.exporter.cli import cli
-from halfv_export.exporter.schedule import check_values, read_schedule
+from halfv_export.cli.main import cli
+from halfv_export.calibration.schedule import check_values, read_schedule
 from halfv_export.graphs.pruning import PruneSchedule, budgets
 from tests.conftest import make_image
 
@@ -177,7 +177,7 @@ def test_killed_build_keeps_the_previous_build(tiny_qwen_dir, tiny_qwen_build, t
             "--out", str(out)]
     shutil.copytree(tiny_qwen_build, out)  # the previous good build (same command, made once per session)
     manifest = (out / "manifest.json").read_text()
-    proc = subprocess.Popen([sys.executable, "-m", "halfv_export.exporter.cli", *args], stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, "-m", "halfv_export.cli.main", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline:  # wait until the new build is exporting graphs

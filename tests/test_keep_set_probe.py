@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from halfv_export.base.tasks import task_set
+from halfv_export.tasks.digits import task_set
 from halfv_export.graphs import get_adapter
 from halfv_export.graphs.halfv import HalfVReference
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from halfv_export.exporter.calibrate import derive_schedule
+from halfv_export.calibration.rules import derive_schedule
 from halfv_export.graphs import get_adapter
 from halfv_export.graphs.adapter import Processing
 from halfv_export.graphs.export_forward import PrefillGraph
 from halfv_export.graphs.halfv import HalfVReference
 from halfv_export.graphs.pruning import PruneSchedule
-from halfv_export.validate.flops import LMShape, prefill_flops
+from halfv_export.measure.flops import LMShape, prefill_flops
 from tests.conftest import make_image
 
 FREEZE = PruneSchedule(ivr_layer=1, keep_ratio=0.5, anchor_ratio=0.2, ssr_layer=4, ssr_mode="freeze")
@@ -104,7 +104,7 @@ def test_calibration_starts_from_the_paper_mode(backbone):
     assert loud["ssr_mode"] == "freeze" and loud["ssr_ratio"] is None
     # a topk override on a backbone whose paper schedule is freeze gets HalfV's sigma, not an error
     forced, why = derive_schedule(None, 32, adapter, {"ssr_mode": "topk"})
-    assert forced["ssr_ratio"] == 0.05 and why["ssr_mode"] == "cli" and why["ssr_ratio"].startswith("HalfV default")
+    assert forced["ssr_ratio"] == 0.05 and why["ssr_mode"].by == "cli" and why["ssr_ratio"].why.startswith("HalfV's default")
     paper = derive_schedule(None, 32, adapter, {})[0]
     assert paper["ssr_mode"] == "freeze" and paper["ivr_layer"] == adapter.paper.ivr_layer == (3 if backbone == "llava-1.5" else 2)
 
@@ -129,13 +129,13 @@ def test_build_passes_its_parity_gates(backbone, fixture, size, request, run_cli
 
 
 # the modules allowed to name a backbone: the adapters themselves, and the CLI's help text and examples
-NAMING_BACKBONES = {"graphs/llava.py", "graphs/qwen2_5_vl.py", "exporter/cli.py"}
+NAMING_BACKBONES = {"graphs/llava.py", "graphs/qwen2_5_vl.py", "host/qwen.py", "host/builds.py", "cli/main.py"}
 
 
 def test_pipeline_modules_do_not_name_backbones():
     root = Path(__file__).resolve().parents[1] / "halfv_export"
     modules = sorted(str(path.relative_to(root)) for path in root.rglob("*.py"))
-    assert {"validate/vision_flops.py", "validate/report.py", "graphs/adapter.py"} <= set(modules)
+    assert {"measure/vision_flops.py", "measure/report.py", "graphs/adapter.py"} <= set(modules)
     assert NAMING_BACKBONES <= set(modules)  # an exemption for a module that is gone would hide nothing
     for module in sorted(set(modules) - NAMING_BACKBONES):
         tree = ast.parse((root / module).read_text())
@@ -154,7 +154,7 @@ def test_vision_flops_follow_the_adapter_not_the_config_strings():
     string switch would look at (a vision model_type, a window_size) are counted as before, and a model_type no
     adapter loads is refused, not guessed."""
     from halfv_export.base.errors import BadInput
-    from halfv_export.validate.vision_flops import vision_flops
+    from halfv_export.measure.vision_flops import vision_flops
 
     models = {m["_model"]: m for m in json.loads(CONFIGS.read_text())["models"]}
     llava, qwen = models["llava-hf/llava-1.5-7b-hf"], models["Qwen/Qwen2.5-VL-7B-Instruct"]

@@ -5,7 +5,7 @@ below one it dropped. The rule (selection_shortfall <= TIE_TOLERANCE) must accep
 import torch
 
 from halfv_export.graphs.pruning import selection_shortfall
-from halfv_export.validate.report import TIE_TOLERANCE
+from halfv_export.measure.report import TIE_TOLERANCE
 
 N, K = 4096, 1024
 

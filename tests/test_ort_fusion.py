@@ -13,7 +13,7 @@ from halfv_export.engines.ort_fusion import HIERARCHY, fuse_causal_attention
 from halfv_export.graphs import get_adapter
 from halfv_export.graphs.pruning import PruneSchedule
 from halfv_export.graphs.specs import decode_spec, prefill_example, prefill_spec
-from halfv_export.validate.bench import BenchShape, bench_model
+from halfv_export.benchmarks.bench import BenchShape, bench_model
 
 from .conftest import copy_build
 

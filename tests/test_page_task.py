@@ -1,12 +1,12 @@
-"""The page task (base/pages.py): a small block of real digit scans somewhere on a large paper-like page. The checks
+"""The page task (tasks/pages.py): a small block of real digit scans somewhere on a large paper-like page. The checks
 read the drawn pages themselves (pixels, the digits' boxes, the scans' labels), not the generator's grid."""
 
 import numpy as np
 import pytest
 
 from halfv_export.base.errors import BadInput
-from halfv_export.base.pages import MAX_CONTENT
-from halfv_export.base.tasks import normalise_answer, scan, task_set
+from halfv_export.tasks.pages import MAX_CONTENT
+from halfv_export.tasks.digits import normalise_answer, scan, task_set
 
 SIZES = [(448, 448), (392, 504)]
 LUMA = np.array([0.299, 0.587, 0.114])

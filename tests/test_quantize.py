@@ -40,7 +40,7 @@ def builds(tmp_path_factory, tiny_qwen_dir, run_cli_module):
 def run_cli_module():
     from click.testing import CliRunner
 
-    from halfv_export.exporter.cli import cli
+    from halfv_export.cli.main import cli
 
     return lambda *args: CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
@@ -182,7 +182,7 @@ def test_validate_reports_distance_to_the_float_model(builds, run_cli_module, ti
     from halfv_export.engines.api import load
     from halfv_export.graphs.halfv import HalfVReference
     from halfv_export.graphs.pruning import PruneSchedule
-    from halfv_export.validate.report import held_out_samples
+    from halfv_export.measure.report import held_out_samples
 
     result = run_cli_module("validate", "--artifacts", builds["int4"], "--fail-under", "parity.logits_cosine_min=0.9",
                             "--latency-runs", 1)

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from halfv_export.exporter.pipeline import default_samples
-from halfv_export.exporter.search import (BATCH, candidate_grid, candidate_logits, held_out_check,
+from halfv_export.stages.data import default_samples
+from halfv_export.calibration.search import (BATCH, candidate_grid, candidate_logits, held_out_check,
                                           make_budget, prune_grid, tokens)
 from halfv_export.graphs.halfv import HalfVReference
 from halfv_export.graphs.pruning import PruneSchedule
-from halfv_export.validate.compare import bucket_batches
-from halfv_export.validate.flops import LMShape, prefill_flops
+from halfv_export.measure.compare import bucket_batches
+from halfv_export.measure.flops import LMShape, prefill_flops
 from tests.conftest import EMBEDDED_KIND
 
 
@@ -92,7 +92,7 @@ def test_calibrate_target_ratio_records_and_plots_the_search(run_cli, tmp_path):
     chosen = search["log"][search["chosen"]]
     assert chosen["role"] == "candidate" and chosen["ratio"] >= 2 and search["target_ratio"] == 2
     assert {k: chosen[k] for k in doc["schedule"]} == doc["schedule"]
-    assert all(why.startswith("search:") for key, why in doc["chosen_by"].items()
+    assert all(why["by"] == "search" for key, why in doc["chosen_by"].items()
                if not (key == "ssr_ratio" and doc["schedule"]["ssr_mode"] == "freeze"))
     assert search["samples"] == search["samples_with_answers"] == 12 and search["bucket"] == [224, 224]
     # the accuracy step re-ranked the lowest-KL shortlist; the winner is its most accurate member
@@ -111,12 +111,12 @@ def test_calibrate_target_ratio_records_and_plots_the_search(run_cli, tmp_path):
 
 
 def test_unreachable_target_is_refused_before_the_probes(run_cli, tmp_path, monkeypatch):
-    import halfv_export.exporter.pipeline as pipeline
+    import halfv_export.stages.calibrate as stage
 
     def no_probes(*args, **kwargs):
         raise AssertionError("the probes ran before the target was checked")
 
-    monkeypatch.setattr(pipeline, "measure_probes", no_probes)
+    monkeypatch.setattr(stage, "measure_probes", no_probes)
     result = run_cli("calibrate", "--backbone", "qwen2.5-vl", "--target-ratio", 3, "--samples", 2,
                      "--out", tmp_path / "out")
     assert result.exit_code == 2
@@ -132,6 +132,8 @@ def test_unreachable_target_is_refused_before_the_probes(run_cli, tmp_path, monk
         assert result.exit_code == 2 and message in result.output, result.output
     result = run_cli("calibrate", "--backbone", "qwen2.5-vl", "--target-ratio", 1, "--out", tmp_path / "x")
     assert result.exit_code == 2 and "must be above 1" in result.output
+    result = run_cli("calibrate", "--backbone", "qwen2.5-vl", "--bucket", "224x224", "--out", tmp_path / "y")
+    assert result.exit_code == 2 and "add --target-ratio R or drop --bucket" in result.output
 
 
 def test_held_out_check_puts_the_paper_schedule_beside_the_searched_one(qwen):

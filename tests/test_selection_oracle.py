@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from halfv_export.base.tasks import task_set
+from halfv_export.tasks.digits import task_set
 from halfv_export.graphs.export_forward import SelectionGraph
 from halfv_export.graphs.halfv import HalfVReference
 from halfv_export.graphs.pruning import PruneSchedule

@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 import halfv_export
-from halfv_export.exporter.serve import Server, build_server
+from halfv_export.serving.server import Server, build_server
 from tests.conftest import make_image
 from tests.serve_load import run_load
 

@@ -9,7 +9,7 @@ import pytest
 
 from halfv_export.base.data import load_data
 from halfv_export.base.errors import BadInput
-from halfv_export.base.tasks import (QUESTION_TYPES, answer_for, grid_shape, normalise_answer, render, scan,
+from halfv_export.tasks.digits import (QUESTION_TYPES, answer_for, grid_shape, normalise_answer, render, scan,
                                      scan_indices, task_set, write_task_set)
 
 

@@ -26,7 +26,7 @@ from halfv_export.engines import trt as trt_module
 from halfv_export.engines.ort import OrtRunner
 from halfv_export.engines.trt import TrtRunner
 from halfv_export.engines.trt_plan import PlanOptions, make_plan, trtexec_command
-from halfv_export.exporter.pipeline import run_engine
+from halfv_export.stages.engine import engine as run_engine
 from halfv_export.graphs.lint import lint_model
 
 from tests.conftest import make_image
@@ -751,7 +751,7 @@ def test_trt_runner_refuses_stale_plans(fake_trt, tmp_path, run_cli, monkeypatch
 
 @pytest.fixture(scope="module")
 def built(exported, tmp_path_factory):
-    """The exported graphs with stand-in plans built by the engine stage (run_engine, as the CLI calls it)."""
+    """The exported graphs with stand-in plans built by the engine stage (stages.engine.engine, as the CLI calls it)."""
     art = _copy_artifacts(exported, tmp_path_factory.mktemp("trt") / "art")
     with pytest.MonkeyPatch.context() as patch:
         fake = _FakeTrt()
@@ -860,7 +860,7 @@ def test_run_cli_with_tensorrt_target(built, fake_trt, run_cli, monkeypatch):
 def test_export_drops_engines_of_the_previous_graphs(qwen, tmp_path, monkeypatch):
     """Fast tier (the slow fp16 test re-exports for real): export's commit moves trt/ and ort/ out with the old
     graphs, says so, and a failed export leaves them (and the previous graphs) alone."""
-    from halfv_export.exporter.export import export_artifacts
+    from halfv_export.stages.export import export_artifacts
     from halfv_export.graphs.pruning import PruneSchedule
     from halfv_export.graphs.specs import GraphSpec
 

@@ -1,11 +1,10 @@
-"""tools/train_embedded.py's batch pipeline and stage-1 loss: batches drawn ahead in worker processes are the batches
+"""halfv_export/training's batch pipeline and stage-1 loss: batches drawn ahead in worker processes are the batches
 drawn inline, and the digit-token loss cannot be won by answering "empty" everywhere."""
 
 import hashlib
 import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from halfv_export.base.tasks import DEFAULT_MIX
+from halfv_export.tasks.digits import DEFAULT_MIX
 from halfv_export.graphs import get_adapter
 from halfv_export.graphs.adapter import Processing
 
@@ -22,13 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def train():
-    # registered in sys.modules: the worker processes unpickle its batch maker by module name
-    spec = importlib.util.spec_from_file_location("train_embedded", ROOT / "tools" / "train_embedded.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_embedded"] = module
-    spec.loader.exec_module(module)
-    yield module
-    del sys.modules["train_embedded"]
+    from halfv_export.training import train as module
+
+    return module
 
 
 def test_prefetched_keeps_step_order(train):
@@ -134,7 +129,7 @@ def test_localisation_probe_dense_grids():
 
 def test_question_targets_name_what_the_answer_is_about(train):
     # parsed back from the prompt, the named row/column/digit reproduce the task's own answer
-    from halfv_export.base.tasks import answer_for, task_set
+    from halfv_export.tasks.digits import answer_for, task_set
 
     samples = task_set(60, seed=11, split="train")
     targets = train.question_targets(samples)
@@ -154,7 +149,7 @@ def test_question_targets_name_what_the_answer_is_about(train):
 
 def test_question_probe_trains_only_the_layers_below_it(train):
     # the auxiliary loss reads the last prompt row after layer 2: layers 0-2 get its gradient, layers 3+ none
-    from halfv_export.base.tasks import task_set
+    from halfv_export.tasks.digits import task_set
 
     adapter = get_adapter("qwen2.5-vl")
     loaded = adapter.load(None, seed=0)
@@ -224,7 +219,7 @@ def test_init_weights_without_their_record_warn_that_the_history_is_lost(train, 
     weights.write_bytes(b"")
     assert train.init_history(weights) == []
     assert f"no training.json beside {weights}" in capsys.readouterr().out
-    (tmp_path / "training.json").write_text(json.dumps({"command": "python tools/train_embedded.py ...",
+    (tmp_path / "training.json").write_text(json.dumps({"command": "python halfv_export/training ...",
                                                          "train_seconds": 5.0, "init_history": []}))
-    assert train.init_history(weights) == [{"command": "python tools/train_embedded.py ...", "train_seconds": 5.0}]
+    assert train.init_history(weights) == [{"command": "python halfv_export/training ...", "train_seconds": 5.0}]
     assert capsys.readouterr().out == ""

@@ -6,7 +6,7 @@ The embedded Qwen2.5-VL default (its shipped trained weights) is loaded twice: f
 bf16 (the whole model: vision tower, embeddings and decoder layers, as a bf16 deployment runs it; the selection maths
 in graphs/pruning.py then scores and fills in fp32 from bf16 projections and norms). --fp32-vision casts only the
 language model and feeds it the fp32 run's embeddings. For each image size and each IVR layer, the digit task's
-images and questions (halfv_export.base.tasks.task_set, the generator behind `halfv-export make-task`) are prefilled
+images and questions (halfv_export.tasks.digits.task_set, the generator behind `halfv-export make-task`) are prefilled
 by HalfVReference with the paper's Qwen ratios (keep 0.25, anchors 0.1, SSR top-K 0.05 of N) and the SSR layer given,
 and the kept sets of both stages are compared.
 
@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from halfv_export.base.tasks import task_set
+from halfv_export.tasks.digits import task_set
 from halfv_export.graphs import get_adapter
 from halfv_export.graphs.halfv import HalfVReference
 from halfv_export.graphs.pruning import PruneSchedule

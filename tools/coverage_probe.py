@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from halfv_export.base.tasks import CELL, task_set
+from halfv_export.tasks.digits import CELL, task_set
 from halfv_export.graphs import get_adapter
 from halfv_export.graphs.halfv import HalfVReference
 from halfv_export.graphs.pruning import PruneSchedule, SingleCut, diversity_features

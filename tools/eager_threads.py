@@ -9,10 +9,10 @@ import argparse
 
 import torch
 
-from halfv_export.base.tasks import task_set
+from halfv_export.tasks.digits import task_set
 from halfv_export.graphs import get_adapter
 from halfv_export.graphs.halfv import HalfVReference
-from halfv_export.validate.report import timed  # validate's own: one warm-up, then the runs
+from halfv_export.measure.report import timed  # validate's own: one warm-up, then the runs
 
 
 def spread(fn, runs: int) -> str:

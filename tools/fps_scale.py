@@ -47,8 +47,8 @@ def main() -> None:
 
     from halfv_export.graphs import get_adapter, pruning
     from halfv_export.graphs.specs import prefill_spec, selection_spec
-    from halfv_export.validate.bench import BenchShape, bench_inputs, bench_model, feeds_of, ort_session
-    from halfv_export.validate.report import timed
+    from halfv_export.benchmarks.bench import BenchShape, bench_inputs, bench_model, feeds_of, ort_session
+    from halfv_export.measure.report import timed
 
     adapter = get_adapter("qwen2.5-vl")
     shape = BenchShape(hidden=args.hidden, layers=args.layers, heads=args.heads, kv_heads=args.kv_heads,

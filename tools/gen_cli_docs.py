@@ -1,5 +1,5 @@
 """Write docs/cli.md: the --help text of `halfv-export` and of every command, rendered from the Click commands
-themselves (halfv_export.exporter.cli:cli), so the reference cannot drift from the code.
+themselves (halfv_export.cli.main:cli), so the reference cannot drift from the code.
 
     python tools/gen_cli_docs.py            # rewrite docs/cli.md
     python tools/gen_cli_docs.py --check    # exit 1 if docs/cli.md is not what the commands say now
@@ -21,7 +21,7 @@ WIDTH = 110  # the group's own max_content_width
 
 HEADER = """# CLI reference
 
-Generated from the Click commands in `halfv_export/exporter/cli.py` by `python tools/gen_cli_docs.py`; do not edit
+Generated from the Click commands in `halfv_export/cli/main.py` by `python tools/gen_cli_docs.py`; do not edit
 by hand (`tests/test_docs.py` fails when this page and the commands disagree: run the script again). The same text
 is what `halfv-export COMMAND --help` prints.
 
@@ -38,7 +38,7 @@ def _help(command: click.Command, name: str, parent: click.Context | None) -> tu
 def render() -> str:
     """docs/cli.md as the commands describe themselves now."""
     sys.path.insert(0, str(ROOT))
-    from halfv_export.exporter.cli import cli
+    from halfv_export.cli.main import cli
 
     top, ctx = _help(cli, "halfv-export", None)
     names = sorted(cli.list_commands(ctx))

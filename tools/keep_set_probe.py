@@ -20,10 +20,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from coverage_probe import TOKEN_SIDE, rows_over, shipped_model  # noqa: E402
 
-from halfv_export.base.tasks import normalise_answer, task_set  # noqa: E402
+from halfv_export.tasks.digits import normalise_answer, task_set  # noqa: E402
 from halfv_export.graphs.halfv import HalfVReference  # noqa: E402
 from halfv_export.graphs.pruning import PruneSchedule, SingleCut  # noqa: E402
-from halfv_export.validate.accuracy import answer_budget, cut_at_eos  # noqa: E402
+from halfv_export.measure.accuracy import answer_budget, cut_at_eos  # noqa: E402
 
 
 def given_rows_cut(layer: int, num_layers: int) -> PruneSchedule:

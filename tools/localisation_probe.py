@@ -2,7 +2,7 @@
 
     python tools/localisation_probe.py --backbone qwen2.5-vl --steps 1500
 
-The embedded model's LLM, freshly initialised as tools/train_embedded.py starts it, gets the real prompts of digit_at
+The embedded model's LLM, freshly initialised as halfv_export/training starts it, gets the real prompts of digit_at
 questions (the adapter's host_inputs: chat template, placeholder expansion, (M-)RoPE positions) with synthetic
 visual rows in place of the tower's output: a fixed random vector per digit and one for "empty", plus noise, laid
 out as the task lays digits out (2-6 filled cells of the grid, digits from 1-4 classes, each digit on one random
@@ -30,10 +30,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from halfv_export.base.tasks import CELL, PROMPTS, _cells, _question, digits_of, grid_shape, scan_indices  # noqa: E402
+from halfv_export.tasks.digits import CELL, PROMPTS, _cells, _question, digits_of, grid_shape, scan_indices  # noqa: E402
 from halfv_export.graphs import get_adapter  # noqa: E402
 from halfv_export.graphs.adapter import Processing  # noqa: E402
-from train_embedded import (QuestionProbe, answer_batch, answer_prefix, learning_rate, load_with,  # noqa: E402
+from halfv_export.training.train import (QuestionProbe, answer_batch, answer_prefix, learning_rate, load_with,  # noqa: E402
                             parse_size, reinitialise, teacher_forced_loss, token_centres)
 
 
@@ -106,7 +106,7 @@ def main(argv=None) -> None:
                         help="diagnostic: add a fixed random vector per grid cell to the cell's rows, so that the "
                              "LLM can match positions by content instead of deriving them from (M-)RoPE")
     parser.add_argument("--query-aux", type=int, default=None, metavar="LAYER",
-                        help="train_embedded's QuestionProbe loss: the last prompt row after LLM layer LAYER must "
+                        help="halfv_export.training's QuestionProbe loss: the last prompt row after LLM layer LAYER must "
                              "name the asked row and column")
     parser.add_argument("--spread", type=int, default=1, metavar="K",
                         help="write each digit on K rows of its cell instead of one (a digit over K patches: "

@@ -1,5 +1,5 @@
 """What one large fp32 MatMul reaches on this machine, in ONNX Runtime and in torch: the ceiling a prefill graph's
-GFLOP/s is read against (bench reports the graph's time; its FLOPs are validate.flops').
+GFLOP/s is read against (bench reports the graph's time; its FLOPs are measure.flops').
 
     PYTHONPATH=. python tools/matmul_peak.py --m 1088 --k 896 --n 4864 --threads 2
 """

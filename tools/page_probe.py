@@ -19,12 +19,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from halfv_export.base.tasks import normalise_answer, task_set  # noqa: E402
+from halfv_export.tasks.digits import normalise_answer, task_set  # noqa: E402
 from halfv_export.graphs import get_adapter  # noqa: E402
 from halfv_export.graphs.adapter import Processing  # noqa: E402
 from halfv_export.graphs.halfv import HalfVReference  # noqa: E402
 from halfv_export.graphs.pruning import PruneSchedule  # noqa: E402
-from halfv_export.validate.accuracy import cut_at_eos  # noqa: E402
+from halfv_export.measure.accuracy import cut_at_eos  # noqa: E402
 
 BASE = dict(ivr_layer=1, keep_ratio=0.25, anchor_ratio=0.1, ssr_layer=6, ssr_mode="freeze", ssr_ratio=0.05)
 SCHEDULES = {

@@ -5,7 +5,7 @@ summed by op type (and the largest single nodes), on the same random-weight 0.5B
     PYTHONPATH=. python tools/profile_prefill.py --visual 4096 --graph full --out /tmp/profile4096
 
 The HalfV graph's selection (scores, farthest-point fill, gathers) is also reported as its own graph, as bench does.
-GFLOP/s per op type uses validate.flops' counts only for the whole graph; per-op rows are times.
+GFLOP/s per op type uses measure.flops' counts only for the whole graph; per-op rows are times.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from halfv_export.engines.ort import open_session, session_options
 from halfv_export.graphs import get_adapter
 from halfv_export.graphs.pruning import PruneSchedule
 from halfv_export.graphs.specs import prefill_spec, selection_spec
-from halfv_export.validate.bench import BenchShape, bench_inputs, bench_model, feeds_of
-from halfv_export.validate.flops import LMShape, prefill_flops
+from halfv_export.benchmarks.bench import BenchShape, bench_inputs, bench_model, feeds_of
+from halfv_export.measure.flops import LMShape, prefill_flops
 
 
 def profile(path: Path, feeds: dict, out: Path, runs: int = 4) -> tuple[dict, list, float]:

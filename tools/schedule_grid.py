@@ -6,7 +6,7 @@ beats at both accuracy and FLOPs (the frontier, marked *).
     halfv-export make-task --backbone llava-1.5 --count 200 --out evalset/
     python tools/schedule_grid.py --backbone llava-1.5 --data evalset/ --out grid-llava-1.5.md
 
-One eager greedy pass over the data per schedule and one unpruned (validate.compare.evaluate_methods, HalfV
+One eager greedy pass over the data per schedule and one unpruned (measure.compare.evaluate_methods, HalfV
 only); 2(L-2)+2(L-3) schedules for L1 in {1, 2} (22 at 8 layers): 72 s for the LLaVA-1.5 default (0.875 weights) on
 200 questions, one thread, a test run on the other core (2-core box; 201 s when every schedule re-ran the unpruned
 model).
@@ -20,9 +20,9 @@ import torch
 from halfv_export.base.data import load_data
 from halfv_export.graphs import get_adapter
 from halfv_export.graphs.pruning import PruneSchedule
-from halfv_export.validate.compare import evaluate_methods
-from halfv_export.exporter.calibrate import derive_schedule
-from halfv_export.exporter.schedule import DEFAULT_SSR_RATIO
+from halfv_export.measure.compare import evaluate_methods
+from halfv_export.calibration.rules import derive_schedule
+from halfv_export.calibration.schedule import DEFAULT_SSR_RATIO
 
 
 def grid(depth: int, paper: dict, ivr_layers) -> list[PruneSchedule]:

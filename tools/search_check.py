@@ -19,9 +19,9 @@ from pathlib import Path
 
 from halfv_export.base.data import load_data
 from halfv_export.base.errors import BadInput
-from halfv_export.exporter.schedule import read_schedule
+from halfv_export.calibration.schedule import read_schedule
 from halfv_export.graphs.checkpoint import config_fingerprint
-from halfv_export.exporter.search import held_out_check
+from halfv_export.calibration.search import held_out_check
 from halfv_export.graphs import get_adapter
 
 

@@ -120,12 +120,13 @@ def _decode(source, name: str) -> Image.Image:
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB. 16-bit grayscale is scaled, not clipped; alpha is composited on white."""
+    """Any PIL mode -> 8-bit RGB. 16-bit grayscale is scaled, not clipped; alpha (an alpha band or a transparency
+    entry) is composited on white, as transformers' convert_to_rgb does."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(im, dtype=np.float64)
         peak = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
         im = Image.fromarray((np.clip(arr / peak, 0, 1) * 255).astype(np.uint8))
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+    if "A" in im.getbands() or im.info.get("transparency") is not None:
         im = im.convert("RGBA")
         background = Image.new("RGBA", im.size, (255, 255, 255, 255))
         im = Image.alpha_composite(background, im)

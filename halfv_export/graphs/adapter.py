@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..base.errors import BadInput
+from ..base.kinds import SSRMode
 
 EMBEDDED_WEIGHTS = "model.safetensors"  # an embedded default's trained weights (fp16), beside its config
 TRAINING_RECORD = "training.json"  # how they were trained: command, seed, data, time, held-out accuracy, image sizes
@@ -37,7 +38,7 @@ class PaperSchedule:
     keep_ratio: float
     anchor_ratio: float
     ssr_layer: int
-    ssr_mode: str  # "topk" | "freeze"
+    ssr_mode: SSRMode
     ssr_ratio: float | None
     reference_depth: int
     reference_model: str
@@ -203,7 +204,7 @@ class BackboneAdapter(abc.ABC):
     image_processor_class: ClassVar[type]  # a PIL image processor (no torchvision)
     embedded_dir: ClassVar[Path]  # shipped checkpoint directory without weights
 
-    # which analytic FLOPs model counts the vision encoder (validate/vision_flops.py): "windowed" for a ViT with
+    # which analytic FLOPs model counts the vision encoder (measure/vision_flops.py): "windowed" for a ViT with
     # attention windows and a spatial merger, "clip" for a CLIP tower run once per tile
     vision_tower: ClassVar[str | None] = None
 

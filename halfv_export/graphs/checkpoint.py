@@ -127,7 +127,12 @@ def check_safetensors(path: Path) -> dict:
 
 def load_pretrained(model_class, model_dir: Path, dtype=None):
     """from_pretrained, offline, safetensors only, no remote code, on CPU at `dtype` (default fp32): an export at
-    bf16 loads a bf16 checkpoint as it is stored instead of holding an fp32 copy."""
+    bf16 loads a bf16 checkpoint as it is stored instead of holding an fp32 copy. transformers' own "Loading
+    weights" bar is off while it runs: the stages report progress to their caller, and the library prints nothing."""
+    from transformers.utils import logging as hf_logging
+
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
     try:
         model = model_class.from_pretrained(
             str(model_dir), local_files_only=True, use_safetensors=True, trust_remote_code=False,
@@ -136,6 +141,9 @@ def load_pretrained(model_class, model_dir: Path, dtype=None):
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise BadInput(f"--model {model_dir}: the weights could not be loaded ({first[:200]})") from None
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     return model.eval()
 
 

@@ -14,6 +14,7 @@ from torch import nn
 from .adapter import TextStack
 from .halfv import additive_mask
 from .pruning import PruneSchedule, apply_rope, budgets, gather_rows, keep_index, select_before_layer, visual_rows
+from ..base.kinds import SSRMode
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
@@ -119,14 +120,14 @@ class PrefillGraph(nn.Module):
                 kept.append(original)
                 n = selected.shape[1]
             prev_input = h
-            if sched is not None and sched.ssr_mode == "freeze" and i >= sched.ssr_layer:
+            if sched is not None and sched.ssr_mode == SSRMode.FREEZE and i >= sched.ssr_layer:
                 h, k, v = frozen_decoder_layer(st, layer, h, cos, sin, valid, start, n)
             else:
                 h, k, v = decoder_layer(st, layer, h, cos, sin, additive_mask(valid, h.shape[1], h.dtype),
                                         attention=self.causal_attention)
             presents += [k, v]
             valids[self.group_of_layer()[i]] = valid
-        if sched is not None and sched.ssr_mode == "freeze":
+        if sched is not None and sched.ssr_mode == SSRMode.FREEZE:
             kept.append(original)
         logits = self.lm_head(self.norm(h[:, -1]))  # [B, V]
         return (logits, *kept, *presents, *[valids[g] for g in sorted(valids)])
@@ -195,7 +196,7 @@ class SelectionGraph(nn.Module):
 
     @property
     def topk(self) -> bool:
-        return self.schedule.ssr_mode == "topk"
+        return self.schedule.ssr_mode == SSRMode.TOPK
 
     def input_names(self) -> list[str]:
         return ["h_prev", "h", "cos", "sin", "valid", "start"] + (["h_ssr_prev", "h_ssr"] if self.topk else [])

@@ -27,6 +27,7 @@ from .adapter import PrefillInputs, TextStack
 from .pruning import (Budgets, PruneSchedule, SingleCut, budgets, gather_rows, keep_index, relative_rows,
                       select_before_layer, select_single_cut, selection_inputs, selection_shortfall, stage_at,
                       visual_rows)
+from ..base.kinds import SSRMode
 
 
 def additive_mask(key_valid: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor:
@@ -127,7 +128,7 @@ class HalfVReference:
         if capture is not None:
             capture.append((rows.h, rows.start, rows.n))
         kept = rows.kept
-        if self.schedule is not None and rows.n_input > 0 and self.schedule.ssr_mode == "freeze":
+        if self.schedule is not None and rows.n_input > 0 and self.schedule.ssr_mode == SSRMode.FREEZE:
             kept = {**kept, "ssr": rows.original}
         return PrefillResult(logits=self.logits(rows), cache=PrunedCache(cache, key_valid, inputs.next_positions.clone()),
                              kept=kept, budgets=self.plan(rows.n_input), shortfall=rows.shortfall)
@@ -140,7 +141,7 @@ class HalfVReference:
         """The rows before layer 0, after checking that the schedule or cut fits this N."""
         sched, n = self.schedule, inputs.num_visual
         plan = self.plan(n)
-        if plan is not None and (plan.k1 < 1 or (sched.ssr_mode == "topk" and plan.k2 < 1)):
+        if plan is not None and (plan.k1 < 1 or (sched.ssr_mode == SSRMode.TOPK and plan.k2 < 1)):
             raise BadInput(
                 f"{n} visual tokens give K1={plan.k1}, K2={plan.k2} at keep_ratio={sched.keep_ratio}, "
                 f"ssr_ratio={sched.ssr_ratio}; use a larger image or larger ratios"
@@ -194,7 +195,7 @@ class HalfVReference:
                 kept["cut" if sched is None else "ivr" if i == sched.ivr_layer else "ssr"] = original
                 n = selected.shape[1]
 
-            frozen = (i in freeze_layers) or (plan is not None and sched.ssr_mode == "freeze" and i >= sched.ssr_layer)
+            frozen = (i in freeze_layers) or (plan is not None and sched.ssr_mode == SSRMode.FREEZE and i >= sched.ssr_layer)
             prev_input = h
             if capture is not None:
                 capture.append((h, start, n))

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import types
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
-from transformers.image_processing_utils import select_best_resolution
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_next.modeling_llava_next import LlavaNextModel, image_size_to_num_patches
@@ -25,6 +25,8 @@ from ..base.errors import BadInput
 from .adapter import (BackboneAdapter, HostInputs, LoadedModel, PaperSchedule, Processing, TextStack, layer_head_dim,
                       grid_boxes, register, visual_span)
 from .checkpoint import EMBEDDED_ROOT
+from ..base.kinds import SSRMode
+from ..host.clip import ClipImageConfig, anyres_pixels, clip_pixels, select_best_resolution
 
 IMAGE_TOKEN = "<image>"
 
@@ -67,6 +69,10 @@ class LlavaFamilyAdapter(BackboneAdapter):
             raise BadInput(f"vision_feature_layer={layer} (several layers) is not supported; use a single layer")
         return layer
 
+    def image_pixels(self, image, image_cfg: ClipImageConfig) -> np.ndarray:
+        """[1, 3, crop, crop]: one CLIP view."""
+        return clip_pixels(image, image_cfg)[None]
+
     def snap(self, processing: Processing, image):
         """The image as the processor will see it (LLaVA-NeXT: resized to its pinpoint)."""
         return image
@@ -86,8 +92,9 @@ class LlavaFamilyAdapter(BackboneAdapter):
             if len(buckets) != 1:
                 raise BadInput(f"images in one batch fall in different buckets {sorted(buckets)}; batch one at a time")
             bucket, n_per_image = buckets.pop()
-            processed = processing.image_processor(images=list(images), return_tensors="pt")
-            pixel_values = [p if p.dim() == 4 else p[None] for p in processed["pixel_values"]]  # per image [T, 3, h, w]
+            # the numpy processors a deployment host runs (host/clip.py), not transformers'
+            image_cfg = ClipImageConfig.from_json(processing.image_processor.to_dict())
+            pixel_values = [torch.from_numpy(self.image_pixels(im, image_cfg)) for im in images]  # each [T, 3, h, w]
         input_ids, attention_mask = self.tokenize_prompts(tok, images, prompts, IMAGE_TOKEN, n_per_image,
                                                             cfg.image_token_id, self.add_bos)
         start, n = visual_span(input_ids, cfg.image_token_id)
@@ -121,7 +128,7 @@ class LlavaFamilyAdapter(BackboneAdapter):
 class Llava15Adapter(LlavaFamilyAdapter):
     name = "llava-1.5"
     model_types = ("llava",)
-    paper = PaperSchedule(ivr_layer=3, keep_ratio=0.5, anchor_ratio=0.2, ssr_layer=15, ssr_mode="freeze",
+    paper = PaperSchedule(ivr_layer=3, keep_ratio=0.5, anchor_ratio=0.2, ssr_layer=15, ssr_mode=SSRMode.FREEZE,
                           ssr_ratio=None, reference_depth=32, reference_model="LLaVA-1.5-7B")
     model_class = LlavaForConditionalGeneration
     config_class = LlavaConfig
@@ -159,12 +166,16 @@ class Llava15Adapter(LlavaFamilyAdapter):
 class LlavaNextAdapter(LlavaFamilyAdapter):
     name = "llava-next"
     model_types = ("llava_next",)
-    paper = PaperSchedule(ivr_layer=2, keep_ratio=0.5, anchor_ratio=0.1, ssr_layer=16, ssr_mode="freeze",
+    paper = PaperSchedule(ivr_layer=2, keep_ratio=0.5, anchor_ratio=0.1, ssr_layer=16, ssr_mode=SSRMode.FREEZE,
                           ssr_ratio=None, reference_depth=32, reference_model="LLaVA-NeXT-7B (Mistral)")
     model_class = LlavaNextForConditionalGeneration
     config_class = LlavaNextConfig
     image_processor_class = LlavaNextImageProcessorPil
     embedded_dir = EMBEDDED_ROOT / "llava_next"
+
+    def image_pixels(self, image, image_cfg: ClipImageConfig) -> np.ndarray:
+        """[1 + tiles, 3, crop, crop]: the base view, then the pinpoint's tiles."""
+        return anyres_pixels(image, image_cfg)[0]
 
     def pinpoint(self, config, image_size: tuple[int, int]) -> tuple[int, int]:
         h, w = select_best_resolution(tuple(image_size), [tuple(p) for p in config.image_grid_pinpoints])

@@ -1,6 +1,6 @@
 """Trace the graph modules into ONNX with torch.onnx (dynamo) and check them.
 
-Checks after every export: onnx.checker, shape inference, and the TensorRT-readiness lint (validate/lint.py: supported
+Checks after every export: onnx.checker, shape inference, and the TensorRT-readiness lint (graphs/lint.py: supported
 ops, sorted TopK with a constant K <= 3840, no data-dependent shapes, constant axes). Files over 2 GB get external data.
 """
 

@@ -14,7 +14,7 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 
-SSR_MODES = ("topk", "freeze")
+from ..base.kinds import SSRMode
 
 
 @dataclass(frozen=True)
@@ -25,13 +25,16 @@ class PruneSchedule:
     keep_ratio: float  # rho: IVR keeps K1 = floor(N * rho) visual tokens
     anchor_ratio: float  # alpha: A = floor(K1 * alpha) of them are attention anchors
     ssr_layer: int  # L2 > L1
-    ssr_mode: str  # "topk" (Qwen: extreme token sparsity) | "freeze" (LLaVA: layer-level inactivity)
+    ssr_mode: SSRMode  # a plain "topk" / "freeze" is turned into the member (ValueError for anything else)
     ssr_ratio: float | None = None  # sigma, topk only: K2 = min(floor(N * sigma), K1)
+
+    def __post_init__(self):
+        object.__setattr__(self, "ssr_mode", SSRMode(self.ssr_mode))
 
     def cache_groups(self, num_layers: int) -> list[int]:
         """KV-cache length group per layer: 0 before L1 (N visual rows), 1 from L1 (K1), 2 from L2 in topk mode
         (K2). Freeze mode keeps K1 rows to the end, so it has two groups."""
-        return [0 if i < self.ivr_layer else (2 if (i >= self.ssr_layer and self.ssr_mode == "topk") else 1)
+        return [0 if i < self.ivr_layer else (2 if (i >= self.ssr_layer and self.ssr_mode is SSRMode.TOPK) else 1)
                 for i in range(num_layers)]
 
 
@@ -53,7 +56,7 @@ def floor_ratio(n: int, ratio: float) -> int:
 def budgets(n: int, schedule: PruneSchedule) -> Budgets:
     k1 = floor_ratio(n, schedule.keep_ratio)
     anchors = floor_ratio(k1, schedule.anchor_ratio)
-    k2 = min(floor_ratio(n, schedule.ssr_ratio), k1) if schedule.ssr_mode == "topk" else k1
+    k2 = min(floor_ratio(n, schedule.ssr_ratio), k1) if schedule.ssr_mode is SSRMode.TOPK else k1
     return Budgets(n=n, k1=k1, anchors=anchors, k2=k2)
 
 
@@ -161,7 +164,7 @@ def similarity(features: torch.Tensor) -> torch.Tensor:
 
 
 def similarity_flops(n: int, dim: int) -> int:
-    """The matmul FLOPs similarity() spends on n rows of width dim (2 per multiply-add, as validate.flops counts)."""
+    """The matmul FLOPs similarity() spends on n rows of width dim (2 per multiply-add, as measure.flops counts)."""
     if n < GRAM_BLOCKED_FROM:
         return 2 * n * n * dim
     step = -(-n // GRAM_BLOCKS)
@@ -235,7 +238,7 @@ def stage_at(schedule: PruneSchedule, layer_index: int) -> str | None:
     """The stage that selects just before `layer_index`: "ivr", "ssr" (topk mode only) or None."""
     if layer_index == schedule.ivr_layer:
         return "ivr"
-    if layer_index == schedule.ssr_layer and schedule.ssr_mode == "topk":
+    if layer_index == schedule.ssr_layer and schedule.ssr_mode is SSRMode.TOPK:
         return "ssr"
     return None
 

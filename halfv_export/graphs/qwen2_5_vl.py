@@ -2,35 +2,29 @@
 
 Inputs are built the way the Qwen2.5-VL processor builds them, without the processor class (which needs
 torchvision in transformers 5 for its video half): chat template -> `<|image_pad|>` expanded to N = t*h*w/merge^2
-tokens -> tokenizer, and the PIL Qwen2-VL image processor for pixel patches and the (t, h, w) grid. M-RoPE
-positions come from the model's own get_rope_index, which reads only the config.
+tokens -> tokenizer; pixel patches, the (t, h, w) grid and the M-RoPE positions by the numpy port in host/qwen.py,
+which tests/test_host.py holds equal to the PIL Qwen2-VL image processor and the model's get_rope_index.
 """
 
 from __future__ import annotations
 
-import functools
-import types
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel, apply_rotary_pos_emb_vision
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
 
 from ..base.errors import BadInput
 from .adapter import (BackboneAdapter, HostInputs, LoadedModel, PaperSchedule, Processing, TextStack, layer_head_dim,
                       grid_boxes, register, visual_span)
 from .checkpoint import EMBEDDED_ROOT
+from ..base.kinds import SSRMode
+from ..host.qwen import QwenImageConfig, pixel_patches, rope_positions, smart_resize
 
 IMAGE_PAD = "<|image_pad|>"
-
-
-def _rope_index_fn(config):
-    """Qwen2_5_VLModel.get_rope_index without a model instance (it only reads the config)."""
-    owner = types.SimpleNamespace(config=config)
-    owner.get_vision_position_ids = functools.partial(Qwen2_5_VLModel.get_vision_position_ids, owner)
-    return functools.partial(Qwen2_5_VLModel.get_rope_index, owner)
 
 
 # Scores one attention call may hold (elements): 2^26 fp32 = 256 MiB. Full-attention blocks over P patches chunk
@@ -154,7 +148,7 @@ class Qwen25VLAdapter(BackboneAdapter):
     name = "qwen2.5-vl"
     model_types = ("qwen2_5_vl",)
     paper = PaperSchedule(
-        ivr_layer=2, keep_ratio=0.25, anchor_ratio=0.1, ssr_layer=21, ssr_mode="topk", ssr_ratio=0.05,
+        ivr_layer=2, keep_ratio=0.25, anchor_ratio=0.1, ssr_layer=21, ssr_mode=SSRMode.TOPK, ssr_ratio=0.05,
         reference_depth=28, reference_model="Qwen2.5-VL-7B-Instruct",
     )
     model_class = Qwen2_5_VLForConditionalGeneration
@@ -167,8 +161,7 @@ class Qwen25VLAdapter(BackboneAdapter):
     def bucket_for(self, processing: Processing, image_size: tuple[int, int]) -> tuple[tuple[int, int], int]:
         ip = processing.image_processor
         factor = ip.patch_size * ip.merge_size
-        h, w = smart_resize(image_size[0], image_size[1], factor=factor, min_pixels=ip.size.shortest_edge,
-                            max_pixels=ip.size.longest_edge)
+        h, w = smart_resize(image_size[0], image_size[1], factor, ip.size.shortest_edge, ip.size.longest_edge)
         return (h, w), (h // factor) * (w // factor)
 
     def token_boxes(self, processing: Processing, bucket: tuple[int, int]) -> list[tuple[int, int, int, int]]:
@@ -184,29 +177,25 @@ class Qwen25VLAdapter(BackboneAdapter):
             raise BadInput("a batch mixes text-only prompts and images; batch them separately")
 
         merge = cfg.vision_config.spatial_merge_size
-        pixel_values, grid_thw, n_per_image, bucket = [], None, 0, None
-        if all(has_image):
-            processed = processing.image_processor(images=list(images), return_tensors="pt")
-            grid_thw = processed["image_grid_thw"]  # [B, 3]
-            if len({tuple(g) for g in grid_thw.tolist()}) != 1:
-                raise BadInput(
-                    f"images in one batch resize to different grids {grid_thw.tolist()}; batch one size bucket at a time"
-                )
-            n_per_image = int(grid_thw[0].prod()) // merge**2
-            pixel_values = list(processed["pixel_values"].split(int(grid_thw[0].prod())))  # per image [P, C*T*p*p]
-            patch = processing.image_processor.patch_size
-            bucket = (int(grid_thw[0, 1]) * patch, int(grid_thw[0, 2]) * patch)
+        pixel_values, grid, n_per_image, bucket = [], None, 0, None
+        if all(has_image):  # the numpy processor a deployment host runs (host/qwen.py), not transformers'
+            image_cfg = QwenImageConfig.from_json(processing.image_processor.to_dict())
+            patches = [pixel_patches(image, image_cfg) for image in images]
+            grids = sorted({g for _, g in patches})
+            if len(grids) != 1:
+                raise BadInput(f"images in one batch resize to different grids {[list(g) for g in grids]}; batch "
+                               "one size bucket at a time")
+            grid = grids[0]
+            n_per_image = grid[1] * grid[2] // merge**2
+            pixel_values = [torch.from_numpy(p) for p, _ in patches]  # per image [P, C*T*p*p]
+            bucket = (grid[1] * image_cfg.patch_size, grid[2] * image_cfg.patch_size)
 
         input_ids, attention_mask = self.tokenize_prompts(tok, images, prompts, IMAGE_PAD, n_per_image,
                                                             cfg.image_token_id, False)
 
         start, n = visual_span(input_ids, cfg.image_token_id)
-        if n > 0:
-            mm_types = (input_ids == cfg.image_token_id).int()
-            positions, _ = _rope_index_fn(cfg)(input_ids, mm_token_type_ids=mm_types, image_grid_thw=grid_thw,
-                                               attention_mask=attention_mask)  # [3, B, S]
-        else:
-            positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[None].expand(3, -1, -1).clone()
+        positions, _ = rope_positions(input_ids.numpy(), attention_mask.numpy(), cfg.image_token_id, grid, merge)
+        positions = torch.from_numpy(positions)  # [3, B, S]
         next_positions = positions.max(dim=2).values.max(dim=0, keepdim=True).values.expand(3, -1) + 1  # [3, B]
         return HostInputs(input_ids=input_ids, attention_mask=attention_mask, positions=positions.long(),
                           visual_start=start, num_visual=n, next_positions=next_positions.long().clone(),
@@ -229,10 +218,9 @@ class Qwen25VLAdapter(BackboneAdapter):
         merge = config.vision_config.spatial_merge_size
         ids = torch.cat([torch.zeros(before, dtype=torch.long), torch.full((n,), config.image_token_id),
                          torch.zeros(after, dtype=torch.long)])[None]
-        positions, _ = _rope_index_fn(config)(ids, mm_token_type_ids=(ids == config.image_token_id).int(),
-                                              image_grid_thw=torch.tensor([[1, merge * grid[0], merge * grid[1]]]),
-                                              attention_mask=torch.ones_like(ids))
-        return positions.long()  # [3, 1, S]
+        positions, _ = rope_positions(ids.numpy(), np.ones(ids.shape, dtype=np.int64), config.image_token_id,
+                                      (1, merge * grid[0], merge * grid[1]), merge)
+        return torch.from_numpy(positions)  # [3, 1, S]
 
     def _grid(self, image_processor, bucket: tuple[int, int]) -> tuple[int, int, int]:
         return (1, bucket[0] // image_processor.patch_size, bucket[1] // image_processor.patch_size)

@@ -6,7 +6,7 @@ lose the least"). The search, in four steps:
  1. Grid. L1 in the shallow quarter 1..max(2, L//4), rho in KEEP_RATIOS, alpha in ANCHOR_RATIOS, L2 in L1+1..L-1
     (each of L1, L2 at most MAX_LAYERS evenly spaced layers), mode topk (sigma in SSR_RATIOS) or freeze; any field
     given on the command line is held fixed.
- 2. FLOPs pruning, before any model runs. A candidate must reach the target ratio (validate.flops, prefill or
+ 2. FLOPs pruning, before any model runs. A candidate must reach the target ratio (measure.flops, prefill or
     time-to-first-token) at the bucket's N and the calibration prompts' text length T. Candidates whose token
     budgets (K1, A, K2) coincide are the same computation and are run once. For one structure (L1, alpha, L2,
     mode) only the frontier of (rho, sigma) is kept: a candidate that keeps no more tokens than another feasible one
@@ -39,16 +39,16 @@ from ..base.errors import BadInput
 from ..graphs.halfv import HalfVReference
 from ..graphs.pruning import PruneSchedule, budgets
 from ..graphs.tme import kl_last_token
-from ..validate.accuracy import AccuracyTable, answer_budget, cut_at_eos
-from ..validate.compare import bucket_batches
-from ..validate.flops import LMShape, prefill_flops
-from ..validate.vision_flops import vision_flops
+from ..measure.accuracy import AccuracyTable, answer_budget, cut_at_eos
+from ..measure.compare import bucket_batches
+from ..measure.flops import LMShape, prefill_flops
+from ..measure.vision_flops import vision_flops
 from .schedule import FIELDS, paper_schedule
+from ..base.kinds import RATIO_KINDS, RatioKind, SSRMode
 
 KEEP_RATIOS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.75)
 ANCHOR_RATIOS = (0.1, 0.25, 0.5)
 SSR_RATIOS = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3)
-RATIO_KINDS = ("prefill", "ttft")
 SHORTLIST = 8
 BATCH = 16
 MAX_LAYERS = 12
@@ -59,7 +59,7 @@ class Budget:
     """What a FLOPs ratio is measured at: N visual and T text tokens of the bucket, and the vision tower's FLOPs
     (ttft: time to first token = vision + LLM prefill; the tower is not pruned, so it only dilutes the ratio)."""
 
-    kind: str
+    kind: RatioKind
     bucket: tuple[int, int]
     n: int
     text: int
@@ -73,8 +73,9 @@ class Budget:
 def make_budget(kind: str, config: dict, shape: LMShape, bucket: tuple[int, int], n: int, text: int) -> Budget:
     if kind not in RATIO_KINDS:
         raise BadInput(f"--ratio-kind {kind!r}: use one of {', '.join(RATIO_KINDS)}")
+    kind = RatioKind(kind)
     vision = 0
-    if kind == "ttft":
+    if kind is RatioKind.TTFT:
         v = config.get("vision_config") or {}
         unit = int(v.get("patch_size", 14)) * int(v.get("spatial_merge_size", 1))
         grid = (bucket[0] // unit, bucket[1] // unit) if "spatial_merge_size" in v else None
@@ -105,8 +106,8 @@ def candidate_grid(depth: int, fixed: dict) -> list[PruneSchedule]:
                 continue
             for rho, alpha, mode in itertools.product(_values(fixed.get("keep_ratio"), KEEP_RATIOS),
                                                       _values(fixed.get("anchor_ratio"), ANCHOR_RATIOS),
-                                                      _values(fixed.get("ssr_mode"), ("topk", "freeze"))):
-                sigmas = (None,) if mode == "freeze" else _values(fixed.get("ssr_ratio"), SSR_RATIOS)
+                                                      _values(fixed.get("ssr_mode"), tuple(SSRMode))):
+                sigmas = (None,) if mode == SSRMode.FREEZE else _values(fixed.get("ssr_ratio"), SSR_RATIOS)
                 out += [PruneSchedule(l1, rho, alpha, l2, mode, sigma) for sigma in sigmas]
     return out
 
@@ -161,7 +162,7 @@ def candidate_logits(stack, batches_inputs: list, schedules: list[PruneSchedule]
         members = groups[(l1, rho, alpha)]
         last_l2 = max(s.ssr_layer for _, s in members)
         # SSR sits past the end of this run, so the rows before each L2 are the IVR-only ones every member shares
-        prefix_ref = HalfVReference(stack, PruneSchedule(l1, rho, alpha, depth - 1, "freeze", None))
+        prefix_ref = HalfVReference(stack, PruneSchedule(l1, rho, alpha, depth - 1, SSRMode.FREEZE, None))
         prefix_snaps: dict = {}
         prefix_snaps[last_l2] = prefix_ref.run(full_snaps[l1], stop=last_l2, snapshots=prefix_snaps)
         for i, s in members:
@@ -293,7 +294,7 @@ def run_search(adapter, loaded, plan: SearchPlan, references: dict[str, PruneSch
         "counts": plan.counts, "objective": objective, "chosen": chosen, "shortlist": shortlist,
         "seconds": round(time.perf_counter() - started, 2), "log": entries,
     }
-    log(f"search: chose {values} (ratio {entries[chosen]['ratio']:.2f}, KL {entries[chosen]['kl_mean']:.3g}, "
+    log(f"search: chose {', '.join(f'{k} {v}' for k, v in values.items())} (ratio {entries[chosen]['ratio']:.2f}, KL {entries[chosen]['kl_mean']:.3g}, "
         f"top-1 {entries[chosen]['top1_agreement']:.3f}) in {record['seconds']:.0f} s")
     return values, record
 

@@ -35,16 +35,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .atomic import write_bytes_atomic, write_text_atomic
-from .data import Sample
-from .errors import BadInput
+from ..base.atomic import write_bytes_atomic, write_text_atomic
+from ..base.data import Sample
+from ..base.errors import BadInput
 
 CELL = 56  # pixels per grid cell
 DEFAULT_SLOT = 28  # pixels per digit slot (the digit is 75-100% of it)
 MIN_DIGITS, MAX_DIGITS = 2, 6  # filled cells per image
 EVAL_EVERY = 5  # scan i is held out for evaluation when i % EVAL_EVERY == EVAL_EVERY - 1
 SPLITS = ("train", "eval")
-TASKS = ("grid", "page")  # the grid covers the image / a small block of cells on a large page (base/pages.py)
+TASKS = ("grid", "page")  # the grid covers the image / a small block of cells on a large page (tasks/pages.py)
 
 QUESTION_TYPES = ("digit_at", "row_digits", "count_digit", "count_all", "read_all")
 # The mix of question types in a generated set (training and evaluation use the same mix).
@@ -145,7 +145,7 @@ def render(cells: list[list[int | None]], size: tuple[int, int], rng: np.random.
 
 def render_page(cells: list[list[int | None]], block, size: tuple[int, int], rng: np.random.Generator,
                 slot: int = DEFAULT_SLOT, boxes: list | None = None) -> Image.Image:
-    """Draw the cells inside `block` (base/pages.py: where each cell lies) on a paper-like page of `size`."""
+    """Draw the cells inside `block` (tasks/pages.py: where each cell lies) on a paper-like page of `size`."""
     from .pages import paper
 
     h, w = size
@@ -260,7 +260,7 @@ def task_set(count: int, seed: int = 0, split: str = "eval", sizes: list[tuple[i
              slot: int = DEFAULT_SLOT, task: str = "grid") -> list[TaskSample]:
     """`count` samples; sample i uses sizes[i % len(sizes)]; `digits` bounds the filled cells per image (a training
     curriculum can start lower). task "grid": the grid covers the image; "page": a small block of cells on a
-    paper-like page (base/pages.py). Deterministic in all arguments."""
+    paper-like page (tasks/pages.py). Deterministic in all arguments."""
     from .pages import block_shapes, place_block
 
     if count < 1:
@@ -285,7 +285,7 @@ def task_set(count: int, seed: int = 0, split: str = "eval", sizes: list[tuple[i
     for i in range(count):
         size = tuple(sizes[i % len(sizes)])
         block = place_block(rng, size, slot, slot) if task == "page" else None  # page cells: one slot each
-        if block:  # every cell of a page block is filled (base/pages.py)
+        if block:  # every cell of a page block is filled (tasks/pages.py)
             cells = _cells(rng, pool, *block.shape, digits=(block.rows * block.cols,) * 2)
         else:
             cells = _cells(rng, pool, *grid_shape(size), digits=digits)

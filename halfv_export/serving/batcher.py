@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..base.errors import BadInput, HalfvError
-from .api import Detokenizer, Model
+from ..engines.api import Detokenizer, Model
 
 
 @dataclass(frozen=True)

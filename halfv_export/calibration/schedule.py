@@ -8,28 +8,75 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from ..base.errors import BadInput
-from ..graphs.pruning import SSR_MODES, PruneSchedule
+from ..base.kinds import SSR_MODES, SSRMode
+from ..graphs.pruning import PruneSchedule
 from ..base.atomic import write_text_atomic
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: chosen_by holds {"by", "why", "unplaced"} per field (1: one line of prose, still read)
+READABLE_VERSIONS = (1, 2)
 FIELDS = ("ivr_layer", "keep_ratio", "anchor_ratio", "ssr_layer", "ssr_mode", "ssr_ratio")
 DEFAULT_SSR_RATIO = 0.05  # HalfV's sigma, for a topk schedule whose paper values give none (LLaVA)
 
 
-def apply_overrides(values: dict, overrides: dict) -> dict[str, str]:
+MOVED = "; moved to L1 + 1"  # a paper L2 at or above the rules' L1, moved below it (rules.derive_schedule)
+
+
+class ChosenBy(StrEnum):
+    PAPER = "paper"  # the paper's value, at the model's relative depth
+    RULE = "rule"  # a calibration rule read it off the measured curves or probes
+    SEARCH = "search"  # the FLOPs-budget search
+    CLI = "cli"  # the user's flag
+    DEFAULT = "default"  # settled by another field: sigma unused in freeze mode, or HalfV's default sigma
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Where one schedule value came from. `unplaced`: a rule looked for this layer and the curve had no turn where
+    it looked (why, in words); the value is then the paper's, and the CLI says so."""
+
+    by: ChosenBy
+    why: str = ""
+    unplaced: str | None = None
+
+    def to_json(self) -> dict:
+        return {"by": self.by.value, "why": self.why, "unplaced": self.unplaced}
+
+    @classmethod
+    def from_json(cls, data) -> "Choice":
+        if isinstance(data, str):  # schema 1: "cli", "rule: ...", "paper: ...; no <why>", "search: ...", other prose
+            head, _, rest = data.partition(": ")
+            if data == "cli":
+                return cls(ChosenBy.CLI)
+            if head in ("rule", "search"):
+                return cls(ChosenBy(head), rest)
+            if head == "paper":
+                moved = rest.endswith(MOVED)
+                why, found, unplaced = rest.removesuffix(MOVED).partition("; no ")
+                return cls(ChosenBy.PAPER, why + (MOVED if moved else ""), unplaced if found else None)
+            return cls(ChosenBy.DEFAULT, data)
+        return cls(ChosenBy(data["by"]), data.get("why", ""), data.get("unplaced"))
+
+    def __str__(self) -> str:
+        text = f"{self.by}: {self.why}" if self.why else str(self.by)
+        return text + (f" (no {self.unplaced})" if self.unplaced else "")
+
+
+def apply_overrides(values: dict, overrides: dict) -> dict[str, Choice]:
     """Put the CLI's fields over `values`, then settle ssr_ratio for the resulting mode (None in freeze mode, HalfV's
-    sigma in topk mode when nothing gave one). Returns {field: why} for every field this set."""
-    why = {key: "cli" for key, value in overrides.items() if value is not None}
+    sigma in topk mode when nothing gave one). Returns {field: Choice} for every field this set."""
+    why = {key: Choice(ChosenBy.CLI) for key, value in overrides.items() if value is not None}
     values.update({key: overrides[key] for key in why})
     if "ssr_ratio" not in why:
-        if values.get("ssr_mode") == "freeze":
-            values["ssr_ratio"], why["ssr_ratio"] = None, "unused in freeze mode"
+        if values.get("ssr_mode") == SSRMode.FREEZE:
+            values["ssr_ratio"], why["ssr_ratio"] = None, Choice(ChosenBy.DEFAULT, "unused in freeze mode")
         elif values.get("ssr_ratio") is None:
-            values["ssr_ratio"], why["ssr_ratio"] = DEFAULT_SSR_RATIO, "HalfV default sigma (paper gives none)"
+            values["ssr_ratio"] = DEFAULT_SSR_RATIO
+            why["ssr_ratio"] = Choice(ChosenBy.DEFAULT, "HalfV's default sigma (the paper gives none)")
     return why
 
 
@@ -58,8 +105,8 @@ def check_values(values: dict, depth: int | None, where: str = "schedule") -> Pr
     if mode not in SSR_MODES:
         raise BadInput(f"{where}: ssr_mode={mode!r} must be one of {', '.join(SSR_MODES)}")
     sched = PruneSchedule(ivr_layer=l1, keep_ratio=ratio("keep_ratio"), anchor_ratio=ratio("anchor_ratio"),
-                          ssr_layer=l2, ssr_mode=mode, ssr_ratio=ratio("ssr_ratio", optional=(mode == "freeze")))
-    if mode == "topk" and sched.ssr_ratio is None:
+                          ssr_layer=l2, ssr_mode=mode, ssr_ratio=ratio("ssr_ratio", optional=(mode == SSRMode.FREEZE)))
+    if mode == SSRMode.TOPK and sched.ssr_ratio is None:
         raise BadInput(f"{where}: ssr_mode=topk needs ssr_ratio in (0, 1]")
     if l1 < 1:
         raise BadInput(f"{where}: ivr_layer={l1} must be >= 1 (IVR scores come from the layer before it)")
@@ -77,15 +124,15 @@ def paper_schedule(adapter, depth: int) -> PruneSchedule:
     return check_values(values, depth, where="paper schedule")
 
 
-def build_document(backbone: str, fingerprint: str, source: str, depth: int, values: dict, chosen_by: dict,
-                   calibration: dict | None, tool_version: str) -> dict:
+def build_document(backbone: str, fingerprint: str, source: str, depth: int, values: dict,
+                   chosen_by: dict[str, Choice], calibration: dict | None, tool_version: str) -> dict:
     sched = check_values(values, depth)
     return {
         "schema_version": SCHEMA_VERSION,
         "backbone": backbone,
         "model": {"fingerprint": fingerprint, "source": source, "num_layers": depth},
         "schedule": asdict(sched),
-        "chosen_by": chosen_by,
+        "chosen_by": {key: choice.to_json() for key, choice in chosen_by.items()},
         "calibration": calibration,
         "created_by": f"halfv-export {tool_version}",
     }
@@ -107,9 +154,9 @@ def read_schedule(path: Path, backbone: str | None = None, fingerprint: str | No
         raise BadInput(f"schedule {path} is not valid JSON; re-run `halfv-export calibrate`") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("schedule"), dict) or not isinstance(doc.get("model"), dict):
         raise BadInput(f"schedule {path} lacks the 'schedule'/'model' sections; re-run `halfv-export calibrate`")
-    if doc.get("schema_version") != SCHEMA_VERSION:
+    if doc.get("schema_version") not in READABLE_VERSIONS:
         raise BadInput(f"schedule {path} has schema_version {doc.get('schema_version')!r}, this tool reads "
-                       f"{SCHEMA_VERSION}; re-run `halfv-export calibrate`")
+                       f"{' and '.join(map(str, READABLE_VERSIONS))}; re-run `halfv-export calibrate`")
     if backbone is not None and doc.get("backbone") != backbone:
         raise BadInput(f"schedule {path} is for backbone '{doc.get('backbone')}', not '{backbone}'; "
                        "calibrate this backbone or pass its schedule")
@@ -122,3 +169,8 @@ def read_schedule(path: Path, backbone: str | None = None, fingerprint: str | No
                        "re-run `halfv-export calibrate`")
     sched = check_values(doc["schedule"], depth if depth is not None else recorded, where=f"schedule {path}")
     return sched, doc
+
+
+def read_choices(doc: dict) -> dict[str, Choice]:
+    """schedule.json's chosen_by as data, whichever schema wrote it."""
+    return {key: Choice.from_json(value) for key, value in (doc.get("chosen_by") or {}).items()}

@@ -1,7 +1,7 @@
-"""Train an embedded default end to end on the digit-grid task (halfv_export/base/tasks.py) and ship it.
+"""Train an embedded default end to end on the digit task (halfv_export/tasks: digit grids or pages) and ship it.
 
-    nice -n 15 python tools/train_embedded.py --backbone qwen2.5-vl --out halfv_export/graphs/embedded/qwen2_5_vl
-    python tools/train_embedded.py --backbone llava-1.5 --slot 14 --device cuda --workers 4 --batch 32 ...
+    nice -n 15 python -m halfv_export.training --backbone qwen2.5-vl --out halfv_export/graphs/embedded/qwen2_5_vl
+    python -m halfv_export.training --backbone llava-1.5 --slot 14 --device cuda --workers 4 --batch 32 ...
 
 The whole VLM (vision tower, projector, language model) starts from the seeded random weights of the shipped config
 and is trained with AdamW on teacher-forced answers: the prompt is built exactly as at inference (the adapter's
@@ -38,15 +38,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from halfv_export.base.tasks import (DEFAULT_MIX, MAX_DIGITS, MIN_DIGITS, PROMPTS, grid_shape,  # noqa: E402
+from ..tasks.digits import (DEFAULT_MIX, MAX_DIGITS, MIN_DIGITS, PROMPTS, grid_shape,
                                      normalise_answer, parse_mix, task_set)
-from halfv_export.base.atomic import write_text_atomic  # noqa: E402
-from halfv_export.graphs import get_adapter  # noqa: E402
-from halfv_export.graphs.adapter import EMBEDDED_WEIGHTS, TRAINING_RECORD, Processing  # noqa: E402
-from halfv_export.graphs.halfv import HalfVReference, additive_mask  # noqa: E402
-from halfv_export.graphs.pruning import gather_rows  # noqa: E402
+from ..base.atomic import write_text_atomic
+from ..graphs import get_adapter
+from ..graphs.adapter import EMBEDDED_WEIGHTS, TRAINING_RECORD, Processing
+from ..graphs.halfv import HalfVReference, additive_mask
+from ..graphs.pruning import gather_rows
 
 CHECKPOINT_DIR = "checkpoint"  # under --out: the weights at the latest mid-run held-out score
 EVAL_SEED = 12345  # the held-out set of the training log (validate's evaluation set is written by make-task)
@@ -258,8 +257,8 @@ def edited_config(adapter, overrides: list[str]) -> dict:
 
 def load_with(adapter, overrides: list[str], seed: int):
     """The embedded model with weights drawn from `seed`, its config edited by `overrides` (edited_config)."""
-    from halfv_export.graphs.adapter import LoadedModel
-    from halfv_export.graphs.checkpoint import seeded_model
+    from ..graphs.adapter import LoadedModel
+    from ..graphs.checkpoint import seeded_model
 
     if not overrides:
         return adapter.load(None, seed=seed)
@@ -273,7 +272,7 @@ def load_init(adapter, loaded, weights: Path, overrides: list[str] = ()) -> None
     """Weights this script saved (model.safetensors: save_pretrained's names, which are not the module's) into the
     model, through from_pretrained on a temporary checkpoint of the shipped config so the names map as transformers
     maps them. A plain load_state_dict matched none of them and trained from the random init instead."""
-    from halfv_export.graphs.checkpoint import load_pretrained
+    from ..graphs.checkpoint import load_pretrained
 
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(edited_config(adapter, list(overrides))))
@@ -324,14 +323,10 @@ def token_centres(adapter, loaded, bucket: tuple[int, int]) -> torch.Tensor:
     NaN for rows that are not image patches (LLaVA-NeXT's image-newline rows)."""
     h, w = bucket
     cfg = loaded.config
-    if adapter.name == "qwen2.5-vl":
-        step = cfg.vision_config.patch_size * cfg.vision_config.spatial_merge_size  # one merged token: 28 px
-        ys, xs = torch.meshgrid(torch.arange(h // step), torch.arange(w // step), indexing="ij")
-        return torch.stack([(ys.flatten() + 0.5) * step, (xs.flatten() + 0.5) * step], dim=1).float()
+    boxes = adapter.token_boxes(Processing(loaded.tokenizer, loaded.image_processor, cfg), bucket)
+    if boxes is not None:  # one box of the image per visual row (a merged Qwen token; a CLIP patch of the crop)
+        return torch.tensor([((top + bottom) / 2, (left + right) / 2) for top, left, bottom, right in boxes])
     side = cfg.vision_config.image_size // cfg.vision_config.patch_size
-    if adapter.name == "llava-1.5":  # the task's images are exactly the crop size: no resize, no crop
-        ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-        return torch.stack([(ys.flatten() + 0.5) * h / side, (xs.flatten() + 0.5) * w / side], dim=1).float()
     # LLaVA-NeXT: base tile (the whole image at tile size) first, then the pinpoint's tiles row-major, unpadded
     # (nothing to unpad: the image is its pinpoint) with a newline row after each feature row.
     layout = adapter.layout(cfg, bucket)
@@ -457,7 +452,8 @@ def save_fp16(model, directory: Path) -> Path:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m halfv_export.training", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", required=True)
     parser.add_argument("--out", type=Path, help="Where model.safetensors + training.json go (default: only report).")
     parser.add_argument("--image-size", action="append", default=None, help="HxW, repeatable (default 224x224).")
@@ -507,7 +503,7 @@ def main(argv=None) -> None:
                              "column and digit the question asks about (QuestionProbe; discarded after training).")
     parser.add_argument("--task", choices=("grid", "page"), default="grid",
                         help="grid: the digit grid covers the image; page: a small block of digits on a large page.")
-    parser.add_argument("--slot", type=int, default=28, help="Digit slot in pixels (28: a merged Qwen token; "
+    parser.add_argument("--slot", type=int, default=28, help="Digit slot in pixels (28: a merged token of a windowed tower; "
                         "14: a CLIP patch); recorded in training.json, used by make-task --backbone.")
     parser.add_argument("--vision-steps", type=int, default=300, help="Stage 1 steps (0: skip).")
     parser.add_argument("--vision-batch", type=int, default=16)
@@ -531,7 +527,7 @@ def main(argv=None) -> None:
         return mix, (MIN_DIGITS, MAX_DIGITS)
     if args.task == "page" and args.question_aux is not None:
         parser.error("--question-aux reads grid cells at fixed image positions; a page block moves: drop it for --task page")
-    command = "python tools/train_embedded.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m halfv_export.training " + " ".join(sys.argv[1:] if argv is None else argv)
     adapter = get_adapter(args.backbone)
     loaded = load_with(adapter, args.set, args.seed)  # the shipped config (edited by --set), seeded random weights
     if args.init is not None:
@@ -646,7 +642,7 @@ def main(argv=None) -> None:
         "curriculum": [{"steps": n, "mix": m, "digits": list(d)} for n, m, d in phases],
         "config_overrides": args.set, "question_aux_layer": args.question_aux, "freeze_vision_steps": args.freeze_vision_steps, "vision_lr_scale": args.vision_lr_scale, "images_seen": images_seen, "vision_stage": vision_stage,
         "image_sizes": [list(s) for s in sizes], "mix": mix if args.mix else DEFAULT_MIX,
-        "task": {"generator": "halfv_export.base.tasks", "split": "train", "slot": args.slot, "kind": args.task},
+        "task": {"generator": "halfv_export.tasks.digits", "split": "train", "slot": args.slot, "kind": args.task},
         "train_seconds": round(train_seconds, 1), "threads": args.threads,
         "machine": machine(device), "device": str(device), "workers": args.workers, "torch": torch.__version__,
         "held_out": {"seed": EVAL_SEED, "split": "eval", "mix": eval_mix, **acc, "model": "unpruned eager, the fp16 weights, CPU"},

@@ -8,7 +8,7 @@ extra; the CLI imports this module only for `serve`).
     GET  /health                {"status": "ok"} once the engine thread runs
     GET  /metrics               request, batch-size and token counters (JSON)
 
-Requests go through the Batcher (engines/batcher.py): one engine thread, batches of one bucket. Decoding is greedy:
+Requests go through the Batcher (serving/batcher.py): one engine thread, batches of one bucket. Decoding is greedy:
 temperature / top_p other than their greedy values, n > 1, stop strings, tools and logprobs are refused with 400
 rather than silently ignored. Extension: "full": true runs the unpruned graphs. Errors are OpenAI's shape,
 {"error": {"message": one line, "type", "param", "code"}}, with 400 (bad request), 404 (unknown route or model),
@@ -36,7 +36,7 @@ from ..base.errors import BadInput
 from ..base.version import VERSION
 from ..base.data import image_from_bytes, load_image
 from ..engines.api import Model
-from ..engines.batcher import Batcher, Failed, Job, Overloaded, Started
+from .batcher import Batcher, Failed, Job, Overloaded, Started
 
 DEFAULT_MAX_TOKENS = 256
 MAX_TOKENS_LIMIT = 4096  # as `run --max-new-tokens`

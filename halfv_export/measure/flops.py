@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from ..base.errors import BadInput
 from ..graphs.pruning import PruneSchedule, budgets, similarity_flops
+from ..base.kinds import SSRMode
 
 # Library defaults for configs that leave them out (LLaVA's text_config omits Llama/Mistral defaults).
 _TEXT_DEFAULTS = {
@@ -119,13 +120,13 @@ def prefill_flops(shape: LMShape, n_visual: int, n_text: int, schedule: PruneSch
             per_layer.append((rows, rows))
         elif i < schedule.ssr_layer:
             per_layer.append((plan.k1 + n_text, plan.k1 + n_text))
-        elif schedule.ssr_mode == "freeze":
+        elif schedule.ssr_mode == SSRMode.FREEZE:
             per_layer.append((n_text, plan.k1 + n_text))
         else:
             per_layer.append((plan.k2 + n_text, plan.k2 + n_text))
     halfv = sum(layer_flops(shape, q, kv) for q, kv in per_layer) + lm_head
     overhead = score_flops(shape, n_visual) + similarity_flops(n_visual, shape.hidden)
-    if schedule.ssr_mode == "topk":
+    if schedule.ssr_mode == SSRMode.TOPK:
         overhead += score_flops(shape, plan.k1)
     return PrefillFlops(n_visual, n_text, full, halfv, overhead, tuple(per_layer))
 

@@ -13,6 +13,7 @@ import click
 
 from ..base.version import VERSION
 from ..base.errors import HalfvError
+from ..base.kinds import RATIO_KINDS, SSR_MODES
 
 EPILOG_CALIBRATE = """\b
 Examples:
@@ -72,7 +73,7 @@ def schedule_options(fn):
         click.option("--keep-ratio", type=float, help="rho: IVR keeps floor(N*rho) visual tokens."),
         click.option("--anchor-ratio", type=float, help="alpha: share of the kept tokens chosen by attention."),
         click.option("--ssr-layer", type=int, help="L2: SSR acts from this layer on (> L1)."),
-        click.option("--ssr-mode", type=click.Choice(["topk", "freeze"]), help="SSR: top-K prune or freeze visual rows."),
+        click.option("--ssr-mode", type=click.Choice(SSR_MODES), help="SSR: top-K prune or freeze visual rows."),
         click.option("--ssr-ratio", type=float, help="sigma (topk): keeps min(floor(N*sigma), K1) visual tokens."),
     ]
     for option in reversed(options):
@@ -81,12 +82,12 @@ def schedule_options(fn):
 
 
 def search_options(fn):
-    """--target-ratio and what it is measured at (exporter.search)."""
+    """--target-ratio and what it is measured at (calibration/search.py)."""
     options = [
         click.option("--target-ratio", type=float, metavar="R",
                      help="Search the schedule with the best fidelity whose FLOPs ratio (unpruned / HalfV) is >= R, "
                           "instead of the calibration rules; schedule flags given hold that field fixed."),
-        click.option("--ratio-kind", type=click.Choice(["prefill", "ttft"]), default="prefill", show_default=True,
+        click.option("--ratio-kind", type=click.Choice(RATIO_KINDS), default="prefill", show_default=True,
                      help="What --target-ratio counts: the LLM prefill, or time to first token (vision tower + "
                           "prefill)."),
         click.option("--bucket", metavar="HxW",
@@ -98,12 +99,17 @@ def search_options(fn):
     return fn
 
 
-def pick_search(kwargs: dict) -> dict:
-    from .export import parse_image_size
+def pick_search(kwargs: dict):
+    """--target-ratio / --ratio-kind / --bucket -> a stages.calibrate.Search, or None without a target."""
+    from ..stages.calibrate import Search
+    from ..stages.export import parse_image_size
 
-    bucket = kwargs.pop("bucket")
-    return {"target_ratio": kwargs.pop("target_ratio"), "ratio_kind": kwargs.pop("ratio_kind"),
-            "bucket": parse_image_size(bucket, "--bucket") if bucket else None}
+    bucket, target, kind = kwargs.pop("bucket"), kwargs.pop("target_ratio"), kwargs.pop("ratio_kind")
+    if target is None and bucket is not None:
+        raise CliError("--bucket is the image size --target-ratio measures FLOPs at; add --target-ratio R or drop "
+                       "--bucket", 2)
+    bucket = parse_image_size(bucket, "--bucket") if bucket else None
+    return None if target is None else Search(target, kind, bucket)
 
 
 def pick_overrides(kwargs: dict) -> dict:
@@ -156,29 +162,15 @@ def calibrate(backbone, model_dir, data, samples, seed, random_weights, tme_k, k
     the unpruned model wins (task accuracy decides among the closest when the data has answers); the log goes into schedule.json["search"], the Pareto
     front into pareto.png.
     """
-    from .pipeline import run_calibrate
+    from ..stages.calibrate import Probes, calibrate as run
+    from .render import RichProgress, calibration_summary
 
     overrides, search = pick_overrides(kwargs), pick_search(kwargs)
-    if random_weights is not None and model_dir is not None:
-        raise CliError("--random-weights applies to the embedded default only; drop it or --model", 2)
-    doc = run_calibrate(backbone=backbone, model_dir=model_dir, data=data, samples=samples, seed=seed, tme_k=tme_k,
-                        kl_probe=kl_probe, use_rules=not paper_values, overrides=overrides, out=out,
-                        weights_seed=random_weights, **search)
-    s = doc["schedule"]
-    click.echo(f"schedule: IVR before layer {s['ivr_layer']} keep {s['keep_ratio']} (anchors {s['anchor_ratio']}), "
-               f"SSR {s['ssr_mode']} from layer {s['ssr_layer']}"
-               + (f" keep {s['ssr_ratio']}" if s["ssr_ratio"] is not None else ""))
-    _echo_layer_fallbacks(doc)
-    if "search" in doc:
-        chosen = doc["search"]["log"][doc["search"]["chosen"]]
-        click.echo(f"search: {doc['search']['ratio_kind']} FLOPs ratio {chosen['ratio']:.2f} (target "
-                   f"{doc['search']['target_ratio']:g}), mean KL {chosen['kl_mean']:.4g}, top-1 agreement "
-                   f"{chosen['top1_agreement']:.3f}" + (f", accuracy {chosen['accuracy']:.3f}"
-                                                        if chosen.get("accuracy") is not None else "")
-                   + f"; {len(doc['search']['log'])} schedules run in {doc['search']['seconds']:.0f} s")
-        click.echo(f"wrote {out / 'schedule.json'}, {out / 'tme.png'} and {out / 'pareto.png'}")
-    else:
-        click.echo(f"wrote {out / 'schedule.json'} and {out / 'tme.png'}")
+    with RichProgress() as progress:
+        calibration = run(backbone, out, model=model_dir, data=data, random_weights=random_weights,
+                          paper_values=paper_values, overrides=overrides, search=search,
+                          probes=Probes(samples=samples, seed=seed, tme_k=tme_k, kl=kl_probe), progress=progress)
+    calibration_summary(calibration)
 
 
 @cli.command(epilog=EPILOG_FLOPS)
@@ -203,7 +195,7 @@ def flops(config_path, schedule_path, visual, text_tokens, end_to_end, as_json, 
     blocks counted as they run on a square grid of N merged tokens (border windows included), LLaVA's CLIP tower
     once per 576 tokens; it prints the end-to-end (TTFT) ratio next to the prefill ratio.
     """
-    from .pipeline import flops_table
+    from ..stages.flops import flops_table
 
     rows, described = flops_table(config_path, schedule_path, pick_overrides(kwargs), list(visual), text_tokens,
                                   end_to_end)
@@ -261,11 +253,12 @@ def export(schedule_path, model_dir, image_sizes, precision, quantize, out):
     TopK / ArgMax / Gather ops with static K); once: embed.onnx, prefill_full.onnx, decode.onnx (three cache-length
     groups), decode_full.onnx; artifacts.json and manifest.json (sha256 of every file).
     """
-    from .export import parse_image_size
-    from .pipeline import run_export
+    from ..stages.export import export as run, parse_image_size
+    from .render import RichProgress
 
-    meta = run_export(schedule_path, model_dir, [parse_image_size(s) for s in image_sizes], out, precision=precision,
-                      quantize=quantize)
+    with RichProgress() as progress:
+        meta = run(schedule_path, out, model=model_dir, image_sizes=[parse_image_size(s) for s in image_sizes],
+                   precision=precision, quantize=quantize, progress=progress).meta
     for b in meta["buckets"]:
         click.echo(f"bucket {b['size'][0]}x{b['size'][1]}: N={b['num_visual']} -> K1={b['k1']} -> K2={b['k2']}")
     if meta["quantize"]:
@@ -310,11 +303,14 @@ def engine(artifacts, target, ep, max_batch, min_text, opt_text, max_text, max_n
     """
     from ..engines import EngineOptions, get_target
     from ..engines.trt_plan import PlanOptions
-    from .pipeline import run_engine
+    from ..stages.engine import engine as run
+    from .render import RichProgress
 
     plan = PlanOptions(max_batch=max_batch, min_text=min_text, opt_text=opt_text, max_text=max_text,
                        max_new_tokens=max_new_tokens, workspace_mib=workspace_mib)
-    info = run_engine(artifacts, target, EngineOptions(ep=ep, plan=plan, fuse_attention=fuse_attention))
+    with RichProgress() as progress:
+        info = run(artifacts, target, EngineOptions(ep=ep, plan=plan, fuse_attention=fuse_attention),
+                   progress=progress).info
     where = artifacts / get_target(target).engine_dir
     click.echo(f"{info['target']} ({', '.join(info['providers'])}): {len(info['graphs'])} graphs built into {where}")
     fused = sum(info.get("fused_attention", {}).values())
@@ -333,9 +329,9 @@ Examples:
 def lint(artifacts):
     """TensorRT-readiness without TensorRT: supported ops, sorted TopK with constant K <= 3840, no data-dependent
     shapes, constant axes, supported opset. Exit 1 on any finding."""
-    from .pipeline import run_lint
+    from ..stages.export import lint as run
 
-    graphs, findings = run_lint(artifacts)
+    graphs, findings = run(artifacts)
     for finding in findings:
         click.echo(str(finding))
     if findings:
@@ -408,7 +404,7 @@ def serve(artifacts, host, port, max_batch, batch_wait_ms, allow_images_from, ma
     greedy. Remote image URLs are refused (no network). Stop with Ctrl-C.
     """
     try:
-        from .serve import Server, build_server
+        from ..serving.server import Server, build_server
     except ImportError as e:
         raise CliError(f"serve needs FastAPI and uvicorn ({e.name} is missing); pip install 'halfv-export[serve]'",
                        2) from None
@@ -458,57 +454,17 @@ def validate(artifacts, data, model_dir, fail_under, fail_over, target, latency_
     HalfV graphs (accuracy.engine) and accuracy.retention = halfv / full, overall and per question type. Without
     --data, the trained embedded default is scored on its own task. Thresholds make it a CI gate.
     """
-    from ..validate.report import parse_thresholds
-    from .pipeline import run_validate
+    from ..measure.report import parse_thresholds
+    from ..stages.validate import validate as run
+    from .render import RichProgress, validation_summary
 
-    report, failures = run_validate(artifacts, data, model_dir, parse_thresholds(fail_under, "--fail-under"),
-                                    parse_thresholds(fail_over, "--fail-over"), target=target,
-                                    latency_runs=latency_runs, baselines=baselines)
-    _print_summary(report)
-    if failures:
-        raise CliError("validation failed: " + "; ".join(failures), 1)
-
-
-def _num(value) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
-
-
-def _kept_text(p: dict) -> str:
-    """Exact kept-index agreement, and the near-tie verdict when some kept set differs."""
-    if "kept_indices_match" not in p:
-        return "not measured"
-    text = f"{p['kept_indices_match']:.4f}"
-    if p.get("selection_differs"):
-        text += (f" (selection_valid {p['selection_valid']:.4f}: {p['selection_differs']} sample(s) broke a tie "
-                 f"the other way, shortfall <= {p['selection_shortfall_max']:.2g})")
-    return text
-
-
-def _print_summary(report: dict) -> None:
-    p, lat = report["parity"], report["latency_ms"]
-    kept = _kept_text(p)
-    click.echo(f"kept_indices_match {kept}  logits_max_abs_diff {p['logits_max_abs_diff']:.3g}"
-               f"  greedy_tokens_match {p['greedy_tokens_match']:.4f}  top1_agreement "
-               f"{report['fidelity']['top1_agreement']:.4f} ({report['fidelity']['weights']} weights)")
-    if report.get("quantize"):
-        click.echo(f"quantised {report['quantize']['scheme']} vs the fp32 eager reference: logits cosine min "
-                   f"{p['logits_cosine_min']:.4f} mean {p['logits_cosine_mean']:.4f}, first-token top-1 agreement "
-                   f"{p['top1_agreement']:.4f}, greedy token agreement {p['greedy_token_agreement']:.4f}")
-    if report.get("accuracy"):
-        a = report["accuracy"]
-        click.echo(f"accuracy ({a['count']} answers): full {_num(a.get('full'))}  halfv {_num(a.get('halfv'))}  "
-                   f"engine {_num(a.get('engine'))}  retention {_num(a.get('retention'))}")
-    for row in (report.get("baselines") or {}).get("methods", {}).values():
-        click.echo(f"  {row['label']}: accuracy {_num(row['accuracy'])} at FLOPs fraction {row['flops_fraction']:.3f}")
-    check = report.get("search_check")
-    if check:
-        for name in ("searched", "paper"):
-            row = check[name]
-            click.echo(f"{name} schedule (held out, eager): FLOPs ratio {row['ratio']:.2f}, KL {row['kl_mean']:.4g}, "
-                       f"top-1 agreement {row['top1_agreement']:.3f}, accuracy {_num(row.get('accuracy'))}")
-    click.echo(f"prefill ms: engine full {lat['engine_full_prefill']:.1f} / HalfV {lat['engine_halfv_prefill']:.1f};"
-               f" eager full {lat['eager_full_prefill']:.1f} / HalfV {lat['eager_halfv_prefill']:.1f};"
-               f" FLOPs ratio {report['flops']['ratio']:.2f}")
+    with RichProgress() as progress:
+        report = run(artifacts, data=data, model=model_dir, fail_under=parse_thresholds(fail_under, "--fail-under"),
+                     fail_over=parse_thresholds(fail_over, "--fail-over"), target=target, latency_runs=latency_runs,
+                     baselines=baselines, progress=progress)
+    validation_summary(report.data)
+    if report.failures:
+        raise CliError("validation failed: " + "; ".join(report.failures), 1)
 
 
 @cli.command(epilog="""\b
@@ -537,104 +493,24 @@ def build(backbone, model_dir, data, image_sizes, target, precision, paper_value
           **kwargs):
     """calibrate -> export -> engine -> validate, gated on parity with the fp32 eager reference (kept indices 1.0,
     greedy tokens 1.0, logits within 1e-3; fp16/bf16 builds are reported, not gated)."""
-    from .export import parse_image_size
-    from ..engines import DEFAULT_TARGET
-    from .pipeline import DEFAULT_GATES_OVER, DEFAULT_GATES_UNDER, run_calibrate, run_engine, run_export, run_validate
+    from ..stages.build import BuildFailed, build as run
+    from ..stages.export import parse_image_size
+    from .render import RichProgress, build_table, layer_fallbacks
 
-    from ..base.staging import export_only_path, promote, staged_build
-
-    sizes = [parse_image_size(s) for s in image_sizes]
-    overrides, search = pick_overrides(kwargs), pick_search(kwargs)
-    if search["target_ratio"] is not None and search["bucket"] is None and sizes:
-        search["bucket"] = sizes[0]  # the ratio is met where the build exports
-    if random_weights is not None and model_dir is not None:
-        raise CliError("--random-weights applies to the embedded default only; drop it or --model", 2)
-    with staged_build(out) as work:  # the previous build in `out` stays intact until this one has passed
-        click.echo("[1/4] calibrate", err=True)
-        _echo_layer_fallbacks(run_calibrate(backbone=backbone, model_dir=model_dir, data=data, samples=None, seed=0,
-                                            tme_k=50, kl_probe=True, use_rules=not paper_values, overrides=overrides,
-                                            out=work, weights_seed=random_weights, **search), err=True)
-        click.echo("[2/4] export", err=True)
-        meta = run_export(work / "schedule.json", model_dir, sizes, work, precision=precision)
-        click.echo(f"[3/4] engine ({target})", err=True)
-        try:
-            run_engine(work, target)
-        except HalfvError as e:
-            if target == DEFAULT_TARGET:
-                raise
-            # the export is complete but unvalidated: it goes beside --out under a name that says so, never over
-            # the previous (validated) build
-            aside = export_only_path(out)
-            promote(work, aside)
-            raise CliError(f"stopped after export: {e}. {out} is unchanged; this run's unvalidated ONNX graphs are "
-                           f"in {aside} (halfv-export engine --artifacts {aside} --target onnxruntime)",
-                           e.exit_code) from None
-        click.echo("[4/4] validate", err=True)
-        gated = precision == "fp32"
-        report, failures = run_validate(work, None, model_dir, list(DEFAULT_GATES_UNDER) if gated else [],
-                                        list(DEFAULT_GATES_OVER) if gated else [], target=target,
-                                        latency_runs=latency_runs)
-        _summary_table(meta, report)
-        if failures:
-            raise CliError("validation failed: " + "; ".join(failures) + f"; the previous build in {out} is kept", 1)
+    try:
+        with RichProgress() as progress:
+            result = run(backbone, out, model=model_dir, data=data,
+                         image_sizes=[parse_image_size(s) for s in image_sizes], target=target, precision=precision,
+                         paper_values=paper_values, random_weights=random_weights, overrides=pick_overrides(kwargs),
+                         search=pick_search(kwargs), latency_runs=latency_runs, progress=progress)
+    except BuildFailed as e:
+        layer_fallbacks(e.calibration, err=True)
+        build_table(e.artifacts.meta, e.report.data)
+        raise
+    layer_fallbacks(result.calibration, err=True)
+    build_table(result.artifacts.meta, result.report.data)
     click.echo(f"build complete: {out}")
 
-
-def _echo_layer_fallbacks(doc: dict, err: bool = False) -> None:
-    """One line per layer the TME rules could not place (calibrate.derive_schedule: no turn of the curve), naming
-    the measured alternative."""
-    from .calibrate import UNPLACED
-
-    for field in ("ivr_layer", "ssr_layer"):
-        _, unplaced, reason = doc["chosen_by"][field].partition(UNPLACED)
-        if unplaced:
-            click.echo(f"note: {field} {doc['schedule'][field]} is the paper's: no {reason}; "
-                       f"--target-ratio R picks the layers by measurement instead", err=err)
-
-
-def _summary_table(meta: dict, report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="halfv-export build")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    s = meta["schedule"]
-    ssr_keep = f" keep {s['ssr_ratio']}" if s["ssr_mode"] == "topk" else ""
-    table.add_row("schedule", f"IVR@{s['ivr_layer']} keep {s['keep_ratio']} anchors {s['anchor_ratio']} | "
-                              f"SSR {s['ssr_mode']}@{s['ssr_layer']}{ssr_keep}")
-    for b in meta["buckets"]:
-        table.add_row(f"bucket {b['size'][0]}x{b['size'][1]}", f"N {b['num_visual']} -> {b['k1']} -> {b['k2']}")
-    p, lat = report["parity"], report["latency_ms"]
-    table.add_row("kept_indices_match", _kept_text(p))
-    table.add_row("logits_max_abs_diff", f"{p['logits_max_abs_diff']:.2e}")
-    table.add_row("greedy_tokens_match", f"{p['greedy_tokens_match']:.4f}")
-    table.add_row(f"top1_agreement ({report['fidelity']['weights']} weights)",
-                  f"{report['fidelity']['top1_agreement']:.4f}")
-    if report.get("accuracy"):
-        a = report["accuracy"]
-        task = f"{report['task']} " if report.get("task") else ""
-        table.add_row(f"{task}accuracy full / HalfV / engine ({a['count']} answers, ± 1 s.e.)",
-                      " / ".join(_with_stderr(a, s) for s in ("full", "halfv", "engine")))
-        table.add_row("accuracy retention (HalfV / full)", _num(a.get("retention")))
-    for name in ("searched", "paper") if report.get("search_check") else ():
-        row = report["search_check"][name]
-        table.add_row(f"{name} schedule (held out, eager): ratio / top-1 / accuracy",
-                      f"{row['ratio']:.2f}x / {row['top1_agreement']:.3f} / {_num(row.get('accuracy'))}")
-    table.add_row("engine prefill full / HalfV (ms)",
-                  f"{lat['engine_full_prefill']:.1f} / {lat['engine_halfv_prefill']:.1f}")
-    table.add_row("LLM prefill: FLOPs ratio / measured time ratio",
-                  f"{report['flops']['ratio']:.2f}x / {lat['engine_full_prefill'] / lat['engine_halfv_prefill']:.2f}x")
-    if "engine_full_ttft" in lat and "e2e_ratio" in report["flops"]:
-        table.add_row("time to first token: FLOPs ratio / measured time ratio",
-                      f"{report['flops']['e2e_ratio']:.2f}x / "
-                      f"{lat['engine_full_ttft'] / lat['engine_halfv_ttft']:.2f}x")
-    Console().print(table)
-
-
-def _with_stderr(accuracy: dict, system: str) -> str:
-    value, err = accuracy.get(system), (accuracy.get("stderr") or {}).get(system)
-    return _num(value) if value is None or err is None else f"{value:.3f} ± {err:.3f}"
 
 @cli.command("make-task", epilog="""\b
 Examples:
@@ -669,14 +545,14 @@ def make_task(out, backbone, image_sizes, count, seed, split, mix, slot, task):
     over the whole image (4x4 at 224x224) holding two to six digits. Same arguments, same files. Feed the folder to
     `validate --data` or `compare --data`.
     """
-    from .export import parse_image_size
-    from .pipeline import run_make_task
+    from ..stages.data import make_task as run
+    from ..stages.export import parse_image_size
 
-    info = run_make_task(out, backbone, [parse_image_size(s) for s in image_sizes], count, seed, split, mix, slot,
-                         task)
-    sizes = ", ".join(f"{h}x{w}" for h, w in info["image_sizes"])
-    click.echo(f"wrote {count} {info['task']} questions ({sizes}; "
-               f"{', '.join(f'{k} {v}' for k, v in info['types'].items())}) "
+    made = run(out, backbone=backbone, image_sizes=[parse_image_size(s) for s in image_sizes], count=count, seed=seed,
+               split=split, mix=mix, slot=slot, task=task)
+    sizes = ", ".join(f"{h}x{w}" for h, w in made.info["image_sizes"])
+    click.echo(f"wrote {count} {made.kind} questions ({sizes}; "
+               f"{', '.join(f'{k} {v}' for k, v in made.types.items())}) "
                f"to {out / 'prompts.jsonl'}")
 
 
@@ -705,10 +581,12 @@ def compare(backbone, model_dir, data, schedule_path, keep_ratios, seed, out):
     number of visual rows that spends HalfV's prefill FLOPs: random selection, attention-only (top-K by the
     same last-token scores, FastV-like) and IVR without SSR. Eager PyTorch, greedy answers, exact match.
     """
-    from .pipeline import run_compare
+    from ..stages.compare import DEFAULT_KEEP_RATIOS, compare as run
+    from .render import RichProgress
 
-    result = run_compare(backbone, model_dir, data, schedule_path, list(keep_ratios) or [0.1, 0.25, 0.5, 0.75],
-                         seed, out)
+    with RichProgress() as progress:
+        result = run(backbone, out, model=model_dir, data=data, schedule=schedule_path,
+                     keep_ratios=list(keep_ratios) or list(DEFAULT_KEEP_RATIOS), seed=seed, progress=progress)
     click.echo(f"unpruned accuracy {result['full']['accuracy']:.4f} on {result['samples']} questions")
     for point in result["points"]:
         click.echo(f"keep {point['keep_ratio']:g}: " + "  ".join(
@@ -761,8 +639,8 @@ def bench(backbone, config_path, visual, reference_visual, text_tokens, runs, ge
     """
     from ..graphs.adapter import adapter_for_model_type, get_adapter
     from ..graphs.checkpoint import read_config_json
-    from ..validate.bench import BenchShape, run_bench
-    from ..validate.bench_report import update_readme
+    from ..benchmarks.bench import BenchShape, run_bench
+    from ..benchmarks.report import update_readme
 
     visual = tuple(visual) or (256, 1024, 2048)
     if quantize is None and reference_visual not in visual:  # --quantize times the reference N alone
@@ -775,7 +653,7 @@ def bench(backbone, config_path, visual, reference_visual, text_tokens, runs, ge
     else:
         shape = BenchShape(**{k: v for k, v in widths.items() if v is not None})
     if quantize is not None:
-        from ..validate.bench_quantize import run_quant_bench
+        from ..benchmarks.quantize import run_quant_bench
 
         run_quant_bench(out, adapter, shape, reference_visual, text_tokens, runs, quantize,
                         log=lambda m: click.echo(m, err=True))

@@ -46,10 +46,8 @@ from ..graphs.halfv import HalfVReference
 from ..graphs.tme import DEFAULT_K, kl_last_token, truncated_entropy
 from ..base.data import Sample
 from ..graphs.pruning import PruneSchedule
-from .schedule import DEFAULT_SSR_RATIO, FIELDS, apply_overrides, check_values
-
-UNPLACED = "; no "  # in chosen_by, between the paper's note and why the curve could not place that layer
-
+from .schedule import DEFAULT_SSR_RATIO, FIELDS, MOVED, ChosenBy, Choice, apply_overrides, check_values
+from ..base.kinds import SSRMode
 
 def measure_probes(adapter: BackboneAdapter, loaded: LoadedModel, samples: list[Sample], k: int = DEFAULT_K,
                    kl_probe: bool = True, progress: Callable[[Iterable], Iterable] = iter,
@@ -93,13 +91,13 @@ def measure_probes(adapter: BackboneAdapter, loaded: LoadedModel, samples: list[
 
 
 def derive_schedule(curves: dict | None, depth: int, adapter: BackboneAdapter, overrides: dict,
-                    use_rules: bool = True) -> tuple[dict, dict]:
+                    use_rules: bool = True) -> tuple[dict, dict[str, Choice]]:
     """Apply the rules to the curves -> (the six schedule values, which rule chose each)."""
     paper = adapter.paper.at_depth(depth)
-    paper_note = f"paper: {adapter.paper.reference_model}" + (
+    paper_note = adapter.paper.reference_model + (
         "" if depth == adapter.paper.reference_depth else f" (layers scaled {adapter.paper.reference_depth}->{depth})")
     values = dict(paper)
-    chosen = {key: paper_note for key in FIELDS}
+    chosen = {key: Choice(ChosenBy.PAPER, paper_note) for key in FIELDS}
     visual = (curves or {}).get("visual")
 
     if use_rules and visual and depth >= 4 and all(v is not None for v in visual):
@@ -107,22 +105,27 @@ def derive_schedule(curves: dict | None, depth: int, adapter: BackboneAdapter, o
         peak = max(shallow, key=lambda i: (visual[i], -i))
         if visual[peak + 1] < visual[peak]:
             values["ivr_layer"] = peak
-            chosen["ivr_layer"] = f"rule: peak of visual TME over points 1..{shallow[-1]} (end of stage I)"
+            chosen["ivr_layer"] = Choice(ChosenBy.RULE,
+                                         f"peak of visual TME over points 1..{shallow[-1]} (end of stage I)")
         else:
-            chosen["ivr_layer"] = (f"{paper_note}{UNPLACED}peak of visual TME over points 1..{shallow[-1]}: it still "
-                                   f"rises at point {peak + 1} (stage I outlasts the window)")
+            chosen["ivr_layer"] = Choice(ChosenBy.PAPER, paper_note,
+                                         unplaced=f"peak of visual TME over points 1..{shallow[-1]}: it still rises "
+                                                  f"at point {peak + 1} (stage I outlasts the window)")
         deep = range(values["ivr_layer"] + 1, depth - 1)
         if len(deep):
             low = min(deep, key=lambda i: (visual[i], i))
+            window = f"minimum of visual TME over points {deep[0]}..{deep[-1]}"
             if visual[low - 1] > visual[low] < visual[low + 1]:
                 values["ssr_layer"] = low
-                chosen["ssr_layer"] = f"rule: minimum of visual TME over points {deep[0]}..{deep[-1]} (start of stage III)"
+                chosen["ssr_layer"] = Choice(ChosenBy.RULE, f"{window} (start of stage III)")
             else:
-                chosen["ssr_layer"] = (f"{paper_note}{UNPLACED}minimum of visual TME over points {deep[0]}..{deep[-1]}: "
-                                       f"the lowest, point {low}, is on a slope (no stage III found)")
+                chosen["ssr_layer"] = Choice(ChosenBy.PAPER, paper_note,
+                                             unplaced=f"{window}: the lowest, point {low}, is on a slope (no stage "
+                                                      "III found)")
         if values["ssr_layer"] <= values["ivr_layer"]:  # a paper L2 at or above a deeper rule-chosen L1
             values["ssr_layer"] = min(values["ivr_layer"] + 1, depth - 1)
-            chosen["ssr_layer"] += "; moved to L1 + 1"
+            old = chosen["ssr_layer"]
+            chosen["ssr_layer"] = Choice(old.by, old.why + MOVED, old.unplaced)
     chosen.update(apply_overrides(values, overrides))
     check_values(values, depth, where="calibrated schedule")
     return values, chosen
@@ -138,8 +141,9 @@ def measure_ssr_modes(stack, inputs: list, values: dict, progress: Callable[[Ite
     if not inputs:
         return None
     base = {k: values[k] for k in ("ivr_layer", "keep_ratio", "anchor_ratio", "ssr_layer")}
-    modes = {"topk": PruneSchedule(**base, ssr_mode="topk", ssr_ratio=values["ssr_ratio"] or DEFAULT_SSR_RATIO),
-             "freeze": PruneSchedule(**base, ssr_mode="freeze", ssr_ratio=None)}
+    modes = {SSRMode.TOPK: PruneSchedule(**base, ssr_mode=SSRMode.TOPK,
+                                         ssr_ratio=values["ssr_ratio"] or DEFAULT_SSR_RATIO),
+             SSRMode.FREEZE: PruneSchedule(**base, ssr_mode=SSRMode.FREEZE, ssr_ratio=None)}
     scores = evaluate_fidelity(stack, inputs, list(modes.values()), progress)
     return {mode: score for mode, score in zip(modes, scores)}
 
@@ -165,7 +169,7 @@ def measure_anchor_ratios(stack, inputs: list, values: dict, progress: Callable[
     return {str(a): score for a, score in zip(ratios, scores)}
 
 
-def choose_anchor_ratio(values: dict, chosen: dict, probe: dict | None, overrides: dict) -> None:
+def choose_anchor_ratio(values: dict, chosen: dict[str, Choice], probe: dict | None, overrides: dict) -> None:
     """Keep the anchor ratio with the lowest mean KL, in place; a tie keeps the one `values` holds (the paper's).
     A CLI --anchor-ratio is the user's choice."""
     if probe is None or overrides.get("anchor_ratio") is not None:
@@ -174,20 +178,20 @@ def choose_anchor_ratio(values: dict, chosen: dict, probe: dict | None, override
     best = min(kl, key=lambda a: (kl[a], a != values["anchor_ratio"]))
     if kl[best] < kl[values["anchor_ratio"]]:
         values["anchor_ratio"] = best
-    chosen["anchor_ratio"] = ("rule: the anchor share closest to the unpruned model, mean last-token KL "
-                              + ", ".join(f"{a:g}: {v:.3g}" for a, v in sorted(kl.items())))
+    chosen["anchor_ratio"] = Choice(ChosenBy.RULE, "the anchor share closest to the unpruned model, mean last-token "
+                                    "KL " + ", ".join(f"{a:g}: {v:.3g}" for a, v in sorted(kl.items())))
 
 
-def choose_ssr_mode(values: dict, chosen: dict, probe: dict | None, overrides: dict) -> None:
+def choose_ssr_mode(values: dict, chosen: dict[str, Choice], probe: dict | None, overrides: dict) -> None:
     """Keep the SSR mode with the lower mean KL, in place; a tie keeps the mode `values` holds (the paper's: no
     other rule sets it). Then sigma is settled for it as the schedule's other rules do (apply_overrides). A CLI
     --ssr-mode is the user's choice; a CLI --ssr-ratio is the sigma the topk side was probed (and kept) with."""
     if probe is None or overrides.get("ssr_mode") is not None:
         return
     kl = {mode: probe[mode]["kl_mean"] for mode in probe}
-    other = "freeze" if values["ssr_mode"] == "topk" else "topk"
+    other = SSRMode.FREEZE if values["ssr_mode"] == SSRMode.TOPK else SSRMode.TOPK
     if kl[other] < kl[values["ssr_mode"]]:
         values["ssr_mode"] = other
-    chosen["ssr_mode"] = (f"rule: the SSR cut closer to the unpruned model, mean last-token KL "
-                          f"topk {kl['topk']:.3g} vs freeze {kl['freeze']:.3g}")
+    chosen["ssr_mode"] = Choice(ChosenBy.RULE, f"the SSR cut closer to the unpruned model, mean last-token KL "
+                                              f"topk {kl[SSRMode.TOPK]:.3g} vs freeze {kl[SSRMode.FREEZE]:.3g}")
     chosen.update(apply_overrides(values, overrides))

@@ -10,8 +10,8 @@ before HalfV's IVR layer L1, and keep the K visual rows whose single-cut prefill
     random     K rows drawn uniformly, a fresh draw per image from one stream per (method, rho) seeded with
                `seed`: the same data in the same order draws the same subsets; no SSR
 
-Accuracy is exact match of the greedy answer (validate.accuracy); FLOPs are the analytic LLM prefill count
-(validate.flops), as a fraction of the unpruned model's, averaged over samples.
+Accuracy is exact match of the greedy answer (measure.accuracy); FLOPs are the analytic LLM prefill count
+(measure.flops), as a fraction of the unpruned model's, averaged over samples.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..base.errors import BadInput
 from ..base.atomic import write_text_atomic
-from .plots import plt, save_figure
+from ..measure.plots import plt, save_figure
 
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 

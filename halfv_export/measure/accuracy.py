@@ -1,7 +1,7 @@
 """Task accuracy: greedy answers scored by exact match against the reference answers of the data.
 
 An answer is the greedy continuation up to (not including) the first end-of-sequence token, decoded without
-special tokens; it matches when normalise(answer) == normalise(reference) (base.tasks.normalise_answer: stripped,
+special tokens; it matches when normalise(answer) == normalise(reference) (tasks.digits.normalise_answer: stripped,
 lower-case, inner whitespace collapsed, a trailing full stop dropped). Scores are kept per question type; samples
 without a `type` count under "untyped".
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..base.tasks import normalise_answer
+from ..tasks.digits import normalise_answer
 
 NORMALISATION = "strip, lower-case, collapse whitespace, drop a trailing full stop; exact match"
 UNTYPED = "untyped"

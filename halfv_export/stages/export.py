@@ -26,6 +26,7 @@ from ..graphs.quantize import TENSOR_SUFFIXES, scheme_for
 from ..graphs.shared_weights import WeightStore, parameter_names
 from ..graphs.specs import PREFILL, VISION, decode_spec, embed_spec, prefill_spec, vision_spec
 from ..base.atomic import prepare_out_dir, write_text_atomic
+from ..base.kinds import SSRMode
 
 ARTIFACTS_FORMAT = 1
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -52,7 +53,7 @@ def resolve_buckets(adapter: BackboneAdapter, processing: Processing, sizes: lis
             raise BadInput(f"--image-size {size[0]}x{size[1]} is not a size the image processor produces (it resizes "
                            f"to {bucket[0]}x{bucket[1]}); use --image-size {bucket[0]}x{bucket[1]}")
         plan = budgets(n, schedule)
-        if plan.k1 < 1 or (schedule.ssr_mode == "topk" and plan.k2 < 1):
+        if plan.k1 < 1 or (schedule.ssr_mode == SSRMode.TOPK and plan.k2 < 1):
             raise BadInput(f"bucket {size[0]}x{size[1]} has N={n} visual tokens: K1={plan.k1}, K2={plan.k2} at "
                            f"keep_ratio={schedule.keep_ratio}; use a larger image size or larger ratios")
         if max(plan.k1, plan.k2) > TOPK_LIMIT:
@@ -176,3 +177,98 @@ def _blank(size: tuple[int, int]):
     from PIL import Image
 
     return Image.new("RGB", (size[1], size[0]), (127, 127, 127))
+
+
+# ------------------------------------------------------------------------------------------------ the library stage
+def load_for_source(adapter: BackboneAdapter, source: str, model_dir: Path | None, dtype=None) -> LoadedModel:
+    """The eager model an artifacts folder or schedule was made from: `model_dir` wins, else the recorded source.
+    `dtype` loads a checkpoint's weights at that dtype (default fp32); the embedded default is seeded in fp32."""
+    if model_dir is not None:
+        return adapter.load(model_dir, dtype=dtype)
+    if source.startswith("embedded:"):
+        if "seed=" in source:
+            return adapter.load(None, seed=int(source.rsplit("seed=", 1)[-1]))
+        return adapter.load(None)
+    if not Path(source).is_dir():
+        raise BadInput(f"the model these artifacts were made from ({source}) is not here; pass --model DIR")
+    return adapter.load(Path(source), dtype=dtype)
+
+
+def export(schedule: Path, out: Path, *, model: Path | None = None, image_sizes: list[tuple[int, int]] = (),
+           precision: str = "fp32", quantize: str | None = None, progress=None):
+    """-> Artifacts: the model traced with `schedule` (a schedule.json) baked in, one vision and one prefill graph
+    per image-size bucket (default: the sizes an embedded default was trained on, else DEFAULT_IMAGE_SIZES mapped to
+    the processor's buckets), embed / full prefill / decode graphs once, weights stored once, artifacts.json and
+    manifest.json. `model`: the checkpoint (default: the one the schedule was calibrated on)."""
+    from ..base.manifest import write_manifest
+    from ..calibration.schedule import read_schedule
+    from ..graphs.adapter import get_adapter
+    from ..graphs.checkpoint import config_fingerprint
+    from .calibrate import DEFAULT_IMAGE_SIZES
+    from .progress import Reporter, Stage
+    from .results import Artifacts
+
+    report = Reporter(Stage.EXPORT, progress)
+    check_quantize(quantize, precision)  # before the model is loaded
+    _, doc = read_schedule(schedule)
+    adapter = get_adapter(doc.get("backbone", "?"))
+    with report.status("loading the model"):  # at the export dtype: a bf16 checkpoint is never upcast to fp32
+        loaded = load_for_source(adapter, doc["model"].get("source", ""), model, dtype=PRECISIONS.get(precision))
+    sched, doc = read_schedule(schedule, backbone=adapter.name, fingerprint=config_fingerprint(loaded.config),
+                               depth=adapter.text_stack(loaded).num_layers)
+    image_sizes = [tuple(s) for s in image_sizes]
+    if not image_sizes:
+        processing = Processing(loaded.tokenizer, loaded.image_processor, loaded.config)
+        wanted = [tuple(s) for s in loaded.meta.get("image_sizes", [])] or DEFAULT_IMAGE_SIZES
+        image_sizes = list(dict.fromkeys(adapter.bucket_for(processing, s)[0] for s in wanted))
+    count = report.counted("exporting", 2 * len(image_sizes) + 4)
+    graph_progress = GraphProgress(report, count)
+    meta = export_artifacts(adapter, loaded, sched, doc, image_sizes, out, precision=precision,
+                            report=graph_progress, log=report.message, quantize=quantize)
+    count.finish()
+    with report.status("hashing the artifacts for manifest.json"):
+        write_manifest(out, export_manifest_extra(out))
+    return Artifacts(Path(out), meta)
+
+
+class GraphProgress:
+    """export_artifacts' per-graph report -> the export's counted task (one step per graph) and one line per graph."""
+
+    def __init__(self, report, count):
+        self.report, self.count, self.done = report, count, 0
+
+    def __call__(self, graph: str, phase: str, detail) -> None:
+        if phase == "done":
+            self.done += 1
+            self.count(self.done)
+            self.report.message(f"  {graph}: {detail['seconds']:.1f} s, graph {_mib(detail['graph_bytes'])}, "
+                                f"weights.bin {_mib(detail['weights_bin_bytes'])}")
+            return
+        written = f", {_mib(detail)} written" if isinstance(detail, int) else ""
+        self.count(self.done, detail=f"{graph}: {phase}{written}")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def export_manifest_extra(artifacts: Path) -> dict:
+    """What each engine target records at export time (e.g. TensorRT's trtexec lines), computed without it."""
+    from ..engines import EngineOptions, all_targets
+
+    extra = {}
+    for target in all_targets():
+        if target.manifest_extra is not None:
+            extra.update(target.manifest_extra(artifacts, EngineOptions()))
+    return extra
+
+
+def lint(artifacts: Path) -> tuple[list[str], list]:
+    """TensorRT-readiness of every exported graph -> (graph files, findings)."""
+    from ..graphs.lint import lint_file
+
+    meta_path = Path(artifacts) / "artifacts.json"
+    if not meta_path.exists():
+        raise BadInput(f"{artifacts} has no artifacts.json; run `halfv-export export` into it first")
+    graphs = json.loads(meta_path.read_text())["graphs"]
+    return graphs, [f for g in graphs for f in lint_file(Path(artifacts) / g)]

@@ -42,8 +42,8 @@ from ..graphs.checkpoint import read_config_json, seeded_model
 from ..graphs.halfv import HalfVReference
 from ..graphs.pruning import PruneSchedule
 from ..graphs.specs import decode_spec, prefill_spec, selection_spec
-from .flops import LMShape, prefill_flops
-from .report import timed
+from ..measure.flops import LMShape, prefill_flops
+from ..measure.report import timed
 
 CONFIGS = Path(__file__).parent / "data" / "model-configs.json"
 CURVE_POINTS = (576, 1024, 2048, 4096, 8192, 16384)
@@ -339,7 +339,7 @@ def run_bench(out: Path, adapter: BackboneAdapter, shape: BenchShape = BenchShap
     result["gpu"] = gpu_section(adapter, runs)
     result["load_average"]["end"] = round(os.getloadavg()[0], 2)  # other work on the box inflates every time
     write_text_atomic(out / "bench.json", json.dumps(result, indent=2) + "\n")
-    from .bench_report import render_bench, bench_plots
+    from .report import render_bench, bench_plots
 
     bench_plots(result, out)
     write_text_atomic(out / "bench.md", render_bench(result))
@@ -397,7 +397,7 @@ def ttft_section(adapter: BackboneAdapter, shape: BenchShape, lm: LMShape, sched
     import copy
 
     from ..graphs.specs import embed_spec, vision_spec
-    from .vision_flops import vision_flops
+    from ..measure.vision_flops import vision_flops
 
     found = published_vision(adapter)
     if found is None or "window_size" not in found[1]:

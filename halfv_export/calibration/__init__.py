@@ -1,0 +1,1 @@
+"""Choosing the schedule: TME / KL probes and the rules that read them, the FLOPs-budget search, schedule.json."""

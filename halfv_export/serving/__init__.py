@@ -1,0 +1,1 @@
+"""Serving a build: the OpenAI-compatible HTTP server and the continuous batcher behind it."""
