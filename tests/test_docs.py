@@ -29,7 +29,7 @@ DOCS = ROOT / "docs"
 
 SETUP = [
     'python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && pip install -e '
-    '".[onnx,bench,serve,test]" && halfv-export build --backbone qwen2.5-vl --out build/',
+    '".[export,bench,serve,test]" && halfv-export build --backbone qwen2.5-vl --out build/',
     "python -m pytest -q -n 2 --dist loadfile",
 ]
 

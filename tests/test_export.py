@@ -89,7 +89,10 @@ def test_engine_stage_run_and_manifest(exported, run_cli, tmp_path):
     assert answer.exit_code == 0 and answer.output.strip(), answer.output
     manifest = json.loads((exported / "manifest.json").read_text())
     assert {"prefill_448x448.onnx", "ort/engine.json", "weights.bin", "schedule.json"} <= set(manifest["files"])
-    assert not [f for f in manifest["files"] if f.startswith("ort/") and f.endswith(".onnx")]  # no weight copies
+    # the engine stage's only graphs are the fused prefills (weights left in weights.bin: test_shared_weights.py)
+    fused = json.loads((exported / "ort" / "engine.json").read_text())["fused_graphs"]
+    assert sorted(f for f in manifest["files"] if f.startswith("ort/") and f.endswith(".onnx")) == sorted(
+        fused.values()) == ["ort/prefill_336x504.onnx", "ort/prefill_448x448.onnx", "ort/prefill_full.onnx"]
     assert manifest["versions"]["onnxruntime"] and manifest["schedule"]["ssr_layer"] == 6
 
 

@@ -32,11 +32,11 @@ def test_validate_gates_the_rows_and_logits_the_runtime_serves(exported, run_cli
     def engine_spy(self, host, halfv=True, embeds=None):
         state = real_prefill(self, host, halfv, embeds)
         if halfv and embeds is None and host.num_visual:
-            engine_rows.append((host.input_ids.clone(), host.attention_mask.clone(), self.to_host(state.logits)))
+            engine_rows.append((host.input_ids.copy(), host.attention_mask.copy(), self.to_host(state.logits)))
         return state
 
     def eager_spy(self, inputs, *args, **kwargs):
-        eager_rows.append(inputs.input_ids.clone())
+        eager_rows.append(inputs.input_ids.numpy().copy())
         return real_eager(self, inputs, *args, **kwargs)
 
     monkeypatch.setattr(EnginePipeline, "prefill", engine_spy)
@@ -58,9 +58,9 @@ def test_validate_gates_the_rows_and_logits_the_runtime_serves(exported, run_cli
         image = make_image(448, 448, i)
         alone = model.start([image], [prompt], max_new_tokens=1)
         host = model.pipeline.host([image], [prompt])
-        own_ids = host.input_ids[0][host.attention_mask[0].bool()].tolist()
+        own_ids = host.input_ids[0][host.attention_mask[0] == 1].tolist()
         hits = [logits[b] for ids, mask, logits in batched for b in range(ids.shape[0])
-                if ids[b][mask[b].bool()].tolist() == own_ids]
+                if ids[b][mask[b] == 1].tolist() == own_ids]
         assert hits, prompt
         for logits in hits:
             np.testing.assert_allclose(logits, alone.state.logits[0], rtol=0, atol=1e-4, err_msg=prompt)

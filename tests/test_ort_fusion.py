@@ -8,6 +8,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from halfv_export.engines import ort as ort_module
 from halfv_export.engines.ort import OrtRunner, build_ort_engines
 from halfv_export.engines.ort_fusion import HIERARCHY, fuse_causal_attention
 from halfv_export.graphs import get_adapter
@@ -77,9 +78,10 @@ def test_unmarked_and_non_causal_graphs_are_left_alone(tmp_path):
     assert fuse_causal_attention(onnx.load(str(decode), load_external_data=False)) == 0
 
 
-def test_engine_stage_records_fusion_and_runs_follow_it(tmp_path, exported):
+def test_engine_stage_records_fusion_and_runs_follow_it(tmp_path, exported, monkeypatch):
     """The embedded default's export: the engine stage fuses every prefill layer (8) of both buckets and of
-    prefill_full, nothing in vision / embed / decode; with --no-fuse-attention a later runner stays unfused."""
+    prefill_full, nothing in vision / embed / decode, and writes those graphs to ort/, which a later runner opens
+    as they are (no rewrite, so no onnx package); with --no-fuse-attention a later runner stays unfused."""
     artifacts = copy_build(exported, tmp_path / "a")
     layers = json.loads((artifacts / "config.json").read_text())["text_config"]["num_hidden_layers"]
     info = build_ort_engines(artifacts)
@@ -88,8 +90,15 @@ def test_engine_stage_records_fusion_and_runs_follow_it(tmp_path, exported):
     assert prefill == {"prefill_448x448.onnx", "prefill_336x504.onnx", "prefill_full.onnx"}
     assert all(fused[g] == layers for g in prefill) and not any(fused[g] for g in set(fused) - prefill)
     assert json.loads((artifacts / "ort" / "engine.json").read_text())["fuse_attention"] is True
+    assert sorted(p.name for p in (artifacts / "ort").glob("*.onnx")) == sorted(prefill)
+    with monkeypatch.context() as patched:
+        patched.setattr(ort_module, "fused_graph", lambda *a, **k: pytest.fail("a runner rewrote a fused graph"))
+        runner = OrtRunner(artifacts)
+        runner.session("prefill_448x448.onnx")
+        assert runner.fused == {"prefill_448x448.onnx": layers}
     info = build_ort_engines(artifacts, fuse_attention=False)
     assert info["fuse_attention"] is False and not any(info["fused_attention"].values())
+    assert not list((artifacts / "ort").glob("*.onnx"))  # the previous stage's fused graphs are gone
     runner = OrtRunner(artifacts)  # follows engine.json
     runner.session("prefill_448x448.onnx")
     assert runner.fused == {"prefill_448x448.onnx": 0}
@@ -120,6 +129,7 @@ def test_a_refused_fusion_is_one_warning_and_recorded(tmp_path, exported, monkey
     warned = [r.getMessage() for r in caplog.records]
     assert len(warned) == len(prefill) and all("\n" not in w and "refused the fused attention" in w for w in warned)
     assert json.loads((artifacts / "ort" / "engine.json").read_text())["fusion_refused"] == info["fusion_refused"]
+    assert not info["fused_graphs"] and not list((artifacts / "ort").glob("*.onnx"))  # nothing refused is kept
 
 
 def test_describe_names_the_provider_the_sessions_run(exported):

@@ -6,6 +6,7 @@ import copy
 import json
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
@@ -100,7 +101,9 @@ def image_runs(ids, image_token_id):
 
 
 def real_ids(host, row=0):
-    return host.input_ids[row][host.attention_mask[row].bool()].tolist()
+    """The row's unpadded ids (torch HostInputs of the adapters or numpy HostArrays of the runtime)."""
+    mask = np.asarray(host.attention_mask[row]) == 1
+    return np.asarray(host.input_ids[row])[mask].tolist()
 
 
 def real_start(host, row=0) -> int:

@@ -89,7 +89,15 @@ def test_fast_check_guarantees_what_the_readme_says(exported, run_cli, tmp_path,
     assert result.exit_code == 0, result.output
     manifest = json.loads((copy / "manifest.json").read_text())
     assert WEIGHTS_FILE in manifest["samples"] and not any(n.endswith(".onnx") for n in manifest["samples"])
-    assert not list((copy / "ort").glob("*.onnx"))  # the engine stage adds no optimised copies
+    # the engine stage adds no copy of the weights: its fused graphs (ort/) keep every large tensor in weights.bin
+    engine = json.loads((copy / "ort" / "engine.json").read_text())
+    assert sorted(engine["fused_graphs"]) == sorted(p.name for p in (copy / "ort").glob("*.onnx"))
+    assert engine["fused_graphs"], "the CPU engine stage fuses the prefill graphs' attention"
+    for name in engine["fused_graphs"]:
+        graph = onnx.load(str(copy / "ort" / name), load_external_data=False).graph
+        inline = [i.name for i in graph.initializer if i.data_location != onnx.TensorProto.EXTERNAL
+                  and len(i.raw_data) >= MIN_SHARED_BYTES]
+        assert not inline, (name, inline)
     # a same-size edit between the sampled blocks: `run` (fast) does not see it, `validate` (full) refuses it
     middle = weights.stat().st_size // 2
     stat = weights.stat()

@@ -17,7 +17,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-from halfv_export.engines.ort import open_session, session_options
+from halfv_export.engines.ort import graph_session, session_options
 from halfv_export.graphs import get_adapter
 from halfv_export.graphs.pruning import PruneSchedule
 from halfv_export.graphs.specs import prefill_spec, selection_spec
@@ -32,7 +32,7 @@ def profile(path: Path, feeds: dict, out: Path, runs: int = 4) -> tuple[dict, li
     options = session_options()
     options.enable_profiling = True
     options.profile_file_prefix = str(out / path.stem)
-    session = open_session(path, options, ["CPUExecutionProvider"])[0]
+    session = graph_session(path, options)[0]
     wanted = {i.name for i in session.get_inputs()}
     feeds = {k: v for k, v in feeds.items() if k in wanted}
     for _ in range(runs + 1):

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..base.atomic import prepare_out_dir, write_text_atomic
 from ..base.errors import BadInput
-from ..engines.ort import open_session, session_options
+from ..engines.ort import graph_session
 from ..graphs.adapter import BackboneAdapter, LoadedModel, PrefillInputs, adapter_for_model_type
 from ..graphs.checkpoint import read_config_json, seeded_model
 from ..graphs.halfv import HalfVReference
@@ -105,14 +105,14 @@ class PeakRss:
 
 def ort_session(path: Path):
     """A CPU session of one graph, opened the way the onnxruntime engine opens it."""
-    return open_session(Path(path), session_options(), ["CPUExecutionProvider"])[0]
+    return graph_session(Path(path))[0]
 
 
 def measure_ort(path: Path, feeds: dict, runs: int, outputs: list[str] | None = None) -> dict:
     """A CPU session as the onnxruntime engine opens it (causal attention fused where marked) -> timings, RSS
     and how many attention sites ran fused."""
     with PeakRss() as rss:
-        session, fused, _ = open_session(Path(path), session_options(), ["CPUExecutionProvider"])
+        session, fused = graph_session(Path(path))
         wanted = {i.name for i in session.get_inputs()}
         feeds = {k: v for k, v in feeds.items() if k in wanted}
         result = timed(lambda: session.run(outputs, feeds), runs)

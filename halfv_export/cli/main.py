@@ -42,6 +42,11 @@ class CliError(click.ClickException):
         self.exit_code = exit_code
 
 
+# what the [export] extra adds to the runtime install (pyproject.toml): a command that imports one of these is a
+# toolchain command
+TOOLCHAIN = {"torch", "transformers", "safetensors", "onnx", "onnxscript", "matplotlib", "sklearn"}
+
+
 def user_errors(fn):
     """HalfvError -> one line with its exit code; anything unexpected -> one line unless --debug."""
 
@@ -56,6 +61,13 @@ def user_errors(fn):
             raise CliError(str(e), e.exit_code) from None
         except (click.ClickException, click.Abort, KeyboardInterrupt):
             raise
+        except ModuleNotFoundError as e:
+            if debug or (e.name or "").split(".")[0] not in TOOLCHAIN:
+                raise
+            command = click.get_current_context().info_name
+            raise CliError(f"`{command}` needs the export toolchain ({e.name} is not installed; the runtime install "
+                           "only runs builds); install the [export] extra: pip install '.[export]' in a checkout", 1) \
+                from None
         except Exception as e:  # noqa: BLE001 - the one place that turns surprises into a line
             if debug:
                 raise
@@ -295,8 +307,9 @@ def engine(artifacts, target, ep, max_batch, min_text, opt_text, max_text, max_n
     onnxruntime: every graph opened once with full optimisation on the provider (CPU, or --ep cuda / tensorrt
                  with onnxruntime-gpu); ort/engine.json records it. No optimised copies are saved: sessions
                  optimise at creation and share one memory-mapped weights.bin. On CPU the prefill graphs'
-                 causal attention runs fused (com.microsoft GroupQueryAttention, rewritten in memory; the
-                 exported ONNX stays plain and TensorRT-clean); run / validate / serve follow engine.json.
+                 causal attention runs fused (com.microsoft GroupQueryAttention; the rewritten graphs, without
+                 their weights, go to ort/, and the exported ONNX stays plain and TensorRT-clean); run / validate
+                 / serve follow engine.json.
     tensorrt:    TensorRT plans in trt/, one optimisation profile per image bucket with text-length min/opt/max,
                  strongly typed (the graphs' fp32 scores, norms and softmax stay fp32), timing cache reused, and
                  trt/engine.json (TensorRT version, GPU, compute capability, profiles, ONNX sha256).
@@ -417,6 +430,47 @@ def serve(artifacts, host, port, max_batch, batch_wait_ms, allow_images_from, ma
                f"(max batch {max_batch}, batch wait {batch_wait_ms:g} ms); Ctrl-C stops", err=True)
     server.serve_forever()
     click.echo("stopped", err=True)
+
+
+@cli.command(epilog="""\b
+Examples:
+  halfv-export triton --artifacts build/ --out model_repository/
+  halfv-export triton --artifacts build/ --out model_repository/ --kind gpu --instances 2
+  halfv-export triton --artifacts build/ --out model_repository/ --graph-backend python   # Python-backend-only servers
+\b
+  docker run --rm --shm-size=2g -p 8000:8000 -p 8001:8001 -v $PWD/model_repository:/models \\
+      nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models
+      # the image must also hold this package's runtime install (Python 3.11+): docs/triton.md
+""")
+@click.option("--artifacts", required=True, type=click.Path(path_type=Path), help="Directory written by build.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The model repository to write.")
+@click.option("--graph-backend", type=click.Choice(["onnxruntime", "python"]), default="onnxruntime",
+              show_default=True, help="Run each graph on Triton's onnxruntime backend, or with ONNX Runtime inside "
+              "the Python backend.")
+@click.option("--kind", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="Instance kind of the graph models.")
+@click.option("--instances", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Instances of each graph model.")
+@click.option("--max-batch", type=click.IntRange(1, 256), default=8, show_default=True,
+              help="Most requests the orchestrator runs together (Triton's dynamic batcher fills it).")
+@click.option("--queue-delay-ms", type=click.FloatRange(0, 10_000), default=10.0, show_default=True,
+              help="How long the dynamic batcher waits for more requests.")
+@user_errors
+def triton(artifacts, out, graph_backend, kind, instances, max_batch, queue_delay_ms):
+    """A Triton Inference Server model repository for a build: one model per graph, and an orchestrator (Python
+    backend: image bytes + prompt in, text out; `halfv` answers whole, `halfv_stream` streams pieces, decoupled).
+
+    The repository holds the build once; its Python models import this package's runtime install. Layout, the
+    request format and scaling out: docs/triton.md.
+    """
+    from ..serving.triton import TritonOptions, write_repository
+
+    summary = write_repository(artifacts, out, TritonOptions(graph_backend=graph_backend, kind=kind,
+                                                             instances=instances, max_batch=max_batch,
+                                                             queue_delay_us=int(queue_delay_ms * 1000)))
+    graphs = [name for name, backend in summary["models"].items() if not backend.startswith("python (")]
+    click.echo(f"wrote {out}: orchestrators halfv, halfv_stream and {len(graphs)} graph models on the "
+               f"{graph_backend} backend; start it with `tritonserver --model-repository={out}`")
 
 
 def latency_runs_option(fn):

@@ -122,7 +122,7 @@ class Decoding(Greedy):
     def __init__(self, pipeline: EnginePipeline, images: list, prompts: list[str], budgets: list[int], halfv: bool,
                  context: int | None = None):
         host = pipeline.host(images, prompts)
-        self.prompt_tokens = [int(n) for n in host.attention_mask.sum(dim=1)]
+        self.prompt_tokens = [int(n) for n in host.attention_mask.sum(axis=1)]
         for i, (n, budget) in enumerate(zip(self.prompt_tokens, budgets)):
             if context is not None and n + budget > context:
                 raise BadInput(f"prompt {i} has {n} tokens; with max_new_tokens {budget} that exceeds the "
@@ -146,9 +146,9 @@ class Model:
         self.meta = pipeline.meta
         self.backbone: str = pipeline.meta["backbone"]
         self.buckets: list[tuple[int, int]] = [tuple(b["size"]) for b in pipeline.meta["buckets"]]
-        text_config = pipeline.processing.config.get_text_config()
-        self.context: int | None = getattr(text_config, "max_position_embeddings", None)
-        self.tokenizer = pipeline.processing.tokenizer
+        config = pipeline.host_side.config
+        self.context: int | None = config.get("text_config", config).get("max_position_embeddings")
+        self.tokenizer = pipeline.host_side.tokenizer  # host/text.HostTokenizer
 
     def __repr__(self) -> str:
         buckets = ", ".join(f"{h}x{w}" for h, w in self.buckets)
@@ -185,7 +185,7 @@ class Model:
         """The exported bucket a fitted image (see `image`) runs in; None for no image."""
         if fitted is None:
             return None
-        return tuple(self.pipeline.adapter.bucket_for(self.pipeline.processing, (fitted.height, fitted.width))[0])
+        return tuple(self.pipeline.host_side.bucket_for((fitted.height, fitted.width)))
 
     def start(self, images: list, prompts: list[str], max_new_tokens, full: bool = False) -> Decoding:
         """Prefill one batch of fitted images (one bucket, or all None) and return its Decoding. max_new_tokens: one

@@ -10,9 +10,12 @@ initializer across sessions"), so N sessions hold one copy of the weights, backe
 would be a second full copy of the weights, tied to this machine): it opens every graph once with full graph
 optimisation on the chosen provider, records how long that took, and writes ort/engine.json. Sessions optimise at
 creation time, which the recorded seconds show is cheap next to a copy of the weights on disk. On the CPU provider
-each session also gets the prefill graphs' causal attention fused into ORT's GroupQueryAttention kernel, rewritten
-in memory from the small graph file (engines/ort_fusion.py; engine.json records how many sites per graph;
-`engine --no-fuse-attention` keeps the graphs as exported, and run / validate / serve follow engine.json)."""
+the prefill graphs' causal attention is fused into ORT's GroupQueryAttention kernel (engines/ort_fusion.py, which
+needs the `onnx` package): the engine stage writes each rewritten graph, a few MB without its weights, to ort/ and
+records it in engine.json, so a runner opens it as it is and the runtime install (no onnx, no torch) runs the same
+graphs as the toolchain. `engine --no-fuse-attention` keeps the graphs as exported; run / validate / serve follow
+engine.json. Artifacts that never had the engine stage are fused in memory where onnx is installed, else run as
+exported (one warning)."""
 
 from __future__ import annotations
 
@@ -23,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
+from ..base.artifact_files import NUMPY_BY_ONNX, ONNX_BFLOAT16, ORT_DIR, read_index
+from ..base.atomic import write_bytes_atomic, write_text_atomic
 from ..base.errors import BadInput
-from ..base.atomic import write_text_atomic
 from .arrays import NUMPY
 from .base import EngineTarget, register_target
 
-ORT_DIR = "ort"
 log = logging.getLogger("halfv_export")
 
 
@@ -36,7 +39,8 @@ def _ort():
     try:
         import onnxruntime
     except ImportError:
-        raise BadInput("onnxruntime is not installed; pip install 'halfv-export[onnx]'") from None
+        raise BadInput("onnxruntime is not installed; reinstall halfv-export (its base install brings ONNX "
+                       "Runtime)") from None
     return onnxruntime
 
 
@@ -48,8 +52,9 @@ def providers_for(ep: str) -> list[str]:
     if ep not in wanted:
         raise BadInput(f"unknown execution provider '{ep}'; choose cpu, cuda or tensorrt")
     if wanted[ep][0] not in available:
-        raise BadInput(f"ONNX Runtime here has no {wanted[ep][0]} (available: {', '.join(available)}); install "
-                       "onnxruntime-gpu instead of onnxruntime for --ep cuda/tensorrt")
+        raise BadInput(f"ONNX Runtime here has no {wanted[ep][0]} (available: {', '.join(available)}); for --ep "
+                       "cuda/tensorrt put onnxruntime-gpu in place of onnxruntime, which installs the same module: "
+                       "`pip uninstall -y onnxruntime && pip install onnxruntime-gpu`")
     return wanted[ep]
 
 
@@ -72,73 +77,99 @@ def build_ort_engines(artifacts: Path, ep: str = "cpu", fuse_attention: bool = T
     target = artifacts / ORT_DIR
     target.mkdir(exist_ok=True)
     (target / "engine.json").unlink(missing_ok=True)  # the runner below must not follow a previous engine stage
-    runner = OrtRunner(artifacts, ep=ep, fuse_attention=fuse_attention)
+    for stale in target.glob("*.onnx"):  # fused graphs of a previous engine stage
+        stale.unlink()
+    runner = OrtRunner(artifacts, ep=ep, fuse_attention=fuse_attention, engine_stage=True)
     seconds = {}
     for graph in meta["graphs"]:
         started = time.perf_counter()
+        runner.fuse_into(graph, target / graph)
         runner.session(graph)
         seconds[graph] = round(time.perf_counter() - started, 3)
         runner.close(graph)
+        if graph in runner.fusion_refused:  # ORT cannot run the rewrite: the runner opens the graph as exported
+            (target / graph).unlink(missing_ok=True)
+            runner.fused_files.pop(graph, None)
+    fused_files = runner.fused_files
     info = {"target": "onnxruntime", "ep": ep, "providers": providers, "onnxruntime": ort.__version__,
             "graph_optimization_level": "ORT_ENABLE_ALL", "optimised": "at session creation",
             "shared_weights": runner.shared_file is not None, "session_seconds": seconds,
-            "fuse_attention": runner.fuse_attention, "fused_attention": runner.fused,
+            "fuse_attention": runner.fuse_attention, "fused_attention": runner.fused, "fused_graphs": fused_files,
             "fusion_refused": runner.fusion_refused, "ran_on": runner.ran_on, "graphs": meta["graphs"]}
     write_text_atomic(target / "engine.json", json.dumps(info, indent=2) + "\n")
     return info
 
 
 class SharedWeights:
-    """weights.bin memory-mapped once; one OrtValue per tensor, handed to every session that names it."""
+    """weights.bin memory-mapped once; one OrtValue per tensor, handed to every session. Tensor names are content
+    keys (graphs/shared_weights.tensor_key), so a session is given all of them: ORT uses the ones its graph names
+    and ignores the rest, and no graph has to be parsed to know which."""
 
     def __init__(self, artifacts: Path, index: dict):
-        import onnx
-
         ort = _ort()
         path = Path(artifacts) / index["file"]
         self.path = path
         self._map = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else None
         self.values: dict = {}
         for name, entry in index["tensors"].items():
+            if entry["dtype"] not in NUMPY_BY_ONNX:
+                raise BadInput(f"{path}: tensor {name} has ONNX element type {entry['dtype']}, which this runner "
+                               "does not read; re-export with this version of halfv-export")
             raw = self._map[entry["offset"]:entry["offset"] + entry["length"]]
-            if entry["dtype"] == onnx.TensorProto.BFLOAT16:
-                array = raw.view(np.uint16).reshape(entry["shape"])
+            array = raw.view(NUMPY_BY_ONNX[entry["dtype"]]).reshape(entry["shape"])
+            if entry["dtype"] == ONNX_BFLOAT16:
                 self.values[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, entry["dtype"])
             else:
-                array = raw.view(onnx.helper.tensor_dtype_to_np_dtype(entry["dtype"])).reshape(entry["shape"])
                 self.values[name] = ort.OrtValue.ortvalue_from_numpy(array)
 
-    def add_to(self, options, names: set[str]) -> None:
-        for name in names & self.values.keys():
-            options.add_initializer(name, self.values[name])
+    def add_to(self, options) -> None:
+        for name, value in self.values.items():
+            options.add_initializer(name, value)
 
 
-def open_session(path: Path, options, providers: list[str], shared: "SharedWeights | None" = None,
-                 fuse_attention: bool = True):
-    """One InferenceSession of an exported graph -> (session, fused attention sites, why fusion was dropped or
-    None). Shared weights go in through add_initializer; on the CPU provider the marked causal attention is fused
-    first (engines/ort_fusion.py), and the rewritten graph, a few MB without its weights, is handed over as bytes."""
+def fused_graph(path: Path, providers: list[str], fuse_attention: bool = True) -> tuple[bytes | None, int]:
+    """The graph with its marked causal attention fused for the CPU provider (engines/ort_fusion.py), serialised
+    without its weights, and the number of fused sites; (None, 0) where nothing is fused. Needs the onnx package
+    (the toolchain)."""
+    if not fuse_attention or providers[0] != "CPUExecutionProvider":
+        return None, 0
     import onnx
 
     from .ort_fusion import fuse_causal_attention
 
     model = onnx.load(str(path), load_external_data=False)
+    sites = fuse_causal_attention(model)
+    return (model.SerializeToString(), sites) if sites else (None, 0)
+
+
+def open_session(path: Path, options, providers: list[str], shared: "SharedWeights | None" = None,
+                 fused: bytes | None = None):
+    """One InferenceSession of an exported graph -> (session, why the fused graph was refused or None). Shared
+    weights go in through add_initializer; `fused` (fused_graph's bytes, or an ort/ file the engine stage wrote)
+    runs instead of the file at `path` where ONNX Runtime accepts it."""
     if shared is not None:
-        shared.add_to(options, {i.name for i in model.graph.initializer
-                                if i.data_location == onnx.TensorProto.EXTERNAL})
-    fused = fuse_causal_attention(model) if fuse_attention and providers[0] == "CPUExecutionProvider" else 0
-    dropped = None
-    if fused:
-        # external data the shared weights do not cover is read relative to this folder, as for a model path
+        shared.add_to(options)
+    if fused is not None:
+        # external data the shared weights do not cover is read relative to the graph's folder, as for a model path
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
         try:
-            return _ort().InferenceSession(model.SerializeToString(), options, providers=providers), fused, None
+            return _ort().InferenceSession(fused, options, providers=providers), None
         except Exception as e:  # e.g. an ONNX Runtime whose GroupQueryAttention lacks `causal` / attention_bias
             reason = " ".join(str(e).split()) or type(e).__name__
             dropped = reason if len(reason) <= 240 else "..." + reason[-240:]  # ORT names the cause last
             log.warning(f"warning: {path.name}: ONNX Runtime refused the fused attention ({dropped}); running the "
                         "graph as exported (slower prefill; `engine --no-fuse-attention` silences this)")
-    return _ort().InferenceSession(str(path), options, providers=providers), 0, dropped
+            return _ort().InferenceSession(str(path), options, providers=providers), dropped
+    return _ort().InferenceSession(str(path), options, providers=providers), None
+
+
+def graph_session(path: Path, options=None, providers: list[str] | None = None):
+    """One graph file as a runner opens it (fused where marked, no shared weights) -> (session, fused sites): for
+    benchmarks and profiles of single graphs."""
+    providers = providers or ["CPUExecutionProvider"]
+    fused, sites = fused_graph(Path(path), providers)
+    session, refused = open_session(Path(path), options or session_options(), providers, None, fused)
+    return session, 0 if refused else sites
 
 
 class OrtRunner:
@@ -148,12 +179,11 @@ class OrtRunner:
     arrays = NUMPY  # sessions take and return host numpy arrays
 
     def __init__(self, artifacts: Path, ep: str = "cpu", threads: int | None = None, prepack: bool = False,
-                 fuse_attention: bool = True):
+                 fuse_attention: bool = True, engine_stage: bool = False):
         """prepack=True lets ORT pre-pack weights per session (its default; costs one copy of the packed weights
         per session); the default keeps one shared copy. fuse_attention: see engines/ort_fusion.py; an engine
-        stage that ran with it off (engine.json) turns it off here too."""
-        from ..graphs.shared_weights import read_index
-
+        stage that ran with it off (engine.json) turns it off here too. engine_stage: this runner is the engine
+        stage's own, which decides each graph's fusion and names the ort/ files (fuse_into)."""
         self.artifacts = Path(artifacts)
         self.prepack = prepack
         self.providers = providers_for(ep)
@@ -162,6 +192,13 @@ class OrtRunner:
         built = json.loads(engine.read_text()) if engine.exists() else {}
         self.optimized = built.get("ep") == ep
         self.fuse_attention = fuse_attention and built.get("fuse_attention", True)
+        # the engine stage's fused graphs (ort/) are for the provider it ran on: where that is this runner's CPU
+        # provider it decided for every graph; otherwise (another provider, an engine stage before fused files,
+        # none at all) this runner decides graph by graph
+        follows = built.get("ep") == ep and self.providers[0] == "CPUExecutionProvider" and self.fuse_attention
+        self.stage_fused = engine_stage or (follows and "fused_graphs" in built)
+        self.fused_files: dict[str, str] = dict(built.get("fused_graphs", {})) if follows else {}
+        self.recorded_sites: dict[str, int] = built.get("fused_attention", {}) if follows else {}
         self.fused: dict[str, int] = {}
         self.fusion_refused: dict[str, str] = {}  # graph -> ONNX Runtime's reason, for engine.json
         self.ran_on: dict[str, list[str]] = {}  # graph -> the providers its session actually holds
@@ -172,6 +209,7 @@ class OrtRunner:
         self._shared = SharedWeights(self.artifacts, index) if index and index["tensors"] else None
         self.shared_file = self._shared.path if self._shared else None
         self._sessions: dict = {}
+        self._warned_unfused = False
 
     def describe(self) -> str:
         """The device and provider that run: those of the sessions opened so far (ONNX Runtime drops a provider
@@ -197,13 +235,45 @@ class OrtRunner:
                 # the sharing (measured: two sessions over a 4.9 GB weights.bin hold 2 copies with prepacking, 1
                 # without; README "Real-size artifacts")
                 options.add_session_config_entry("session.disable_prepacking", "1")
-            session, self.fused[graph], refused = open_session(path, options, self.providers, self._shared,
-                                                               self.fuse_attention)
+            fused, self.fused[graph] = self._fused(graph)
+            session, refused = open_session(path, options, self.providers, self._shared, fused)
             if refused:
+                self.fused[graph] = 0
                 self.fusion_refused[graph] = refused
             self.ran_on[graph] = session.get_providers()
             self._sessions[graph] = session
         return self._sessions[graph]
+
+    def _fused(self, graph: str) -> tuple[bytes | None, int]:
+        """The graph to run in place of the exported one, and its fused sites: the engine stage's ort/ file, or
+        none where that stage fused nothing in it; without such a stage, fused in memory, or as exported where onnx
+        is not installed."""
+        if self.stage_fused and graph not in self.fused_files:
+            return None, 0
+        if graph in self.fused_files:
+            path = self.artifacts / self.fused_files[graph]
+            if not path.exists():
+                raise BadInput(f"{path} is missing; re-run `halfv-export engine --artifacts {self.artifacts}`")
+            return path.read_bytes(), int(self.recorded_sites.get(graph, 0))
+        try:
+            return fused_graph(self.artifacts / graph, self.providers, self.fuse_attention)
+        except ImportError:
+            if not self._warned_unfused:
+                self._warned_unfused = True
+                log.warning(f"warning: no engine stage wrote fused graphs into {self.artifacts} and onnx is not "
+                            "installed here, so its attention runs as exported (slower prefill); run `halfv-export "
+                            "engine` on it with the toolchain")
+            return None, 0
+
+    def fuse_into(self, graph: str, target: Path) -> int:
+        """The engine stage: write `graph` with its attention fused to `target` (where anything fuses) and run that
+        from now on -> the fused sites."""
+        rewritten, sites = fused_graph(self.artifacts / graph, self.providers, self.fuse_attention)
+        if rewritten is not None:
+            write_bytes_atomic(target, rewritten)
+            self.fused_files[graph] = target.relative_to(self.artifacts).as_posix()
+            self.recorded_sites[graph] = sites
+        return sites
 
     def close(self, graph: str) -> None:
         self._sessions.pop(graph, None)

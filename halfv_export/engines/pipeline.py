@@ -1,5 +1,6 @@
-"""Prefill and greedy decoding over exported graphs, with the same tokenizer, image processor and chat template as
-the eager path (the adapter's host_inputs). Works on any Runner: `run(graph, feeds) -> outputs`.
+"""Prefill and greedy decoding over exported graphs. The host side (tokenizer, chat template, image preprocessing,
+rope positions) is the build folder's own, in numpy (host/builds.py: no torch, no transformers; tests hold it equal
+to the adapters the eager path uses). Works on any Runner: `run(graph, feeds) -> outputs`.
 
 Between graphs, tensors stay in the runner's own array type (`runner.arrays`: numpy for ONNX Runtime, torch CUDA
 tensors for TensorRT): embeds, the K/V cache and the valid masks never visit the host, so a decode step moves only
@@ -8,6 +9,7 @@ the B new token ids and positions to the device and the B chosen ids back. `Engi
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from ..base.artifact_files import DECODE, DECODE_FULL, EMBED, PREFILL_FULL
 from ..base.errors import BadInput
 from ..base.greedy import Greedy
-from ..graphs import get_adapter
-from ..graphs.prompts import PAD_MULTIPLE, align_left
-from ..graphs.specs import DECODE, DECODE_FULL, EMBED, PREFILL_FULL
+from ..host.builds import BuildHost, host_for
+from ..host.inputs import PAD_MULTIPLE, HostArrays, align_left
 from .base import Runner, arrays_of
 
 
@@ -47,8 +49,7 @@ class EnginePipeline:
         if not meta_path.exists():
             raise BadInput(f"{self.artifacts} has no artifacts.json; run `halfv-export export` into it first")
         self.meta = json.loads(meta_path.read_text())
-        self.adapter = get_adapter(self.meta["backbone"])
-        self.processing = self.adapter.load_processing(self.artifacts)
+        self.host_side: BuildHost = host_for(self.artifacts)
         self.runner = runner
         self.buckets = {tuple(b["size"]): b for b in self.meta["buckets"]}
         precision = self.meta.get("precision", "fp32")
@@ -57,6 +58,18 @@ class EnginePipeline:
                            "--target tensorrt, or export with --precision fp16 / fp32")
         self.float_dtype = FLOAT_DTYPES.get(precision, "float32")  # the graphs' pixel / embeds / K/V dtype
         self.arrays = arrays_of(runner)
+
+    # the toolchain's view of the same folder (validate, reports, tests): imported on first use, so that `run` and
+    # `serve` never load torch or transformers
+    @functools.cached_property
+    def adapter(self):
+        from ..graphs import get_adapter
+
+        return get_adapter(self.meta["backbone"])
+
+    @functools.cached_property
+    def processing(self):
+        return self.adapter.load_processing(self.artifacts)
 
     def to_host(self, array) -> np.ndarray:
         """A runner array as host numpy (bf16 widened to fp32), for reports and comparisons."""
@@ -67,19 +80,19 @@ class EnginePipeline:
         """Resize an image whose natural bucket was not exported to the exported bucket of closest aspect ratio."""
         if image is None:
             return None
-        natural, _ = self.adapter.bucket_for(self.processing, (image.height, image.width))
+        natural = self.host_side.bucket_for((image.height, image.width))
         if natural in self.buckets:
             return image
         aspect = image.width / image.height
         h, w = min(self.buckets, key=lambda b: (abs(np.log((b[1] / b[0]) / aspect)), -b[0] * b[1]))
         return image.resize((w, h))
 
-    def host(self, images: list, prompts: list[str]):
+    def host(self, images: list, prompts: list[str]) -> HostArrays:
         """The prompt rows every consumer of the graphs runs (run, the API, serve, and validate's parity gate):
-        the adapter's host inputs, left-padded to a multiple of PAD_MULTIPLE (graphs/prompts.py: a prompt's
-        logits are then bit-identical in any batch)."""
-        host = self.adapter.host_inputs(self.processing, [self.fit_image(im) for im in images], prompts)
-        pad_id = self.processing.tokenizer.pad_token_id
+        the build's host inputs, left-padded to a multiple of PAD_MULTIPLE (host/inputs.py: a prompt's logits are
+        then bit-identical in any batch)."""
+        host = self.host_side.host_inputs([self.fit_image(im) for im in images], prompts)
+        pad_id = self.host_side.tokenizer.pad_token_id
         return align_left(host, PAD_MULTIPLE, 0 if pad_id is None else int(pad_id))
 
     # -------------------------------------------------------------------------------------------- prefill
@@ -112,7 +125,7 @@ class EnginePipeline:
             logits=out["logits"], kept={k[5:]: out[k] for k in ("kept_ivr", "kept_ssr") if k in out},
             past=[out[f"present_{kind}_{i}"] for i in range(layers) for kind in ("key", "value")],
             valid=[out[f"cache_valid_{g}"] for g in sorted(set(groups))],
-            next_positions=host.next_positions.numpy(), decode_graph=(DECODE if pruned else DECODE_FULL).file(),
+            next_positions=host.next_positions, decode_graph=(DECODE if pruned else DECODE_FULL).file(),
             groups=groups)
 
     # -------------------------------------------------------------------------------------------- decode
@@ -142,7 +155,7 @@ class EnginePipeline:
         return Greedy(EngineStepper(self, state), [max_new_tokens] * len(prompts), eos).run().tokens()
 
     def decode_text(self, token_ids) -> str:
-        return self.processing.tokenizer.decode([int(t) for t in token_ids], skip_special_tokens=True)
+        return self.host_side.decode([int(t) for t in token_ids])
 
 
 class EngineStepper:

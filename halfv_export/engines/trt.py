@@ -15,12 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
-from ..base.errors import BadInput, RuntimeFailure
+from typing import TYPE_CHECKING
+
+from ..base.artifact_files import TRT_DIR
 from ..base.atomic import write_bytes_atomic, write_text_atomic
+from ..base.errors import BadInput, RuntimeFailure
 from ..base.manifest import MANIFEST, sha256_file
 from .arrays import TorchArrays
 from .base import EngineOptions, EngineTarget, register_target
-from .trt_plan import TRT_DIR, PlanOptions, TrtBuildPlan, make_plan, trtexec_command, trtexec_lines
+
+if TYPE_CHECKING:  # trt_plan needs onnx and sympy (the toolchain): imported where a build uses it, so that the
+    from .trt_plan import TrtBuildPlan  # runtime install can still list this target
 
 NO_TENSORRT = ("TensorRT is not installed here (its pip packages fetch NVIDIA's libraries from NVIDIA's own index); "
                "build TensorRT engines on a GPU machine with TensorRT 10 or 11, or use --target onnxruntime")
@@ -93,7 +98,9 @@ def _add_profiles(builder, config, graph) -> None:
                                  "see the TensorRT log above")
 
 
-def build_trt_engines(artifacts: Path, plan: TrtBuildPlan, log=print) -> dict:
+def build_trt_engines(artifacts: Path, plan: "TrtBuildPlan", log=print) -> dict:
+    from .trt_plan import trtexec_command
+
     trt = import_tensorrt()
     torch = require_gpu()
     artifacts = Path(artifacts)
@@ -144,6 +151,8 @@ def build_trt_engines(artifacts: Path, plan: TrtBuildPlan, log=print) -> dict:
 def build_engines(artifacts: Path, options: EngineOptions, log=print) -> dict:
     """The engine stage for --target tensorrt: fail fast (a quantised export, no TensorRT, no GPU: one sentence)
     before planning."""
+    from .trt_plan import PlanOptions, make_plan
+
     refuse_quantized(artifacts)
     import_tensorrt()
     require_gpu()
@@ -427,8 +436,14 @@ def _quantized(artifacts: Path) -> bool:
     return False
 
 
+def _trtexec_lines(artifacts: Path, plan) -> dict:
+    from .trt_plan import trtexec_lines
+
+    return trtexec_lines(artifacts, plan)
+
+
 register_target(EngineTarget(
     name="tensorrt", engine_dir=TRT_DIR, build=build_engines,
     open=lambda artifacts, options: TrtRunner(artifacts),
-    manifest_extra=lambda artifacts, options: {} if _quantized(artifacts) else trtexec_lines(artifacts, options.plan),
+    manifest_extra=lambda artifacts, options: {} if _quantized(artifacts) else _trtexec_lines(artifacts, options.plan),
     summary="TensorRT plans in trt/, one optimisation profile per image bucket (needs TensorRT 10/11 and a GPU)"))

@@ -16,11 +16,9 @@ from pathlib import Path
 import onnx
 import sympy
 
+from ..base.artifact_files import DECODE, DECODE_FULL, EMBED, PREFILL_FULL, TRT_DIR
 from ..base.errors import BadInput
 from ..base.manifest import sha256_file
-from ..graphs.specs import DECODE, DECODE_FULL, EMBED, PREFILL_FULL
-
-TRT_DIR = "trt"
 
 
 @dataclass(frozen=True)

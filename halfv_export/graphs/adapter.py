@@ -122,6 +122,17 @@ class HostInputs:
     bucket: tuple[int, int] | None  # (height, width) the images were resized to; None for text-only
 
 
+def torch_host(host) -> HostInputs:
+    """HostInputs from the runtime's numpy rows (host/inputs.HostArrays, what EnginePipeline.host returns), so the
+    eager reference runs exactly the rows the engines ran; HostInputs pass through."""
+    if isinstance(host, HostInputs):
+        return host
+    return HostInputs(input_ids=torch.as_tensor(host.input_ids), attention_mask=torch.as_tensor(host.attention_mask),
+                      positions=torch.as_tensor(host.positions), visual_start=torch.as_tensor(host.visual_start),
+                      num_visual=host.num_visual, next_positions=torch.as_tensor(host.next_positions),
+                      pixel_values=[torch.as_tensor(p) for p in host.pixel_values], bucket=host.bucket)
+
+
 class LayerMaths:
     """How the generic HalfV graph reads one decoder layer. The default is HF's Llama layout, which Qwen2, Llama and
     Mistral share: input_layernorm, self_attn.{q,k,v,o}_proj, post_attention_layernorm, mlp. A backbone whose layers
@@ -333,6 +344,7 @@ class BackboneAdapter(abc.ABC):
 
     def embed_host(self, loaded: LoadedModel, host: HostInputs) -> PrefillInputs:
         """Given host inputs (e.g. exactly the rows an engine runs: validate's parity) -> the eager prefill inputs."""
+        host = torch_host(host)
         with torch.no_grad():
             embeds = self.text_stack(loaded).embed_tokens(host.input_ids)  # [B, S, D]
             if host.num_visual > 0:

@@ -29,19 +29,13 @@ import onnx
 import torch
 
 from ..base.atomic import write_text_atomic
+from ..base.artifact_files import NUMPY_BY_ONNX, WEIGHTS_FILE, WEIGHTS_INDEX, read_index  # noqa: F401
 from ..base.errors import RuntimeFailure
 
-WEIGHTS_FILE = "weights.bin"
-WEIGHTS_INDEX = "weights.json"
 ALIGN = 4096  # page-aligned offsets: the file can be memory-mapped tensor by tensor
 MIN_SHARED_BYTES = 1024
 TRANSPOSED = "T:"
 _CHUNK = 1 << 24
-# ONNX element type -> numpy dtype of the same width (bfloat16 as its raw 16-bit pattern)
-_NUMPY_BY_ONNX = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16,
-                  onnx.TensorProto.BFLOAT16: np.uint16, onnx.TensorProto.DOUBLE: np.float64,
-                  onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.INT8: np.int8,
-                  onnx.TensorProto.UINT8: np.uint8}
 
 
 def tensor_key(data_type: int, dims, digest: str) -> str:
@@ -153,7 +147,7 @@ class WeightStore:
                 param = self.param_names[TRANSPOSED + key]
                 raw = b"".join(chunks)  # one tensor
                 if param not in self.entries:  # no graph stored W itself yet: store it from W^T
-                    flat = np.frombuffer(raw, dtype=_NUMPY_BY_ONNX[init.data_type]).reshape(list(init.dims))
+                    flat = np.frombuffer(raw, dtype=NUMPY_BY_ONNX[init.data_type]).reshape(list(init.dims))
                     back = np.ascontiguousarray(flat.T)
                     back_key = tensor_key(init.data_type, back.shape, _digest(back))
                     proto = onnx.TensorProto(data_type=init.data_type, dims=list(back.shape))
@@ -287,8 +281,3 @@ def _rename_inputs(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
             info.name = renames[info.name]
 
 
-def read_index(directory: Path) -> dict | None:
-    path = Path(directory) / WEIGHTS_INDEX
-    if not path.exists():
-        return None
-    return json.loads(path.read_text())

@@ -1,6 +1,7 @@
 """One declarative description per graph kind: its file name, the module, example inputs, I/O names, dynamic dims
-and which weights it holds. `export`, `bench`, the TensorRT build plan and the runners all read these, so a graph's
-file name is spelled out here and nowhere else.
+and which weights it holds. `export`, `bench`, the TensorRT build plan and the runners all read these. The graph
+kinds and their file names live in base/artifact_files.py (torch-free, so the runtime install can name the graphs it
+runs) and are re-exported here.
 
     embed           embed.onnx              input_ids [B, S] -> embeds [B, S, D]
     vision          vision_{label}.onnx     pixel input of one image of the bucket -> visual features [N, D]
@@ -24,38 +25,12 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from ..base.artifact_files import (DECODE, DECODE_FULL, EMBED, PREFILL, PREFILL_FULL, PREFILL_INPUTS,  # noqa: F401
+                                   SELECTION, VISION, GraphKind, bucket_label)
 from .adapter import TextStack
 from .export_forward import DecodeGraph, PrefillGraph, SelectionGraph
 from .onnx_export import batch_dim, export_module, seq_dim
 from .pruning import PruneSchedule
-
-
-@dataclass(frozen=True)
-class GraphKind:
-    name: str
-    pattern: str  # file name, with {label} for per-bucket graphs
-    weights: str  # which weights the graph holds: "embed" | "vision" | "llm"
-
-    def file(self, label: str | tuple[int, int] | None = None) -> str:
-        if "{label}" not in self.pattern:
-            return self.pattern
-        if label is None:
-            raise ValueError(f"graph kind {self.name} is per bucket; give its bucket")
-        return self.pattern.format(label=bucket_label(label) if isinstance(label, tuple) else label)
-
-
-EMBED = GraphKind("embed", "embed.onnx", "embed")
-VISION = GraphKind("vision", "vision_{label}.onnx", "vision")
-PREFILL = GraphKind("prefill", "prefill_{label}.onnx", "llm")
-PREFILL_FULL = GraphKind("prefill_full", "prefill_full.onnx", "llm")
-DECODE = GraphKind("decode", "decode.onnx", "llm")
-DECODE_FULL = GraphKind("decode_full", "decode_full.onnx", "llm")
-SELECTION = GraphKind("selection", "selection_{label}.onnx", "llm")
-PREFILL_INPUTS = ["embeds", "attention_mask", "positions", "visual_start"]
-
-
-def bucket_label(bucket: tuple[int, int]) -> str:
-    return f"{bucket[0]}x{bucket[1]}"
 
 
 @dataclass

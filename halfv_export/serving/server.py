@@ -141,14 +141,15 @@ class ChatRequest:
 
 class RequestParser:
     """JSON body -> ChatRequest, every problem as a RequestError naming the field. Runs in the threadpool (image
-    decoding is CPU work), so the tokenizer it counts with is its own copy, behind a lock: fast tokenizers are not
-    safe to call from several threads while the engine thread uses the original."""
+    decoding is CPU work), so the tokenizer it counts with is its own instance, which keeps the engine thread's
+    apart; the lock serialises the threadpool workers on it (a HostTokenizer call sets the backend's special-token
+    flag, and the Rust backend refuses a concurrent encode: "Already borrowed")."""
 
     def __init__(self, model: Model, served_name: str, images: ImageSource, max_model_len: int):
-        import copy
+        from ..host.text import HostTokenizer
 
         self.model, self.served_name, self.images, self.max_model_len = model, served_name, images, max_model_len
-        self.tokenizer = copy.deepcopy(model.tokenizer)
+        self.tokenizer = HostTokenizer(model.pipeline.artifacts)
         self.lock = threading.Lock()
         self.visual = {tuple(b["size"]): b["num_visual"] for b in model.meta["buckets"]}
 

@@ -1,0 +1,59 @@
+"""The files an artifacts folder holds, by name: the graph kinds (graphs/specs.py builds them), the shared weights
+and their index, the engine folders. Torch-free, so the runtime install (engines/, host/) opens a build without the
+toolchain that wrote it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+WEIGHTS_FILE = "weights.bin"
+WEIGHTS_INDEX = "weights.json"
+ORT_DIR = "ort"  # the ONNX Runtime engine stage's output (engine.json, fused graphs)
+TRT_DIR = "trt"  # TensorRT plans
+
+# ONNX element types (TensorProto.DataType numbers) -> the numpy dtype weights.bin stores them as; bfloat16 as its
+# raw 16-bit pattern. Spelled out so that reading weights.bin needs no onnx package (tests/test_runtime_install.py
+# holds it equal to onnx.helper.tensor_dtype_to_np_dtype); graphs/shared_weights.py writes with the same table.
+ONNX_BFLOAT16 = 16
+NUMPY_BY_ONNX = {1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32, 7: np.int64,
+                 9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64, ONNX_BFLOAT16: np.uint16}
+
+
+@dataclass(frozen=True)
+class GraphKind:
+    name: str
+    pattern: str  # file name, with {label} for per-bucket graphs
+    weights: str  # which weights the graph holds: "embed" | "vision" | "llm"
+
+    def file(self, label: str | tuple[int, int] | None = None) -> str:
+        if "{label}" not in self.pattern:
+            return self.pattern
+        if label is None:
+            raise ValueError(f"graph kind {self.name} is per bucket; give its bucket")
+        return self.pattern.format(label=bucket_label(label) if isinstance(label, tuple) else label)
+
+
+EMBED = GraphKind("embed", "embed.onnx", "embed")
+VISION = GraphKind("vision", "vision_{label}.onnx", "vision")
+PREFILL = GraphKind("prefill", "prefill_{label}.onnx", "llm")
+PREFILL_FULL = GraphKind("prefill_full", "prefill_full.onnx", "llm")
+DECODE = GraphKind("decode", "decode.onnx", "llm")
+DECODE_FULL = GraphKind("decode_full", "decode_full.onnx", "llm")
+SELECTION = GraphKind("selection", "selection_{label}.onnx", "llm")
+PREFILL_INPUTS = ["embeds", "attention_mask", "positions", "visual_start"]
+
+
+def bucket_label(bucket: tuple[int, int]) -> str:
+    return f"{bucket[0]}x{bucket[1]}"
+
+
+def read_index(directory: Path) -> dict | None:
+    """weights.json (graphs/shared_weights.py writes it): tensor name -> dtype, shape, offset, length in weights.bin."""
+    path = Path(directory) / WEIGHTS_INDEX
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
