@@ -138,9 +138,7 @@ class Orchestrator:
                 try:
                     self._decode(batch, decoding, results)
                 except Exception as e:  # noqa: BLE001 - a graph model's failure fails this group's requests only
-                    message = " ".join(f"{type(e).__name__}: {e}".split())[:500]
-                    for r in {r for r, _, _ in batch}:
-                        responses[r] = self._fail(r, message, bad_input=False)
+                    self._fail_group(batch, e, responses)
         if self.decoupled:
             for r, sender in enumerate(self.senders):
                 if r not in self.closed:
@@ -172,7 +170,15 @@ class Orchestrator:
                 r = items[0][0]
                 responses[r] = self._fail(r, str(e).replace("prompt 0 has", "the prompt has", 1))
                 return []
+        except Exception as e:  # noqa: BLE001 - a graph model failed in the prefill: this group only
+            self._fail_group(items, e, responses)
+            return []
         return [started for item in items for started in self._start([item], full, responses)]
+
+    def _fail_group(self, items: list, error: Exception, responses: list) -> None:
+        message = " ".join(f"{type(error).__name__}: {error}".split())[:500]
+        for r in {r for r, _, _ in items}:
+            responses[r] = self._fail(r, message, bad_input=False)
 
     def _decode(self, items: list, decoding, results: dict) -> None:
         texts = [Detokenizer(self.model.tokenizer) for _ in items] if self.decoupled else None
@@ -188,6 +194,14 @@ class Orchestrator:
                     self.senders[r].send(response, flags=final if finish else 0)
                     if finish:
                         self.closed.add(r)
+            if self.decoupled:  # a client that went away: its row leaves the batch (Triton still wants the flag)
+                gone = [row for row in decoding.rows
+                        if getattr(self.senders[items[row][0]], "is_cancelled", lambda: False)()]
+                if gone:
+                    decoding.cancel(gone)
+                    for row in gone:
+                        self.senders[items[row][0]].send(flags=final)
+                        self.closed.add(items[row][0])
         for row, (r, i, _) in enumerate(items):
             results[r][i] = (self.model.pipeline.decode_text(decoding.generated[row]), decoding.finish[row])
 
