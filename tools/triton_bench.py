@@ -91,7 +91,7 @@ def main() -> None:
         timed = bursts[1:] or bursts
         report[name] = {"same_as_run_alone": sum(t == a for b in bursts for t, a in zip(b["texts"], alone)),
                         "of": len(cases) * len(bursts),
-                        **{key: statistics.median(b[key] for b in timed)
+                        **{key: round(statistics.median(b[key] for b in timed), 3)
                            for key in ("requests_per_s", "p50_s", "p95_s", "wall_s")}}
     print(json.dumps(report, indent=1))
 
