@@ -8,7 +8,7 @@ import numpy as np
 import halfv_export
 from halfv_export.engines.pipeline import EnginePipeline
 from halfv_export.graphs.halfv import HalfVReference
-from halfv_export.graphs.prompts import PAD_MULTIPLE
+from halfv_export.host.inputs import PAD_MULTIPLE
 
 from .conftest import copy_build, make_image
 

@@ -30,8 +30,7 @@ import numpy as np
 from halfv_export.engines.api import Model
 from halfv_export.engines.ort import OrtRunner
 from halfv_export.engines.pipeline import EnginePipeline
-from halfv_export.graphs.prompts import PAD_MULTIPLE, align_left
-from halfv_export.host.inputs import HostArrays
+from halfv_export.host.inputs import PAD_MULTIPLE, HostArrays, align_left
 from halfv_export.stages.data import default_samples
 from halfv_export.stages.export import load_for_source
 
@@ -54,11 +53,11 @@ class FullInstall(EnginePipeline):
     def host(self, images, prompts):
         host = self.adapter.host_inputs(self.processing, [self.fit_image(im) for im in images], prompts)
         pad = self.processing.tokenizer.pad_token_id
-        host = align_left(host, PAD_MULTIPLE, 0 if pad is None else int(pad))
-        return HostArrays(input_ids=host.input_ids.numpy(), attention_mask=host.attention_mask.numpy(),
+        host = HostArrays(input_ids=host.input_ids.numpy(), attention_mask=host.attention_mask.numpy(),
                           positions=host.positions.numpy(), visual_start=host.visual_start.numpy(),
                           num_visual=host.num_visual, next_positions=host.next_positions.numpy(),
                           pixel_values=[p.numpy() for p in host.pixel_values], bucket=host.bucket)
+        return align_left(host, PAD_MULTIPLE, 0 if pad is None else int(pad))
 
     def decode_text(self, token_ids):
         return self.processing.tokenizer.decode([int(t) for t in token_ids], skip_special_tokens=True)

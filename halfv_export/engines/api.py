@@ -11,7 +11,7 @@ Batches: the graphs take one image-size bucket per call (one visual token count 
 into different buckets (text-only prompts are their own group) is split into per-bucket sub-batches, run one after
 the other, and the answers come back in the order of the prompts. Inside a sub-batch prompts are left-padded to a
 multiple of PAD_MULTIPLE (EnginePipeline.host, the rows validate gates too), so a prompt sits at the same SIMD-lane
-offset batched or alone and gets the same kept tokens and answer (graphs/prompts.py says why; tests/test_api.py
+offset batched or alone and gets the same kept tokens and answer (host/inputs.py says why; tests/test_api.py
 checks kept indices, tokens and logits to float rounding).
 
 Decoding is greedy, through the loop every runtime shares (base/greedy.py). A prompt leaves its batch when it emits

@@ -49,7 +49,7 @@ class EnginePipeline:
         if not meta_path.exists():
             raise BadInput(f"{self.artifacts} has no artifacts.json; run `halfv-export export` into it first")
         self.meta = json.loads(meta_path.read_text())
-        self.host_side: BuildHost = host_for(self.artifacts)
+        self.host_side: BuildHost = host_for(self.artifacts, self.meta)
         self.runner = runner
         self.buckets = {tuple(b["size"]): b for b in self.meta["buckets"]}
         precision = self.meta.get("precision", "fp32")

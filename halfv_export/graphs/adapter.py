@@ -18,6 +18,7 @@ from torch import nn
 
 from ..base.errors import BadInput
 from ..base.kinds import SSRMode
+from ..host.inputs import visual_span as host_visual_span
 
 EMBEDDED_WEIGHTS = "model.safetensors"  # an embedded default's trained weights (fp16), beside its config
 TRAINING_RECORD = "training.json"  # how they were trained: command, seed, data, time, held-out accuracy, image sizes
@@ -372,7 +373,7 @@ class BackboneAdapter(abc.ABC):
                          image_token_id: int, add_special_tokens: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Chat template per prompt (an image part where there is an image), the template's image placeholder
         expanded to `count` tokens as the processors do, the user's text tokenised as text (never as control or
-        image tokens: graphs/prompts.py), then one left-padded batch -> (input_ids, attention_mask) [B, S]."""
+        image tokens: host/prompts.py), then one left-padded batch -> (input_ids, attention_mask) [B, S]."""
         from .prompts import tokenize_prompts
 
         return tokenize_prompts(tokenizer, images, prompts, placeholder, count, image_token_id, add_special_tokens)
@@ -415,33 +416,9 @@ def adapter_for_model_type(model_type: str) -> BackboneAdapter | None:
 
 
 def visual_span(input_ids: torch.Tensor, image_token_id: int) -> tuple[torch.Tensor, int]:
-    """Per sample, the first row s of the image placeholder block and its length N.
-
-    input_ids [B, S] -> (s [B] int64, N). Requires one contiguous block per sample and the same N across the batch
-    (a batch is one image-size bucket); N = 0 for a text-only batch, with s = 0.
-    """
-    is_visual = input_ids == image_token_id  # [B, S]
-    counts = is_visual.sum(dim=1)
-    n = int(counts[0])
-    if bool((counts != n).any()):
-        raise BadInput(
-            f"samples in one batch have different visual token counts {counts.tolist()}; "
-            "batch only images of the same size bucket"
-        )
-    if n == 0:
-        return torch.zeros(input_ids.shape[0], dtype=torch.long), 0
-    start = is_visual.int().argmax(dim=1)  # first True per row
-    rows = start[:, None] + torch.arange(n)[None, :]
-    contiguous = is_visual.gather(1, rows.clamp(max=input_ids.shape[1] - 1)).all(dim=1)  # [B]
-    if not bool(contiguous.all()):
-        # prompt text never yields image tokens (graphs/prompts.py): only a template or tokenizer that splits the
-        # expanded image slot gets here
-        b = int((~contiguous).int().argmax())
-        runs = int((is_visual[b, 1:] & ~is_visual[b, :-1]).sum()) + int(is_visual[b, 0])
-        raise BadInput(f"sample {b}: the {n} image tokens (id {image_token_id}) form {runs} separate blocks instead "
-                       "of one; the chat template or tokenizer splits the image slot, so use the checkpoint's own "
-                       "chat_template.jinja and tokenizer.json")
-    return start.long(), n
+    """host.inputs.visual_span over torch ids: (first visual row [B] int64, N)."""
+    start, n = host_visual_span(input_ids.numpy(), image_token_id)
+    return torch.from_numpy(start), n
 
 
 def grid_boxes(bucket: tuple[int, int], rows: int, cols: int) -> list[tuple[int, int, int, int]]:

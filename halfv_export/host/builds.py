@@ -125,12 +125,14 @@ class LlavaNextHost(LlavaHost):
 FAMILIES = {"qwen2.5-vl": QwenHost, "llava-1.5": LlavaHost, "llava-next": LlavaNextHost}
 
 
-def host_for(folder: Path) -> BuildHost:
-    """The host side of the build in `folder` (its artifacts.json names the backbone)."""
-    meta_path = Path(folder) / "artifacts.json"
-    if not meta_path.exists():
-        raise BadInput(f"{folder} has no artifacts.json; run `halfv-export export` into it first")
-    meta = json.loads(meta_path.read_text())
+def host_for(folder: Path, meta: dict | None = None) -> BuildHost:
+    """The host side of the build in `folder` (its artifacts.json names the backbone; `meta`: that file, where the
+    caller has read it already)."""
+    if meta is None:
+        meta_path = Path(folder) / "artifacts.json"
+        if not meta_path.exists():
+            raise BadInput(f"{folder} has no artifacts.json; run `halfv-export export` into it first")
+        meta = json.loads(meta_path.read_text())
     family = FAMILIES.get(meta.get("backbone"))
     if family is None:
         raise BadInput(f"{folder}: backbone {meta.get('backbone')!r} has no host side; one of {', '.join(FAMILIES)}")

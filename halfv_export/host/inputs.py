@@ -12,7 +12,8 @@ from ..base.errors import BadInput
 # A batch's rows are left-padded to one length S; that is exact in real arithmetic but not in float: ONNX Runtime's
 # CPU kernels reduce over the sequence axis in SIMD lanes, so the same prompt behind 2 pad tokens gets logits ~3e-6
 # away from the prompt alone. Padding every prefill, single or batched, to a multiple of PAD_MULTIPLE puts a prompt's
-# tokens at the same lane offset whoever shares its batch, and validate gates these rows.
+# tokens at the same lane offset whoever shares its batch (bit-identical answers on the AVX-512 box it was measured
+# on; elsewhere ONNX Runtime's threads may still split a batch differently, ~1e-5), and validate gates these rows.
 PAD_MULTIPLE = 16
 
 
@@ -53,9 +54,14 @@ def visual_span(input_ids: np.ndarray, image_token_id: int) -> tuple[np.ndarray,
     if n == 0:
         return np.zeros(len(input_ids), dtype=np.int64), 0
     start = is_visual.argmax(axis=1)
-    for row, s in enumerate(start):
-        if not is_visual[row, s:s + n].all():
-            raise BadInput("the image placeholder tokens are not one contiguous block; one image per prompt")
+    for b, s in enumerate(start):
+        if not is_visual[b, s:s + n].all():
+            # prompt text never yields image tokens (host/prompts.py): only a template or tokenizer that splits the
+            # expanded image slot gets here
+            runs = int((is_visual[b, 1:] & ~is_visual[b, :-1]).sum()) + int(is_visual[b, 0])
+            raise BadInput(f"sample {b}: the {n} image tokens (id {image_token_id}) form {runs} separate blocks "
+                           "instead of one; the chat template or tokenizer splits the image slot, so use the "
+                           "checkpoint's own chat_template.jinja and tokenizer.json")
     return start.astype(np.int64), n
 
 

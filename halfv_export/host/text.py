@@ -1,6 +1,6 @@
 """Prompts -> token ids without transformers: the chat template rendered by jinja2 in the sandbox transformers
 renders it in, and tokenizer.json run by `tokenizers`, behind the small surface of a transformers fast tokenizer
-that graphs/prompts.py reads (apply_chat_template, __call__ with offsets and split_special_tokens,
+that host/prompts.py reads (apply_chat_template, __call__ with offsets and split_special_tokens,
 added_tokens_decoder, decode). tests/test_host_text.py holds every piece equal to transformers on the shipped
 tokenizers, read from the folder an export writes (save_pretrained).
 """

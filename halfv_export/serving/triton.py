@@ -44,9 +44,6 @@ TRITON_TYPES = {"tensor(float)": "TYPE_FP32", "tensor(float16)": "TYPE_FP16", "t
                 "tensor(int64)": "TYPE_INT64", "tensor(int32)": "TYPE_INT32", "tensor(bool)": "TYPE_BOOL",
                 "tensor(int8)": "TYPE_INT8", "tensor(uint8)": "TYPE_UINT8", "tensor(double)": "TYPE_FP64"}
 
-# numpy's dtype names (the onnx path above) -> ONNX Runtime's
-NUMPY_NAMES = {"tensor(float32)": "tensor(float)", "tensor(float64)": "tensor(double)"}
-
 MODEL_PY = '''"""Triton Python backend entry point (written by `halfv-export triton`); the code is halfv_export's."""
 from halfv_export.serving.triton_models import {cls} as TritonPythonModel  # noqa: F401
 '''
@@ -79,9 +76,8 @@ def graph_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
         graph = onnx.load(str(path), load_external_data=False).graph
         initializers = {i.name for i in graph.initializer}
 
-        def values(items):
-            return [(v.name, f"tensor({onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name})"
-                     if v.type.tensor_type.elem_type != onnx.TensorProto.BFLOAT16 else "tensor(bfloat16)",
+        def values(items):  # ONNX Runtime spells element types as tensor(<onnx's name, lower case>)
+            return [(v.name, f"tensor({onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type).lower()})",
                      [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim])
                     for v in items if v.name not in initializers]
 
@@ -99,7 +95,6 @@ def graph_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
                                                                            session.get_outputs()))
 
     def spec(name: str, kind: str, shape) -> TensorSpec:
-        kind = NUMPY_NAMES.get(kind, kind)
         if kind not in TRITON_TYPES:
             raise BadInput(f"{path.name}: {name} has type {kind}, which has no Triton type here")
         return TensorSpec(name, TRITON_TYPES[kind], tuple(d if isinstance(d, int) else -1 for d in shape))
