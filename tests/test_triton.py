@@ -22,12 +22,16 @@ import onnx
 import pytest
 
 import halfv_export
+from halfv_export.base.atomic import write_text_atomic
 from halfv_export.base.errors import BadInput
-from halfv_export.base.manifest import verify_manifest
+from halfv_export.base.manifest import verify_manifest, write_manifest
+from halfv_export.engines import trt as trt_module
 from halfv_export.engines.ort import build_ort_engines
+from halfv_export.engines.trt_plan import PlanOptions, make_plan
 from halfv_export.serving import triton as triton_module
 from halfv_export.serving.triton import TritonOptions, write_repository
 from tests.conftest import copy_build, make_image
+from tests.test_tensorrt import fake_trt  # noqa: F401 (the stand-in tensorrt module, as a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENT = ROOT / "tests" / "triton_client.py"
@@ -269,7 +273,7 @@ def test_tritonserver_answers_like_run_alone_and_streams_and_refuses_bad_request
 
 
 @pytest.mark.slow
-def test_a_llava_repository_serves_and_every_config_parses(triton_env, run_cli, engined, tmp_path):
+def test_a_llava_repository_serves_and_every_config_parses(triton_env, run_cli, engined, fake_trt, tmp_path):
     llava = tmp_path / "llava"
     for args in (["calibrate", "--backbone", "llava-1.5", "--paper-values", "--out", llava],
                  ["export", "--schedule", llava / "schedule.json", "--out", llava],
@@ -282,10 +286,17 @@ def test_a_llava_repository_serves_and_every_config_parses(triton_env, run_cli, 
             repos[name, backend] = tmp_path / f"repo-{name}-{backend}"
             result = run_cli("triton", "--artifacts", build, "--out", repos[name, backend], "--graph-backend", backend)
             assert result.exit_code == 0, result.output
+    art, plan = planned(engined, tmp_path / "planned")
+    repos["qwen", "tensorrt"] = tmp_path / "repo-qwen-tensorrt"
+    write_repository(art, repos["qwen", "tensorrt"], TritonOptions(graph_backend="tensorrt"))
     files = sorted(str(p) for repo in repos.values() for p in repo.glob("*/config.pbtxt"))
     parsed = client(triton_env, "config", *files)  # Triton's own schema: a misspelt field or enum fails here
     assert [p["name"] for p in parsed] == [Path(f).parent.name for f in files]
-    assert [p["decoupled"] for p in parsed if p["name"] == "halfv_stream"] == [True] * 4
+    assert [p["decoupled"] for p in parsed if p["name"] == "halfv_stream"] == [True] * 5
+    trt = {p["name"]: p for p, f in zip(parsed, files) if "repo-qwen-tensorrt" in f and p["backend"] == "tensorrt"}
+    assert {name: (p["kind"], p["profiles"]) for name, p in trt.items()} == {
+        f"halfv_{Path(g.graph).stem}": ("KIND_GPU", [str(i) for i in range(len(g.profiles))] if len(g.profiles) > 1
+                                        else []) for g in plan.graphs}
     cases_file, cases = image_cases(tmp_path / "images", 4, 6)
     model = halfv_export.load(llava)
     with tritonserver(triton_env, repos["llava", "python"]) as ports:
@@ -300,3 +311,60 @@ def test_the_orchestrator_config_names_the_build_it_serves(engined, tmp_path):
         text = (repo / name / "config.pbtxt").read_text()
         build = text.split('key: "build" value { string_value: "', 1)[1].split('"', 1)[0]
         assert (repo / name / build).resolve() == (repo / triton_module.ORCHESTRATOR / triton_module.BUILD_DIR)
+
+
+# ---------------------------------------------------------------------------------------------- TensorRT plans
+def planned(engined, folder: Path):
+    """A copy of the build with trt/ plans from the stand-in TensorRT (tests/test_tensorrt.py): real plan files,
+    engine.json and manifest, as `engine --target tensorrt` leaves them."""
+    art = copy_build(engined, folder)
+    plan = make_plan(art, PlanOptions())
+    trt_module.build_trt_engines(art, plan, log=lambda message: None)
+    write_manifest(art)
+    return art, plan
+
+
+def test_a_tensorrt_repository_serves_the_plans_with_every_profile(engined, fake_trt, run_cli, tmp_path):
+    art, plan = planned(engined, tmp_path / "art")
+    repo = tmp_path / "repo"
+    result = run_cli("triton", "--artifacts", art, "--out", repo, "--graph-backend", "tensorrt", "--instances", "2")
+    assert result.exit_code == 0, result.output
+    assert "plans for Fake H100, sm 9.0, TensorRT 10.99.0-fake" in result.output
+    assert {g.graph for g in plan.graphs} == set(json.loads((art / "artifacts.json").read_text())["graphs"])
+    for graph in plan.graphs:
+        folder = repo / f"halfv_{Path(graph.graph).stem}"
+        text = (folder / "config.pbtxt").read_text()
+        assert 'backend: "tensorrt"' in text and 'default_model_filename: "model.plan"' in text
+        group = text.split("instance_group [ { ", 1)[1].split(" } ]", 1)[0]
+        profiles = " profile: [ " + ", ".join(f'"{i}"' for i in range(len(graph.profiles))) + " ]"
+        assert group == "count: 2 kind: KIND_GPU" + (profiles if len(graph.profiles) > 1 else "")
+        model = onnx.load(str(art / graph.graph), load_external_data=False).graph
+        initializers = {i.name for i in model.initializer}
+        assert config_tensors(text, "input") == onnx_tensors(v for v in model.input if v.name not in initializers)
+        assert config_tensors(text, "output") == onnx_tensors(model.output)
+        link = folder / "1" / "model.plan"
+        assert not os.path.isabs(os.readlink(link)) and link.samefile(repo / "halfv" / "build" / graph.engine)
+        assert link.read_bytes() == (art / graph.engine).read_bytes()
+        assert not (folder / "1" / "model.onnx").exists() and not (folder / "1" / "weights.bin").exists()
+    assert any(len(g.profiles) > 1 for g in plan.graphs)  # the profile list above was exercised
+
+
+def test_tensorrt_repositories_refuse_plans_that_would_not_load(engined, fake_trt, tmp_path):
+    art, plan = planned(engined, tmp_path / "art")
+    repo = tmp_path / "repo"
+    write_repository(art, repo, TritonOptions(graph_backend="tensorrt"))
+    before = snapshot(repo)
+    with pytest.raises(BadInput, match="TensorRT plans run on the GPU they were built on; use --kind gpu"):
+        write_repository(art, repo, TritonOptions(graph_backend="tensorrt", kind="cpu"))
+    with pytest.raises(BadInput, match=r"has no TensorRT engines; run `halfv-export engine --artifacts .* --target "
+                                       r"tensorrt`"):
+        write_repository(engined, repo, TritonOptions(graph_backend="tensorrt"))
+    info_path = art / "trt" / "engine.json"
+    info = json.loads(info_path.read_text())
+    info["plan"]["graphs"][1]["onnx_sha256"] = "0" * 64  # a plan built from an earlier export of its graph
+    write_text_atomic(info_path, json.dumps(info))  # a new file, as every write here is: the repository's hard
+    write_manifest(art)  # link keeps the old one
+    with pytest.raises(BadInput, match=f"{info['plan']['graphs'][1]['engine']} was built from another "
+                                       f"{info['plan']['graphs'][1]['graph']} than the one in"):
+        write_repository(art, repo, TritonOptions(graph_backend="tensorrt"))
+    assert snapshot(repo) == before

@@ -105,7 +105,9 @@ def config(files: list) -> list:
         message = text_format.Parse(Path(path).read_text(), model_config_pb2.ModelConfig())
         parsed.append({"name": message.name, "backend": message.backend, "inputs": len(message.input),
                        "outputs": len(message.output), "max_batch_size": message.max_batch_size,
-                       "decoupled": message.model_transaction_policy.decoupled})
+                       "decoupled": message.model_transaction_policy.decoupled,
+                       "kind": model_config_pb2.ModelInstanceGroup.Kind.Name(message.instance_group[0].kind),
+                       "profiles": list(message.instance_group[0].profile)})
     return parsed
 
 

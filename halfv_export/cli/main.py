@@ -437,6 +437,8 @@ Examples:
   halfv-export triton --artifacts build/ --out model_repository/
   halfv-export triton --artifacts build/ --out model_repository/ --kind gpu --instances 2
   halfv-export triton --artifacts build/ --out model_repository/ --graph-backend python   # Python-backend-only servers
+  halfv-export engine --artifacts build/ --target tensorrt      # on the serving GPU, then:
+  halfv-export triton --artifacts build/ --out model_repository/ --graph-backend tensorrt
 \b
   docker run --rm --shm-size=2g -p 8000:8000 -p 8001:8001 -v $PWD/model_repository:/models \\
       nvcr.io/nvidia/tritonserver:<yy.mm>-py3 tritonserver --model-repository=/models
@@ -444,11 +446,11 @@ Examples:
 """)
 @click.option("--artifacts", required=True, type=click.Path(path_type=Path), help="Directory written by build.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The model repository to write.")
-@click.option("--graph-backend", type=click.Choice(["onnxruntime", "python"]), default="onnxruntime",
-              show_default=True, help="Run each graph on Triton's onnxruntime backend, or with ONNX Runtime inside "
-              "the Python backend.")
-@click.option("--kind", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
-              help="Instance kind of the graph models.")
+@click.option("--graph-backend", type=click.Choice(["onnxruntime", "python", "tensorrt"]), default="onnxruntime",
+              show_default=True, help="Run each graph on Triton's onnxruntime backend, with ONNX Runtime inside "
+              "the Python backend, or as the build's TensorRT plans on Triton's tensorrt backend.")
+@click.option("--kind", type=click.Choice(["cpu", "gpu"]), default=None,
+              help="Instance kind of the graph models [default: gpu for tensorrt, else cpu].")
 @click.option("--instances", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Instances of each graph model.")
 @click.option("--max-batch", type=click.IntRange(1, 256), default=8, show_default=True,
@@ -469,8 +471,11 @@ def triton(artifacts, out, graph_backend, kind, instances, max_batch, queue_dela
                                                              instances=instances, max_batch=max_batch,
                                                              queue_delay_us=int(queue_delay_ms * 1000)))
     graphs = [name for name, backend in summary["models"].items() if not backend.startswith("python (")]
+    trt = summary.get("tensorrt")
+    where = f" (plans for {trt['gpu']}, sm {trt['compute_capability']}, TensorRT {trt['version']}: serve them on that " \
+            "GPU with a Triton of that TensorRT)" if trt else ""
     click.echo(f"wrote {out}: orchestrators halfv, halfv_stream and {len(graphs)} graph models on the "
-               f"{graph_backend} backend; start it with `tritonserver --model-repository={out}`")
+               f"{graph_backend} backend{where}; start it with `tritonserver --model-repository={out}`")
 
 
 def latency_runs_option(fn):

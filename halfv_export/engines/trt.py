@@ -211,6 +211,40 @@ class _EngineIO:
     profiles: list  # per optimisation profile: dynamic input name -> (min shape, max shape)
 
 
+def stale_plan(artifacts: Path, plan: dict, graph: str) -> BadInput:
+    return BadInput(f"{plan['engine']} was built from another {graph} than the one in {artifacts} (exported again "
+                    f"since); rebuild the plans with `{REBUILD.format(artifacts=artifacts)}`")
+
+
+def read_plans(artifacts: Path) -> tuple[dict, dict, set[str]]:
+    """trt/engine.json, graph -> its plan entry, and the graphs whose plan is not yet checked against the graph.
+
+    Refuses in one line when there are no plans, a graph has none (exported after the plans were built), or a plan
+    was built from another graph than the one the manifest records; a graph the manifest does not list is left for
+    the caller to hash (`stale_plan` when it differs)."""
+    artifacts = Path(artifacts)
+    rebuild = REBUILD.format(artifacts=artifacts)
+    info_path = artifacts / TRT_DIR / "engine.json"
+    if not info_path.exists():
+        raise BadInput(f"{artifacts} has no TensorRT engines; run `{rebuild}`")
+    info = json.loads(info_path.read_text())
+    plans = {g["graph"]: g for g in info["plan"]["graphs"]}
+    meta_path = artifacts / "artifacts.json"
+    graphs = json.loads(meta_path.read_text())["graphs"] if meta_path.exists() else list(plans)
+    manifest_path = artifacts / MANIFEST
+    recorded = json.loads(manifest_path.read_text()).get("files", {}) if manifest_path.exists() else {}
+    unverified = set()
+    for graph in graphs:
+        if graph not in plans:
+            raise BadInput(f"trt/ has no plan for {graph} (exported after the plans were built); rebuild them with "
+                           f"`{rebuild}`")
+        if graph not in recorded:
+            unverified.add(graph)
+        elif recorded[graph] != plans[graph]["onnx_sha256"]:
+            raise stale_plan(artifacts, plans[graph], graph)
+    return info, plans, unverified
+
+
 class TrtRunner:
     """Runs the plans in trt/ on torch-owned buffers of one device (CUDA; see `device`).
 
@@ -246,12 +280,7 @@ class TrtRunner:
         self.device = self.arrays.device
         self.artifacts = Path(artifacts)
         self.rebuild = REBUILD.format(artifacts=self.artifacts)
-        info_path = self.artifacts / TRT_DIR / "engine.json"
-        if not info_path.exists():
-            raise BadInput(f"{self.artifacts} has no TensorRT engines; run `{self.rebuild}`")
-        self.info = json.loads(info_path.read_text())
-        self.plans = {g["graph"]: g for g in self.info["plan"]["graphs"]}
-        self._unverified = self._check_plans_current()
+        self.info, self.plans, self._unverified = read_plans(self.artifacts)
         self.runtime = self.trt.Runtime(self.trt.Logger(self.trt.Logger.WARNING))
         self.stream = _CudaStream(torch, self.device) if self.device.type == "cuda" else _HostStream()
         self.engines: dict = {}
@@ -264,25 +293,7 @@ class TrtRunner:
 
     # ------------------------------------------------------------------------------------------ plans
     def _stale(self, graph: str) -> BadInput:
-        return BadInput(f"{self.plans[graph]['engine']} was built from another {graph} than the one in "
-                        f"{self.artifacts} (exported again since); rebuild the plans with `{self.rebuild}`")
-
-    def _check_plans_current(self) -> set[str]:
-        """Refuse now if a graph has no plan or a plan is older than its graph; return the graphs left to hash."""
-        meta_path = self.artifacts / "artifacts.json"
-        graphs = json.loads(meta_path.read_text())["graphs"] if meta_path.exists() else list(self.plans)
-        manifest_path = self.artifacts / MANIFEST
-        recorded = json.loads(manifest_path.read_text()).get("files", {}) if manifest_path.exists() else {}
-        unverified = set()
-        for graph in graphs:
-            if graph not in self.plans:
-                raise BadInput(f"trt/ has no plan for {graph} (exported after the plans were built); rebuild them "
-                               f"with `{self.rebuild}`")
-            if graph not in recorded:
-                unverified.add(graph)
-            elif recorded[graph] != self.plans[graph]["onnx_sha256"]:
-                raise self._stale(graph)
-        return unverified
+        return stale_plan(self.artifacts, self.plans[graph], graph)
 
     def _engine(self, graph: str):
         if graph in self.engines:

@@ -11,13 +11,18 @@
         config.pbtxt    `--graph-backend onnxruntime` (default): Triton's onnxruntime backend over 1/model.onnx,
         1/...           a relative link to the exported graph in ../../halfv/build, with weights.bin linked beside
                         it; `--graph-backend python`: a Python model running the graph with ONNX Runtime in the
-                        stub (what a Python-backend-only server, e.g. the nvidia-pytriton wheel's, can run)
+                        stub (what a Python-backend-only server, e.g. the nvidia-pytriton wheel's, can run);
+                        `--graph-backend tensorrt`: Triton's tensorrt backend over 1/model.plan, a link to the
+                        build's trt/ plan (`halfv-export engine --target tensorrt` built it on the serving GPU),
+                        every optimisation profile offered to the instances
 
 Graph models take max_batch_size 0: their batch axis is not always the first (positions are [P, B, S]), so
 Triton must not add one; batching happens in the orchestrator, which groups the requests Triton's dynamic batcher
 hands it by image bucket (engines/api.Model). Inputs, outputs, dtypes and dims come from the graphs themselves
 (ONNX Runtime's session metadata; symbolic dims are -1). Links, not copies: the repository holds weights.bin once
-and stays self-contained, so it can be mounted into a container as one folder.
+and stays self-contained, so it can be mounted into a container as one folder. TensorRT plans are the exception to
+weights held once: a plan is a compiled engine with its own copy of the weights its graph uses (TensorRT has no
+external weights for a serialised plan), as `--target tensorrt` already stores them.
 """
 
 from __future__ import annotations
@@ -29,14 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..base.errors import BadInput
-from ..base.manifest import MANIFEST, verify_manifest
+from ..base.artifact_files import TRT_DIR
+from ..base.manifest import MANIFEST, sha256_file, verify_manifest
 from ..base.staging import staged_build
 
 ORCHESTRATOR = "halfv"
 STREAMING = "halfv_stream"
 GRAPHS_FILE = "graphs.json"  # in the orchestrator's folder: graph -> its model, inputs and outputs (BLS calls)
 BUILD_DIR = "build"  # inside the orchestrator's model folder (not a version number, so Triton ignores it)
-GRAPH_BACKENDS = ("onnxruntime", "python")
+GRAPH_BACKENDS = ("onnxruntime", "python", "tensorrt")
 KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
 
 # ONNX Runtime's element type names -> Triton's
@@ -103,17 +109,22 @@ def graph_io(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
 
 
 def graph_config(name: str, graph: str, inputs: list[TensorSpec], outputs: list[TensorSpec], backend: str,
-                 kind: str, instances: int) -> str:
+                 kind: str, instances: int, profiles: int = 0) -> str:
     lines = [f'name: "{name}"']
+    group = f"count: {instances} kind: {KINDS[kind]}"
     if backend == "onnxruntime":
         lines += ['backend: "onnxruntime"', 'default_model_filename: "model.onnx"']
+    elif backend == "tensorrt":
+        lines += ['backend: "tensorrt"', 'default_model_filename: "model.plan"']
+        if profiles > 1:  # Triton gives an instance the first profile only unless told: offer every one
+            group += " profile: [ " + ", ".join(f'"{i}"' for i in range(profiles)) + " ]"
     else:
         lines += ['backend: "python"', f'parameters {{ key: "graph" value {{ string_value: "{graph}" }} }}',
                   f'parameters {{ key: "build" value {{ string_value: "../{ORCHESTRATOR}/{BUILD_DIR}" }} }}']
     lines += ["max_batch_size: 0  # batching is the orchestrator's: positions carry the batch on axis 1",
               "input [", ",\n".join(t.pbtxt() for t in inputs), "]",
               "output [", ",\n".join(t.pbtxt() for t in outputs), "]",
-              f"instance_group [ {{ count: {instances} kind: {KINDS[kind]} }} ]"]
+              f"instance_group [ {{ {group} }} ]"]
     return "\n".join(lines) + "\n"
 
 
@@ -161,7 +172,7 @@ def _copy_build(build: Path, to: Path) -> None:
 @dataclass(frozen=True)
 class TritonOptions:
     graph_backend: str = "onnxruntime"  # or "python"
-    kind: str = "cpu"  # graph models' instance kind
+    kind: str | None = None  # graph models' instance kind; None: gpu for tensorrt, else cpu
     instances: int = 1  # instances of each graph model
     max_batch: int = 8  # requests the orchestrator takes at once (Triton's dynamic batcher fills it)
     queue_delay_us: int = 10_000  # how long the batcher waits for more requests
@@ -173,11 +184,15 @@ def write_repository(artifacts: Path, out: Path, options: TritonOptions = Triton
     artifacts, out = Path(artifacts), Path(out)
     if options.graph_backend not in GRAPH_BACKENDS:
         raise BadInput(f"unknown graph backend '{options.graph_backend}'; choose {' or '.join(GRAPH_BACKENDS)}")
-    if options.kind not in KINDS:
-        raise BadInput(f"unknown instance kind '{options.kind}'; choose cpu or gpu")
-    if options.kind == "gpu" and options.graph_backend == "python":
-        raise BadInput("--kind gpu needs --graph-backend onnxruntime (the Python graph models run ONNX Runtime's "
-                       "CPU provider)")
+    kind = options.kind or ("gpu" if options.graph_backend == "tensorrt" else "cpu")
+    if kind not in KINDS:
+        raise BadInput(f"unknown instance kind '{kind}'; choose cpu or gpu")
+    if kind == "gpu" and options.graph_backend == "python":
+        raise BadInput("--kind gpu needs --graph-backend onnxruntime or tensorrt (the Python graph models run ONNX "
+                       "Runtime's CPU provider)")
+    if kind == "cpu" and options.graph_backend == "tensorrt":
+        raise BadInput("TensorRT plans run on the GPU they were built on; use --kind gpu, or --graph-backend "
+                       "onnxruntime for CPU instances")
     meta_path = artifacts / "artifacts.json"
     if not meta_path.exists():
         raise BadInput(f"{artifacts} has no artifacts.json; pass the --out folder of `halfv-export build`")
@@ -188,6 +203,7 @@ def write_repository(artifacts: Path, out: Path, options: TritonOptions = Triton
         raise BadInput("these graphs are bf16, and the orchestrator's tensors cross Triton's Python backend as numpy, "
                        "which has no bfloat16; export with --precision fp16 or fp32")
     graphs = list(meta["graphs"])
+    plans = tensorrt_plans(artifacts, graphs) if options.graph_backend == "tensorrt" else {}
     models, calls = {}, {}
     with staged_build(out) as stage:
         build = stage / ORCHESTRATOR / BUILD_DIR
@@ -206,17 +222,40 @@ def write_repository(artifacts: Path, out: Path, options: TritonOptions = Triton
             inputs, outputs = graph_io(artifacts / graph)
             calls[graph] = {"model": name, "inputs": [t.name for t in inputs], "outputs": [t.name for t in outputs]}
             (folder / "config.pbtxt").write_text(graph_config(name, graph, inputs, outputs, options.graph_backend,
-                                                              options.kind, options.instances))
+                                                              kind, options.instances,
+                                                              len(plans[graph]["profiles"]) if plans else 0))
             if options.graph_backend == "onnxruntime":
                 _link(build / graph, folder / "1" / "model.onnx")
                 for data in external_data(build):  # read relative to model.onnx, as ONNX external data is
                     _link(data, folder / "1" / data.name)
+            elif options.graph_backend == "tensorrt":
+                _link(build / plans[graph]["engine"], folder / "1" / "model.plan")
             else:
                 (folder / "1" / "model.py").write_text(MODEL_PY.format(cls="GraphModel"))
             models[name] = options.graph_backend
         (stage / ORCHESTRATOR / GRAPHS_FILE).write_text(json.dumps(calls, indent=1) + "\n")
-    return {"repository": str(out), "models": models, "graph_backend": options.graph_backend,
-            "backbone": meta["backbone"], "buckets": [b["size"] for b in meta["buckets"]]}
+    summary = {"repository": str(out), "models": models, "graph_backend": options.graph_backend, "kind": kind,
+               "backbone": meta["backbone"], "buckets": [b["size"] for b in meta["buckets"]]}
+    if plans:
+        info = json.loads((artifacts / TRT_DIR / "engine.json").read_text())
+        summary["tensorrt"] = {"version": info["tensorrt"], "gpu": info["gpu"],
+                               "compute_capability": info["compute_capability"]}
+    return summary
+
+
+def tensorrt_plans(artifacts: Path, graphs: list[str]) -> dict:
+    """graph -> its plan entry in trt/engine.json, each plan checked now (present, built from this graph), since a
+    server would only find out when it loads the model."""
+    from ..engines.trt import read_plans, stale_plan
+
+    _, plans, unverified = read_plans(artifacts)
+    for graph in graphs:
+        if graph in unverified and sha256_file(artifacts / graph) != plans[graph]["onnx_sha256"]:
+            raise stale_plan(artifacts, plans[graph], graph)
+        if not (artifacts / plans[graph]["engine"]).is_file():
+            raise BadInput(f"{artifacts / plans[graph]['engine']} is missing; rebuild the plans with "
+                           f"`halfv-export engine --artifacts {artifacts} --target tensorrt`")
+    return {graph: plans[graph] for graph in graphs}
 
 
 def refuse_out(artifacts: Path, out: Path) -> None:
