@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+from pathlib import Path
 
 import onnx
 
@@ -75,6 +76,55 @@ def test_sessions_share_the_memory_mapped_weights(exported):
     assert shared[name].numpy().tobytes() == _read(exported / WEIGHTS_FILE, read_index(exported)["tensors"][name])
     for graph in (DECODE.file(), DECODE_FULL.file()):
         assert runner.session(graph) is not None
+
+
+def prepacking(options) -> bool:
+    try:
+        return options.get_session_config_entry("session.disable_prepacking") != "1"
+    except RuntimeError:  # not set: ONNX Runtime's default, on
+        return True
+
+
+def test_a_one_bucket_tower_packs_its_own_weights_without_planner_reuse(exported, tmp_path, monkeypatch):
+    """A CPU vision session (engines/ort.tower_options) runs without the planner's buffer reuse and has its arena
+    shrunk after each run; in a one-bucket build it reads and prepacks its own weights, with several buckets it
+    shares the mapping unpacked like the LLM graphs. Its output is what a plain ONNX Runtime session gives."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from halfv_export.engines import ort as ort_engine
+
+    given = {}  # graph -> the shared weights its session was opened with
+    real = ort_engine.open_session
+    monkeypatch.setattr(ort_engine, "open_session", lambda path, options, providers, shared=None, fused=None: (
+        given.__setitem__(Path(path).name, shared), real(path, options, providers, shared, fused))[1])
+    meta = json.loads((exported / "artifacts.json").read_text())
+    vision = meta["buckets"][0]["vision"]
+    one = tmp_path / "one"  # the build as if it had only its first bucket
+    shutil.copytree(exported, one)
+    (one / "artifacts.json").write_text(json.dumps({**meta, "graphs": [g for g in meta["graphs"] if not
+                                                                       g.startswith("vision_") or g == vision]}))
+    runner = OrtRunner(one)
+    tower = runner.session(vision)
+    options = tower.get_session_options()
+    assert (options.enable_mem_reuse, options.enable_mem_pattern, options.enable_cpu_mem_arena) == (False, False, True)
+    assert prepacking(options) and given[vision] is None
+    decode = runner.session(DECODE.file())
+    assert given[DECODE.file()] is runner._shared and not prepacking(decode.get_session_options())
+    assert decode.get_session_options().enable_mem_reuse
+    shrink = ort_engine.run_options_for(tower, ["CPUExecutionProvider"])
+    assert shrink.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
+    assert ort_engine.run_options_for(decode, ["CPUExecutionProvider"]) is None
+    pixels = np.random.default_rng(0).standard_normal(
+        [d if isinstance(d, int) else 1 for d in tower.get_inputs()[0].shape]).astype(np.float32)
+    ours = next(iter(runner.run(vision, {"pixel_values": pixels}).values()))
+    plain = ort.InferenceSession(str(exported / vision), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(ours, plain.run(None, {"pixel_values": pixels})[0], rtol=0, atol=1e-5)
+    # two buckets (the build as exported): towers share the mapping, unpacked (one copy of the weights)
+    assert sum(g.startswith("vision_") for g in meta["graphs"]) == 2
+    runner = OrtRunner(exported)
+    options = runner.session(vision).get_session_options()
+    assert given[vision] is runner._shared and not prepacking(options) and not options.enable_mem_reuse
 
 
 def test_fast_check_guarantees_what_the_readme_says(exported, run_cli, tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ The tower is the published one read from tests/data/model-configs.json (default:
 
     PYTHONPATH=. python tools/vision_bench.py --image-size 896x896
     PYTHONPATH=. python tools/vision_bench.py --image-size 1792x1792 --depth 8 --out /tmp/vb
+    PYTHONPATH=. python tools/vision_bench.py --image-size 1792x1792 --depth 8 --out /tmp/vb --reuse --only ort --as-before
 
 Prints one JSON object: seconds and peak RSS (GiB) for eager and ONNX Runtime (session creation and one run, which
 includes ORT_ENABLE_ALL optimisation as the engine stage does), their ratios, and max |ORT - eager|.
@@ -57,6 +58,8 @@ def run_eager(args) -> dict:
     import numpy as np
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     visual = tower(args.model, args.depth, args.seed)
     pixels = torch.from_numpy(np.load(args.work / "pixels.npy"))
     grid = torch.tensor([grid_of(args.size)])
@@ -69,18 +72,38 @@ def run_eager(args) -> dict:
 
 
 def run_ort(args) -> dict:
+    """The graph as `run` opens and runs it: OrtRunner's session and run options for a vision graph
+    (engines/ort.tower_options); --ort-set adds session config entries and --no-arena / --no-mem-pattern switch ONNX Runtime's
+    CPU arena / memory pattern off, for finding where memory goes."""
     import numpy as np
-    import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
+    from halfv_export.engines import ort as ort_engine
+
+    plain = ort_engine.session_options
+
+    def options(threads=None):
+        chosen = plain(threads)
+        for item in args.ort_set:
+            key, value = item.split("=", 1)
+            chosen.add_session_config_entry(key, value)
+        if args.no_arena:
+            chosen.enable_cpu_mem_arena = False
+        if args.no_mem_pattern:
+            chosen.enable_mem_pattern = False
+        return chosen
+
+    ort_engine.session_options = options
+    if args.as_before:  # the runner before tower_options: shared mapping, no prepacking, the planner's buffer reuse
+        from halfv_export.base.artifact_files import GraphKind
+
+        ort_engine.VISION = GraphKind("vision", "\0", "vision")  # no file is a tower to the runner
     pixels = np.load(args.work / "pixels.npy")
     start = time.perf_counter()
-    graph = next(args.work.glob("vision_*.onnx"))
-    session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+    graph = next(args.work.glob("vision_*.onnx")).name
+    runner = ort_engine.OrtRunner(args.work, threads=args.threads or None)  # holds the weights' mapping
+    runner.session(graph)
     created = time.perf_counter()
-    out = session.run(None, {"pixel_values": pixels})[0]
+    out = next(iter(runner.run(graph, {"pixel_values": pixels}).values()))
     seconds = time.perf_counter() - created
     np.save(args.work / "ort.npy", out)
     return {"seconds": seconds, "session_seconds": created - start, "peak_rss_gib": peak_rss_gib()}
@@ -91,6 +114,7 @@ def export(args) -> dict:
     import torch
 
     from halfv_export.graphs.qwen2_5_vl import QwenVisionBucket
+    from halfv_export.graphs.shared_weights import WeightStore, parameter_names
     from halfv_export.graphs.specs import vision_spec
 
     visual = tower(args.model, args.depth, args.seed)
@@ -99,7 +123,11 @@ def export(args) -> dict:
     np.save(args.work / "pixels.npy", pixels.numpy())
     start = time.perf_counter()
     spec = vision_spec(QwenVisionBucket(visual, grid).eval(), pixels, args.size)
-    spec.export(args.work)
+    store = WeightStore(args.work, parameter_names(visual))  # weights.bin + weights.json, as the export stage
+    try:
+        spec.export(args.work, store=store)
+    finally:
+        store.close()
     return {"export_seconds": time.perf_counter() - start, "patches": grid[1] * grid[2]}
 
 
@@ -108,6 +136,10 @@ def child(kind: str, args) -> dict:
            f"{args.size[0]}x{args.size[1]}", "--model", args.model, "--seed", str(args.seed)]
     if args.depth is not None:
         cmd += ["--depth", str(args.depth)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    cmd += [f"--ort-set={item}" for item in args.ort_set]
+    cmd += ["--no-arena"] * args.no_arena + ["--no-mem-pattern"] * args.no_mem_pattern + ["--as-before"] * args.as_before
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"{kind} run failed:\n{done.stderr[-3000:]}")
@@ -121,6 +153,15 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=None, help="keep the first blocks only (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="work folder (default: a temporary one, removed)")
+    parser.add_argument("--threads", type=int, default=0, help="threads of both sides (default: each library's)")
+    parser.add_argument("--reuse", action="store_true", help="keep the graph already exported to --out")
+    parser.add_argument("--only", choices=["eager", "ort"], default=None, help="run one side (with --reuse)")
+    parser.add_argument("--ort-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="an ONNX Runtime session config entry for the ORT side (repeatable)")
+    parser.add_argument("--no-arena", action="store_true", help="ORT side: no CPU memory arena")
+    parser.add_argument("--as-before", action="store_true",
+                        help="ORT side: open the tower as any graph (shared weights, no prepacking, planner reuse)")
+    parser.add_argument("--no-mem-pattern", action="store_true", help="ORT side: no memory pattern")
     parser.add_argument("--child", choices=["export", "eager", "ort"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -131,12 +172,18 @@ def main() -> None:
     if args.child:
         result = {"export": export, "eager": run_eager, "ort": run_ort}[args.child](args)
         result.setdefault("peak_rss_gib", peak_rss_gib())
+        if args.child == "export":  # what --reuse reads back
+            (args.work / "export.json").write_text(json.dumps(result))
         print(json.dumps(result))
         return
     with tempfile.TemporaryDirectory() as tmp:
         args.work = Path(args.out or tmp)
         args.work.mkdir(parents=True, exist_ok=True)
-        exported = child("export", args)
+        reused = args.reuse and (args.work / "export.json").exists()
+        exported = json.loads((args.work / "export.json").read_text()) if reused else child("export", args)
+        if args.only:
+            print(json.dumps(child(args.only, args)))
+            return
         eager = child("eager", args)
         ort = child("ort", args)
         import numpy as np
@@ -144,7 +191,7 @@ def main() -> None:
         a, b = np.load(args.work / "eager.npy"), np.load(args.work / "ort.npy")
         report = {
             "model": args.model, "weights": "random (seed %d), fp32" % args.seed, "image_size": args.image_size,
-            "depth": args.depth or "published", "patches": exported["patches"],
+            "depth": args.depth or "published", "patches": exported["patches"], "threads": args.threads or "default",
             "export": exported, "eager": eager, "ort": ort,
             "ort_over_eager_time": ort["seconds"] / eager["seconds"],
             "ort_over_eager_rss": ort["peak_rss_gib"] / eager["peak_rss_gib"],

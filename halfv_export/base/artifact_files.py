@@ -5,6 +5,7 @@ toolchain that wrote it."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,14 @@ class GraphKind:
     name: str
     pattern: str  # file name, with {label} for per-bucket graphs
     weights: str  # which weights the graph holds: "embed" | "vision" | "llm"
+
+    def holds(self, file: str) -> bool:
+        """Whether `file` is a graph of this kind: vision_448x448.onnx is VISION's; prefill_full.onnx is
+        PREFILL_FULL's, not PREFILL's (a per-bucket label is HxW)."""
+        head, label, tail = self.pattern.partition("{label}")
+        if not label:
+            return file == self.pattern
+        return re.fullmatch(re.escape(head) + r"\d+x\d+" + re.escape(tail), file) is not None
 
     def file(self, label: str | tuple[int, int] | None = None) -> str:
         if "{label}" not in self.pattern:

@@ -36,11 +36,12 @@ from torch import nn
 
 from ..base.atomic import prepare_out_dir, write_text_atomic
 from ..base.errors import BadInput
-from ..engines.ort import graph_session
+from ..engines.ort import graph_session, run_options_for
 from ..graphs.adapter import BackboneAdapter, LoadedModel, PrefillInputs, adapter_for_model_type
 from ..graphs.checkpoint import read_config_json, seeded_model
 from ..graphs.halfv import HalfVReference
 from ..graphs.pruning import PruneSchedule
+from ..graphs.shared_weights import WeightStore, parameter_names
 from ..graphs.specs import decode_spec, prefill_spec, selection_spec
 from ..measure.flops import LMShape, prefill_flops
 from ..measure.report import timed
@@ -115,7 +116,8 @@ def measure_ort(path: Path, feeds: dict, runs: int, outputs: list[str] | None = 
         session, fused = graph_session(Path(path))
         wanted = {i.name for i in session.get_inputs()}
         feeds = {k: v for k, v in feeds.items() if k in wanted}
-        result = timed(lambda: session.run(outputs, feeds), runs)
+        run_options = run_options_for(session, ["CPUExecutionProvider"])
+        result = timed(lambda: session.run(outputs, feeds, run_options), runs)
     return {**result, **rss.result(), **({"fused_attention": fused} if fused else {})}
 
 
@@ -422,7 +424,13 @@ def ttft_section(adapter: BackboneAdapter, shape: BenchShape, lm: LMShape, sched
                          generator=torch.Generator().manual_seed(2))
     log(f"N={visual}: exporting the vision graph of the {bucket[0]}x{bucket[1]} bucket and timing it")
     spec = vision_spec(adapter.vision_graph(loaded, bucket), pixels, bucket)
-    vision_ort = measure_ort(spec.export(work), {"pixel_values": pixels.numpy()}, runs)
+    (work / "vision").mkdir(exist_ok=True)
+    store = WeightStore(work / "vision", parameter_names(model))  # weights.bin beside the graph, as export writes it
+    try:
+        graph = spec.export(work / "vision", store=store)
+    finally:
+        store.close()
+    vision_ort = measure_ort(graph, {"pixel_values": pixels.numpy()}, runs)
     with torch.no_grad(), PeakRss() as rss:
         vision_eager = timed(lambda: adapter.eager_vision(loaded, pixels, bucket), runs)
     vision_eager.update(rss.result())

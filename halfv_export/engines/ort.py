@@ -4,7 +4,9 @@ Every graph of an export reads its large initializers from one weights.bin (grap
 memory-maps that file once and hands each session the same buffers through SessionOptions.add_initializer (ORT:
 "If a model contains an initializer with a name that is same as the name passed to this call, ORT will use this
 initializer instance instead of deserializing one from the model file ... useful when you want to share the same
-initializer across sessions"), so N sessions hold one copy of the weights, backed by the page cache.
+initializer across sessions"), so N sessions hold one copy of the weights, backed by the page cache. The one
+exception is a vision graph on the CPU provider in a one-bucket build (`tower_options`): its session reads and
+prepacks its own weights, which no other graph uses.
 
 `build_ort_engines` is the engine stage for --target onnxruntime. It does not save optimised model copies (each
 would be a second full copy of the weights, tied to this machine): it opens every graph once with full graph
@@ -26,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..base.artifact_files import NUMPY_BY_ONNX, ONNX_BFLOAT16, ORT_DIR, read_index
+from ..base.artifact_files import NUMPY_BY_ONNX, ONNX_BFLOAT16, ORT_DIR, VISION, read_index
 from ..base.atomic import write_bytes_atomic, write_text_atomic
 from ..base.errors import BadInput
 from .arrays import NUMPY
@@ -66,6 +68,28 @@ def session_options(threads: int | None = None):
     if threads:
         options.intra_op_num_threads = threads
     return options
+
+
+def tower_options(options) -> None:
+    """CPU session options for a vision graph: one pass over thousands of patches, dozens of large activations per
+    block. No planner buffer reuse: ONNX Runtime's allocation planner hands a dead tensor's buffer to a later value
+    of the same size, which chains the first block's buffers through every later block, so the tower holds the sum
+    of one block's activations rather than the largest set alive at once. Without it each tensor is freed when it
+    dies and the arena hands its memory to the next allocation (and no memory pattern, which needs that reuse)."""
+    options.enable_mem_reuse = False
+    options.enable_mem_pattern = False
+
+
+def run_options_for(session, providers: list[str]):
+    """What `run` passes to a graph's session.run: a CPU tower's arena gives its free chunks back when the run ends
+    (its activations are not needed until the next image, and the prefill and decode sessions have arenas of their
+    own). None for other graphs, and where the session has no CPU arena to shrink (ORT would refuse the run)."""
+    options = session.get_session_options()
+    if providers[0] != "CPUExecutionProvider" or options.enable_mem_reuse or not options.enable_cpu_mem_arena:
+        return None
+    run_options = _ort().RunOptions()
+    run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return run_options
 
 
 def build_ort_engines(artifacts: Path, ep: str = "cpu", fuse_attention: bool = True) -> dict:
@@ -164,16 +188,20 @@ def open_session(path: Path, options, providers: list[str], shared: "SharedWeigh
 
 
 def graph_session(path: Path, options=None, providers: list[str] | None = None):
-    """One graph file as a runner opens it (fused where marked, no shared weights) -> (session, fused sites): for
-    benchmarks and profiles of single graphs."""
+    """One graph file as a runner opens it (fused where marked, a tower with tower_options, no shared weights) ->
+    (session, fused sites): for benchmarks and profiles of single graphs."""
     providers = providers or ["CPUExecutionProvider"]
+    options = options or session_options()
+    if VISION.holds(Path(path).name) and providers[0] == "CPUExecutionProvider":
+        tower_options(options)
     fused, sites = fused_graph(Path(path), providers)
-    session, refused = open_session(Path(path), options or session_options(), providers, None, fused)
+    session, refused = open_session(Path(path), options, providers, None, fused)
     return session, 0 if refused else sites
 
 
 class OrtRunner:
-    """Runs named graphs of an artifacts folder; all sessions share one memory-mapped copy of weights.bin."""
+    """Runs named graphs of an artifacts folder; the sessions share one memory-mapped copy of weights.bin (a
+    one-bucket build's CPU vision session excepted: see tower_options and `session`)."""
 
     runs_bf16 = False  # the CPU provider has no bfloat16 kernels for these graphs
     arrays = NUMPY  # sessions take and return host numpy arrays
@@ -206,6 +234,9 @@ class OrtRunner:
         meta_path = self.artifacts / "artifacts.json"
         quantize = json.loads(meta_path.read_text()).get("quantize") if meta_path.exists() else None
         self.quantized_graphs = set(quantize["graphs"]) if quantize else set()
+        graphs = json.loads(meta_path.read_text())["graphs"] if meta_path.exists() else \
+            [p.name for p in self.artifacts.glob("*.onnx")]
+        self.vision_graphs = {g for g in graphs if VISION.holds(g)}
         self._shared = SharedWeights(self.artifacts, index) if index and index["tensors"] else None
         self.shared_file = self._shared.path if self._shared else None
         self._sessions: dict = {}
@@ -227,16 +258,25 @@ class OrtRunner:
             if not path.exists():
                 raise BadInput(f"{path} is missing; re-run `halfv-export export`")
             options = session_options(self.threads)
+            tower = VISION.holds(graph) and self.providers[0] == "CPUExecutionProvider"
+            if tower:
+                tower_options(options)
+            # A one-bucket build's tower reads and prepacks its own weights (no other graph uses them, ORT releases
+            # what it read once packed, and packed GEMM operands are what make the tower faster than eager); with
+            # several buckets each vision session would pack a copy, so they share the mapping unpacked instead.
+            own_weights = tower and self.vision_graphs <= {graph}
             # Quantised graphs keep prepacking: MatMulNBits without its packed B dequantises the whole weight on
             # every call (measured 1x896 @ 896x4864 int4: 0.13 ms packed, 25 ms unpacked); the packed copy per
             # session is about the size of the quantised weights (README "Quantised exports").
-            if self._shared is not None and not self.prepack and graph not in self.quantized_graphs:
+            if (not own_weights and self._shared is not None and not self.prepack
+                    and graph not in self.quantized_graphs):
                 # ORT's CPU MatMul re-packs each constant weight into a private buffer per session, which undoes
                 # the sharing (measured: two sessions over a 4.9 GB weights.bin hold 2 copies with prepacking, 1
                 # without; README "Real-size artifacts")
                 options.add_session_config_entry("session.disable_prepacking", "1")
             fused, self.fused[graph] = self._fused(graph)
-            session, refused = open_session(path, options, self.providers, self._shared, fused)
+            session, refused = open_session(path, options, self.providers, None if own_weights else self._shared,
+                                            fused)
             if refused:
                 self.fused[graph] = 0
                 self.fusion_refused[graph] = refused
@@ -282,7 +322,8 @@ class OrtRunner:
         session = self.session(graph)
         names = [o.name for o in session.get_outputs()]
         wanted = {i.name for i in session.get_inputs()}
-        return dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in wanted})))
+        feeds = {k: v for k, v in feeds.items() if k in wanted}
+        return dict(zip(names, session.run(names, feeds, run_options_for(session, self.providers))))
 
 
 register_target(EngineTarget(

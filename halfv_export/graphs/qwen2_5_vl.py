@@ -127,9 +127,18 @@ class QwenVisionBucket(nn.Module):
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
         return out.transpose(0, 1).reshape(self.patches, -1)
 
+    def _patch_embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[P, C*T*p*p] -> [P, C]: the patch embedding's Conv3d, whose kernel is its stride, is one matrix product
+        with the kernel flattened in the order the patches are (a GEMM on prepacked weights, where a Conv over 1x1x1
+        outputs is not)."""
+        embed = self.visual.patch_embed
+        weight = embed.proj.weight  # [C, in, T, p, p]
+        out = pixel_values.to(weight.dtype) @ weight.reshape(weight.shape[0], -1).t()
+        return out if embed.proj.bias is None else out + embed.proj.bias
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         v = self.visual
-        h = v.patch_embed(pixel_values)  # [P, C]
+        h = self._patch_embed(pixel_values)  # [P, C]
         h = h.reshape(self.patches // self.unit, self.unit, -1)[self.window_index].reshape(self.patches, -1)
         for i, block in enumerate(v.blocks):
             kind = "full" if i in v.fullatt_block_indexes else "window"

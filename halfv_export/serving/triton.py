@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..base.errors import BadInput
-from ..base.artifact_files import TRT_DIR
 from ..base.manifest import MANIFEST, sha256_file, verify_manifest
 from ..base.staging import staged_build
 
@@ -171,7 +170,7 @@ def _copy_build(build: Path, to: Path) -> None:
 
 @dataclass(frozen=True)
 class TritonOptions:
-    graph_backend: str = "onnxruntime"  # or "python"
+    graph_backend: str = "onnxruntime"  # or "python", "tensorrt"
     kind: str | None = None  # graph models' instance kind; None: gpu for tensorrt, else cpu
     instances: int = 1  # instances of each graph model
     max_batch: int = 8  # requests the orchestrator takes at once (Triton's dynamic batcher fills it)
@@ -183,7 +182,7 @@ def write_repository(artifacts: Path, out: Path, options: TritonOptions = Triton
     all, and a previous `out` stays until the new one is complete) -> a summary: models, their backends, files."""
     artifacts, out = Path(artifacts), Path(out)
     if options.graph_backend not in GRAPH_BACKENDS:
-        raise BadInput(f"unknown graph backend '{options.graph_backend}'; choose {' or '.join(GRAPH_BACKENDS)}")
+        raise BadInput(f"unknown graph backend '{options.graph_backend}'; choose one of {', '.join(GRAPH_BACKENDS)}")
     kind = options.kind or ("gpu" if options.graph_backend == "tensorrt" else "cpu")
     if kind not in KINDS:
         raise BadInput(f"unknown instance kind '{kind}'; choose cpu or gpu")
@@ -203,7 +202,8 @@ def write_repository(artifacts: Path, out: Path, options: TritonOptions = Triton
         raise BadInput("these graphs are bf16, and the orchestrator's tensors cross Triton's Python backend as numpy, "
                        "which has no bfloat16; export with --precision fp16 or fp32")
     graphs = list(meta["graphs"])
-    plans = tensorrt_plans(artifacts, graphs) if options.graph_backend == "tensorrt" else {}
+    trt = tensorrt_plans(artifacts, graphs) if options.graph_backend == "tensorrt" else None
+    plans = trt["graphs"] if trt else {}
     models, calls = {}, {}
     with staged_build(out) as stage:
         build = stage / ORCHESTRATOR / BUILD_DIR
@@ -236,26 +236,28 @@ def write_repository(artifacts: Path, out: Path, options: TritonOptions = Triton
         (stage / ORCHESTRATOR / GRAPHS_FILE).write_text(json.dumps(calls, indent=1) + "\n")
     summary = {"repository": str(out), "models": models, "graph_backend": options.graph_backend, "kind": kind,
                "backbone": meta["backbone"], "buckets": [b["size"] for b in meta["buckets"]]}
-    if plans:
-        info = json.loads((artifacts / TRT_DIR / "engine.json").read_text())
+    if trt:
+        info = trt["info"]
         summary["tensorrt"] = {"version": info["tensorrt"], "gpu": info["gpu"],
                                "compute_capability": info["compute_capability"]}
     return summary
 
 
 def tensorrt_plans(artifacts: Path, graphs: list[str]) -> dict:
-    """graph -> its plan entry in trt/engine.json, each plan checked now (present, built from this graph), since a
-    server would only find out when it loads the model."""
-    from ..engines.trt import read_plans, stale_plan
+    """trt/engine.json ("info") and graph -> its plan entry ("graphs"), each plan checked now (present, in the
+    manifest, built from this graph), since a server would only find out when it loads the model."""
+    from ..engines.trt import read_plans, refuse_quantized, stale_plan
 
-    _, plans, unverified = read_plans(artifacts)
+    refuse_quantized(artifacts)
+    info, plans, unverified = read_plans(artifacts)
+    listed = json.loads((artifacts / MANIFEST).read_text())["files"]  # what the repository's copy of the build holds
     for graph in graphs:
         if graph in unverified and sha256_file(artifacts / graph) != plans[graph]["onnx_sha256"]:
             raise stale_plan(artifacts, plans[graph], graph)
-        if not (artifacts / plans[graph]["engine"]).is_file():
-            raise BadInput(f"{artifacts / plans[graph]['engine']} is missing; rebuild the plans with "
-                           f"`halfv-export engine --artifacts {artifacts} --target tensorrt`")
-    return {graph: plans[graph] for graph in graphs}
+        if not (artifacts / plans[graph]["engine"]).is_file() or plans[graph]["engine"] not in listed:
+            raise BadInput(f"{artifacts / plans[graph]['engine']} is missing or not in the manifest; rebuild the "
+                           f"plans with `halfv-export engine --artifacts {artifacts} --target tensorrt`")
+    return {"info": info, "graphs": {graph: plans[graph] for graph in graphs}}
 
 
 def refuse_out(artifacts: Path, out: Path) -> None:
