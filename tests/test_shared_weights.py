@@ -127,6 +127,24 @@ def test_a_one_bucket_tower_packs_its_own_weights_without_planner_reuse(exported
     assert given[vision] is runner._shared and not prepacking(options) and not options.enable_mem_reuse
 
 
+def test_a_session_outlives_the_runner_that_opened_it(exported):
+    """A caller may keep runner.session(graph) and drop the runner: the session keeps the weights' mapping alive
+    (before, its next run read unmapped pages and crashed). In a subprocess, so that a crash cannot take pytest."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    code = ("import gc, sys, numpy as np; from pathlib import Path; from halfv_export.engines.ort import OrtRunner; "
+            "s = OrtRunner(Path(sys.argv[1])).session('embed.onnx'); gc.collect(); "
+            "print(repr(float(s.run(None, {'input_ids': np.arange(4, dtype=np.int64)[None]})[0].astype(np.float64)"
+            ".sum())))")
+    done = subprocess.run([sys.executable, "-c", code, str(exported)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    live = OrtRunner(exported).run("embed.onnx", {"input_ids": np.arange(4, dtype=np.int64)[None]})
+    assert float(done.stdout.strip()) == float(next(iter(live.values())).astype(np.float64).sum())
+
+
 def test_fast_check_guarantees_what_the_readme_says(exported, run_cli, tmp_path, monkeypatch):
     copy = tmp_path / "copy"
     shutil.copytree(exported, copy)

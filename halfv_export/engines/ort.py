@@ -280,6 +280,9 @@ class OrtRunner:
             if refused:
                 self.fused[graph] = 0
                 self.fusion_refused[graph] = refused
+            # the session reads the mapped weights in place: it keeps the mapping alive even where a caller drops
+            # the runner and keeps the session (unmapped, its next run would read freed pages and crash)
+            session.halfv_weights = self._shared
             self.ran_on[graph] = session.get_providers()
             self._sessions[graph] = session
         return self._sessions[graph]
