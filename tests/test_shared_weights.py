@@ -112,9 +112,10 @@ def test_a_one_bucket_tower_packs_its_own_weights_without_planner_reuse(exported
     decode = runner.session(DECODE.file())
     assert given[DECODE.file()] is runner._shared and not prepacking(decode.get_session_options())
     assert decode.get_session_options().enable_mem_reuse
-    shrink = ort_engine.run_options_for(tower, ["CPUExecutionProvider"])
+    shrink = ort_engine.run_options_for(tower)
     assert shrink.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
-    assert ort_engine.run_options_for(decode, ["CPUExecutionProvider"]) is None
+    assert ort_engine.run_options_for(decode) is None
+    assert not PREFILL.holds(PREFILL_FULL.file()) and PREFILL.holds(PREFILL.file((448, 448)))  # labels are HxW
     pixels = np.random.default_rng(0).standard_normal(
         [d if isinstance(d, int) else 1 for d in tower.get_inputs()[0].shape]).astype(np.float32)
     ours = next(iter(runner.run(vision, {"pixel_values": pixels}).values()))

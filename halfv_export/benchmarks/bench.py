@@ -116,7 +116,7 @@ def measure_ort(path: Path, feeds: dict, runs: int, outputs: list[str] | None = 
         session, fused = graph_session(Path(path))
         wanted = {i.name for i in session.get_inputs()}
         feeds = {k: v for k, v in feeds.items() if k in wanted}
-        run_options = run_options_for(session, ["CPUExecutionProvider"])
+        run_options = run_options_for(session)
         result = timed(lambda: session.run(outputs, feeds, run_options), runs)
     return {**result, **rss.result(), **({"fused_attention": fused} if fused else {})}
 

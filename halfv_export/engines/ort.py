@@ -70,22 +70,26 @@ def session_options(threads: int | None = None):
     return options
 
 
-def tower_options(options) -> None:
-    """CPU session options for a vision graph: one pass over thousands of patches, dozens of large activations per
+def tower_options(options, graph: str, providers: list[str]) -> bool:
+    """Set the CPU session options of a vision graph (True where `graph` is one on the CPU provider): one pass over thousands of patches, dozens of large activations per
     block. No planner buffer reuse: ONNX Runtime's allocation planner hands a dead tensor's buffer to a later value
     of the same size, which chains the first block's buffers through every later block, so the tower holds the sum
     of one block's activations rather than the largest set alive at once. Without it each tensor is freed when it
     dies and the arena hands its memory to the next allocation (and no memory pattern, which needs that reuse)."""
+    if not (VISION.holds(graph) and providers[0] == "CPUExecutionProvider"):
+        return False
     options.enable_mem_reuse = False
     options.enable_mem_pattern = False
+    return True
 
 
-def run_options_for(session, providers: list[str]):
+def run_options_for(session):
     """What `run` passes to a graph's session.run: a CPU tower's arena gives its free chunks back when the run ends
     (its activations are not needed until the next image, and the prefill and decode sessions have arenas of their
     own). None for other graphs, and where the session has no CPU arena to shrink (ORT would refuse the run)."""
-    options = session.get_session_options()
-    if providers[0] != "CPUExecutionProvider" or options.enable_mem_reuse or not options.enable_cpu_mem_arena:
+    options = session.get_session_options()  # tower_options turned the planner's reuse off
+    if session.get_providers()[0] != "CPUExecutionProvider" or options.enable_mem_reuse \
+            or not options.enable_cpu_mem_arena:
         return None
     run_options = _ort().RunOptions()
     run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
@@ -192,8 +196,7 @@ def graph_session(path: Path, options=None, providers: list[str] | None = None):
     (session, fused sites): for benchmarks and profiles of single graphs."""
     providers = providers or ["CPUExecutionProvider"]
     options = options or session_options()
-    if VISION.holds(Path(path).name) and providers[0] == "CPUExecutionProvider":
-        tower_options(options)
+    tower_options(options, Path(path).name, providers)
     fused, sites = fused_graph(Path(path), providers)
     session, refused = open_session(Path(path), options, providers, None, fused)
     return session, 0 if refused else sites
@@ -232,10 +235,10 @@ class OrtRunner:
         self.ran_on: dict[str, list[str]] = {}  # graph -> the providers its session actually holds
         index = read_index(self.artifacts)
         meta_path = self.artifacts / "artifacts.json"
-        quantize = json.loads(meta_path.read_text()).get("quantize") if meta_path.exists() else None
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        quantize = meta.get("quantize")
         self.quantized_graphs = set(quantize["graphs"]) if quantize else set()
-        graphs = json.loads(meta_path.read_text())["graphs"] if meta_path.exists() else \
-            [p.name for p in self.artifacts.glob("*.onnx")]
+        graphs = meta.get("graphs") or [p.name for p in self.artifacts.glob("*.onnx")]
         self.vision_graphs = {g for g in graphs if VISION.holds(g)}
         self._shared = SharedWeights(self.artifacts, index) if index and index["tensors"] else None
         self.shared_file = self._shared.path if self._shared else None
@@ -258,9 +261,7 @@ class OrtRunner:
             if not path.exists():
                 raise BadInput(f"{path} is missing; re-run `halfv-export export`")
             options = session_options(self.threads)
-            tower = VISION.holds(graph) and self.providers[0] == "CPUExecutionProvider"
-            if tower:
-                tower_options(options)
+            tower = tower_options(options, graph, self.providers)
             # A one-bucket build's tower reads and prepacks its own weights (no other graph uses them, ORT releases
             # what it read once packed, and packed GEMM operands are what make the tower faster than eager); with
             # several buckets each vision session would pack a copy, so they share the mapping unpacked instead.
@@ -282,7 +283,7 @@ class OrtRunner:
                 self.fusion_refused[graph] = refused
             # the session reads the mapped weights in place: it keeps the mapping alive even where a caller drops
             # the runner and keeps the session (unmapped, its next run would read freed pages and crash)
-            session.halfv_weights = self._shared
+            session.halfv_weights = None if own_weights else self._shared
             self.ran_on[graph] = session.get_providers()
             self._sessions[graph] = session
         return self._sessions[graph]
@@ -326,7 +327,7 @@ class OrtRunner:
         names = [o.name for o in session.get_outputs()]
         wanted = {i.name for i in session.get_inputs()}
         feeds = {k: v for k, v in feeds.items() if k in wanted}
-        return dict(zip(names, session.run(names, feeds, run_options_for(session, self.providers))))
+        return dict(zip(names, session.run(names, feeds, run_options_for(session))))
 
 
 register_target(EngineTarget(
