@@ -6,15 +6,17 @@ import pytest
 
 from halfv_export.base.errors import BadInput
 from halfv_export.tasks.pages import MAX_CONTENT
-from halfv_export.tasks.digits import normalise_answer, scan, task_set
+from halfv_export.tasks.digits import glyph_alpha, normalise_answer, scan, scan_indices, task_set
 
 SIZES = [(448, 448), (392, 504)]
 LUMA = np.array([0.299, 0.587, 0.114])
 
 
-@pytest.fixture(scope="module")
-def pages():
-    return task_set(60, seed=5, sizes=SIZES, task="page")
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "augmented"])
+def pages(request):
+    """Evaluation pages, and training pages drawn with distorted scans (--augment): both keep every rule below."""
+    return task_set(60, seed=5, sizes=SIZES, task="page", split="train" if request.param else "eval",
+                    augment=request.param)
 
 
 def _rows_by_position(sample):
@@ -91,3 +93,20 @@ def test_same_arguments_same_pages_and_grid_stays_the_default():
     assert (grid.image.height, grid.image.width) == (224, 224) and len(grid.grid) == 4  # 4 x 4 cells
     with pytest.raises(BadInput, match="unknown task"):
         task_set(1, task="poster")
+
+
+def test_augmented_scans_stay_the_same_digit():
+    """Oracle: a nearest-neighbour reader that knows only the plain training scans reads the distorted ones. The
+    distortion must change the drawing (else it teaches nothing) but not which digit it is."""
+    rng = np.random.default_rng(0)
+    train = scan_indices("train")
+    plain = np.stack([glyph_alpha(int(i), 24).ravel() for i in train])
+    labels = np.array([scan(int(i))[1] for i in train])
+    picked = rng.choice(len(train), 200, replace=False)
+    distorted = np.stack([glyph_alpha(int(train[j]), 24, rng).ravel() for j in picked])
+    assert np.abs(distorted - plain[picked]).mean() > 0.03  # drawn differently
+    others = np.ones((len(picked), len(train)), dtype=bool)
+    others[np.arange(len(picked)), picked] = False  # the reader may not look at the scan itself
+    distance = ((distorted[:, None, :] - plain[None, :, :]) ** 2).sum(-1)
+    nearest = np.where(others, distance, np.inf).argmin(1)
+    assert (labels[nearest] == labels[picked]).mean() >= 0.9

@@ -41,7 +41,7 @@ def test_worker_batches_equal_inline_batches(train):
                         pad=loaded.tokenizer.pad_token_id)
     inline = list(train.prefetched(train.make_answer_batch, range(3), workers=0))
     ahead = list(train.prefetched(train.make_answer_batch, range(3), workers=2))
-    for (host_a, ans_a, valid_a, asked_a), (host_b, ans_b, valid_b, asked_b) in zip(inline, ahead, strict=True):
+    for (host_a, ans_a, valid_a, asked_a, _), (host_b, ans_b, valid_b, asked_b, _) in zip(inline, ahead, strict=True):
         assert torch.equal(host_a.input_ids, host_b.input_ids) and torch.equal(host_a.positions, host_b.positions)
         assert all(torch.equal(a, b) for a, b in zip(host_a.pixel_values, host_b.pixel_values, strict=True))
         assert torch.equal(ans_a, ans_b) and torch.equal(valid_a, valid_b) and torch.equal(asked_a, asked_b)
@@ -223,3 +223,49 @@ def test_init_weights_without_their_record_warn_that_the_history_is_lost(train, 
                                                          "train_seconds": 5.0, "init_history": []}))
     assert train.init_history(weights) == [{"command": "python halfv_export/training ...", "train_seconds": 5.0}]
     assert capsys.readouterr().out == ""
+
+
+def test_digit_targets_name_the_scan_under_each_token(train):
+    """Oracle: the scans' own labels at the tokens whose centres lie inside each drawn digit's box."""
+    from halfv_export.tasks.digits import scan, task_set
+
+    adapter = get_adapter("qwen2.5-vl")
+    loaded = adapter.load(None, seed=0)
+    size = (448, 448)
+    samples = task_set(6, seed=3, split="train", sizes=[size], task="page", augment=True)
+    centres = train.token_centres(adapter, loaded, size)  # [256, 2]: merged 28-pixel tokens
+    targets = train.token_targets(samples, centres)
+    assert targets.shape == (6, 256)
+    for sample, row in zip(samples, targets):
+        expected = torch.full((256,), 10)
+        for r, c, top, left, side in sample.boxes:
+            y, x = (top + side / 2) // 28, (left + side / 2) // 28  # the token holding the box centre
+            expected[int(y * 16 + x)] = scan(sample.scans[r][c])[1]
+        # every digit's centre token names it; tokens far from every box say "empty"
+        assert torch.equal(row[expected < 10], expected[expected < 10])
+        assert (row < 10).sum() <= 4 * len(sample.boxes)
+
+
+def test_digit_aux_teaches_the_tower_and_leaves_the_llm_to_the_answers(train, tmp_path):
+    """One step from the shipped weights with and without --digit-aux, same seed and batch: the probe's loss reaches
+    the vision tower (its weights move differently) and nothing else (the LLM's step is the answers' alone; Adam's
+    first step is the gradient's sign, so clipping a larger total norm does not change it)."""
+    shipped = ROOT / "halfv_export" / "graphs" / "embedded" / "qwen2_5_vl" / "model.safetensors"
+    common = ["--backbone", "qwen2.5-vl", "--init", str(shipped), "--task", "page", "--image-size", "224x336",
+              "--steps", "1", "--batch", "4", "--vision-steps", "0", "--first-steps", "0", "--warm-steps", "0",
+              "--lr", "5e-2", "--vision-lr-scale", "1", "--warmup", "1", "--eval-samples", "1", "--eval-every", "0",
+              "--threads", "1", "--augment"]
+    train.main(common + ["--out", str(tmp_path / "plain")])
+    train.main(common + ["--digit-aux", "2", "--out", str(tmp_path / "probed")])
+    record = json.loads((tmp_path / "probed" / "training.json").read_text())
+    assert record["augment"] is True and record["digit_aux"] == 2.0
+    assert 0 <= record["log"][0]["digit_token_accuracy"] <= 1
+    adapter = get_adapter("qwen2.5-vl")
+    plain, probed = (train.load_with(adapter, [], 0) for _ in range(2))
+    train.load_init(adapter, plain, tmp_path / "plain" / train.EMBEDDED_WEIGHTS)
+    train.load_init(adapter, probed, tmp_path / "probed" / train.EMBEDDED_WEIGHTS)
+    moved = {"vision": 0, "llm": 0}
+    for (name, a), b in zip(plain.model.named_parameters(), probed.model.parameters()):
+        part = "llm" if "language_model" in name or "lm_head" in name else "vision"
+        moved[part] += int(not torch.allclose(a, b, atol=2e-2))  # an Adam step here moves a weight by 0.05
+    assert moved["vision"] > 0 and moved["llm"] == 0, moved

@@ -21,6 +21,7 @@ from ..base.errors import BadInput
 from .adapter import (BackboneAdapter, HostInputs, LoadedModel, PaperSchedule, Processing, TextStack, layer_head_dim,
                       grid_boxes, register, visual_span)
 from .checkpoint import EMBEDDED_ROOT
+from .vision_cut import VisionCut, group_patches, packed_windows, raster_order, select_groups, window_length
 from ..base.kinds import SSRMode
 from ..host.qwen import QwenImageConfig, pixel_patches, rope_positions, smart_resize
 
@@ -63,9 +64,13 @@ class QwenVisionBucket(nn.Module):
         all have L patches needs neither gather nor mask: the layout is a reshape.
       full-attention blocks: one image attends to itself with no mask; queries are chunked so that the score tensor
         stays under SCORE_BUDGET elements.
-    Several images/frames in one bucket (t > 1) run their full-attention blocks through the segment layout too."""
+    Several images/frames in one bucket (t > 1) run their full-attention blocks through the segment layout too.
 
-    def __init__(self, visual: nn.Module, grid_thw: tuple[int, int, int]):
+    With a VisionCut (graphs/vision_cut.py) the blocks after `cut.block` run on the K kept merge groups only, the
+    windowed ones over the kept patches re-packed into dense windows (a "kept" segment layout, static since K is);
+    the graph then returns (features [K, D], raster token indices [K])."""
+
+    def __init__(self, visual: nn.Module, grid_thw: tuple[int, int, int], cut: VisionCut | None = None):
         super().__init__()
         cfg = visual.config
         grid = torch.tensor([grid_thw])
@@ -84,11 +89,20 @@ class QwenVisionBucket(nn.Module):
         self.register_buffer("cos", permute(cos).float(), persistent=False)  # [P, hd] window order
         self.register_buffer("sin", permute(sin).float(), persistent=False)
         self.patches = patches
+        self.cut, self.kept = cut, None
+        tables = [("window", cu_window), ("full", cu_full)]
+        if cut is not None:
+            if grid_thw[0] != 1:
+                raise BadInput("a vision cut needs one image per bucket (t = 1); drop the cut for video frames")
+            cut.check(cfg)
+            self.kept = cut.tokens(patches // unit)
+            tables.append(("kept", packed_windows(self.kept * unit, window_length(visual))))
         self.layouts = {}
-        for kind, cu in (("window", cu_window), ("full", cu_full)):
-            gather, scatter, key_mask = segment_tables(cu, patches)
+        for kind, cu in tables:
+            rows = int(cu[-1])
+            gather, scatter, key_mask = segment_tables(cu, rows)
             num, width = gather.shape
-            padded = bool((gather == patches).any())
+            padded = bool((gather == rows).any())
             if kind == "full" and num == 1:
                 self.layouts[kind] = None  # one image: plain attention
                 continue
@@ -96,17 +110,26 @@ class QwenVisionBucket(nn.Module):
             self.register_buffer(f"{kind}_gather", gather.reshape(-1), persistent=False)
             self.register_buffer(f"{kind}_scatter", scatter, persistent=False)
             self.register_buffer(f"{kind}_mask", key_mask, persistent=False)
+            if kind == "kept":  # its rotary rows depend on which groups are kept: gathered at run time
+                continue
             flat = gather.reshape(-1)
             self.register_buffer(f"{kind}_cos", torch.cat([self.cos, self.cos[:1] * 0])[flat], persistent=False)
             self.register_buffer(f"{kind}_sin", torch.cat([self.sin, self.sin[:1] * 0])[flat], persistent=False)
 
-    def _segment_attention(self, attn, x: torch.Tensor, kind: str) -> torch.Tensor:
-        """x [P, C] -> attention output [P, C] over the padded segment layout of `kind`."""
+    def _segment_attention(self, attn, x: torch.Tensor, kind: str, rotary=None) -> torch.Tensor:
+        """x [P, C] -> attention output [P, C] over the padded segment layout of `kind`; `rotary` (cos, sin) [P, hd]
+        in x's row order where the layout has no stored tables (the kept rows of a cut)."""
         num, width, padded = self.layouts[kind]
+        if rotary is None:
+            cos, sin = getattr(self, f"{kind}_cos"), getattr(self, f"{kind}_sin")
+        elif padded:
+            cos, sin = (torch.cat([t, t[:1] * 0])[getattr(self, f"{kind}_gather")] for t in rotary)
+        else:
+            cos, sin = rotary
         if padded:
             x = torch.cat([x, x.new_zeros(1, x.shape[1])])[getattr(self, f"{kind}_gather")]  # [W*L, C]
         q, k, v = attn.qkv(x).reshape(num * width, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        q, k = apply_rotary_pos_emb_vision(q, k, getattr(self, f"{kind}_cos"), getattr(self, f"{kind}_sin"))
+        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
         q, k, v = (t.reshape(num, width, attn.num_heads, -1).transpose(1, 2) for t in (q, k, v))  # [W, H, L, hd]
         weights = (q @ k.transpose(-1, -2)) * attn.scaling  # [W, H, L, L]
         if padded:
@@ -114,18 +137,24 @@ class QwenVisionBucket(nn.Module):
         out = (weights.float().softmax(-1).to(v.dtype) @ v).transpose(1, 2).reshape(num * width, -1)
         return out[getattr(self, f"{kind}_scatter")] if padded else out  # [P, C]
 
-    def _full_attention(self, attn, x: torch.Tensor) -> torch.Tensor:
-        """x [P, C] -> attention output [P, C], every patch attending to every patch; queries in chunks."""
-        q, k, v = attn.qkv(x).reshape(self.patches, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-        q, k = apply_rotary_pos_emb_vision(q, k, self.cos, self.sin)
+    def _full_attention(self, attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, received: bool = False):
+        """x [P, C] -> attention output [P, C], every patch attending to every patch; queries in chunks. With
+        `received`, also [P]: the attention each patch received, mean over heads and queries (the cut's score)."""
+        rows = x.shape[0]
+        q, k, v = attn.qkv(x).reshape(rows, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))  # [H, P, hd]
-        chunk = max(1, SCORE_BUDGET // (attn.num_heads * self.patches))
-        outs = []
-        for lo in range(0, self.patches, chunk):
-            weights = (q[:, lo:lo + chunk] @ k.transpose(-1, -2)) * attn.scaling  # [H, c, P]
-            outs.append(weights.float().softmax(-1).to(v.dtype) @ v)
+        chunk = max(1, SCORE_BUDGET // (attn.num_heads * rows))
+        outs, got = [], None
+        for lo in range(0, rows, chunk):
+            weights = ((q[:, lo:lo + chunk] @ k.transpose(-1, -2)) * attn.scaling).float().softmax(-1)  # [H, c, P]
+            if received:
+                part = weights.sum(dim=(0, 1))
+                got = part if got is None else got + part
+            outs.append(weights.to(v.dtype) @ v)
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-        return out.transpose(0, 1).reshape(self.patches, -1)
+        out = out.transpose(0, 1).reshape(rows, -1)
+        return (out, got / (attn.num_heads * rows)) if received else out
 
     def _patch_embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[P, C*T*p*p] -> [P, C]: the patch embedding's Conv3d, whose kernel is its stride, is one matrix product
@@ -140,15 +169,28 @@ class QwenVisionBucket(nn.Module):
         v = self.visual
         h = self._patch_embed(pixel_values)  # [P, C]
         h = h.reshape(self.patches // self.unit, self.unit, -1)[self.window_index].reshape(self.patches, -1)
+        cut, rotary, received, groups = self.cut, None, None, None
         for i, block in enumerate(v.blocks):
             kind = "full" if i in v.fullatt_block_indexes else "window"
+            if cut is not None and i == cut.block + 1:  # keep the groups the cut block attended to most
+                groups = select_groups(received, self.unit, self.kept, exporting=True)
+                rows = group_patches(groups, self.unit)
+                h, rotary = h[rows], (self.cos[rows], self.sin[rows])
             x = block.norm1(h)
-            if self.layouts[kind] is None:
-                out = self._full_attention(block.attn, x)
+            if rotary is not None:  # after the cut: the kept rows only
+                out = (self._full_attention(block.attn, x, *rotary) if kind == "full" else
+                       self._segment_attention(block.attn, x, "kept", rotary))
+            elif self.layouts[kind] is None:
+                scoring = cut is not None and i == cut.block
+                out = self._full_attention(block.attn, x, self.cos, self.sin, received=scoring)
+                if scoring:
+                    out, received = out
             else:
                 out = self._segment_attention(block.attn, x, kind)
             h = h + block.attn.proj(out)
             h = h + block.mlp(block.norm2(h))
+        if cut is not None:
+            return raster_order(v.merger(h), groups, self.window_index)  # [K, D], [K]
         return v.merger(h)[self.reverse_index]  # [N, D]
 
 

@@ -176,14 +176,17 @@ _MAKER: dict = {}
 
 
 def make_answer_batch(step: int):
-    """Stage 2's batch of `step`: (HostInputs, answer ids, answer mask, question_targets), all on the CPU."""
+    """Stage 2's batch of `step`: (HostInputs, answer ids, answer mask, question_targets, the digit drawn over each
+    visual token or None), all on the CPU."""
     m = _MAKER
     size = m["sizes"][step % len(m["sizes"])]
     phase_mix, digits = m["phase_of"](step)
     samples = task_set(m["batch"], seed=m["seed"] * 1_000_003 + step, split="train", sizes=[size], mix=phase_mix,
-                       digits=digits, slot=m["slot"], task=m.get("task", "grid"))
+                       digits=digits, slot=m["slot"], task=m.get("task", "grid"), augment=m.get("augment", False))
     host = m["adapter"].host_inputs(m["processing"], [x.image for x in samples], [x.prompt for x in samples])
-    return (host, *answer_batch(m["processing"], samples, m["prefix"], m["eos"], m["pad"]), question_targets(samples))
+    drawn = token_targets(samples, m["centres"][size]) if "centres" in m else None
+    return (host, *answer_batch(m["processing"], samples, m["prefix"], m["eos"], m["pad"]), question_targets(samples),
+            drawn)
 
 
 def prefetched(make, steps: range, workers: int):
@@ -346,6 +349,38 @@ def token_centres(adapter, loaded, bucket: tuple[int, int]) -> torch.Tensor:
     return out
 
 
+def token_targets(samples, centres: torch.Tensor) -> torch.Tensor:
+    """[B, N]: the digit drawn over each visual token (its centre inside the digit's box, or the token nearest the
+    box centre when no centre is inside), 10 elsewhere; -100 (ignored) for non-patch rows. `centres`: token_centres
+    of the samples' bucket."""
+    c = centres
+    targets = torch.full((len(samples), c.shape[0]), 10, dtype=torch.long)
+    targets[:, torch.isnan(c[:, 0])] = -100
+    for b, sample in enumerate(samples):
+        for r, col, top, left, side in sample.boxes:
+            inside = ((c[:, 0] >= top) & (c[:, 0] < top + side) & (c[:, 1] >= left) & (c[:, 1] < left + side))
+            if not bool(inside.any()):
+                centre = torch.tensor([top + side / 2, left + side / 2])
+                inside = torch.zeros_like(inside)
+                inside[(c - centre).norm(dim=1).nan_to_num(1e9).argmin()] = True
+            targets[b, inside] = sample.grid[r][col]
+    return targets
+
+
+class DigitProbe(torch.nn.Module):
+    """A linear head that must name the digit drawn over each visual token (or "empty"), reading the tower's output
+    RMS-normalised as the LLM's first norm sees it. Stage 1 trains the tower with it alone; stage 2 can add it to
+    the answer loss (--digit-aux), so that every digit on every page teaches the tower, not only the few an answer
+    names. Discarded after training."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim, self.head = dim, torch.nn.Linear(dim, 11)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.head(F.rms_norm(feats, (self.dim,)))  # [B, N, 11]
+
+
 def balanced_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over digit tokens plus mean over empty tokens. A plain mean is ~98% empty tokens at 256
     CLIP patches per image: it is minimised by answering "empty" everywhere, and LLaVA's tower learnt nothing."""
@@ -357,44 +392,27 @@ def balanced_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 
 def pretrain_vision(adapter, loaded, processing, sizes, steps: int, batch: int, lr: float, seed: int,
-                    slot: int, device: torch.device) -> dict:
+                    slot: int, device: torch.device, task: str = "grid", augment: bool = False) -> dict:
     """Stage 1: the vision tower and projector learn to tell the digits apart. A temporary linear head reads every
     visual token on its own, RMS-normalised as the LLM's first norm sees it, and must name the digit drawn over it
     (or "empty"). The head is discarded; the VLM keeps the tower."""
-    dim = loaded.config.text_config.hidden_size
-    head = torch.nn.Linear(dim, 11).to(device)
+    head = DigitProbe(loaded.config.text_config.hidden_size).to(device)
     vision = [p for n, p in loaded.model.named_parameters() if "language_model" not in n and "lm_head" not in n]
     optimizer = torch.optim.AdamW([{"params": vision}, {"params": head.parameters()}], lr=lr, weight_decay=0.01)
     centres = {size: token_centres(adapter, loaded, size) for size in sizes}
 
     def token_logits(samples, size):
         host = on_device(adapter.host_inputs(processing, [s.image for s in samples], ["x"] * len(samples)), device)
-        feats = adapter.vision_batch(loaded, host.pixel_values, host.bucket)  # [B, N, D]
-        return head(F.rms_norm(feats, (dim,)))  # [B, N, 11]
-
-    def token_targets(samples, size):
-        """[B, N]: the digit drawn over a token (its centre inside the digit's box, or the token nearest the box
-        centre when no centre is inside), 10 elsewhere; -100 (ignored) for non-patch rows."""
-        c = centres[size]
-        targets = torch.full((len(samples), c.shape[0]), 10, dtype=torch.long)
-        targets[:, torch.isnan(c[:, 0])] = -100
-        for b, sample in enumerate(samples):
-            for r, col, top, left, side in sample.boxes:
-                inside = ((c[:, 0] >= top) & (c[:, 0] < top + side) & (c[:, 1] >= left) & (c[:, 1] < left + side))
-                if not bool(inside.any()):
-                    centre = torch.tensor([top + side / 2, left + side / 2])
-                    inside = torch.zeros_like(inside)
-                    inside[(c - centre).norm(dim=1).nan_to_num(1e9).argmin()] = True
-                targets[b, inside] = sample.grid[r][col]
-        return targets
+        return head(adapter.vision_batch(loaded, host.pixel_values, host.bucket))  # [B, N, 11]
 
     started, running = time.perf_counter(), []
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, lr, max(1, steps // 20))
         size = sizes[step % len(sizes)]
-        samples = task_set(batch, seed=seed * 7_000_003 + step, split="train", sizes=[size], slot=slot)
-        logits, targets = token_logits(samples, size), token_targets(samples, size).to(device)
+        samples = task_set(batch, seed=seed * 7_000_003 + step, split="train", sizes=[size], slot=slot, task=task,
+                           augment=augment)
+        logits, targets = token_logits(samples, size), token_targets(samples, centres[size]).to(device)
         loss = balanced_token_loss(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -410,8 +428,8 @@ def pretrain_vision(adapter, loaded, processing, sizes, steps: int, batch: int, 
     hits = []
     with torch.no_grad():
         for size in sizes:
-            held = task_set(32, seed=EVAL_SEED + 1, split="eval", sizes=[size], slot=slot)
-            logits, targets = token_logits(held, size), token_targets(held, size).to(device)
+            held = task_set(32, seed=EVAL_SEED + 1, split="eval", sizes=[size], slot=slot, task=task)
+            logits, targets = token_logits(held, size), token_targets(held, centres[size]).to(device)
             digit = targets < 10
             hits += (logits.argmax(-1)[digit] == targets[digit]).tolist()
     result = {"steps": steps, "batch": batch, "lr": lr, "seconds": round(time.perf_counter() - started, 1),
@@ -503,6 +521,12 @@ def main(argv=None) -> None:
                              "column and digit the question asks about (QuestionProbe; discarded after training).")
     parser.add_argument("--task", choices=("grid", "page"), default="grid",
                         help="grid: the digit grid covers the image; page: a small block of digits on a large page.")
+    parser.add_argument("--augment", action="store_true",
+                        help="Distort each training scan as it is drawn (rotation, shear, stroke weight); held-out "
+                             "questions are drawn without it.")
+    parser.add_argument("--digit-aux", type=float, default=0.0, metavar="WEIGHT",
+                        help="Stage 2 auxiliary loss, times WEIGHT: a linear head on the tower's output must name "
+                             "the digit drawn over every visual token (DigitProbe; discarded after training).")
     parser.add_argument("--slot", type=int, default=28, help="Digit slot in pixels (28: a merged token of a windowed tower; "
                         "14: a CLIP patch); recorded in training.json, used by make-task --backbone.")
     parser.add_argument("--vision-steps", type=int, default=300, help="Stage 1 steps (0: skip).")
@@ -552,7 +576,7 @@ def main(argv=None) -> None:
     if args.vision_steps > 0:
         model.train()
         vision_stage = pretrain_vision(adapter, loaded, processing, sizes, args.vision_steps, args.vision_batch,
-                                       args.vision_lr, args.seed, args.slot, device)
+                                       args.vision_lr, args.seed, args.slot, device, args.task, args.augment)
         if args.stage1_out is not None:
             from safetensors.torch import save_file
 
@@ -571,38 +595,54 @@ def main(argv=None) -> None:
         gather = QuestionProbe(stack, args.question_aux, loaded.config.text_config.hidden_size,
                                max(r for r, _ in grids), max(c for _, c in grids)).to(device)
         groups[(False, False)] = groups.get((False, False), []) + list(gather.parameters())
+    probe = None
+    if args.digit_aux > 0:
+        probe = DigitProbe(loaded.config.text_config.hidden_size).to(device)
+        groups[(False, False)] = groups.get((False, False), []) + list(probe.parameters())
+        _MAKER["centres"] = {size: token_centres(adapter, loaded, size) for size in sizes}
     optimizer = torch.optim.AdamW(
         [{"params": ps, "weight_decay": args.weight_decay if decays else 0.0, "vision": vision}
          for (vision, decays), ps in groups.items()], lr=args.lr, betas=(0.9, 0.98))
     _MAKER.update(adapter=adapter, processing=processing, sizes=sizes, phase_of=phase_of, batch=args.batch,
-                  seed=args.seed, slot=args.slot, prefix=prefix, eos=eos, pad=pad, task=args.task)
+                  seed=args.seed, slot=args.slot, prefix=prefix, eos=eos, pad=pad, task=args.task,
+                  augment=args.augment)
     started = time.perf_counter()
     log, running, steps_run = [], [], 0
     batches = prefetched(make_answer_batch, range(args.steps), args.workers)
-    for step, (host, answer, answer_valid, asked) in enumerate(batches):
+    for step, (host, answer, answer_valid, asked, drawn) in enumerate(batches):
         model.train()
         lr = learning_rate(step, args.steps, args.lr, args.warmup)
         for group in optimizer.param_groups:
             frozen = group["vision"] and step < args.freeze_vision_steps
             group["lr"] = 0.0 if frozen else lr * (args.vision_lr_scale if group["vision"] else 1.0)
-        loss, token_acc = teacher_forced_loss(adapter, loaded, stack, on_device(host, device), answer.to(device),
-                                              answer_valid.to(device))
+        host = on_device(host, device)
+        feats = adapter.vision_batch(loaded, host.pixel_values, host.bucket) if probe is not None else None
+        loss, token_acc = teacher_forced_loss(adapter, loaded, stack, host, answer.to(device),
+                                              answer_valid.to(device), feats)
+        answer_loss, digit_acc = loss.item(), float("nan")
+        if probe is not None:
+            logits, drawn = probe(feats), drawn.to(device)
+            loss = loss + args.digit_aux * balanced_token_loss(logits, drawn)
+            digit = drawn.lt(10) & drawn.ge(0)
+            digit_acc = float((logits.argmax(-1)[digit] == drawn[digit]).float().mean())
         if gather is not None:
             loss = loss + gather.loss(host.input_ids.shape[1], asked)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        running.append((loss.item(), token_acc))
+        running.append((answer_loss, token_acc, digit_acc))
         steps_run = step + 1
         if args.time_limit and time.perf_counter() - started > args.time_limit:
             print(f"time limit: stopping after {steps_run} of {args.steps} steps", flush=True)
             break
         if (step + 1) % 20 == 0 or step == 0:
-            l, t = (sum(x) / len(running) for x in zip(*running))
-            print(f"step {step + 1:5d}  lr {lr:.2e}  loss {l:.4f}  answer-token acc {t:.3f}  "
+            l, t, d = (sum(x) / len(running) for x in zip(*running))
+            probed = f"digit-token acc {d:.3f}  " if probe is not None else ""
+            print(f"step {step + 1:5d}  lr {lr:.2e}  loss {l:.4f}  answer-token acc {t:.3f}  {probed}"
                   f"{time.perf_counter() - started:7.1f}s", flush=True)
             log.append({"step": step + 1, "loss": round(l, 5), "token_accuracy": round(t, 4),
+                        **({"digit_token_accuracy": round(d, 4)} if probe is not None else {}),
                         "seconds": round(time.perf_counter() - started, 1)})
             running = []
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
@@ -640,7 +680,7 @@ def main(argv=None) -> None:
         "seed": args.seed, "steps": args.steps, "steps_run": steps_run, "batch": args.batch, "lr": args.lr, "warmup": args.warmup,
         "weight_decay": args.weight_decay,
         "curriculum": [{"steps": n, "mix": m, "digits": list(d)} for n, m, d in phases],
-        "config_overrides": args.set, "question_aux_layer": args.question_aux, "freeze_vision_steps": args.freeze_vision_steps, "vision_lr_scale": args.vision_lr_scale, "images_seen": images_seen, "vision_stage": vision_stage,
+        "config_overrides": args.set, "question_aux_layer": args.question_aux, "freeze_vision_steps": args.freeze_vision_steps, "vision_lr_scale": args.vision_lr_scale, "augment": args.augment, "digit_aux": args.digit_aux, "images_seen": images_seen, "vision_stage": vision_stage,
         "image_sizes": [list(s) for s in sizes], "mix": mix if args.mix else DEFAULT_MIX,
         "task": {"generator": "halfv_export.tasks.digits", "split": "train", "slot": args.slot, "kind": args.task},
         "train_seconds": round(train_seconds, 1), "threads": args.threads,

@@ -1,0 +1,121 @@
+"""The in-tower vision cut (graphs/vision_cut.py): transformers' blocks with the cut, the exported graph, and a
+brute-force oracle that runs every block over all patches with dense boolean masks (no gathers, no varlen, no
+padded layout) must agree on which tokens are kept and on their features."""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+
+from halfv_export.base.errors import BadInput
+from halfv_export.graphs import get_adapter
+from halfv_export.graphs.adapter import Processing
+from halfv_export.graphs.lint import lint_file
+from halfv_export.graphs.onnx_export import export_module
+from halfv_export.graphs.qwen2_5_vl import QwenVisionBucket
+from halfv_export.graphs.vision_cut import VisionCut, eager_cut_vision
+from halfv_export.tasks.digits import task_set
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    adapter = get_adapter("qwen2.5-vl")
+    loaded = adapter.load(None)  # the embedded default: 4 blocks, full attention at 1 and 3, 112-px windows
+    return adapter, loaded, Processing(loaded.tokenizer, loaded.image_processor, loaded.config)
+
+
+def _pixels(adapter, processing, size, count=1, seed=1):
+    samples = task_set(count, seed=seed, sizes=[size], task="page")
+    host = adapter.host_inputs(processing, [s.image for s in samples], ["x"] * count)
+    return host.pixel_values, adapter._grid(processing.image_processor, host.bucket)
+
+
+def dense_oracle(visual, pixels, grid_thw, cut):
+    """Every block over all P patches (window order); who attends to whom is a dense [P, P] mask: the original
+    windows before the cut, after it only kept patches, windowed blocks within runs of 64 kept patches. Selection:
+    Python's stable sort of the groups' received attention, computed from the full softmax."""
+    grid = torch.tensor([grid_thw])
+    unit, window = visual.spatial_merge_unit, (visual.window_size // visual.patch_size) ** 2
+    window_index, cu = get_vision_window_index(grid, spatial_merge_size=visual.spatial_merge_size,
+                                               window_size=visual.window_size, patch_size=visual.patch_size, kwargs={})
+    p = int(grid.prod())
+    window_of = torch.bucketize(torch.arange(p), cu[1:].long(), right=True)
+    h = visual.patch_embed(pixels).reshape(p // unit, unit, -1)[window_index].reshape(p, -1)
+    cos, sin = (t.reshape(p // unit, unit, -1)[window_index].reshape(p, -1)
+                for t in visual.rotary_pos_emb(h, get_vision_position_ids(grid, visual.spatial_merge_size, kwargs={})))
+    same_window = window_of[:, None] == window_of[None, :]
+    everyone = torch.ones(p, p, dtype=torch.bool)
+    kept_groups = None
+    for i, block in enumerate(visual.blocks):
+        full = i in visual.fullatt_block_indexes
+        mask = everyone if full else same_window
+        if kept_groups is not None:
+            rows = torch.tensor([g * unit + j for g in kept_groups for j in range(unit)])
+            kept = torch.zeros(p, dtype=torch.bool)
+            kept[rows] = True
+            packed = torch.full((p,), -1)
+            packed[rows] = torch.arange(len(rows)) // window
+            pair = kept[:, None] & kept[None, :]
+            mask = pair if full else pair & (packed[:, None] == packed[None, :])
+            mask = mask | torch.eye(p, dtype=torch.bool)  # dropped rows attend to themselves; nobody reads them
+        attn = block.attn
+        q, k, v = attn.qkv(block.norm1(h)).reshape(p, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+        scores = torch.einsum("qhd,khd->hqk", q, k) * attn.scaling
+        weights = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        if i == cut.block:
+            received = weights.mean(dim=(0, 1)).reshape(-1, unit).sum(-1).tolist()
+            kept_groups = sorted(sorted(range(len(received)), key=lambda g: -received[g])[:cut.tokens(len(received))])
+        h = h + attn.proj(torch.einsum("hqk,khd->qhd", weights, v).reshape(p, -1))
+        h = h + block.mlp(block.norm2(h))
+    merged = visual.merger(h)  # [N, D]: groups of 4 consecutive rows
+    order = sorted(kept_groups, key=lambda g: int(window_index[g]))
+    return merged[order], torch.tensor([int(window_index[g]) for g in order])
+
+
+@pytest.mark.parametrize("size", [(448, 448), (392, 504)], ids=["square", "border-windows"])
+@torch.no_grad()
+def test_eager_cut_and_graph_module_match_the_dense_oracle(qwen, size):
+    adapter, loaded, processing = qwen
+    visual = loaded.model.model.visual
+    [pixels], grid = _pixels(adapter, processing, size)
+    cut = VisionCut(block=1, keep=0.25)
+    want_feats, want_tokens = dense_oracle(visual, pixels, grid, cut)
+    n = grid[1] * grid[2] // 4
+    assert want_tokens.shape == (cut.tokens(n),) and len(set(want_tokens.tolist())) == cut.tokens(n)
+    for feats, tokens in (eager_cut_vision(visual, pixels, grid, cut), QwenVisionBucket(visual, grid, cut)(pixels)):
+        assert torch.equal(tokens, want_tokens)
+        torch.testing.assert_close(feats, want_feats, atol=2e-5, rtol=1e-4)
+    # the cut changes what the kept tokens say (the uncut tower's features there differ): it is not a gather at the end
+    uncut = adapter.eager_vision(loaded, pixels, size)  # [N, D] raster order
+    assert (uncut[want_tokens] - want_feats).abs().max() > 1e-3
+
+
+def test_exported_cut_is_tensorrt_clean_and_equals_eager(qwen, tmp_path):
+    adapter, loaded, processing = qwen
+    visual = loaded.model.model.visual
+    pixel_values, grid = _pixels(adapter, processing, (392, 504), count=3, seed=4)
+    cut = VisionCut(block=1, keep=0.3)
+    path = tmp_path / "vision.onnx"
+    export_module(QwenVisionBucket(visual, grid, cut).eval(), (pixel_values[0],), path, ["pixel_values"],
+                  ["visual_features", "visual_tokens"], None)
+    assert lint_file(path) == []
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for pixels in pixel_values:  # other pages than the one traced: the selection is computed, not baked in
+        feats, tokens = session.run(None, {"pixel_values": pixels.numpy()})
+        want_feats, want_tokens = eager_cut_vision(visual, pixels, grid, cut)
+        assert np.array_equal(tokens, want_tokens.numpy())
+        np.testing.assert_allclose(feats, want_feats.numpy(), atol=2e-5, rtol=1e-4)
+
+
+def test_a_cut_the_tower_cannot_make_is_refused_in_one_line(qwen):
+    _, loaded, _ = qwen
+    config = loaded.model.model.visual.config  # full attention at blocks 1 and 3 of 0..3
+    with pytest.raises(BadInput, match=r"after block 0: .* pick one of \[1\]"):
+        VisionCut(block=0, keep=0.25).check(config)
+    with pytest.raises(BadInput, match=r"after block 3: .* pick one of \[1\]"):
+        VisionCut(block=3, keep=0.25).check(config)  # the last block: nothing left to save
+    with pytest.raises(BadInput, match="keep 1.0: keep a share"):
+        VisionCut(block=1, keep=1.0).check(config)
