@@ -189,3 +189,85 @@ def test_matched_keep_spends_what_halfv_spends():
     assert costs == sorted(costs) and costs[-1] == prefill_flops(shape, 64, 40, None).full  # K = N: unpruned
     assert abs(costs[k - 1] - budget) == min(abs(c - budget) for c in costs)
     assert 1 <= k < 16  # SSR saves compute after L2, so one cut at L1 must keep fewer than K1 = 16 rows
+
+
+# ------------------------------------------------------------------------------------------------ vision cut
+def test_cut_tower_flops_by_hand_at_4096_tokens():
+    """Published 7B tower, 64x64 merged tokens, cut after block 7 keeping a quarter: blocks 0-7 on 16384 patches
+    (7 windowed, 1 full), blocks 8-31 on 4096 kept patches (21 windowed in 64 dense 64-patch windows, 3 full), the
+    merger on 1024 tokens."""
+    from halfv_export.graphs.pruning import VisionCut
+    from halfv_export.measure.vision_flops import vision_flops
+
+    v = vision_flops(published("Qwen/Qwen2.5-VL-7B-Instruct"), 3584, 4096, cut=VisionCut(7, 0.25))
+    c, m = 1280, 3420
+    linear = lambda p: 2 * p * (3 * c * c + c * c + 3 * c * m)  # noqa: E731
+    before = 8 * linear(16384) + 7 * 256 * 4 * 64 * 64 * c + 4 * 16384 ** 2 * c
+    after = 24 * linear(4096) + 21 * 64 * 4 * 64 * 64 * c + 3 * 4 * 4096 ** 2 * c
+    embed = 2 * 16384 * 1176 * c
+    merger = 2 * 1024 * 5120 * 5120 + 2 * 1024 * 5120 * 3584
+    assert v.kept == 1024 and v.total == before + after + embed + merger
+
+
+def test_cut_flops_match_flop_counter_on_the_cut_graph(qwen):
+    """The analytic count with a cut against FlopCounterMode on the graph module that runs it (448x448: every
+    window full, the 256 kept patches four dense windows, so the graph pads nothing)."""
+    import torch
+
+    from halfv_export.graphs.pruning import VisionCut
+    from halfv_export.graphs.qwen2_5_vl import QwenVisionBucket
+    from halfv_export.measure.vision_flops import windowed_vision_flops
+
+    _, loaded, _ = qwen
+    cut = VisionCut(1, 0.25)
+    module = QwenVisionBucket(loaded.model.model.visual, (1, 32, 32), cut).eval()
+    with torch.no_grad():
+        measured = counted(lambda: module(torch.randn(32 * 32, 1176)))
+    config = loaded.config.to_dict()
+    analytic = windowed_vision_flops(config["vision_config"], config["text_config"]["hidden_size"], (16, 16), cut)
+    uncut = windowed_vision_flops(config["vision_config"], config["text_config"]["hidden_size"], (16, 16))
+    assert analytic.kept == 64 and analytic.total == pytest.approx(measured, rel=0.01)
+    assert analytic.total < 0.75 * uncut.total
+
+
+def test_flops_cli_counts_the_vision_cut_and_refuses_a_bad_one(run_cli, tmp_path):
+    from halfv_export.graphs.pruning import VisionCut
+    from halfv_export.measure.flops import LMShape, prefill_flops
+    from halfv_export.measure.vision_flops import vision_flops
+
+    cfg = published("Qwen/Qwen2.5-VL-7B-Instruct")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(cfg))
+    result = run_cli("flops", "--config", config, "--visual-tokens", 1024, "--vision-cut", "7:0.25")
+    assert result.exit_code == 0, result.output
+    cut = float([x for x in result.output.splitlines() if x.startswith("end-to-end ratio with the vision cut:")][0]
+                .split()[-1])
+    paper = PruneSchedule(2, 0.25, 0.1, 21, "topk", 0.05)
+    shape = LMShape.from_config(cfg)
+    full = vision_flops(cfg, 3584, 1024).total + prefill_flops(shape, 1024, 64, None).full
+    pruned = vision_flops(cfg, 3584, 1024, cut=VisionCut(7, 0.25)).total + prefill_flops(shape, 256, 64, paper).halfv
+    assert cut == pytest.approx(full / pruned, abs=1e-3)
+    for bad, problem in (("7", "write BLOCK:KEEP"), ("6:0.25", "pick one of [7, 15, 23]"), ("7:1.5", "keep 1.5")):
+        for tokens in (1024, 0):  # refused whatever the token counts
+            refused = run_cli("flops", "--config", config, "--visual-tokens", tokens, "--vision-cut", bad)
+            assert refused.exit_code != 0 and problem in refused.output and "Traceback" not in refused.output
+    shallow = dict(cfg, vision_config=dict(cfg["vision_config"], depth=8))  # full attention at 7 only: the last
+    config.write_text(json.dumps(shallow))
+    refused = run_cli("flops", "--config", config, "--visual-tokens", 1024, "--vision-cut", "7:0.25")
+    assert refused.exit_code != 0 and "this tower has no full-attention block with blocks after it" in refused.output
+
+
+def test_clip_cut_gives_the_llm_floor_n_times_keep_tokens():
+    """CLIP runs one pass per 576 tokens; the cut keeps floor(N * keep) in all, each pass carrying its share."""
+    from halfv_export.graphs.pruning import VisionCut
+    from halfv_export.measure.vision_flops import vision_flops
+
+    llava = published("llava-hf/llava-1.5-7b-hf")
+    cut = VisionCut(11, 0.25)
+    assert vision_flops(llava, 4096, 100, cut=cut).kept == 25  # fewer tokens than a pass holds
+    one, four = vision_flops(llava, 4096, 576, cut=cut), vision_flops(llava, 4096, 2304, cut=cut)
+    assert (one.kept, four.kept) == (144, 576)
+    t, c, m = 577, 1024, 4096
+    layer = lambda rows: 8 * rows * c * c + 4 * rows * c * m + 4 * rows * rows * c  # noqa: E731
+    by_hand = 12 * layer(t) + 12 * layer(145) + 2 * 576 * 588 * c + 2 * 144 * c * 4096 + 2 * 144 * 4096 * 4096
+    assert one.total == by_hand and four.total == 4 * by_hand

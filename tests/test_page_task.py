@@ -95,6 +95,14 @@ def test_same_arguments_same_pages_and_grid_stays_the_default():
         task_set(1, task="poster")
 
 
+def test_augmenting_changes_only_the_scans():
+    plain = task_set(4, seed=3, split="train", sizes=SIZES, task="page")
+    distorted = task_set(4, seed=3, split="train", sizes=SIZES, task="page", augment=True)
+    for a, b in zip(plain, distorted, strict=True):  # same page, digits, boxes and question
+        assert (a.prompt, a.answer, a.boxes, a.scans) == (b.prompt, b.answer, b.boxes, b.scans)
+        assert a.image.tobytes() != b.image.tobytes()
+
+
 def test_augmented_scans_stay_the_same_digit():
     """Oracle: a nearest-neighbour reader that knows only the plain training scans reads the distorted ones. The
     distortion must change the drawing (else it teaches nothing) but not which digit it is."""

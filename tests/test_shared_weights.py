@@ -108,10 +108,12 @@ def test_a_one_bucket_tower_packs_its_own_weights_without_planner_reuse(exported
     tower = runner.session(vision)
     options = tower.get_session_options()
     assert (options.enable_mem_reuse, options.enable_mem_pattern, options.enable_cpu_mem_arena) == (False, False, True)
+    assert options.execution_order == ort.ExecutionOrder.PRIORITY_BASED  # the graph's order, not a walk back
     assert prepacking(options) and given[vision] is None
     decode = runner.session(DECODE.file())
     assert given[DECODE.file()] is runner._shared and not prepacking(decode.get_session_options())
     assert decode.get_session_options().enable_mem_reuse
+    assert decode.get_session_options().execution_order == ort.ExecutionOrder.DEFAULT
     shrink = ort_engine.run_options_for(tower)
     assert shrink.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
     assert ort_engine.run_options_for(decode) is None

@@ -13,9 +13,10 @@ from halfv_export.base.errors import BadInput
 from halfv_export.graphs import get_adapter
 from halfv_export.graphs.adapter import Processing
 from halfv_export.graphs.lint import lint_file
-from halfv_export.graphs.onnx_export import export_module
+from halfv_export.graphs.specs import vision_spec
 from halfv_export.graphs.qwen2_5_vl import QwenVisionBucket
-from halfv_export.graphs.vision_cut import VisionCut, eager_cut_vision
+from halfv_export.graphs.pruning import VisionCut
+from halfv_export.graphs.vision_cut import eager_cut_vision
 from halfv_export.tasks.digits import task_set
 
 
@@ -98,11 +99,13 @@ def test_exported_cut_is_tensorrt_clean_and_equals_eager(qwen, tmp_path):
     visual = loaded.model.model.visual
     pixel_values, grid = _pixels(adapter, processing, (392, 504), count=3, seed=4)
     cut = VisionCut(block=1, keep=0.3)
-    path = tmp_path / "vision.onnx"
-    export_module(QwenVisionBucket(visual, grid, cut).eval(), (pixel_values[0],), path, ["pixel_values"],
-                  ["visual_features", "visual_tokens"], None)
+    spec = vision_spec(QwenVisionBucket(visual, grid, cut).eval(), pixel_values[0], (392, 504))
+    assert spec.output_names == ["visual_features", "visual_tokens"]
+    spec.export(tmp_path)
+    path = tmp_path / spec.file
     assert lint_file(path) == []
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["visual_features", "visual_tokens"]
     for pixels in pixel_values:  # other pages than the one traced: the selection is computed, not baked in
         feats, tokens = session.run(None, {"pixel_values": pixels.numpy()})
         want_feats, want_tokens = eager_cut_vision(visual, pixels, grid, cut)
@@ -111,11 +114,14 @@ def test_exported_cut_is_tensorrt_clean_and_equals_eager(qwen, tmp_path):
 
 
 def test_a_cut_the_tower_cannot_make_is_refused_in_one_line(qwen):
-    _, loaded, _ = qwen
-    config = loaded.model.model.visual.config  # full attention at blocks 1 and 3 of 0..3
-    with pytest.raises(BadInput, match=r"after block 0: .* pick one of \[1\]"):
-        VisionCut(block=0, keep=0.25).check(config)
-    with pytest.raises(BadInput, match=r"after block 3: .* pick one of \[1\]"):
-        VisionCut(block=3, keep=0.25).check(config)  # the last block: nothing left to save
-    with pytest.raises(BadInput, match="keep 1.0: keep a share"):
-        VisionCut(block=1, keep=1.0).check(config)
+    adapter, loaded, processing = qwen
+    visual = loaded.model.model.visual  # full attention at blocks 1 and 3 of 0..3
+    [pixels], grid = _pixels(adapter, processing, (448, 448))
+    for cut, problem in ((VisionCut(0, 0.25), r"after block 0: .* pick one of \[1\]"),
+                         (VisionCut(3, 0.25), r"after block 3: .* pick one of \[1\]"),  # nothing left to save
+                         (VisionCut(1, 1.0), "keep 1.0: keep a share")):
+        with pytest.raises(BadInput, match=problem) as eager:
+            eager_cut_vision(visual, pixels, grid, cut)
+        with pytest.raises(BadInput, match=problem) as graph:
+            QwenVisionBucket(visual, grid, cut)
+        assert "\n" not in str(eager.value) and str(eager.value) == str(graph.value)

@@ -8,6 +8,10 @@ The tower is the published one read from tests/data/model-configs.json (default:
     PYTHONPATH=. python tools/vision_bench.py --image-size 896x896
     PYTHONPATH=. python tools/vision_bench.py --image-size 1792x1792 --depth 8 --out /tmp/vb
     PYTHONPATH=. python tools/vision_bench.py --image-size 1792x1792 --depth 8 --out /tmp/vb --reuse --only ort --as-before
+    PYTHONPATH=. python tools/vision_bench.py --image-size 896x896 --depth 16 --cut 7:0.25 --threads 1 --out /tmp/vbc
+
+--cut BLOCK:KEEP exports the tower with the vision cut (graphs/vision_cut.py) and runs its eager reference
+(eager_cut_vision, transformers' blocks) on the other side; the kept token indices of both must be equal.
 
 Prints one JSON object: seconds and peak RSS (GiB) for eager and ONNX Runtime (session creation and one run, which
 includes ORT_ENABLE_ALL optimisation as the engine stage does), their ratios, and max |ORT - eager|.
@@ -65,7 +69,13 @@ def run_eager(args) -> dict:
     grid = torch.tensor([grid_of(args.size)])
     start = time.perf_counter()
     with torch.no_grad():
-        out = visual(pixels, grid).pooler_output
+        if args.cut:
+            from halfv_export.graphs.vision_cut import eager_cut_vision
+
+            out, tokens = eager_cut_vision(visual, pixels, grid_of(args.size), args.cut)
+            np.save(args.work / "eager_tokens.npy", tokens.numpy())
+        else:
+            out = visual(pixels, grid).pooler_output
     seconds = time.perf_counter() - start
     np.save(args.work / "eager.npy", out.numpy())
     return {"seconds": seconds, "peak_rss_gib": peak_rss_gib()}
@@ -103,8 +113,11 @@ def run_ort(args) -> dict:
     runner = ort_engine.OrtRunner(args.work, threads=args.threads or None)  # holds the weights' mapping
     runner.session(graph)
     created = time.perf_counter()
-    out = next(iter(runner.run(graph, {"pixel_values": pixels}).values()))
+    outputs = runner.run(graph, {"pixel_values": pixels})
     seconds = time.perf_counter() - created
+    out = outputs["visual_features"]
+    if "visual_tokens" in outputs:
+        np.save(args.work / "ort_tokens.npy", outputs["visual_tokens"])
     np.save(args.work / "ort.npy", out)
     return {"seconds": seconds, "session_seconds": created - start, "peak_rss_gib": peak_rss_gib()}
 
@@ -122,7 +135,7 @@ def export(args) -> dict:
     pixels = torch.randn(grid[1] * grid[2], 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(args.seed + 1))
     np.save(args.work / "pixels.npy", pixels.numpy())
     start = time.perf_counter()
-    spec = vision_spec(QwenVisionBucket(visual, grid).eval(), pixels, args.size)
+    spec = vision_spec(QwenVisionBucket(visual, grid, args.cut).eval(), pixels, args.size)
     store = WeightStore(args.work, parameter_names(visual))  # weights.bin + weights.json, as the export stage
     try:
         spec.export(args.work, store=store)
@@ -136,6 +149,8 @@ def child(kind: str, args) -> dict:
            f"{args.size[0]}x{args.size[1]}", "--model", args.model, "--seed", str(args.seed)]
     if args.depth is not None:
         cmd += ["--depth", str(args.depth)]
+    if args.cut:
+        cmd += ["--cut", f"{args.cut.block}:{args.cut.keep}"]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     cmd += [f"--ort-set={item}" for item in args.ort_set]
@@ -162,6 +177,7 @@ def main() -> None:
     parser.add_argument("--as-before", action="store_true",
                         help="ORT side: open the tower as any graph (shared weights, no prepacking, planner reuse)")
     parser.add_argument("--no-mem-pattern", action="store_true", help="ORT side: no memory pattern")
+    parser.add_argument("--cut", default=None, metavar="BLOCK:KEEP", help="export and run the tower with a vision cut")
     parser.add_argument("--child", choices=["export", "eager", "ort"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -169,6 +185,15 @@ def main() -> None:
     if h % 28 or w % 28:
         raise SystemExit(f"--image-size {args.image_size}: both sides must be multiples of 28 (patch 14, merge 2)")
     args.size = (h, w)
+    if args.cut:
+        from halfv_export.graphs.pruning import VisionCut
+
+        from halfv_export.base.errors import BadInput
+
+        try:
+            args.cut = VisionCut.parse(args.cut)
+        except BadInput as e:
+            raise SystemExit(str(e)) from None
     if args.child:
         result = {"export": export, "eager": run_eager, "ort": run_ort}[args.child](args)
         result.setdefault("peak_rss_gib", peak_rss_gib())
@@ -197,6 +222,10 @@ def main() -> None:
             "ort_over_eager_rss": ort["peak_rss_gib"] / eager["peak_rss_gib"],
             "max_abs_diff": float(np.abs(a - b).max()), "max_abs_eager": float(np.abs(a).max()),
         }
+        if args.cut:
+            report["cut"] = {"block": args.cut.block, "keep": args.cut.keep, "tokens": int(a.shape[0]),
+                             "same_tokens": bool(np.array_equal(np.load(args.work / "eager_tokens.npy"),
+                                                                np.load(args.work / "ort_tokens.npy")))}
         print(json.dumps(report, indent=2))
 
 

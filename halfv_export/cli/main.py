@@ -33,6 +33,7 @@ Examples:
   halfv-export flops --config config.json --ivr-layer 3 --keep-ratio 0.5 --anchor-ratio 0.2 \\
       --ssr-layer 15 --ssr-mode freeze --visual-tokens 576
   halfv-export flops --config Qwen2.5-VL-7B/config.json --end-to-end --visual-tokens 576 --visual-tokens 4096
+  halfv-export flops --config Qwen2.5-VL-7B/config.json --vision-cut 7:0.25 --keep-ratio 0.5 --visual-tokens 4096
 """
 
 
@@ -194,9 +195,12 @@ def calibrate(backbone, model_dir, data, samples, seed, random_weights, tme_k, k
 @click.option("--text-tokens", type=click.IntRange(0), default=64, show_default=True, help="Other prompt tokens T.")
 @click.option("--end-to-end", is_flag=True,
               help="Add the vision encoder (time to first token = vision + prefill) and print both ratios.")
+@click.option("--vision-cut", "vision_cut", metavar="BLOCK:KEEP",
+              help="Also count a vision cut: keep KEEP of the visual tokens after the tower's block BLOCK (the LLM "
+                   "then gets the kept ones); implies --end-to-end.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @user_errors
-def flops(config_path, schedule_path, visual, text_tokens, end_to_end, as_json, **kwargs):
+def flops(config_path, schedule_path, visual, text_tokens, end_to_end, vision_cut, as_json, **kwargs):
     """Prefill FLOPs of the LLM, full vs HalfV, and their ratio.
 
     Counts GQA projections, the full attention rectangle, and SwiGLU MLPs per layer; frozen visual rows (freeze
@@ -206,20 +210,30 @@ def flops(config_path, schedule_path, visual, text_tokens, end_to_end, as_json, 
     --end-to-end adds the vision encoder, which HalfV does not prune: Qwen2.5-VL's windowed and full-attention
     blocks counted as they run on a square grid of N merged tokens (border windows included), LLaVA's CLIP tower
     once per 576 tokens; it prints the end-to-end (TTFT) ratio next to the prefill ratio.
+
+    --vision-cut BLOCK:KEEP adds a cut inside the tower (beyond the paper; docs/vision-cut.md): the blocks after
+    BLOCK run on the kept tokens, the LLM gets only those (the schedule then prunes among them).
     """
     from ..stages.flops import flops_table
 
+    from ..graphs.pruning import VisionCut
+
+    cut = VisionCut.parse(vision_cut) if vision_cut else None
+    end_to_end = end_to_end or cut is not None
     rows, described = flops_table(config_path, schedule_path, pick_overrides(kwargs), list(visual), text_tokens,
-                                  end_to_end)
+                                  end_to_end, cut)
     if as_json:
         click.echo(json.dumps({"schedule": described, "rows": rows}, indent=2))
         return
     click.echo(f"schedule: {described}")
     e2e_head = f" {'vision TFLOP':>13} {'e2e ratio':>10}" if end_to_end else ""
+    e2e_head += f" {'kept':>6} {'cut vision TFLOP':>17} {'cut e2e ratio':>14}" if cut else ""
     click.echo(f"{'visual':>7} {'text':>5} {'full TFLOP':>11} {'halfv TFLOP':>12} {'overhead GFLOP':>15} {'ratio':>7}"
                + e2e_head)
     for r in rows:
         e2e = f" {r['vision'] / 1e12:>13.3f} {r['e2e_ratio']:>10.3f}" if end_to_end else ""
+        if cut and "e2e_cut_ratio" in r:
+            e2e += f" {r['cut_tokens']:>6} {r['vision_cut'] / 1e12:>17.3f} {r['e2e_cut_ratio']:>14.3f}"
         click.echo(f"{r['visual']:>7} {r['text']:>5} {r['full'] / 1e12:>11.3f} {r['halfv'] / 1e12:>12.3f} "
                    f"{r['overhead'] / 1e9:>15.2f} {r['ratio']:>7.3f}" + e2e)
     for r in rows:
@@ -227,6 +241,8 @@ def flops(config_path, schedule_path, visual, text_tokens, end_to_end, as_json, 
         click.echo(f"ratio: {r['ratio']:.3f}" + suffix)
         if end_to_end:
             click.echo(f"end-to-end ratio: {r['e2e_ratio']:.3f}" + suffix)
+        if cut and "e2e_cut_ratio" in r:
+            click.echo(f"end-to-end ratio with the vision cut: {r['e2e_cut_ratio']:.3f}" + suffix)
 
 
 EPILOG_EXPORT = """\b

@@ -75,11 +75,16 @@ def tower_options(options, graph: str, providers: list[str]) -> bool:
     block. No planner buffer reuse: ONNX Runtime's allocation planner hands a dead tensor's buffer to a later value
     of the same size, which chains the first block's buffers through every later block, so the tower holds the sum
     of one block's activations rather than the largest set alive at once. Without it each tensor is freed when it
-    dies and the arena hands its memory to the next allocation (and no memory pattern, which needs that reuse)."""
+    dies and the arena hands its memory to the next allocation (and no memory pattern, which needs that reuse).
+
+    Nodes run in the graph's own order (priority-based): the default order walks back from the outputs, and a tower
+    with a vision cut (whose chunked scoring block feeds both the block's output and the token selection) then ran
+    every query chunk's score matrix before any of their softmaxes, holding all of them at once."""
     if not (VISION.holds(graph) and providers[0] == "CPUExecutionProvider"):
         return False
     options.enable_mem_reuse = False
     options.enable_mem_pattern = False
+    options.execution_order = _ort().ExecutionOrder.PRIORITY_BASED
     return True
 
 

@@ -14,6 +14,7 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 
+from ..base.errors import BadInput
 from ..base.kinds import SSRMode
 
 
@@ -36,6 +37,40 @@ class PruneSchedule:
         (K2). Freeze mode keeps K1 rows to the end, so it has two groups."""
         return [0 if i < self.ivr_layer else (2 if (i >= self.ssr_layer and self.ssr_mode is SSRMode.TOPK) else 1)
                 for i in range(num_layers)]
+
+
+@dataclass(frozen=True)
+class VisionCut:
+    """Keep K = floor(N * keep) of N visual tokens after the vision tower's block `block` (graphs/vision_cut.py);
+    the later blocks, the projector and the LLM run on the K kept tokens."""
+
+    block: int
+    keep: float
+
+    def tokens(self, n: int) -> int:
+        return max(1, floor_ratio(n, self.keep))
+
+    @classmethod
+    def parse(cls, text: str) -> "VisionCut":
+        """'7:0.25' (the CLI's BLOCK:KEEP) -> VisionCut(7, 0.25); one line naming the form otherwise."""
+        block, _, keep = str(text).partition(":")
+        try:
+            return cls(int(block), float(keep))
+        except ValueError:
+            raise BadInput(f"--vision-cut {text!r}: write BLOCK:KEEP, e.g. 7:0.25 (keep a quarter of the visual "
+                           "tokens after the tower's block 7)") from None
+
+    def check(self, depth: int, full_blocks: list[int] | None = None) -> None:
+        """One line naming what is wrong and what to pick. A windowed tower (full_blocks given) scores tokens by
+        a full-attention block's attention, so it cuts after one of those; any tower cuts before its last block."""
+        if not 0 < self.keep < 1:
+            raise BadInput(f"vision cut keep {self.keep}: keep a share of the visual tokens in (0, 1), e.g. 0.25")
+        usable = [b for b in (full_blocks if full_blocks is not None else range(depth)) if b < depth - 1]
+        kind = "full-attention block with blocks after it" if full_blocks is not None else "block before the last"
+        if not usable:
+            raise BadInput(f"vision cut after block {self.block}: this tower has no {kind}; drop the cut")
+        if self.block not in usable:
+            raise BadInput(f"vision cut after block {self.block}: cut after a {kind}; pick one of {usable}")
 
 
 @dataclass(frozen=True)

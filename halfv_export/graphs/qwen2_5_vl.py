@@ -21,7 +21,8 @@ from ..base.errors import BadInput
 from .adapter import (BackboneAdapter, HostInputs, LoadedModel, PaperSchedule, Processing, TextStack, layer_head_dim,
                       grid_boxes, register, visual_span)
 from .checkpoint import EMBEDDED_ROOT
-from .vision_cut import VisionCut, group_patches, packed_windows, raster_order, select_groups, window_length
+from .pruning import VisionCut
+from .vision_cut import group_patches, packed_windows, raster_order, select_groups, window_length
 from ..base.kinds import SSRMode
 from ..host.qwen import QwenImageConfig, pixel_patches, rope_positions, smart_resize
 
@@ -94,7 +95,7 @@ class QwenVisionBucket(nn.Module):
         if cut is not None:
             if grid_thw[0] != 1:
                 raise BadInput("a vision cut needs one image per bucket (t = 1); drop the cut for video frames")
-            cut.check(cfg)
+            cut.check(cfg.depth, list(cfg.fullatt_block_indexes))
             self.kept = cut.tokens(patches // unit)
             tables.append(("kept", packed_windows(self.kept * unit, window_length(visual))))
         self.layouts = {}
@@ -165,7 +166,8 @@ class QwenVisionBucket(nn.Module):
         out = pixel_values.to(weight.dtype) @ weight.reshape(weight.shape[0], -1).t()
         return out if embed.proj.bias is None else out + embed.proj.bias
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def forward(self, pixel_values: torch.Tensor):
+        """-> features [N, D]; with a cut, (features [K, D], raster token indices [K])."""
         v = self.visual
         h = self._patch_embed(pixel_values)  # [P, C]
         h = h.reshape(self.patches // self.unit, self.unit, -1)[self.window_index].reshape(self.patches, -1)

@@ -30,7 +30,7 @@ from ..base.artifact_files import (DECODE, DECODE_FULL, EMBED, PREFILL, PREFILL_
 from .adapter import TextStack
 from .export_forward import DecodeGraph, PrefillGraph, SelectionGraph
 from .onnx_export import batch_dim, export_module, seq_dim
-from .pruning import PruneSchedule
+from .pruning import PruneSchedule, VisionCut
 
 
 @dataclass
@@ -75,8 +75,10 @@ def embed_spec(stack: TextStack) -> GraphSpec:
 
 
 def vision_spec(module: nn.Module, pixels: torch.Tensor, bucket: tuple[int, int]) -> GraphSpec:
-    """The adapter's static-shape vision graph for one bucket, traced on one image's pixel input."""
-    return GraphSpec(VISION, VISION.file(bucket), module, (pixels,), ["pixel_values"], ["visual_features"], None)
+    """The adapter's static-shape vision graph for one bucket, traced on one image's pixel input. A tower with a
+    vision cut (graphs/vision_cut.py) also returns the raster indices of the tokens it kept."""
+    outputs = ["visual_features"] + (["visual_tokens"] if isinstance(getattr(module, "cut", None), VisionCut) else [])
+    return GraphSpec(VISION, VISION.file(bucket), module, (pixels,), ["pixel_values"], outputs, None)
 
 
 def prefill_spec(stack: TextStack, schedule: PruneSchedule | None, num_visual: int,

@@ -13,41 +13,18 @@ at"), the top K groups are kept, and the remaining blocks, the merger and the LL
     merger                K features, returned in raster order with their raster indices (the LLM's 3-D rotary
                           positions are the kept tokens' original (t, h, w))
 
-Both the exported graph (qwen2_5_vl.QwenVisionBucket) and the eager reference below select through `select_groups`,
-so parity is exact; the eager reference runs transformers' own blocks (varlen attention over cu_seqlens), the graph
-its padded window layout.
+Both the exported graph (qwen2_5_vl.QwenVisionBucket) and the eager reference below select through `select_groups`.
+Their scores agree to rounding (the eager reference runs transformers' own blocks, varlen attention over cu_seqlens,
+the graph its padded window layout), so they keep the same tokens except where two groups' scores tie to rounding
+level at the K-th place, as with the IVR cut.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
 
-from ..base.errors import BadInput
-from .pruning import floor_ratio, top_indices
-
-
-@dataclass(frozen=True)
-class VisionCut:
-    """Keep floor(N * keep) of N visual tokens after the tower's block `block` (a full-attention block)."""
-
-    block: int
-    keep: float
-
-    def tokens(self, n: int) -> int:
-        return max(1, floor_ratio(n, self.keep))
-
-    def check(self, vision_config) -> None:
-        """One line naming what is wrong and what to pick, for a cut this tower cannot make."""
-        full = list(vision_config.fullatt_block_indexes)
-        if self.block not in full or self.block >= vision_config.depth - 1:
-            usable = [b for b in full if b < vision_config.depth - 1]
-            raise BadInput(f"vision cut after block {self.block}: the cut scores tokens by the attention of a "
-                           f"full-attention block with blocks after it; pick one of {usable or 'none (this tower has none)'}")
-        if not 0 < self.keep < 1:
-            raise BadInput(f"vision cut keep {self.keep}: keep a share of the visual tokens in (0, 1), e.g. 0.25")
+from .pruning import VisionCut, top_indices
 
 
 def packed_windows(patches: int, window: int) -> torch.Tensor:
@@ -97,7 +74,7 @@ def received_attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 def eager_cut_vision(visual, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int], cut: VisionCut):
     """transformers' tower forward (Qwen2_5_VisionTransformerPretrainedModel.forward) with the cut after
     `cut.block`: -> (features [K, D] in raster order, raster token indices [K])."""
-    cut.check(visual.config)
+    cut.check(visual.config.depth, list(visual.config.fullatt_block_indexes))
     grid = torch.tensor([grid_thw])
     unit = visual.spatial_merge_unit
     position_ids = get_vision_position_ids(grid, visual.spatial_merge_size, kwargs={})

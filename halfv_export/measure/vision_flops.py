@@ -16,6 +16,12 @@ CLIP (LLaVA): every layer runs on T = (image/patch)^2 + 1 tokens (the CLS row in
   o) + 2 * 2 * T * C * m (fc1, fc2) + 4 * T^2 * C, patch embedding 2 * (T-1) * 3p^2 * C, projector
   2 * (T-1) * C * D + 2 * (T-1) * D * D. N visual tokens are ceil(N / (T-1)) tower passes (LLaVA-NeXT's anyres
   tiles; LLaVA-1.5 itself has one pass of 576 tokens).
+
+With a vision cut (graphs/vision_cut.py: keep K = floor(N * keep) tokens after block b) the blocks after b run on
+the kept rows: a windowed tower's 4K kept patches in dense windows of the full window length (the last one shorter:
+counted at its length, though the graph pads it to a full window), its full-attention blocks over 4K patches, the
+merger on K tokens; CLIP's later layers on a pass's share of the K plus the CLS row, and the projector on K. The score (attention received in block b) is a sum over weights the block already
+computes, not counted.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from dataclasses import dataclass
 
 from ..base.errors import BadInput
 from ..graphs.adapter import ADAPTERS, adapter_for_model_type
+from ..graphs.pruning import VisionCut
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,7 @@ class VisionFlops:
     windowed_attention: int  # QKᵀ + AV of the windowed blocks
     full_attention: int  # QKᵀ + AV of the full-attention blocks
     grid: tuple[int, int]  # merged tokens (rows, cols) for a windowed tower; (passes, tokens per pass) for CLIP
+    kept: int | None = None  # visual tokens the LLM gets after a vision cut (None: no cut)
 
 
 def square_grid(n: int) -> tuple[int, int]:
@@ -50,7 +58,7 @@ def window_lengths(rows: int, cols: int, side: int, unit: int) -> list[int]:
     return [a * b * unit for a in cut(rows) for b in cut(cols)]
 
 
-def windowed_vision_flops(vision: dict, llm_hidden: int, grid: tuple[int, int]) -> VisionFlops:
+def windowed_vision_flops(vision: dict, llm_hidden: int, grid: tuple[int, int], cut: VisionCut | None = None) -> VisionFlops:
     c, m, depth = int(vision["hidden_size"]), int(vision["intermediate_size"]), int(vision["depth"])
     merge, patch = int(vision.get("spatial_merge_size", 2)), int(vision.get("patch_size", 14))
     temporal = int(vision.get("temporal_patch_size", 2))
@@ -67,25 +75,51 @@ def windowed_vision_flops(vision: dict, llm_hidden: int, grid: tuple[int, int]) 
     blocks = depth * linear + windowed_total + full_total
     embed = 2 * p * (3 * temporal * patch * patch) * c
     merger = 2 * n * (unit * c) * (unit * c) + 2 * n * (unit * c) * int(vision.get("out_hidden_size", llm_hidden))
-    return VisionFlops(blocks + embed + merger, blocks, windowed_total, full_total, grid)
+    if cut is None:
+        return VisionFlops(blocks + embed + merger, blocks, windowed_total, full_total, grid)
+    cut.check(depth, full_blocks)
+    k = cut.tokens(n)
+    kept = k * unit
+    window = side * side * unit
+    before, after = range(cut.block + 1), range(cut.block + 1, depth)
+    packed = sum(4 * length * length * c for length in [window] * (kept // window) + [kept % window] if length)
+    windowed_total = (sum(windowed for i in before if i not in full_blocks)
+                      + sum(packed for i in after if i not in full_blocks))
+    full_total = sum(full for i in before if i in full_blocks) + sum(4 * kept * kept * c for i in after
+                                                                     if i in full_blocks)
+    linear_kept = 2 * kept * (3 * c * c + c * c + 3 * c * m)
+    blocks = len(before) * linear + len(after) * linear_kept + windowed_total + full_total
+    merger = merger * k // n
+    return VisionFlops(blocks + embed + merger, blocks, windowed_total, full_total, grid, kept=k)
 
 
-def clip_vision_flops(vision: dict, llm_hidden: int, n_visual: int) -> VisionFlops:
+def clip_vision_flops(vision: dict, llm_hidden: int, n_visual: int, cut: VisionCut | None = None) -> VisionFlops:
     c, m = int(vision.get("hidden_size", 1024)), int(vision.get("intermediate_size", 4096))
     layers = int(vision.get("num_hidden_layers", 24))
     patch, size = int(vision.get("patch_size", 14)), int(vision.get("image_size", 336))
     per_pass = (size // patch) ** 2
     t = per_pass + 1
     passes = max(1, math.ceil(n_visual / per_pass))
+    layer = lambda rows: 4 * 2 * rows * c * c + 2 * 2 * rows * c * m + 4 * rows * rows * c  # noqa: E731
     attention = 4 * t * t * c
-    blocks = layers * (4 * 2 * t * c * c + 2 * 2 * t * c * m + attention)
+    blocks = layers * layer(t)
     embed = 2 * per_pass * 3 * patch * patch * c
     projector = 2 * per_pass * c * llm_hidden + 2 * per_pass * llm_hidden * llm_hidden
-    return VisionFlops(passes * (blocks + embed + projector), passes * blocks, 0, passes * layers * attention,
-                       (passes, t))
+    if cut is None:
+        return VisionFlops(passes * (blocks + embed + projector), passes * blocks, 0, passes * layers * attention,
+                           (passes, t))
+    cut.check(layers)
+    kept = cut.tokens(n_visual)  # what the LLM gets, over all passes
+    k = min(per_pass, math.ceil(kept / passes))  # rows a pass carries after the cut (its share of the kept)
+    blocks = (cut.block + 1) * layer(t) + (layers - cut.block - 1) * layer(k + 1)
+    attention_total = (cut.block + 1) * attention + (layers - cut.block - 1) * 4 * (k + 1) ** 2 * c
+    projector = 2 * kept * c * llm_hidden + 2 * kept * llm_hidden * llm_hidden
+    return VisionFlops(passes * (blocks + embed) + projector, passes * blocks, 0, passes * attention_total,
+                       (passes, t), kept=kept)
 
 
-def vision_flops(config: dict, llm_hidden: int, n_visual: int, grid: tuple[int, int] | None = None) -> VisionFlops:
+def vision_flops(config: dict, llm_hidden: int, n_visual: int, grid: tuple[int, int] | None = None,
+                 cut: VisionCut | None = None) -> VisionFlops:
     """Vision encoder FLOPs for n_visual LLM-side visual tokens of one image. The backbone adapter of the config's
     model_type says which tower it has (BackboneAdapter.vision_tower); a windowed tower is counted on `grid` merged
     tokens, by default square_grid(n_visual)."""
@@ -97,8 +131,8 @@ def vision_flops(config: dict, llm_hidden: int, n_visual: int, grid: tuple[int, 
     adapter = adapter_for_model_type(str(config.get("model_type")))
     tower = adapter.vision_tower if adapter is not None else None
     if tower == "windowed":
-        return windowed_vision_flops(vision, llm_hidden, grid or square_grid(n_visual))
+        return windowed_vision_flops(vision, llm_hidden, grid or square_grid(n_visual), cut)
     if tower == "clip":
-        return clip_vision_flops(vision, llm_hidden, n_visual)
+        return clip_vision_flops(vision, llm_hidden, n_visual, cut)
     raise BadInput(f"model_type '{config.get('model_type')}' has no vision FLOPs model; --end-to-end counts the "
                    f"towers of the backbones with an adapter: {', '.join(sorted(ADAPTERS))}")

@@ -132,7 +132,8 @@ def grid_shape(size: tuple[int, int]) -> tuple[int, int]:
 
 
 def render(cells: list[list[int | None]], size: tuple[int, int], rng: np.random.Generator,
-           slot: int = DEFAULT_SLOT, boxes: list | None = None, augment: bool = False) -> Image.Image:
+           slot: int = DEFAULT_SLOT, boxes: list | None = None,
+           distort: np.random.Generator | None = None) -> Image.Image:
     """Draw a grid of scans over the whole image: cells[r][c] is a scan index (into load_digits) or None; size is
     (height, width); each digit fills 75-100% of a random slot x slot square of its cell. `boxes`, when a list,
     receives (row, col, top, left, side) of every digit drawn."""
@@ -140,16 +141,17 @@ def render(cells: list[list[int | None]], size: tuple[int, int], rng: np.random.
     rows, cols = len(cells), len(cells[0])
     rects = [[(round(r * h / rows), round((r + 1) * h / rows), round(c * w / cols), round((c + 1) * w / cols))
               for c in range(cols)] for r in range(rows)]
-    return _ink(_background(rng, h, w), cells, rects, rng, slot, boxes, augment)
+    return _ink(_background(rng, h, w), cells, rects, rng, slot, boxes, distort)
 
 
 def render_page(cells: list[list[int | None]], block, size: tuple[int, int], rng: np.random.Generator,
-                slot: int = DEFAULT_SLOT, boxes: list | None = None, augment: bool = False) -> Image.Image:
+                slot: int = DEFAULT_SLOT, boxes: list | None = None,
+                distort: np.random.Generator | None = None) -> Image.Image:
     """Draw the cells inside `block` (tasks/pages.py: where each cell lies) on a paper-like page of `size`."""
     from .pages import paper
 
     h, w = size
-    return _ink(paper(rng, _background(rng, h, w)), cells, block.rects, rng, slot, boxes, augment)
+    return _ink(paper(rng, _background(rng, h, w)), cells, block.rects, rng, slot, boxes, distort)
 
 
 def glyph_alpha(index: int, side: int, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -170,8 +172,10 @@ def glyph_alpha(index: int, side: int, rng: np.random.Generator | None = None) -
 
 
 def _ink(canvas: np.ndarray, cells, rects, rng: np.random.Generator, slot: int, boxes: list | None,
-         augment: bool = False) -> Image.Image:
-    """Ink each filled cell's scan into its rect (y0, y1, x0, x1) of the canvas [h, w, 3]."""
+         distort: np.random.Generator | None = None) -> Image.Image:
+    """Ink each filled cell's scan into its rect (y0, y1, x0, x1) of the canvas [h, w, 3]; `distort` draws each
+    scan's distortion (glyph_alpha) from its own generator, so the page, its digits and its question are the ones
+    drawn without it."""
     ink = _colour(rng, 0.0, 0.3)
     for r, line in enumerate(cells):
         for c, index in enumerate(line):
@@ -180,7 +184,7 @@ def _ink(canvas: np.ndarray, cells, rects, rng: np.random.Generator, slot: int, 
             y0, y1, x0, x1 = rects[r][c]
             span = min(slot, y1 - y0, x1 - x0)
             side = max(8, int(round(span * rng.uniform(0.75, 1.0))))
-            alpha = glyph_alpha(index, side, rng if augment else None)  # [side, side, 1]
+            alpha = glyph_alpha(index, side, distort)  # [side, side, 1]
             sy, sx = int(rng.integers(0, max(1, (y1 - y0) // span))), int(rng.integers(0, max(1, (x1 - x0) // span)))
             top = y0 + sy * span + int(rng.integers(0, span - side + 1))
             left = x0 + sx * span + int(rng.integers(0, span - side + 1))
@@ -310,8 +314,9 @@ def task_set(count: int, seed: int = 0, split: str = "eval", sizes: list[tuple[i
         kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
         prompt, answer = _question(kind, grid, rng)
         boxes: list = []
-        image = (render_page(cells, block, size, rng, slot, boxes, augment) if block else
-                 render(cells, size, rng, slot, boxes, augment))
+        distort = np.random.default_rng([seed, i, 7]) if augment else None  # apart from rng: same pages otherwise
+        image = (render_page(cells, block, size, rng, slot, boxes, distort) if block else
+                 render(cells, size, rng, slot, boxes, distort))
         samples.append(TaskSample(name=f"{split}-{seed}-{i:05d}-{kind}-{size[0]}x{size[1]}", image=image,
                                   prompt=prompt, answer=answer, type=kind, grid=grid, scans=cells, boxes=boxes))
     return samples

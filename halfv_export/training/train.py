@@ -603,6 +603,7 @@ def main(argv=None) -> None:
     optimizer = torch.optim.AdamW(
         [{"params": ps, "weight_decay": args.weight_decay if decays else 0.0, "vision": vision}
          for (vision, decays), ps in groups.items()], lr=args.lr, betas=(0.9, 0.98))
+    trained = list(model.parameters()) + (list(probe.parameters()) if probe is not None else [])  # clipped as one
     _MAKER.update(adapter=adapter, processing=processing, sizes=sizes, phase_of=phase_of, batch=args.batch,
                   seed=args.seed, slot=args.slot, prefix=prefix, eos=eos, pad=pad, task=args.task,
                   augment=args.augment)
@@ -619,7 +620,7 @@ def main(argv=None) -> None:
         feats = adapter.vision_batch(loaded, host.pixel_values, host.bucket) if probe is not None else None
         loss, token_acc = teacher_forced_loss(adapter, loaded, stack, host, answer.to(device),
                                               answer_valid.to(device), feats)
-        answer_loss, digit_acc = loss.item(), float("nan")
+        digit_acc = float("nan")
         if probe is not None:
             logits, drawn = probe(feats), drawn.to(device)
             loss = loss + args.digit_aux * balanced_token_loss(logits, drawn)
@@ -629,9 +630,9 @@ def main(argv=None) -> None:
             loss = loss + gather.loss(host.input_ids.shape[1], asked)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
-        running.append((answer_loss, token_acc, digit_acc))
+        running.append((loss.item(), token_acc, digit_acc))
         steps_run = step + 1
         if args.time_limit and time.perf_counter() - started > args.time_limit:
             print(f"time limit: stopping after {steps_run} of {args.steps} steps", flush=True)
