@@ -125,3 +125,53 @@ def test_a_cut_the_tower_cannot_make_is_refused_in_one_line(qwen):
         with pytest.raises(BadInput, match=problem) as graph:
             QwenVisionBucket(visual, grid, cut)
         assert "\n" not in str(eager.value) and str(eager.value) == str(graph.value)
+
+
+@torch.no_grad()
+def test_a_cut_prompt_keeps_the_kept_rows_at_their_original_positions(qwen):
+    """The eager path with a cut (prepare(..., cut)): the prompt loses the dropped image rows, the kept rows keep
+    the uncut prompt's positions, transformers' own language model reads the cut prompt as the reference does, and
+    the runtime's numpy step (host/inputs.keep_visual_rows) cuts the same rows."""
+    from halfv_export.graphs.halfv import HalfVReference
+    from halfv_export.host.inputs import HostArrays, keep_visual_rows
+
+    adapter, loaded, processing = qwen
+    samples = task_set(2, seed=3, sizes=[(448, 448)], task="page")
+    images = [s.image for s in samples]
+    prompts = ["x", samples[1].prompt + " Answer with the digits only, in the order they are written."]  # padded
+    cut = VisionCut(block=1, keep=0.25)
+    full = adapter.prepare(loaded, images, prompts)
+    ours = adapter.prepare(loaded, images, prompts, cut)
+    n, k = full.num_visual, ours.num_visual
+    assert (n, k) == (256, 64) and ours.seq_len == full.seq_len - n + k
+    assert full.visual_start[0] > full.visual_start[1] and full.attention_mask[0, 0] == 0  # left padding
+    for b, pixels in enumerate(adapter.host_inputs(processing, images, prompts).pixel_values):
+        feats, tokens = eager_cut_vision(loaded.model.model.visual, pixels, (1, 32, 32), cut)
+        assert torch.equal(ours.visual_tokens[b], tokens)
+        s = int(full.visual_start[b])
+        rows = list(range(s)) + [s + int(t) for t in tokens] + list(range(s + n, full.seq_len))
+        assert torch.equal(ours.positions[:, b], full.positions[:, b, rows])
+        assert torch.equal(ours.input_ids[b], full.input_ids[b, rows])
+        assert torch.equal(ours.embeds[b, s:s + k], feats)
+    assert torch.equal(ours.next_positions, full.next_positions)  # generation continues where the uncut would
+    stack = adapter.text_stack(loaded)
+    language = loaded.model.model.language_model  # transformers' M-RoPE over the cut positions
+    theirs = loaded.model.lm_head(language(inputs_embeds=ours.embeds, position_ids=ours.positions,
+                                           attention_mask=ours.attention_mask).last_hidden_state[:, -1])
+    torch.testing.assert_close(HalfVReference(stack, None).prefill(ours).logits, theirs, atol=1e-5, rtol=1e-5)
+    host = adapter.host_inputs(processing, images, prompts)
+    arrays = HostArrays(host.input_ids.numpy(), host.attention_mask.numpy(), host.positions.numpy(),
+                        host.visual_start.numpy(), host.num_visual, host.next_positions.numpy(), [], host.bucket)
+    cut_rows = keep_visual_rows(arrays, ours.visual_tokens.numpy())
+    assert cut_rows.num_visual == k and np.array_equal(cut_rows.input_ids, ours.input_ids.numpy())
+    assert np.array_equal(cut_rows.visual_start, arrays.visual_start)
+    assert np.array_equal(cut_rows.next_positions, arrays.next_positions)
+    assert np.array_equal(cut_rows.positions, ours.positions.numpy())
+    assert np.array_equal(cut_rows.attention_mask, ours.attention_mask.numpy())
+
+
+def test_backbones_without_a_vision_cut_refuse_it_in_one_line():
+    adapter = get_adapter("llava-1.5")
+    loaded = adapter.load(None)
+    with pytest.raises(BadInput, match="llava-1.5 has no vision cut yet"):
+        adapter.prepare(loaded, [task_set(1, sizes=[(336, 336)])[0].image], ["x"], VisionCut(5, 0.25))

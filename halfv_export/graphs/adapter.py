@@ -18,7 +18,7 @@ from torch import nn
 
 from ..base.errors import BadInput
 from ..base.kinds import SSRMode
-from ..host.inputs import visual_span as host_visual_span
+from ..host.inputs import kept_row_index, visual_span as host_visual_span
 
 EMBEDDED_WEIGHTS = "model.safetensors"  # an embedded default's trained weights (fp16), beside its config
 TRAINING_RECORD = "training.json"  # how they were trained: command, seed, data, time, held-out accuracy, image sizes
@@ -99,6 +99,7 @@ class PrefillInputs:
     visual_start: torch.Tensor  # [B] int64, s: row of the first visual token (0 when N = 0)
     num_visual: int  # N, identical for every sample in the batch
     next_positions: torch.Tensor  # [P, B] int64, rope position of the first generated token
+    visual_tokens: torch.Tensor | None = None  # [B, K]: which of the image's tokens a vision cut kept (None: all)
 
     @property
     def batch_size(self) -> int:
@@ -338,27 +339,47 @@ class BackboneAdapter(abc.ABC):
         kept-token picture; None where the rows do not each cover one box of the image (anyres tiles)."""
         return None
 
-    def prepare(self, loaded: LoadedModel, images: list, prompts: list[str]) -> PrefillInputs:
-        """Host inputs + the eager embedding and vision tower -> prefill inputs (the reference path)."""
+    def prepare(self, loaded: LoadedModel, images: list, prompts: list[str], cut=None) -> PrefillInputs:
+        """Host inputs + the eager embedding and vision tower (with a vision cut, if given) -> prefill inputs (the
+        reference path)."""
         host = self.host_inputs(Processing(loaded.tokenizer, loaded.image_processor, loaded.config), images, prompts)
-        return self.embed_host(loaded, host)
+        return self.embed_host(loaded, host, cut)
 
-    def embed_host(self, loaded: LoadedModel, host: HostInputs) -> PrefillInputs:
-        """Given host inputs (e.g. exactly the rows an engine runs: validate's parity) -> the eager prefill inputs."""
+    def embed_host(self, loaded: LoadedModel, host: HostInputs, cut=None) -> PrefillInputs:
+        """Given host inputs (e.g. exactly the rows an engine runs: validate's parity) -> the eager prefill inputs.
+        With a vision cut (graphs/pruning.VisionCut) the tower keeps K of the N visual tokens and the prompt keeps
+        only their rows (host/inputs.keep_visual_rows); the kept raster indices are in `visual_tokens`."""
         host = torch_host(host)
+        tokens = None
         with torch.no_grad():
+            if cut is not None and host.num_visual > 0:
+                cuts = [self.eager_vision_cut(loaded, px, host.bucket, cut) for px in host.pixel_values]
+                feats, tokens = torch.stack([f for f, _ in cuts]), torch.stack([t for _, t in cuts])  # [B, K, D], [B, K]
+                index = torch.as_tensor(kept_row_index(host.visual_start.cpu().numpy(), host.num_visual,
+                                                       host.input_ids.shape[1], tokens.cpu().numpy()))
+                host = HostInputs(input_ids=host.input_ids.gather(1, index),
+                                  attention_mask=host.attention_mask.gather(1, index),
+                                  positions=host.positions.gather(2, index.expand(host.positions.shape[0], -1, -1)),
+                                  visual_start=host.visual_start, num_visual=tokens.shape[1],
+                                  next_positions=host.next_positions, pixel_values=host.pixel_values,
+                                  bucket=host.bucket)
             embeds = self.text_stack(loaded).embed_tokens(host.input_ids)  # [B, S, D]
             if host.num_visual > 0:
-                feats = torch.stack([self.eager_vision(loaded, px, host.bucket) for px in host.pixel_values])
+                if tokens is None:
+                    feats = torch.stack([self.eager_vision(loaded, px, host.bucket) for px in host.pixel_values])
                 rows = (host.visual_start[:, None] + torch.arange(host.num_visual)[None, :])
                 embeds = embeds.scatter(1, rows[..., None].expand(-1, -1, embeds.shape[-1]), feats.to(embeds.dtype))
         return PrefillInputs(input_ids=host.input_ids, embeds=embeds, attention_mask=host.attention_mask,
                              positions=host.positions, visual_start=host.visual_start, num_visual=host.num_visual,
-                             next_positions=host.next_positions)
+                             next_positions=host.next_positions, visual_tokens=tokens)
 
     @abc.abstractmethod
     def eager_vision(self, loaded: LoadedModel, pixel_values: torch.Tensor, bucket: tuple[int, int]) -> torch.Tensor:
         """The model's own vision tower for one image of the bucket -> [N, D]."""
+
+    def eager_vision_cut(self, loaded: LoadedModel, pixel_values: torch.Tensor, bucket: tuple[int, int], cut):
+        """The tower with a vision cut -> (features [K, D], kept token indices [K]); graphs/vision_cut.py."""
+        raise BadInput(f"{self.name} has no vision cut yet; drop the cut, or use a backbone that has one")
 
     def vision_batch(self, loaded: LoadedModel, pixel_values: list, bucket: tuple[int, int]) -> torch.Tensor:
         """The vision tower over a batch of one bucket -> [B, N, D], with gradients (training). Adapters whose tower

@@ -22,7 +22,7 @@ from .adapter import (BackboneAdapter, HostInputs, LoadedModel, PaperSchedule, P
                       grid_boxes, register, visual_span)
 from .checkpoint import EMBEDDED_ROOT
 from .pruning import VisionCut
-from .vision_cut import group_patches, packed_windows, raster_order, select_groups, window_length
+from .vision_cut import eager_cut_vision, group_patches, packed_windows, raster_order, select_groups, window_length
 from ..base.kinds import SSRMode
 from ..host.qwen import QwenImageConfig, pixel_patches, rope_positions, smart_resize
 
@@ -281,6 +281,9 @@ class Qwen25VLAdapter(BackboneAdapter):
     def eager_vision(self, loaded: LoadedModel, pixel_values: torch.Tensor, bucket: tuple[int, int]) -> torch.Tensor:
         grid = torch.tensor([self._grid(loaded.image_processor, bucket)])
         return loaded.model.model.get_image_features(pixel_values, grid, return_dict=True).pooler_output[0]
+
+    def eager_vision_cut(self, loaded: LoadedModel, pixel_values: torch.Tensor, bucket: tuple[int, int], cut):
+        return eager_cut_vision(loaded.model.model.visual, pixel_values, self._grid(loaded.image_processor, bucket), cut)
 
     def vision_batch(self, loaded: LoadedModel, pixel_values: list, bucket: tuple[int, int]) -> torch.Tensor:
         grid = torch.tensor([self._grid(loaded.image_processor, bucket)] * len(pixel_values), device=pixel_values[0].device)

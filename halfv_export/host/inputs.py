@@ -65,6 +65,28 @@ def visual_span(input_ids: np.ndarray, image_token_id: int) -> tuple[np.ndarray,
     return start.astype(np.int64), n
 
 
+def kept_row_index(visual_start: np.ndarray, num_visual: int, seq: int, tokens: np.ndarray) -> np.ndarray:
+    """[B, S - N + K]: the rows of each sample that stay when a vision cut keeps `tokens` [B, K] (ascending indices
+    into its N visual rows): every row before and after the visual span, and the kept visual rows in between."""
+    rows = []
+    for start, kept in zip(np.asarray(visual_start).tolist(), np.asarray(tokens)):
+        rows.append(np.concatenate([np.arange(start), start + np.asarray(kept, dtype=np.int64),
+                                    np.arange(start + num_visual, seq)]))
+    return np.stack(rows).astype(np.int64)
+
+
+def keep_visual_rows(host: HostArrays, tokens: np.ndarray) -> HostArrays:
+    """The prompt rows after a vision cut kept `tokens` [B, K] of the N visual tokens: the dropped image rows go,
+    and the kept ones keep their original rope positions (M-RoPE: the token's own (t, h, w)); the text after the
+    image keeps its positions too, so a prompt's positions are those of the uncut prompt with columns removed."""
+    index = kept_row_index(host.visual_start, host.num_visual, host.input_ids.shape[1], tokens)
+    take = lambda x: np.take_along_axis(x, index, axis=1)  # noqa: E731
+    positions = np.take_along_axis(host.positions, np.broadcast_to(index, host.positions.shape[:1] + index.shape),
+                                   axis=2)
+    return replace(host, input_ids=take(host.input_ids), attention_mask=take(host.attention_mask),
+                   positions=positions, num_visual=int(np.asarray(tokens).shape[1]))
+
+
 def align_left(host: HostArrays, multiple: int, pad_id: int) -> HostArrays:
     """The same rows with S rounded up to a multiple by more left padding: input_ids gets pad_id, attention_mask 0,
     positions repeat their first column (masked rows never reach real ones), visual_start moves right."""
