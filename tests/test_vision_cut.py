@@ -175,3 +175,18 @@ def test_backbones_without_a_vision_cut_refuse_it_in_one_line():
     loaded = adapter.load(None)
     with pytest.raises(BadInput, match="llava-1.5 has no vision cut yet"):
         adapter.prepare(loaded, [task_set(1, sizes=[(336, 336)])[0].image], ["x"], VisionCut(5, 0.25))
+
+
+@torch.no_grad()
+def test_the_references_score_is_the_same_in_query_chunks(qwen):
+    """received_attention over chunks of queries equals one pass over all of them (the dense oracle above scores
+    in one pass at these sizes, so the chunked path is checked here)."""
+    from halfv_export.graphs.vision_cut import received_attention
+
+    _, loaded, _ = qwen
+    block = loaded.model.model.visual.blocks[1]
+    x = torch.randn(300, block.attn.qkv.in_features, generator=torch.Generator().manual_seed(0))
+    cos, sin = torch.randn(300, 8).cos().repeat(1, 2), torch.randn(300, 8).sin().repeat(1, 2)
+    whole = received_attention(block.attn, x, cos, sin, rows=300)
+    torch.testing.assert_close(received_attention(block.attn, x, cos, sin, rows=64), whole, atol=1e-7, rtol=1e-5)
+    assert whole.sum().item() == pytest.approx(1.0, abs=1e-5)  # each query's weights sum to 1: the mean sums to 1

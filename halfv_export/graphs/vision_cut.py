@@ -59,15 +59,19 @@ def raster_order(merged: torch.Tensor, groups: torch.Tensor, window_index: torch
     return merged[order], values
 
 
-def received_attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def received_attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rows: int = 1024) -> torch.Tensor:
     """Eager: x [P, C] (the block's normed input) -> [P] attention each patch received in the block, mean over
-    heads and queries, from the whole P x P score matrix at once."""
+    heads and queries; `rows` queries at a time, so that the reference holds heads x rows x P scores, not the whole
+    P x P matrix (4 GiB at 896x896 with 16 heads)."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
     q, k, _ = attn.qkv(x).reshape(x.shape[0], 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
     q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
-    weights = torch.einsum("qhd,khd->hqk", q, k) * attn.scaling
-    return weights.float().softmax(-1).mean(dim=(0, 1))
+    total = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+    for lo in range(0, x.shape[0], rows):
+        weights = torch.einsum("qhd,khd->hqk", q[lo:lo + rows], k) * attn.scaling
+        total += weights.float().softmax(-1).sum(dim=(0, 1))
+    return total / (attn.num_heads * x.shape[0])
 
 
 @torch.no_grad()
