@@ -71,8 +71,8 @@ def session_options(threads: int | None = None):
 
 
 def tower_options(options, graph: str, providers: list[str]) -> bool:
-    """Set the CPU session options of a vision graph (True where `graph` is one on the CPU provider): one pass over thousands of patches, dozens of large activations per
-    block. No planner buffer reuse: ONNX Runtime's allocation planner hands a dead tensor's buffer to a later value
+    """Set the CPU session options of a vision graph (True where `graph` is one on the CPU provider): one pass over
+    thousands of patches, dozens of large activations per block. No planner buffer reuse: ONNX Runtime's allocation planner hands a dead tensor's buffer to a later value
     of the same size, which chains the first block's buffers through every later block, so the tower holds the sum
     of one block's activations rather than the largest set alive at once. Without it each tensor is freed when it
     dies and the arena hands its memory to the next allocation (and no memory pattern, which needs that reuse).

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..base.errors import BadInput
 from ..base.kinds import SSRMode
-from ..host.inputs import kept_row_index, visual_span as host_visual_span
+from ..host.inputs import HostArrays, keep_visual_rows, visual_span as host_visual_span
 
 EMBEDDED_WEIGHTS = "model.safetensors"  # an embedded default's trained weights (fp16), beside its config
 TRAINING_RECORD = "training.json"  # how they were trained: command, seed, data, time, held-out accuracy, image sizes
@@ -355,14 +355,10 @@ class BackboneAdapter(abc.ABC):
             if cut is not None and host.num_visual > 0:
                 cuts = [self.eager_vision_cut(loaded, px, host.bucket, cut) for px in host.pixel_values]
                 feats, tokens = torch.stack([f for f, _ in cuts]), torch.stack([t for _, t in cuts])  # [B, K, D], [B, K]
-                index = torch.as_tensor(kept_row_index(host.visual_start.cpu().numpy(), host.num_visual,
-                                                       host.input_ids.shape[1], tokens.cpu().numpy()))
-                host = HostInputs(input_ids=host.input_ids.gather(1, index),
-                                  attention_mask=host.attention_mask.gather(1, index),
-                                  positions=host.positions.gather(2, index.expand(host.positions.shape[0], -1, -1)),
-                                  visual_start=host.visual_start, num_visual=tokens.shape[1],
-                                  next_positions=host.next_positions, pixel_values=host.pixel_values,
-                                  bucket=host.bucket)
+                rows = HostArrays(*(t.cpu().numpy() for t in (host.input_ids, host.attention_mask, host.positions,
+                                                              host.visual_start)), host.num_visual,
+                                  host.next_positions.cpu().numpy(), host.pixel_values, host.bucket)
+                host = torch_host(keep_visual_rows(rows, tokens.cpu().numpy()))  # the runtime's own row cut
             embeds = self.text_stack(loaded).embed_tokens(host.input_ids)  # [B, S, D]
             if host.num_visual > 0:
                 if tokens is None:

@@ -22,7 +22,8 @@ from .adapter import (BackboneAdapter, HostInputs, LoadedModel, PaperSchedule, P
                       grid_boxes, register, visual_span)
 from .checkpoint import EMBEDDED_ROOT
 from .pruning import VisionCut
-from .vision_cut import eager_cut_vision, group_patches, packed_windows, raster_order, select_groups, window_length
+from .vision_cut import (check_cut, eager_cut_vision, group_patches, packed_windows, raster_order, select_groups,
+                         window_length)
 from ..base.kinds import SSRMode
 from ..host.qwen import QwenImageConfig, pixel_patches, rope_positions, smart_resize
 
@@ -93,9 +94,7 @@ class QwenVisionBucket(nn.Module):
         self.cut, self.kept = cut, None
         tables = [("window", cu_window), ("full", cu_full)]
         if cut is not None:
-            if grid_thw[0] != 1:
-                raise BadInput("a vision cut needs one image per bucket (t = 1); drop the cut for video frames")
-            cut.check(cfg.depth, list(cfg.fullatt_block_indexes))
+            check_cut(visual, grid_thw, cut)
             self.kept = cut.tokens(patches // unit)
             tables.append(("kept", packed_windows(self.kept * unit, window_length(visual))))
         self.layouts = {}

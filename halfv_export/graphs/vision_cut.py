@@ -24,7 +24,15 @@ from __future__ import annotations
 import torch
 from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
 
+from ..base.errors import BadInput
 from .pruning import VisionCut, top_indices
+
+
+def check_cut(visual, grid_thw: tuple[int, int, int], cut: VisionCut) -> None:
+    """One line for a cut this tower and bucket cannot make (the graph and the eager reference both ask)."""
+    if grid_thw[0] != 1:
+        raise BadInput("a vision cut needs one image per bucket (t = 1); drop the cut for video frames")
+    cut.check(visual.config.depth, list(visual.config.fullatt_block_indexes))
 
 
 def packed_windows(patches: int, window: int) -> torch.Tensor:
@@ -78,7 +86,7 @@ def received_attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 def eager_cut_vision(visual, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int], cut: VisionCut):
     """transformers' tower forward (Qwen2_5_VisionTransformerPretrainedModel.forward) with the cut after
     `cut.block`: -> (features [K, D] in raster order, raster token indices [K])."""
-    cut.check(visual.config.depth, list(visual.config.fullatt_block_indexes))
+    check_cut(visual, grid_thw, cut)
     grid = torch.tensor([grid_thw])
     unit = visual.spatial_merge_unit
     position_ids = get_vision_position_ids(grid, visual.spatial_merge_size, kwargs={})

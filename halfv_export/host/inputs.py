@@ -65,21 +65,15 @@ def visual_span(input_ids: np.ndarray, image_token_id: int) -> tuple[np.ndarray,
     return start.astype(np.int64), n
 
 
-def kept_row_index(visual_start: np.ndarray, num_visual: int, seq: int, tokens: np.ndarray) -> np.ndarray:
-    """[B, S - N + K]: the rows of each sample that stay when a vision cut keeps `tokens` [B, K] (ascending indices
-    into its N visual rows): every row before and after the visual span, and the kept visual rows in between."""
-    rows = []
-    for start, kept in zip(np.asarray(visual_start).tolist(), np.asarray(tokens)):
-        rows.append(np.concatenate([np.arange(start), start + np.asarray(kept, dtype=np.int64),
-                                    np.arange(start + num_visual, seq)]))
-    return np.stack(rows).astype(np.int64)
-
-
 def keep_visual_rows(host: HostArrays, tokens: np.ndarray) -> HostArrays:
-    """The prompt rows after a vision cut kept `tokens` [B, K] of the N visual tokens: the dropped image rows go,
-    and the kept ones keep their original rope positions (M-RoPE: the token's own (t, h, w)); the text after the
-    image keeps its positions too, so a prompt's positions are those of the uncut prompt with columns removed."""
-    index = kept_row_index(host.visual_start, host.num_visual, host.input_ids.shape[1], tokens)
+    """The prompt rows after a vision cut kept `tokens` [B, K] (ascending indices into the N visual rows): the
+    dropped image rows go, and the kept ones keep their original rope positions (M-RoPE: the token's own (t, h, w));
+    the text after the image keeps its positions too, so a prompt's positions are those of the uncut prompt with
+    columns removed."""
+    seq, n = host.input_ids.shape[1], host.num_visual
+    index = np.stack([np.concatenate([np.arange(start), start + np.asarray(kept, dtype=np.int64),
+                                      np.arange(start + n, seq)])
+                      for start, kept in zip(np.asarray(host.visual_start).tolist(), np.asarray(tokens))])
     take = lambda x: np.take_along_axis(x, index, axis=1)  # noqa: E731
     positions = np.take_along_axis(host.positions, np.broadcast_to(index, host.positions.shape[:1] + index.shape),
                                    axis=2)

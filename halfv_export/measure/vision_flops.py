@@ -20,8 +20,9 @@ CLIP (LLaVA): every layer runs on T = (image/patch)^2 + 1 tokens (the CLS row in
 With a vision cut (graphs/vision_cut.py: keep K = floor(N * keep) tokens after block b) the blocks after b run on
 the kept rows: a windowed tower's 4K kept patches in dense windows of the full window length (the last one shorter:
 counted at its length, though the graph pads it to a full window), its full-attention blocks over 4K patches, the
-merger on K tokens; CLIP's later layers on a pass's share of the K plus the CLS row, and the projector on K. The score (attention received in block b) is a sum over weights the block already
-computes, not counted.
+merger on K tokens; CLIP's later layers on a pass's share of the K plus the CLS row, and the projector on K. The
+score (attention received in block b) is a sum over weights the block already computes, not counted. vision_flops
+checks the cut against the tower (check_vision_cut); the per-tower functions take it as given.
 """
 
 from __future__ import annotations
@@ -58,7 +59,8 @@ def window_lengths(rows: int, cols: int, side: int, unit: int) -> list[int]:
     return [a * b * unit for a in cut(rows) for b in cut(cols)]
 
 
-def windowed_vision_flops(vision: dict, llm_hidden: int, grid: tuple[int, int], cut: VisionCut | None = None) -> VisionFlops:
+def windowed_vision_flops(vision: dict, llm_hidden: int, grid: tuple[int, int],
+                          cut: VisionCut | None = None) -> VisionFlops:
     c, m, depth = int(vision["hidden_size"]), int(vision["intermediate_size"]), int(vision["depth"])
     merge, patch = int(vision.get("spatial_merge_size", 2)), int(vision.get("patch_size", 14))
     temporal = int(vision.get("temporal_patch_size", 2))
@@ -77,7 +79,6 @@ def windowed_vision_flops(vision: dict, llm_hidden: int, grid: tuple[int, int], 
     merger = 2 * n * (unit * c) * (unit * c) + 2 * n * (unit * c) * int(vision.get("out_hidden_size", llm_hidden))
     if cut is None:
         return VisionFlops(blocks + embed + merger, blocks, windowed_total, full_total, grid)
-    cut.check(depth, full_blocks)
     k = cut.tokens(n)
     kept = k * unit
     window = side * side * unit
@@ -108,7 +109,6 @@ def clip_vision_flops(vision: dict, llm_hidden: int, n_visual: int, cut: VisionC
     if cut is None:
         return VisionFlops(passes * (blocks + embed + projector), passes * blocks, 0, passes * layers * attention,
                            (passes, t))
-    cut.check(layers)
     kept = cut.tokens(n_visual)  # what the LLM gets, over all passes
     k = min(per_pass, math.ceil(kept / passes))  # rows a pass carries after the cut (its share of the kept)
     blocks = (cut.block + 1) * layer(t) + (layers - cut.block - 1) * layer(k + 1)
@@ -118,18 +118,35 @@ def clip_vision_flops(vision: dict, llm_hidden: int, n_visual: int, cut: VisionC
                        (passes, t), kept=kept)
 
 
+def _tower(config: dict) -> tuple[str | None, dict]:
+    """(the config's tower kind per its backbone adapter: "windowed", "clip" or None, its vision_config)."""
+    vision = config.get("vision_config")
+    if not vision:
+        raise BadInput("config has no vision_config; --end-to-end needs a vision-language model's config.json")
+    adapter = adapter_for_model_type(str(config.get("model_type")))
+    return (adapter.vision_tower if adapter is not None else None), vision
+
+
+def check_vision_cut(config: dict, cut: VisionCut) -> None:
+    """One line where the config's tower cannot make `cut` (a windowed tower cuts after a full-attention block)."""
+    tower, vision = _tower(config)
+    if tower == "windowed":
+        depth = int(vision["depth"])
+        cut.check(depth, [i for i in vision.get("fullatt_block_indexes", []) if i < depth])
+    else:
+        cut.check(int(vision.get("num_hidden_layers", 24)))
+
+
 def vision_flops(config: dict, llm_hidden: int, n_visual: int, grid: tuple[int, int] | None = None,
                  cut: VisionCut | None = None) -> VisionFlops:
     """Vision encoder FLOPs for n_visual LLM-side visual tokens of one image. The backbone adapter of the config's
     model_type says which tower it has (BackboneAdapter.vision_tower); a windowed tower is counted on `grid` merged
     tokens, by default square_grid(n_visual)."""
-    vision = config.get("vision_config")
-    if not vision:
-        raise BadInput("config has no vision_config; --end-to-end needs a vision-language model's config.json")
+    tower, vision = _tower(config)
+    if cut is not None:
+        check_vision_cut(config, cut)
     if n_visual == 0:
         return VisionFlops(0, 0, 0, 0, (0, 0))
-    adapter = adapter_for_model_type(str(config.get("model_type")))
-    tower = adapter.vision_tower if adapter is not None else None
     if tower == "windowed":
         return windowed_vision_flops(vision, llm_hidden, grid or square_grid(n_visual), cut)
     if tower == "clip":

@@ -12,7 +12,7 @@ from ..graphs.adapter import adapter_for_model_type
 from ..graphs.checkpoint import read_config_json
 from ..measure.flops import LMShape, prefill_flops
 from ..graphs.pruning import VisionCut
-from ..measure.vision_flops import vision_flops
+from ..measure.vision_flops import check_vision_cut, vision_flops
 
 
 def describe(values: dict) -> str:
@@ -43,7 +43,7 @@ def flops_table(config_path: Path, schedule_path: Path | None, overrides: dict, 
     apply_overrides(values, overrides)
     sched = check_values(values, shape.layers, where="flops schedule")
     if vision_cut is not None:  # refused before any row, whatever the token counts
-        vision_flops(config, shape.hidden, 4, cut=vision_cut)
+        check_vision_cut(config, vision_cut)
     rows = []
     for n in visual:
         f = prefill_flops(shape, n, text_tokens, sched)

@@ -155,9 +155,10 @@ def render_page(cells: list[list[int | None]], block, size: tuple[int, int], rng
 
 
 def glyph_alpha(index: int, side: int, rng: np.random.Generator | None = None) -> np.ndarray:
-    """[side, side, 1] ink coverage of one scan, upsampled. With `rng` (training only) the scan is also distorted:
-    a small rotation and shear and a thinner or bolder stroke, so that a small tower learns the digits rather than
-    the ~1,400 training scans themselves (held-out answers stalled while the training loss kept falling)."""
+    """[side, side, 1] ink coverage of one scan, upsampled. With `rng` (training's --augment) the scan is also
+    distorted: a small rotation and shear and a thinner or bolder stroke, so that ~1,400 training scans draw as many
+    more. (On the page task it did not lift held-out answers: the tower already tells held-out digits apart;
+    docs/page-task.md.)"""
     glyph, _ = scan(index)
     image = Image.fromarray((glyph * 255).astype(np.uint8)).resize((side, side), Image.BICUBIC)
     if rng is not None:

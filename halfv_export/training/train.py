@@ -380,6 +380,12 @@ class DigitProbe(torch.nn.Module):
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return self.head(F.rms_norm(feats, (self.dim,)))  # [B, N, 11]
 
+    @staticmethod
+    def digit_hits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Whether each token with a digit drawn over it (targets 0..9) is named right: bool [T]."""
+        digit = targets.ge(0) & targets.lt(10)
+        return logits.argmax(-1)[digit] == targets[digit]
+
 
 def balanced_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over digit tokens plus mean over empty tokens. A plain mean is ~98% empty tokens at 256
@@ -418,8 +424,7 @@ def pretrain_vision(adapter, loaded, processing, sizes, steps: int, batch: int, 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vision + list(head.parameters()), 1.0)
         optimizer.step()
-        digit = targets < 10
-        running.append((loss.item(), float((logits.argmax(-1)[digit] == targets[digit]).float().mean())))
+        running.append((loss.item(), float(DigitProbe.digit_hits(logits, targets).float().mean())))
         if (step + 1) % 20 == 0:
             l, a = (sum(x) / len(running) for x in zip(*running))
             print(f"vision {step + 1:5d}  loss {l:.4f}  digit-token acc {a:.3f}  "
@@ -430,8 +435,7 @@ def pretrain_vision(adapter, loaded, processing, sizes, steps: int, batch: int, 
         for size in sizes:
             held = task_set(32, seed=EVAL_SEED + 1, split="eval", sizes=[size], slot=slot, task=task)
             logits, targets = token_logits(held, size), token_targets(held, centres[size]).to(device)
-            digit = targets < 10
-            hits += (logits.argmax(-1)[digit] == targets[digit]).tolist()
+            hits += DigitProbe.digit_hits(logits, targets).tolist()
     result = {"steps": steps, "batch": batch, "lr": lr, "seconds": round(time.perf_counter() - started, 1),
               "held_out_digit_token_accuracy": sum(hits) / len(hits)}
     print(f"vision stage: held-out accuracy of digit tokens {result['held_out_digit_token_accuracy']:.3f} "
@@ -624,8 +628,7 @@ def main(argv=None) -> None:
         if probe is not None:
             logits, drawn = probe(feats), drawn.to(device)
             loss = loss + args.digit_aux * balanced_token_loss(logits, drawn)
-            digit = drawn.lt(10) & drawn.ge(0)
-            digit_acc = float((logits.argmax(-1)[digit] == drawn[digit]).float().mean())
+            digit_acc = float(DigitProbe.digit_hits(logits, drawn).float().mean())
         if gather is not None:
             loss = loss + gather.loss(host.input_ids.shape[1], asked)
         optimizer.zero_grad(set_to_none=True)
