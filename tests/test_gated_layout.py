@@ -29,9 +29,9 @@ def test_validate_gates_the_rows_and_logits_the_runtime_serves(exported, run_cli
     engine_rows, eager_rows = [], []
     real_prefill, real_eager = EnginePipeline.prefill, HalfVReference.prefill
 
-    def engine_spy(self, host, halfv=True, embeds=None):
-        state = real_prefill(self, host, halfv, embeds)
-        if halfv and embeds is None and host.num_visual:
+    def engine_spy(self, host, halfv=True, prompt=None):
+        state = real_prefill(self, host, halfv, prompt)
+        if halfv and prompt is None and host.num_visual:
             engine_rows.append((host.input_ids.copy(), host.attention_mask.copy(), self.to_host(state.logits)))
         return state
 

@@ -61,7 +61,7 @@ def test_a_registered_target_is_used_by_every_command(counting_target, exported,
                      "--prompt", "What is this?", "--max-new-tokens", 3)
     assert answer.exit_code == 0, answer.output
     calls = OPENED[-1].calls
-    assert calls[:3] == ["embed.onnx", "vision_448x448.onnx", "prefill_448x448.onnx"]  # the HalfV path
+    assert calls[:3] == ["vision_448x448.onnx", "embed.onnx", "prefill_448x448.onnx"]  # the HalfV path
     assert set(calls[3:]) <= {"decode.onnx"} and len(calls) <= 5  # at most two decode steps for 3 tokens
 
 

@@ -269,3 +269,48 @@ def test_digit_aux_teaches_the_tower_and_leaves_the_llm_to_the_answers(train, tm
         part = "llm" if "language_model" in name or "lm_head" in name else "vision"
         moved[part] += int(not torch.allclose(a, b, atol=2e-2))  # an Adam step here moves a weight by 0.05
     assert moved["vision"] > 0 and moved["llm"] == 0, moved
+
+
+def test_grow_keeps_the_function_and_adds_trainable_layers(train, tmp_path):
+    # --grow continues trained weights in a deeper, wider language model: the grown model's logits over a real
+    # image prompt equal the small model's, yet it has the new layers and MLP units, and they receive gradients
+    from halfv_export.training.grow import layer_sources
+
+    with pytest.raises(ValueError, match="grow by 0 to 8 layers"):
+        layer_sources(8, 17)
+    assert layer_sources(8, 12) == [(0, False), (1, False), (1, True), (2, False), (3, False), (3, True),
+                                    (4, False), (5, False), (5, True), (6, False), (7, False), (7, True)]
+    adapter = get_adapter("qwen2.5-vl")
+    small = adapter.load(None, seed=3)
+    train.save_fp16(small.model, tmp_path)
+    out = tmp_path / "grown"
+    overrides = ["--set", "num_hidden_layers=12", "--set", "intermediate_size=400"]
+    train.main(["--backbone", "qwen2.5-vl", "--init", str(tmp_path / "model.safetensors"), "--grow", *overrides,
+                "--steps", "0", "--vision-steps", "0", "--eval-samples", "1", "--eval-every", "0", "--out", str(out)])
+    config = json.loads((out / "config.json").read_text())["text_config"]
+    assert (config["num_hidden_layers"], config["intermediate_size"]) == (12, 400)
+    grown = train.load_with(adapter, ["num_hidden_layers=12", "intermediate_size=400"], 0)
+    train.load_init(adapter, grown, out / "model.safetensors", ["num_hidden_layers=12", "intermediate_size=400"])
+    small_half = adapter.load(None, seed=3)
+    train.load_init(adapter, small_half, tmp_path / "model.safetensors")  # the fp16 weights the grown run started from
+    layers = grown.model.model.language_model.layers
+    assert len(layers) == 12 and layers[0].mlp.gate_proj.weight.shape == (400, 128)
+    assert torch.count_nonzero(layers[2].self_attn.o_proj.weight) == 0  # an inserted copy adds nothing yet
+    assert torch.count_nonzero(layers[0].mlp.down_proj.weight[:, 352:]) == 0
+    from halfv_export.tasks.digits import task_set
+
+    sample = task_set(1, seed=4, sizes=[(224, 224)])[0]
+
+    def logits(loaded):  # transformers' own language model over the adapter's prompt (image rows included)
+        inputs = adapter.prepare(loaded, [sample.image], [sample.prompt])
+        hidden = loaded.model.model.language_model(inputs_embeds=inputs.embeds, position_ids=inputs.positions,
+                                                   attention_mask=inputs.attention_mask).last_hidden_state
+        return loaded.model.lm_head(hidden)
+
+    with torch.no_grad():
+        want = logits(small_half)
+    got = logits(grown)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    got.square().mean().backward()
+    assert layers[2].self_attn.o_proj.weight.grad.abs().sum() > 0  # the inserted layer starts to learn
+    assert layers[0].mlp.down_proj.weight.grad[:, 352:].abs().sum() > 0

@@ -2,6 +2,9 @@
 brute-force oracle that runs every block over all patches with dense boolean masks (no gathers, no varlen, no
 padded layout) must agree on which tokens are kept and on their features."""
 
+import json
+import re
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -9,6 +12,7 @@ import torch
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 
+from halfv_export.base.data import Sample
 from halfv_export.base.errors import BadInput
 from halfv_export.graphs import get_adapter
 from halfv_export.graphs.adapter import Processing
@@ -17,6 +21,7 @@ from halfv_export.graphs.specs import vision_spec
 from halfv_export.graphs.qwen2_5_vl import QwenVisionBucket
 from halfv_export.graphs.pruning import VisionCut
 from halfv_export.graphs.vision_cut import eager_cut_vision
+from halfv_export.host.inputs import PAD_MULTIPLE
 from halfv_export.tasks.digits import task_set
 
 
@@ -86,7 +91,7 @@ def test_eager_cut_and_graph_module_match_the_dense_oracle(qwen, size):
     want_feats, want_tokens = dense_oracle(visual, pixels, grid, cut)
     n = grid[1] * grid[2] // 4
     assert want_tokens.shape == (cut.tokens(n),) and len(set(want_tokens.tolist())) == cut.tokens(n)
-    for feats, tokens in (eager_cut_vision(visual, pixels, grid, cut), QwenVisionBucket(visual, grid, cut)(pixels)):
+    for feats, tokens in (eager_cut_vision(visual, pixels, grid, cut)[:2], QwenVisionBucket(visual, grid, cut)(pixels)):
         assert torch.equal(tokens, want_tokens)
         torch.testing.assert_close(feats, want_feats, atol=2e-5, rtol=1e-4)
     # the cut changes what the kept tokens say (the uncut tower's features there differ): it is not a gather at the end
@@ -108,7 +113,7 @@ def test_exported_cut_is_tensorrt_clean_and_equals_eager(qwen, tmp_path):
     assert [o.name for o in session.get_outputs()] == ["visual_features", "visual_tokens"]
     for pixels in pixel_values:  # other pages than the one traced: the selection is computed, not baked in
         feats, tokens = session.run(None, {"pixel_values": pixels.numpy()})
-        want_feats, want_tokens = eager_cut_vision(visual, pixels, grid, cut)
+        want_feats, want_tokens, _ = eager_cut_vision(visual, pixels, grid, cut)
         assert np.array_equal(tokens, want_tokens.numpy())
         np.testing.assert_allclose(feats, want_feats.numpy(), atol=2e-5, rtol=1e-4)
 
@@ -143,16 +148,18 @@ def test_a_cut_prompt_keeps_the_kept_rows_at_their_original_positions(qwen):
     full = adapter.prepare(loaded, images, prompts)
     ours = adapter.prepare(loaded, images, prompts, cut)
     n, k = full.num_visual, ours.num_visual
-    assert (n, k) == (256, 64) and ours.seq_len == full.seq_len - n + k
+    extra = ours.seq_len - (full.seq_len - n + k)  # re-aligned to PAD_MULTIPLE by more left padding
+    assert (n, k) == (256, 64) and ours.seq_len % PAD_MULTIPLE == 0 and 0 <= extra < PAD_MULTIPLE
+    assert not ours.attention_mask[:, :extra].any() and torch.equal(ours.visual_start, full.visual_start + extra)
     assert full.visual_start[0] > full.visual_start[1] and full.attention_mask[0, 0] == 0  # left padding
     for b, pixels in enumerate(adapter.host_inputs(processing, images, prompts).pixel_values):
-        feats, tokens = eager_cut_vision(loaded.model.model.visual, pixels, (1, 32, 32), cut)
+        feats, tokens, _ = eager_cut_vision(loaded.model.model.visual, pixels, (1, 32, 32), cut)
         assert torch.equal(ours.visual_tokens[b], tokens)
         s = int(full.visual_start[b])
         rows = list(range(s)) + [s + int(t) for t in tokens] + list(range(s + n, full.seq_len))
-        assert torch.equal(ours.positions[:, b], full.positions[:, b, rows])
-        assert torch.equal(ours.input_ids[b], full.input_ids[b, rows])
-        assert torch.equal(ours.embeds[b, s:s + k], feats)
+        assert torch.equal(ours.positions[:, b, extra:], full.positions[:, b, rows])
+        assert torch.equal(ours.input_ids[b, extra:], full.input_ids[b, rows])
+        assert torch.equal(ours.embeds[b, extra + s:extra + s + k], feats)
     assert torch.equal(ours.next_positions, full.next_positions)  # generation continues where the uncut would
     stack = adapter.text_stack(loaded)
     language = loaded.model.model.language_model  # transformers' M-RoPE over the cut positions
@@ -162,12 +169,12 @@ def test_a_cut_prompt_keeps_the_kept_rows_at_their_original_positions(qwen):
     host = adapter.host_inputs(processing, images, prompts)
     arrays = HostArrays(host.input_ids.numpy(), host.attention_mask.numpy(), host.positions.numpy(),
                         host.visual_start.numpy(), host.num_visual, host.next_positions.numpy(), [], host.bucket)
-    cut_rows = keep_visual_rows(arrays, ours.visual_tokens.numpy())
-    assert cut_rows.num_visual == k and np.array_equal(cut_rows.input_ids, ours.input_ids.numpy())
-    assert np.array_equal(cut_rows.visual_start, arrays.visual_start)
-    assert np.array_equal(cut_rows.next_positions, arrays.next_positions)
-    assert np.array_equal(cut_rows.positions, ours.positions.numpy())
-    assert np.array_equal(cut_rows.attention_mask, ours.attention_mask.numpy())
+    cut = keep_visual_rows(arrays, ours.visual_tokens.numpy())
+    assert cut.num_visual == k and np.array_equal(cut.input_ids, ours.input_ids[:, extra:].numpy())
+    assert np.array_equal(cut.visual_start, arrays.visual_start)
+    assert np.array_equal(cut.next_positions, arrays.next_positions)
+    assert np.array_equal(cut.positions, ours.positions[..., extra:].numpy())
+    assert np.array_equal(cut.attention_mask, ours.attention_mask[:, extra:].numpy())
 
 
 def test_backbones_without_a_vision_cut_refuse_it_in_one_line():
@@ -190,3 +197,124 @@ def test_the_references_score_is_the_same_in_query_chunks(qwen):
     whole = received_attention(block.attn, x, cos, sin, rows=300)
     torch.testing.assert_close(received_attention(block.attn, x, cos, sin, rows=64), whole, atol=1e-7, rtol=1e-5)
     assert whole.sum().item() == pytest.approx(1.0, abs=1e-5)  # each query's weights sum to 1: the mean sums to 1
+
+
+@torch.no_grad()
+def test_a_forced_vision_selection_is_kept_and_its_shortfall_measured(qwen):
+    # validate's near-tie path: forcing the rule's own tokens changes nothing (shortfall 0); forcing a set with the
+    # lowest-index kept token swapped for the lowest-index dropped one keeps exactly that set and reports that it
+    # falls short (the oracle keeps the rule's own set)
+    adapter, loaded, processing = qwen
+    visual = loaded.model.model.visual
+    [pixels], grid = _pixels(adapter, processing, (448, 448), seed=6)
+    cut = VisionCut(block=1, keep=0.25)
+    own = eager_cut_vision(visual, pixels, grid, cut)
+    same = eager_cut_vision(visual, pixels, grid, cut, force=own.tokens)
+    assert torch.equal(same.tokens, own.tokens) and torch.equal(same.features, own.features) and same.shortfall == 0
+    _, oracle_tokens = dense_oracle(visual, pixels, grid, cut)
+    dropped = sorted(set(range(grid[1] * grid[2] // 4)) - set(own.tokens.tolist()))
+    swapped = torch.tensor(sorted(own.tokens.tolist()[1:] + [dropped[0]]))
+    forced = eager_cut_vision(visual, pixels, grid, cut, force=swapped)
+    assert torch.equal(forced.tokens, swapped) and torch.equal(own.tokens, oracle_tokens)
+    assert forced.shortfall > 1e-3  # a real difference, far above the tie tolerance
+
+
+def test_schedule_vision_cut_is_read_strictly(tmp_path):
+    from halfv_export.calibration.schedule import read_vision_cut
+
+    assert read_vision_cut({}) is None and read_vision_cut({"vision_cut": None}) is None
+    assert read_vision_cut({"vision_cut": {"block": 1, "keep": 0.5}}) == VisionCut(1, 0.5)
+    for raw in ({"block": "1", "keep": 0.5}, {"block": 1, "keep": 1}, {"block": 1}, [1, 0.5], {"block": True, "keep": 0.5}):
+        with pytest.raises(BadInput, match="vision_cut=.* must be .* or re-run calibrate with --vision-cut") as err:
+            read_vision_cut({"vision_cut": raw})
+        assert "\n" not in str(err.value)
+
+
+def test_calibrate_refuses_a_cut_it_cannot_build_in_one_line(run_cli, tmp_path):
+    cases = [(["--backbone", "llava-1.5", "--vision-cut", "5:0.25"], "llava-1.5 has no vision cut yet"),
+             (["--backbone", "qwen2.5-vl", "--vision-cut", "0:0.25"], r"after block 0: .* pick one of \[1\]"),
+             (["--backbone", "qwen2.5-vl", "--vision-cut", "1:0.5", "--target-ratio", "2"], "joint search"),
+             (["--backbone", "qwen2.5-vl", "--vision-cut", "half"], "write BLOCK:KEEP")]
+    for args, message in cases:
+        out = tmp_path / "out"
+        result = run_cli("calibrate", *args, "--paper-values", "--out", out)
+        assert result.exit_code != 0 and re.search(message, result.output), result.output
+        assert len(result.output.strip().splitlines()) == 1 and not (out / "schedule.json").exists()
+    result = run_cli("calibrate", "--backbone", "qwen2.5-vl", "--vision-cut", "1:0.5", "--paper-values", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "schedule.json").read_text())["vision_cut"] == {"block": 1, "keep": 0.5}
+
+
+@pytest.mark.slow
+def test_a_cut_build_runs_the_cut_with_exact_parity_and_full_runs_the_uncut_tower(qwen, tmp_path):
+    # build --vision-cut end to end on the embedded default: the engine keeps the tokens the eager cut keeps, its
+    # HalfV prefill runs K rows, --full runs the uncut tower and equals transformers' own unpruned model, parity
+    # gates pass with the cut's tokens among the compared sets, and the graphs stay TensorRT-clean
+    from halfv_export.engines.api import open_pipeline
+    from halfv_export.engines.trt_plan import PlanOptions, make_plan
+    from halfv_export.serving.triton import write_repository
+    from halfv_export.stages.build import build
+    from halfv_export.stages.export import lint
+
+    adapter, loaded, processing = qwen
+    out = tmp_path / "build"
+    result = build("qwen2.5-vl", out, paper_values=True, vision_cut=VisionCut(1, 0.5), latency_runs=1)
+    meta, report = result.artifacts.meta, result.report.data
+    [bucket] = meta["buckets"]
+    assert (bucket["num_visual"], bucket["kept_visual"], meta["vision_cut"]) == (64, 32, {"block": 1, "keep": 0.5})
+    assert bucket["vision_full"] == "vision_full_224x224.onnx" and bucket["vision_full"] in meta["graphs"]
+    assert report["parity"]["kept_pairs"] == 3 * report["samples"] and report["parity"]["kept_indices_match"] == 1.0
+    assert report["parity"]["greedy_tokens_match"] == 1.0 and not result.report.failures
+    assert report["flops"]["kept_visual"] == 32 and report["flops"]["vision_halfv"] < report["flops"]["vision"]
+    assert lint(out)[1] == []
+    plan = {g.graph: g for g in make_plan(out).graphs}
+    options = PlanOptions()
+    embeds = plan["prefill_224x224.onnx"].profiles[0]["embeds"]  # K rows + text, + 15 for the cut rows' alignment
+    assert "vision_full_224x224.onnx" in plan and [shape[1] for shape in embeds] == [
+        32 + options.min_text, 32 + options.opt_text, 32 + options.max_text + PAD_MULTIPLE - 1]
+
+    pipeline = open_pipeline(out, "onnxruntime")
+    samples = task_set(2, seed=9, sizes=[(224, 224)])
+    images, prompts = [s.image for s in samples], [s.prompt for s in samples]
+    host = pipeline.host(images, prompts)
+    state = pipeline.prefill(host, halfv=True)
+    for b, pixels in enumerate(adapter.host_inputs(processing, images, prompts).pixel_values):
+        _, tokens, _ = eager_cut_vision(loaded.model.model.visual, pixels, (1, 16, 16), VisionCut(1, 0.5))
+        assert np.array_equal(pipeline.to_host(state.kept["vision"])[b], tokens.numpy())
+    assert pipeline.prompt(host).host.num_visual == 32 and pipeline.prompt(host, halfv=False).host.num_visual == 64
+    full = pipeline.prefill(host, halfv=False)
+    inputs = adapter.prepare(loaded, images, prompts)  # transformers' own tower and language model, unpruned
+    with torch.no_grad():
+        hidden = loaded.model.model.language_model(inputs_embeds=inputs.embeds, position_ids=inputs.positions,
+                                                   attention_mask=inputs.attention_mask).last_hidden_state
+        want = loaded.model.lm_head(hidden[:, -1]).numpy()
+    np.testing.assert_allclose(pipeline.to_host(full.logits), want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(BadInput, match="vision cut.*Triton orchestrator does not cut rows yet"):
+        write_repository(out, tmp_path / "triton")
+    assert not (tmp_path / "triton").exists()
+
+    # an engine whose tower kept a token the rule would not (first sample only) fails the parity gate: the eager
+    # side, forced to keep the engine's tokens, finds them far from any set its rule could pick
+    from halfv_export.engines.pipeline import EnginePipeline
+    from halfv_export.graphs.pruning import PruneSchedule
+    from halfv_export.measure.report import run_validation
+
+    real_towers = EnginePipeline.towers
+
+    def one_token_moved(self, host, halfv=True):
+        outs = real_towers(self, host, halfv)
+        if halfv:
+            tokens = np.array(self.to_host(outs[0]["visual_tokens"]))
+            dropped = sorted(set(range(host.num_visual)) - set(tokens.tolist()))
+            outs[0] = {**outs[0], "visual_tokens": np.sort(np.append(tokens[1:], dropped[0]))}
+        return outs
+
+    EnginePipeline.towers = one_token_moved
+    try:
+        tampered = run_validation(pipeline, loaded, [Sample(f"s{i}", im, p) for i, (im, p) in
+                                                     enumerate(zip(images, prompts))],
+                                  PruneSchedule(**meta["schedule"]), "trained")["parity"]
+    finally:
+        EnginePipeline.towers = real_towers
+    assert tampered["selection_differs"] == 1 and tampered["selection_valid"] < 1
+    assert tampered["selection_shortfall_max"] > 1e-3

@@ -72,7 +72,7 @@ def run_eager(args) -> dict:
         if args.cut:
             from halfv_export.graphs.vision_cut import eager_cut_vision
 
-            out, tokens = eager_cut_vision(visual, pixels, grid_of(args.size), args.cut)
+            out, tokens, _ = eager_cut_vision(visual, pixels, grid_of(args.size), args.cut)
             np.save(args.work / "eager_tokens.npy", tokens.numpy())
         else:
             out = visual(pixels, grid).pooler_output
@@ -106,7 +106,7 @@ def run_ort(args) -> dict:
     if args.as_before:  # the runner before tower_options: shared mapping, no prepacking, the planner's buffer reuse
         from halfv_export.base.artifact_files import GraphKind
 
-        ort_engine.VISION = GraphKind("vision", "\0", "vision")  # no file is a tower to the runner
+        ort_engine.TOWERS = (GraphKind("vision", "\0", "vision"),)  # no file is a tower to the runner
     pixels = np.load(args.work / "pixels.npy")
     start = time.perf_counter()
     graph = next(args.work.glob("vision_*.onnx")).name

@@ -48,6 +48,8 @@ class GraphKind:
 
 EMBED = GraphKind("embed", "embed.onnx", "embed")
 VISION = GraphKind("vision", "vision_{label}.onnx", "vision")
+VISION_FULL = GraphKind("vision_full", "vision_full_{label}.onnx", "vision")  # a cut build's uncut tower (--full)
+TOWERS = (VISION, VISION_FULL)
 PREFILL = GraphKind("prefill", "prefill_{label}.onnx", "llm")
 PREFILL_FULL = GraphKind("prefill_full", "prefill_full.onnx", "llm")
 DECODE = GraphKind("decode", "decode.onnx", "llm")
@@ -58,6 +60,12 @@ PREFILL_INPUTS = ["embeds", "attention_mask", "positions", "visual_start"]
 
 def bucket_label(bucket: tuple[int, int]) -> str:
     return f"{bucket[0]}x{bucket[1]}"
+
+
+def bucket_of(file: str) -> str | None:
+    """The HxW label of a per-bucket graph file (vision_full_448x448.onnx -> 448x448); None for the others."""
+    found = re.search(r"_(\d+x\d+)\.onnx$", file)
+    return found.group(1) if found else None
 
 
 def read_index(directory: Path) -> dict | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..base.errors import BadInput
 from ..base.kinds import SSR_MODES, SSRMode
-from ..graphs.pruning import PruneSchedule
+from ..graphs.pruning import PruneSchedule, VisionCut
 from ..base.atomic import write_text_atomic
 
 SCHEMA_VERSION = 2  # 2: chosen_by holds {"by", "why", "unplaced"} per field (1: one line of prose, still read)
@@ -125,14 +125,20 @@ def paper_schedule(adapter, depth: int) -> PruneSchedule:
 
 
 def build_document(backbone: str, fingerprint: str, source: str, depth: int, values: dict,
-                   chosen_by: dict[str, Choice], calibration: dict | None, tool_version: str) -> dict:
+                   chosen_by: dict[str, Choice], calibration: dict | None, tool_version: str,
+                   vision_cut: VisionCut | None = None) -> dict:
     sched = check_values(values, depth)
+    chosen = {key: choice.to_json() for key, choice in chosen_by.items()}
+    if vision_cut is not None:
+        chosen["vision_cut"] = Choice(ChosenBy.CLI).to_json()
     return {
         "schema_version": SCHEMA_VERSION,
         "backbone": backbone,
         "model": {"fingerprint": fingerprint, "source": source, "num_layers": depth},
         "schedule": asdict(sched),
-        "chosen_by": {key: choice.to_json() for key, choice in chosen_by.items()},
+        # beyond the paper: a cut inside the vision tower (graphs/vision_cut.py); absent or null: none
+        "vision_cut": None if vision_cut is None else asdict(vision_cut),
+        "chosen_by": chosen,
         "calibration": calibration,
         "created_by": f"halfv-export {tool_version}",
     }
@@ -169,6 +175,20 @@ def read_schedule(path: Path, backbone: str | None = None, fingerprint: str | No
                        "re-run `halfv-export calibrate`")
     sched = check_values(doc["schedule"], depth if depth is not None else recorded, where=f"schedule {path}")
     return sched, doc
+
+
+def read_vision_cut(doc: dict, where: str = "schedule") -> VisionCut | None:
+    """schedule.json's optional vision_cut {"block": int, "keep": (0, 1)} (None when absent or null); the tower
+    checks the block when the graph is made (vision_cut.check_cut)."""
+    raw = doc.get("vision_cut")
+    if raw is None:
+        return None
+    block, keep = (raw.get("block"), raw.get("keep")) if isinstance(raw, dict) else (None, None)
+    if (isinstance(block, bool) or not isinstance(block, int) or isinstance(keep, bool)
+            or not isinstance(keep, (int, float)) or not 0 < keep < 1):
+        raise BadInput(f"{where}: vision_cut={raw!r} must be {{\"block\": <int>, \"keep\": <number in (0, 1)>}} or "
+                       "null; fix it or re-run calibrate with --vision-cut BLOCK:KEEP")
+    return VisionCut(block, float(keep))
 
 
 def read_choices(doc: dict) -> dict[str, Choice]:

@@ -112,6 +112,21 @@ def search_options(fn):
     return fn
 
 
+def vision_cut_option(fn):
+    return click.option(
+        "--vision-cut", "vision_cut", metavar="BLOCK:KEEP",
+        help="Beyond the paper: also cut inside the vision tower, keeping KEEP of the visual tokens after its "
+             "full-attention block BLOCK (by the attention they received there); the rest of the tower, the "
+             "merger and the LLM run on the kept ones. Qwen2.5-VL; docs/vision-cut.md.")(fn)
+
+
+def pick_vision_cut(kwargs: dict):
+    from ..graphs.pruning import VisionCut
+
+    text = kwargs.pop("vision_cut")
+    return VisionCut.parse(text) if text else None
+
+
 def pick_search(kwargs: dict):
     """--target-ratio / --ratio-kind / --bucket -> a stages.calibrate.Search, or None without a target."""
     from ..stages.calibrate import Search
@@ -161,6 +176,7 @@ def cli(ctx, debug):
 @click.option("--paper-values", is_flag=True, help="Skip the rules: paper values (at the model's relative depth).")
 @schedule_options
 @search_options
+@vision_cut_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @user_errors
 def calibrate(backbone, model_dir, data, samples, seed, random_weights, tme_k, kl_probe, paper_values, out, **kwargs):
@@ -178,10 +194,10 @@ def calibrate(backbone, model_dir, data, samples, seed, random_weights, tme_k, k
     from ..stages.calibrate import Probes, calibrate as run
     from .render import RichProgress, calibration_summary
 
-    overrides, search = pick_overrides(kwargs), pick_search(kwargs)
+    overrides, search, cut = pick_overrides(kwargs), pick_search(kwargs), pick_vision_cut(kwargs)
     with RichProgress() as progress:
         calibration = run(backbone, out, model=model_dir, data=data, random_weights=random_weights,
-                          paper_values=paper_values, overrides=overrides, search=search,
+                          paper_values=paper_values, overrides=overrides, search=search, vision_cut=cut,
                           probes=Probes(samples=samples, seed=seed, tme_k=tme_k, kl=kl_probe), progress=progress)
     calibration_summary(calibration)
 
@@ -548,6 +564,7 @@ Examples:
   halfv-export build --backbone qwen2.5-vl --model ./Qwen2.5-VL-3B-Instruct --image-size 448x448 --out build/
   halfv-export build --backbone qwen2.5-vl --model ./ckpt --image-size 1792x1792 --latency-runs 1 --out build-1792/
   halfv-export build --backbone qwen2.5-vl --target-ratio 2 --out build-fast/
+  halfv-export build --backbone qwen2.5-vl --model ./page-model --vision-cut 1:0.5 --out build-cut/
 """)
 @click.option("--backbone", required=True, help="Backbone adapter, e.g. qwen2.5-vl.")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Local checkpoint directory (safetensors).")
@@ -561,6 +578,7 @@ Examples:
               help="Embedded default only: seeded random weights instead of the shipped trained ones.")
 @schedule_options
 @search_options
+@vision_cut_option
 @latency_runs_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @user_errors
@@ -577,7 +595,8 @@ def build(backbone, model_dir, data, image_sizes, target, precision, paper_value
             result = run(backbone, out, model=model_dir, data=data,
                          image_sizes=[parse_image_size(s) for s in image_sizes], target=target, precision=precision,
                          paper_values=paper_values, random_weights=random_weights, overrides=pick_overrides(kwargs),
-                         search=pick_search(kwargs), latency_runs=latency_runs, progress=progress)
+                         search=pick_search(kwargs), vision_cut=pick_vision_cut(kwargs), latency_runs=latency_runs,
+                         progress=progress)
     except BuildFailed as e:
         layer_fallbacks(e.calibration, err=True)
         build_table(e.artifacts.meta, e.report.data)

@@ -134,7 +134,8 @@ def build_table(meta: dict, report: dict) -> None:
     table.add_row("schedule", f"IVR@{s['ivr_layer']} keep {s['keep_ratio']} anchors {s['anchor_ratio']} | "
                               f"SSR {s['ssr_mode']}@{s['ssr_layer']}{ssr_keep}")
     for b in meta["buckets"]:
-        table.add_row(f"bucket {b['size'][0]}x{b['size'][1]}", f"N {b['num_visual']} -> {b['k1']} -> {b['k2']}")
+        cut = f" -> cut {b['kept_visual']}" if meta.get("vision_cut") else ""
+        table.add_row(f"bucket {b['size'][0]}x{b['size'][1]}", f"N {b['num_visual']}{cut} -> {b['k1']} -> {b['k2']}")
     p, lat = report["parity"], report["latency_ms"]
     table.add_row("kept_indices_match", kept_text(p))
     table.add_row("logits_max_abs_diff", f"{p['logits_max_abs_diff']:.2e}")

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..base.artifact_files import NUMPY_BY_ONNX, ONNX_BFLOAT16, ORT_DIR, VISION, read_index
+from ..base.artifact_files import NUMPY_BY_ONNX, ONNX_BFLOAT16, ORT_DIR, TOWERS, bucket_of, read_index
 from ..base.atomic import write_bytes_atomic, write_text_atomic
 from ..base.errors import BadInput
 from .arrays import NUMPY
@@ -80,7 +80,7 @@ def tower_options(options, graph: str, providers: list[str]) -> bool:
     Nodes run in the graph's own order (priority-based): the default order walks back from the outputs, and a tower
     with a vision cut (whose chunked scoring block feeds both the block's output and the token selection) then ran
     every query chunk's score matrix before any of their softmaxes, holding all of them at once."""
-    if not (VISION.holds(graph) and providers[0] == "CPUExecutionProvider"):
+    if not (any(k.holds(graph) for k in TOWERS) and providers[0] == "CPUExecutionProvider"):
         return False
     options.enable_mem_reuse = False
     options.enable_mem_pattern = False
@@ -244,7 +244,7 @@ class OrtRunner:
         quantize = meta.get("quantize")
         self.quantized_graphs = set(quantize["graphs"]) if quantize else set()
         graphs = meta.get("graphs") or [p.name for p in self.artifacts.glob("*.onnx")]
-        self.vision_graphs = {g for g in graphs if VISION.holds(g)}
+        self.vision_graphs = {g for g in graphs if any(k.holds(g) for k in TOWERS)}
         self._shared = SharedWeights(self.artifacts, index) if index and index["tensors"] else None
         self.shared_file = self._shared.path if self._shared else None
         self._sessions: dict = {}
@@ -269,8 +269,10 @@ class OrtRunner:
             tower = tower_options(options, graph, self.providers)
             # A one-bucket build's tower reads and prepacks its own weights (no other graph uses them, ORT releases
             # what it read once packed, and packed GEMM operands are what make the tower faster than eager); with
-            # several buckets each vision session would pack a copy, so they share the mapping unpacked instead.
-            own_weights = tower and self.vision_graphs <= {graph}
+            # several buckets each vision session would pack a copy, so they share the mapping unpacked instead. A
+            # cut build's one bucket has two towers (cut, and uncut for --full): each packs its own, so both run
+            # as fast as an uncut build's tower, at twice the tower's weights.
+            own_weights = tower and {bucket_of(g) for g in self.vision_graphs} <= {bucket_of(graph)}
             # Quantised graphs keep prepacking: MatMulNBits without its packed B dequantises the whole weight on
             # every call (measured 1x896 @ 896x4864 int4: 0.13 ms packed, 25 ms unpacked); the packed copy per
             # session is about the size of the quantised weights (README "Quantised exports").

@@ -21,7 +21,7 @@ from ..base.artifact_files import DECODE, DECODE_FULL, EMBED, PREFILL_FULL
 from ..base.errors import BadInput
 from ..base.greedy import Greedy
 from ..host.builds import BuildHost, host_for
-from ..host.inputs import PAD_MULTIPLE, HostArrays, align_left
+from ..host.inputs import PAD_MULTIPLE, HostArrays, align_left, cut_rows
 from .base import Runner, arrays_of
 
 
@@ -30,11 +30,20 @@ FLOAT_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 @dataclass
+class Prompt:
+    """What one prefill runs: its rows, their embeddings (runner array), and the visual tokens a vision cut kept."""
+
+    host: HostArrays
+    embeds: Any  # [B, S, D]
+    visual_tokens: np.ndarray | None = None  # [B, K] raster indices into the image's N tokens; None: all kept
+
+
+@dataclass
 class EngineState:
     """Runner arrays (see the module docstring), except next_positions, which the host advances."""
 
     logits: Any  # [B, V]
-    kept: dict  # stage -> [B, K]
+    kept: dict  # stage -> [B, K]: "vision" (a cut build's tower), "ivr", "ssr" (indices into the prefill's rows)
     past: list  # per layer: key, value
     valid: list  # per cache-length group [B, len_g]
     next_positions: np.ndarray  # [P, B] host int64
@@ -96,33 +105,56 @@ class EnginePipeline:
         return align_left(host, PAD_MULTIPLE, 0 if pad_id is None else int(pad_id))
 
     # -------------------------------------------------------------------------------------------- prefill
-    def embeds(self, host):
-        """[B, S, D] runner array: token embeddings with each image's visual features written over its span."""
+    @property
+    def vision_cut(self) -> dict | None:
+        """The build's vision cut ({"block", "keep"}: export --vision-cut, graphs/vision_cut.py), or None."""
+        return self.meta.get("vision_cut")
+
+    def towers(self, host, halfv: bool = True) -> list[dict]:
+        """Per image, the vision graph's outputs as runner arrays: visual_features [N or K, D], and with a cut
+        (HalfV side of a cut build) visual_tokens [K]. --full runs a cut build's uncut tower."""
+        bucket = self.buckets[host.bucket]
+        graph = bucket["vision"] if halfv else bucket.get("vision_full", bucket["vision"])
+        # the vision graph was traced with pixels in the export precision; cast on the host, copy once
+        return [self.runner.run(graph, {"pixel_values": self.arrays.asarray(pixels, self.float_dtype)})
+                for pixels in host.pixel_values]
+
+    def prompt(self, host: HostArrays, halfv: bool = True) -> "Prompt":
+        """The rows a prefill runs and their [B, S, D] embeddings (runner array): token embeddings with each
+        image's visual features written over its span. On the HalfV side of a cut build the tower keeps K tokens
+        and the rows keep only theirs (host/inputs.cut_rows, as the eager reference cuts them)."""
+        towers = self.towers(host, halfv) if host.num_visual > 0 else []
+        tokens = None
+        if towers and "visual_tokens" in towers[0]:
+            tokens = np.stack([self.to_host(t["visual_tokens"]) for t in towers]).astype(np.int64)  # [B, K]
+            pad_id = self.host_side.tokenizer.pad_token_id
+            host = cut_rows(host, tokens, 0 if pad_id is None else int(pad_id))
         arrays = self.arrays
         embeds = self.runner.run(EMBED.file(), {"input_ids": arrays.asarray(host.input_ids, "int64")})["embeds"]
-        if host.num_visual > 0:
-            bucket = self.buckets[host.bucket]
-            for b, pixels in enumerate(host.pixel_values):
-                # the vision graph was traced with pixels in the export precision; cast on the host, copy once
-                pixels = arrays.asarray(pixels, self.float_dtype)
-                feats = self.runner.run(bucket["vision"], {"pixel_values": pixels})["visual_features"]
-                s = int(host.visual_start[b])
-                embeds[b, s:s + host.num_visual] = feats
-        return embeds
+        for b, tower in enumerate(towers):
+            s = int(host.visual_start[b])
+            embeds[b, s:s + host.num_visual] = tower["visual_features"]
+        return Prompt(host, embeds, tokens)
 
-    def prefill(self, host, halfv: bool = True, embeds=None) -> EngineState:
+    def prefill(self, host, halfv: bool = True, prompt: "Prompt | None" = None) -> EngineState:
+        """`prompt`: this host's prompt(host, halfv), already made (latency timings reuse one)."""
         pruned = halfv and host.num_visual > 0
         graph = self.buckets[host.bucket]["prefill"] if pruned else PREFILL_FULL.file()
         arrays = self.arrays
-        feeds = {"embeds": self.embeds(host) if embeds is None else embeds,
-                 "attention_mask": arrays.asarray(host.attention_mask, "int64"),
-                 "positions": arrays.asarray(host.positions, "int64"),
-                 "visual_start": arrays.asarray(host.visual_start, "int64")}
+        prompt = self.prompt(host, halfv) if prompt is None else prompt
+        rows = prompt.host
+        feeds = {"embeds": prompt.embeds,
+                 "attention_mask": arrays.asarray(rows.attention_mask, "int64"),
+                 "positions": arrays.asarray(rows.positions, "int64"),
+                 "visual_start": arrays.asarray(rows.visual_start, "int64")}
         out = self.runner.run(graph, feeds)
         layers = self.meta["num_layers"]
         groups = self.meta["groups"] if pruned else [0] * layers
+        kept = {k[5:]: out[k] for k in ("kept_ivr", "kept_ssr") if k in out}
+        if prompt.visual_tokens is not None:
+            kept["vision"] = arrays.asarray(prompt.visual_tokens, "int64")
         return EngineState(
-            logits=out["logits"], kept={k[5:]: out[k] for k in ("kept_ivr", "kept_ssr") if k in out},
+            logits=out["logits"], kept=kept,
             past=[out[f"present_{kind}_{i}"] for i in range(layers) for kind in ("key", "value")],
             valid=[out[f"cache_valid_{g}"] for g in sorted(set(groups))],
             next_positions=host.next_positions, decode_graph=(DECODE if pruned else DECODE_FULL).file(),

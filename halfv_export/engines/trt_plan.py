@@ -19,6 +19,7 @@ import sympy
 from ..base.artifact_files import DECODE, DECODE_FULL, EMBED, PREFILL_FULL, TRT_DIR
 from ..base.errors import BadInput
 from ..base.manifest import sha256_file
+from ..host.inputs import PAD_MULTIPLE
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,12 @@ class TrtBuildPlan:
         return asdict(self)
 
 
-def _ranges(options: PlanOptions, visual: int, kept: list[int], decode: bool) -> dict[str, tuple[int, int, int]]:
-    """Symbol -> (min, opt, max) for one bucket; kept = rows of visual tokens left per cache group."""
+def _ranges(options: PlanOptions, visual: int, kept: list[int], decode: bool,
+            slack: int = 0) -> dict[str, tuple[int, int, int]]:
+    """Symbol -> (min, opt, max) for one bucket; kept = rows of visual tokens left per cache group. `slack`: rows
+    the maximum allows beyond the text (a vision cut's rows are re-aligned to PAD_MULTIPLE: up to 15 more)."""
     grow = options.max_new_tokens if decode else 0
-    text = (options.min_text, options.opt_text, options.max_text + grow)
+    text = (options.min_text, options.opt_text, options.max_text + grow + slack)
     ranges = {"batch": (1, 1, options.max_batch), "seq": tuple(visual + t for t in text)}
     for g, k in enumerate(kept):
         ranges[f"past_{g}"] = tuple(k + t for t in text)
@@ -116,8 +119,14 @@ def make_plan(artifacts: Path, options: PlanOptions = PlanOptions()) -> TrtBuild
                                 onnx_sha256=sha256_file(artifacts / graph), profiles=profiles,
                                 workspace_mib=options.workspace_mib))
 
+    def kept(b):  # visual rows the HalfV prefill takes: K after a vision cut, else N
+        return b.get("kept_visual", b["num_visual"])
+
+    def slack(b):  # the cut rows' re-alignment (host/inputs.cut_rows) may add up to PAD_MULTIPLE - 1 pad rows
+        return PAD_MULTIPLE - 1 if kept(b) != b["num_visual"] else 0
+
     def kept_rows(b):  # visual rows left per cache-length group of the pruned decode graph
-        return [b["num_visual"], b["k1"], b["k2"]][:n_groups]
+        return [kept(b), b["k1"], b["k2"]][:n_groups]
 
     text_only = _ranges(options, 0, [0], decode=False)
     longest = max(b["num_visual"] for b in buckets)
@@ -125,9 +134,11 @@ def make_plan(artifacts: Path, options: PlanOptions = PlanOptions()) -> TrtBuild
                         "seq": (options.min_text, longest + options.opt_text, longest + options.max_text)}])
     for b in buckets:
         add(b["vision"], [{}])
-        add(b["prefill"], [_ranges(options, b["num_visual"], [], False)])
+        if b.get("vision_full", b["vision"]) != b["vision"]:  # a cut build's uncut tower, for --full
+            add(b["vision_full"], [{}])
+        add(b["prefill"], [_ranges(options, kept(b), [], False, slack(b))])
     add(PREFILL_FULL.file(), [_ranges(options, b["num_visual"], [], False) for b in buckets] + [text_only])
-    add(DECODE.file(), [_ranges(options, b["num_visual"], kept_rows(b), True) for b in buckets])
+    add(DECODE.file(), [_ranges(options, kept(b), kept_rows(b), True, slack(b)) for b in buckets])
     add(DECODE_FULL.file(), [_ranges(options, b["num_visual"], [b["num_visual"]], True) for b in buckets]
         + [_ranges(options, 0, [0], True)])
     return TrtBuildPlan(precision=meta.get("precision", "fp32"), timing_cache=f"{TRT_DIR}/timing.cache",

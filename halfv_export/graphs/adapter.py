@@ -18,7 +18,7 @@ from torch import nn
 
 from ..base.errors import BadInput
 from ..base.kinds import SSRMode
-from ..host.inputs import HostArrays, keep_visual_rows, visual_span as host_visual_span
+from ..host.inputs import HostArrays, cut_rows, visual_span as host_visual_span
 
 EMBEDDED_WEIGHTS = "model.safetensors"  # an embedded default's trained weights (fp16), beside its config
 TRAINING_RECORD = "training.json"  # how they were trained: command, seed, data, time, held-out accuracy, image sizes
@@ -100,6 +100,7 @@ class PrefillInputs:
     num_visual: int  # N, identical for every sample in the batch
     next_positions: torch.Tensor  # [P, B] int64, rope position of the first generated token
     visual_tokens: torch.Tensor | None = None  # [B, K]: which of the image's tokens a vision cut kept (None: all)
+    visual_shortfall: torch.Tensor | None = None  # [B]: of forced vision tokens (vision_cut.CutVision.shortfall)
 
     @property
     def batch_size(self) -> int:
@@ -327,8 +328,9 @@ class BackboneAdapter(abc.ABC):
         Needs only the tokenizer, image processor and config, never the weights."""
 
     @abc.abstractmethod
-    def vision_graph(self, loaded: LoadedModel, bucket: tuple[int, int]) -> nn.Module:
-        """A static-shape vision encoder for one image-size bucket: pixel input -> [N, D] visual features."""
+    def vision_graph(self, loaded: LoadedModel, bucket: tuple[int, int], cut=None) -> nn.Module:
+        """A static-shape vision encoder for one image-size bucket: pixel input -> [N, D] visual features; with a
+        vision cut (graphs/pruning.VisionCut) -> ([K, D] features, [K] kept token indices)."""
 
     def bucket_for(self, processing: "Processing", image_size: tuple[int, int]) -> tuple[tuple[int, int], int]:
         """An image size (h, w) -> (the bucket it resizes to, its visual token count N)."""
@@ -345,20 +347,26 @@ class BackboneAdapter(abc.ABC):
         host = self.host_inputs(Processing(loaded.tokenizer, loaded.image_processor, loaded.config), images, prompts)
         return self.embed_host(loaded, host, cut)
 
-    def embed_host(self, loaded: LoadedModel, host: HostInputs, cut=None) -> PrefillInputs:
+    def embed_host(self, loaded: LoadedModel, host: HostInputs, cut=None,
+                   force_vision: torch.Tensor | None = None) -> PrefillInputs:
         """Given host inputs (e.g. exactly the rows an engine runs: validate's parity) -> the eager prefill inputs.
         With a vision cut (graphs/pruning.VisionCut) the tower keeps K of the N visual tokens and the prompt keeps
-        only their rows (host/inputs.keep_visual_rows); the kept raster indices are in `visual_tokens`."""
+        only their rows (host/inputs.cut_rows, as the runtime cuts them); the kept raster indices are in
+        `visual_tokens`. `force_vision` [B, K]: keep those tokens instead (their shortfall in `visual_shortfall`)."""
         host = torch_host(host)
-        tokens = None
+        tokens = shortfall = None
         with torch.no_grad():
             if cut is not None and host.num_visual > 0:
-                cuts = [self.eager_vision_cut(loaded, px, host.bucket, cut) for px in host.pixel_values]
-                feats, tokens = torch.stack([f for f, _ in cuts]), torch.stack([t for _, t in cuts])  # [B, K, D], [B, K]
+                cuts = [self.eager_vision_cut(loaded, px, host.bucket, cut, None if force_vision is None else
+                                              torch.as_tensor(force_vision[b]))
+                        for b, px in enumerate(host.pixel_values)]
+                feats, tokens = torch.stack([c.features for c in cuts]), torch.stack([c.tokens for c in cuts])
+                shortfall = torch.tensor([c.shortfall for c in cuts], dtype=torch.float64)
                 rows = HostArrays(*(t.cpu().numpy() for t in (host.input_ids, host.attention_mask, host.positions,
                                                               host.visual_start)), host.num_visual,
                                   host.next_positions.cpu().numpy(), host.pixel_values, host.bucket)
-                host = torch_host(keep_visual_rows(rows, tokens.cpu().numpy()))  # the runtime's own row cut
+                pad = loaded.tokenizer.pad_token_id
+                host = torch_host(cut_rows(rows, tokens.cpu().numpy(), 0 if pad is None else int(pad)))
             embeds = self.text_stack(loaded).embed_tokens(host.input_ids)  # [B, S, D]
             if host.num_visual > 0:
                 if tokens is None:
@@ -367,14 +375,20 @@ class BackboneAdapter(abc.ABC):
                 embeds = embeds.scatter(1, rows[..., None].expand(-1, -1, embeds.shape[-1]), feats.to(embeds.dtype))
         return PrefillInputs(input_ids=host.input_ids, embeds=embeds, attention_mask=host.attention_mask,
                              positions=host.positions, visual_start=host.visual_start, num_visual=host.num_visual,
-                             next_positions=host.next_positions, visual_tokens=tokens)
+                             next_positions=host.next_positions, visual_tokens=tokens, visual_shortfall=shortfall)
 
     @abc.abstractmethod
     def eager_vision(self, loaded: LoadedModel, pixel_values: torch.Tensor, bucket: tuple[int, int]) -> torch.Tensor:
         """The model's own vision tower for one image of the bucket -> [N, D]."""
 
-    def eager_vision_cut(self, loaded: LoadedModel, pixel_values: torch.Tensor, bucket: tuple[int, int], cut):
-        """The tower with a vision cut -> (features [K, D], kept token indices [K]); graphs/vision_cut.py."""
+    def eager_vision_cut(self, loaded: LoadedModel, pixel_values: torch.Tensor, bucket: tuple[int, int], cut,
+                         force: torch.Tensor | None = None):
+        """The tower with a vision cut -> (features [K, D], kept token indices [K], shortfall); graphs/vision_cut.py.
+        `force` [K]: keep these tokens instead, and say how far they are from a set the rule could pick."""
+        self.check_vision_cut(loaded.config, cut)
+
+    def check_vision_cut(self, config, cut) -> None:
+        """One line where this model's tower cannot make `cut` (before anything is loaded or written)."""
         raise BadInput(f"{self.name} has no vision cut yet; drop the cut, or use a backbone that has one")
 
     def vision_batch(self, loaded: LoadedModel, pixel_values: list, bucket: tuple[int, int]) -> torch.Tensor:

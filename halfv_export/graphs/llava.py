@@ -115,7 +115,9 @@ class LlavaFamilyAdapter(BackboneAdapter):
             vocab_size=tc.vocab_size,
         )
 
-    def vision_graph(self, loaded: LoadedModel, bucket: tuple[int, int]) -> nn.Module:
+    def vision_graph(self, loaded: LoadedModel, bucket: tuple[int, int], cut=None) -> nn.Module:
+        if cut is not None:
+            self.check_vision_cut(loaded.config, cut)  # the base refusal, one line
         cfg = loaded.config
         return ClipProjectorVision(loaded.model, self.feature_layer(cfg), cfg.vision_feature_select_strategy == "default",
                                    self.layout(cfg, bucket)).eval()

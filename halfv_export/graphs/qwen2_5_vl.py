@@ -281,8 +281,14 @@ class Qwen25VLAdapter(BackboneAdapter):
         grid = torch.tensor([self._grid(loaded.image_processor, bucket)])
         return loaded.model.model.get_image_features(pixel_values, grid, return_dict=True).pooler_output[0]
 
-    def eager_vision_cut(self, loaded: LoadedModel, pixel_values: torch.Tensor, bucket: tuple[int, int], cut):
-        return eager_cut_vision(loaded.model.model.visual, pixel_values, self._grid(loaded.image_processor, bucket), cut)
+    def eager_vision_cut(self, loaded: LoadedModel, pixel_values: torch.Tensor, bucket: tuple[int, int], cut,
+                         force: torch.Tensor | None = None):
+        return eager_cut_vision(loaded.model.model.visual, pixel_values, self._grid(loaded.image_processor, bucket), cut,
+                                force)
+
+    def check_vision_cut(self, config, cut) -> None:
+        vision = config.vision_config
+        cut.check(vision.depth, [i for i in vision.fullatt_block_indexes if i < vision.depth])
 
     def vision_batch(self, loaded: LoadedModel, pixel_values: list, bucket: tuple[int, int]) -> torch.Tensor:
         grid = torch.tensor([self._grid(loaded.image_processor, bucket)] * len(pixel_values), device=pixel_values[0].device)
@@ -290,8 +296,8 @@ class Qwen25VLAdapter(BackboneAdapter):
         feats = torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats  # [B * N, D]
         return feats.reshape(len(pixel_values), -1, feats.shape[-1])
 
-    def vision_graph(self, loaded: LoadedModel, bucket: tuple[int, int]) -> nn.Module:
-        return QwenVisionBucket(loaded.model.model.visual, self._grid(loaded.image_processor, bucket)).eval()
+    def vision_graph(self, loaded: LoadedModel, bucket: tuple[int, int], cut=None) -> nn.Module:
+        return QwenVisionBucket(loaded.model.model.visual, self._grid(loaded.image_processor, bucket), cut).eval()
 
     # ---------------------------------------------------------------- model view
     def text_stack(self, loaded: LoadedModel) -> TextStack:

@@ -26,7 +26,7 @@ from torch import nn
 from torch.export import Dim
 
 from ..base.artifact_files import (DECODE, DECODE_FULL, EMBED, PREFILL, PREFILL_FULL, PREFILL_INPUTS,  # noqa: F401
-                                   SELECTION, VISION, GraphKind, bucket_label)
+                                   SELECTION, VISION, VISION_FULL, GraphKind, bucket_label)
 from .adapter import TextStack
 from .export_forward import DecodeGraph, PrefillGraph, SelectionGraph
 from .onnx_export import batch_dim, export_module, seq_dim
@@ -74,11 +74,12 @@ def embed_spec(stack: TextStack) -> GraphSpec:
                      ({0: batch_dim(), 1: seq_dim(4)},))
 
 
-def vision_spec(module: nn.Module, pixels: torch.Tensor, bucket: tuple[int, int]) -> GraphSpec:
+def vision_spec(module: nn.Module, pixels: torch.Tensor, bucket: tuple[int, int], kind: GraphKind = VISION) -> GraphSpec:
     """The adapter's static-shape vision graph for one bucket, traced on one image's pixel input. A tower with a
-    vision cut (graphs/vision_cut.py) also returns the raster indices of the tokens it kept."""
+    vision cut (graphs/vision_cut.py) also returns the raster indices of the tokens it kept. `kind` VISION_FULL: a
+    cut build's uncut tower, which `--full` runs."""
     outputs = ["visual_features"] + (["visual_tokens"] if isinstance(getattr(module, "cut", None), VisionCut) else [])
-    return GraphSpec(VISION, VISION.file(bucket), module, (pixels,), ["pixel_values"], outputs, None)
+    return GraphSpec(kind, kind.file(bucket), module, (pixels,), ["pixel_values"], outputs, None)
 
 
 def prefill_spec(stack: TextStack, schedule: PruneSchedule | None, num_visual: int,

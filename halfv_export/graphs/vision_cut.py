@@ -21,11 +21,13 @@ level at the K-th place, as with the IVR cut.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
 
 from ..base.errors import BadInput
-from .pruning import VisionCut, top_indices
+from .pruning import VisionCut, selection_shortfall, top_indices
 
 
 def check_cut(visual, grid_thw: tuple[int, int, int], cut: VisionCut) -> None:
@@ -82,10 +84,19 @@ def received_attention(attn, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return total / (attn.num_heads * x.shape[0])
 
 
+class CutVision(NamedTuple):
+    features: torch.Tensor  # [K, D], raster order
+    tokens: torch.Tensor  # [K] raster indices of the kept tokens, ascending
+    shortfall: float  # 0 unless forced: how far the forced set is from one the rule could pick (selection_shortfall)
+
+
 @torch.no_grad()
-def eager_cut_vision(visual, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int], cut: VisionCut):
+def eager_cut_vision(visual, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int], cut: VisionCut,
+                     force: torch.Tensor | None = None) -> CutVision:
     """transformers' tower forward (Qwen2_5_VisionTransformerPretrainedModel.forward) with the cut after
-    `cut.block`: -> (features [K, D] in raster order, raster token indices [K])."""
+    `cut.block`. `force` [K] (raster indices, e.g. what an engine kept where a near-tie fell the other way): keep
+    those tokens instead, and report how far they are from a set the rule could pick, as validate's parity does for
+    IVR / SSR."""
     check_cut(visual, grid_thw, cut)
     grid = torch.tensor([grid_thw])
     unit = visual.spatial_merge_unit
@@ -99,10 +110,15 @@ def eager_cut_vision(visual, pixel_values: torch.Tensor, grid_thw: tuple[int, in
     h = visual.permute_input_for_window_attn(h, window_index, seq_len=seq)
     cos, sin = (visual.permute_input_for_window_attn(t, window_index, seq_len=seq)
                 for t in visual.rotary_pos_emb(h, position_ids))
+    shortfall = 0.0
     for i, block in enumerate(visual.blocks):
         full = i in visual.fullatt_block_indexes
         if i == cut.block + 1:  # the cut: keep the groups the cut block attended to most, re-pack their windows
             groups = select_groups(received, unit, cut.tokens(seq // unit))
+            if force is not None:
+                window_of = torch.argsort(window_index)  # raster token -> its place in window order
+                groups = torch.sort(window_of[force.to(window_of.device)]).values
+                shortfall = float(selection_shortfall(received.reshape(-1, unit).sum(-1)[None], None, groups[None])[0])
             rows = group_patches(groups, unit)
             h, cos, sin = h[rows], cos[rows], sin[rows]
             cu_full = torch.tensor([0, rows.shape[0]], dtype=torch.int32)
@@ -110,4 +126,4 @@ def eager_cut_vision(visual, pixel_values: torch.Tensor, grid_thw: tuple[int, in
         if i == cut.block:
             received = received_attention(block.attn, block.norm1(h), cos, sin)
         h = block(h, cu_seqlens=cu_full if full else cu_window, position_embeddings=(cos, sin))
-    return raster_order(visual.merger(h), groups, window_index.to(groups.device))
+    return CutVision(*raster_order(visual.merger(h), groups, window_index.to(groups.device)), shortfall)

@@ -81,6 +81,12 @@ def keep_visual_rows(host: HostArrays, tokens: np.ndarray) -> HostArrays:
                    positions=positions, num_visual=int(np.asarray(tokens).shape[1]))
 
 
+def cut_rows(host: HostArrays, tokens: np.ndarray, pad_id: int) -> HostArrays:
+    """The rows a cut build's HalfV prefill runs: keep_visual_rows, re-aligned to PAD_MULTIPLE (S - N + K rarely is
+    a multiple). The runtime and the eager reference both cut through here, so parity compares the same rows."""
+    return align_left(keep_visual_rows(host, tokens), PAD_MULTIPLE, pad_id)
+
+
 def align_left(host: HostArrays, multiple: int, pad_id: int) -> HostArrays:
     """The same rows with S rounded up to a multiple by more left padding: input_ids gets pad_id, attention_mask 0,
     positions repeat their first column (masked rows never reach real ones), visual_start moves right."""

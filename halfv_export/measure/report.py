@@ -30,7 +30,7 @@ from ..base.errors import BadInput
 from ..base.atomic import write_text_atomic
 from ..base.data import Sample, synthetic_set
 from ..graphs.halfv import HalfVReference
-from ..graphs.pruning import PruneSchedule
+from ..graphs.pruning import PruneSchedule, VisionCut
 from ..graphs.tme import kl_last_token
 from .accuracy import AccuracyTable, accuracy_section, answer_budget, cut_at_eos
 from .flops import LMShape, prefill_flops
@@ -92,6 +92,7 @@ def run_validation(pipeline, loaded, samples: list[Sample], schedule: PruneSched
     stack = adapter.text_stack(loaded)
     eager_halfv, eager_full = HalfVReference(stack, schedule), HalfVReference(stack, None)
     eos = adapter.eos_token_ids(loaded)
+    cut = build_cut(pipeline)
 
     # group samples into batches of one bucket each
     groups: dict = {}
@@ -108,46 +109,57 @@ def run_validation(pipeline, loaded, samples: list[Sample], schedule: PruneSched
         images, prompts = [im for _, im in batch], [s.prompt for s, _ in batch]
         answers = [s.answer for s, _ in batch]
         host = pipeline.host(images, prompts)  # the rows run / the API / serve run, padding included
-        ref_inputs = adapter.embed_host(loaded, host)  # ... and the eager side sees the same rows
+        full_inputs = adapter.embed_host(loaded, host)  # ... and the eager side sees the same rows
+        own_inputs = full_inputs if cut is None else adapter.embed_host(loaded, host, cut)  # a cut build's HalfV rows
         engine = pipeline.prefill(host, halfv=True)
-        eager = eager_halfv.prefill(ref_inputs)
-        full = eager_full.prefill(ref_inputs)
-        ref_logits = eager.logits.numpy()
         logits = pipeline.to_host(engine.logits)  # the engine's arrays may live on its device
         engine_kept = {stage: pipeline.to_host(k) for stage, k in engine.kept.items()}
+        vision_same, ref_inputs = [], own_inputs
+        if own_inputs.visual_tokens is not None:  # the cut's tokens first: the prefill's rows follow from them
+            vision_same = [bool(np.array_equal(engine_kept["vision"][b], own_inputs.visual_tokens[b].numpy()))
+                           for b in range(len(batch))]
+            if not all(vision_same):  # a near-tie in the tower: the eager side keeps the engine's tokens instead
+                ref_inputs = adapter.embed_host(loaded, host, cut, force_vision=engine_kept["vision"])
+        eager_own = eager_halfv.prefill(own_inputs)
+        eager = eager_own if ref_inputs is own_inputs else eager_halfv.prefill(ref_inputs)
+        full = eager_full.prefill(full_inputs)
+        ref_logits = eager.logits.numpy()
         same = [[bool(np.array_equal(engine_kept.get(stage, np.empty((len(batch), 0)))[b], kept[b].numpy()))
-                 for stage, kept in eager.kept.items()] for b in range(len(batch))]
+                 for stage, kept in eager.kept.items()] + vision_same[b:b + 1] for b in range(len(batch))]
         force, parity_ref = None, eager
-        if not all(all(row) for row in same):  # a tie fell the other way somewhere: compare against that selection
+        if not all(all(row[:len(eager.kept)]) for row in same):  # an IVR / SSR tie fell the other way somewhere
             force = {stage: torch.as_tensor(engine_kept[stage]) for stage in ("ivr", "ssr")
                      if stage in engine_kept and stage in eager.kept}
             parity_ref = eager_halfv.prefill(ref_inputs, force=force)
             ref_logits = parity_ref.logits.numpy()
         for b in range(len(batch)):
             if pictures is not None and len(pictures) < PICTURES and images[b] is not None:
-                pictures.append((images[b], host.bucket, {k: v[b] for k, v in engine_kept.items()}, batch[b][0]))
+                pictures.append((images[b], host.bucket, picture_kept({k: v[b] for k, v in engine_kept.items()}),
+                                 batch[b][0]))
             cosines.append(_cosine(logits[b], ref_logits[b]))
             cos_min = min(cos_min, cosines[-1])
             engine_top1.append(bool(logits[b].argmax() == ref_logits[b].argmax()))
             kept_match += same[b]
             if not all(same[b]):
-                gap = max((float(v[b]) for v in parity_ref.shortfall.values()), default=math.inf)
-                shortfalls.append(gap)
+                gaps = [float(v[b]) for v in parity_ref.shortfall.values()]
+                if ref_inputs.visual_shortfall is not None:
+                    gaps.append(float(ref_inputs.visual_shortfall[b]))
+                shortfalls.append(max(gaps, default=math.inf))
             valid += [all(same[b]) or shortfalls[-1] <= TIE_TOLERANCE] * len(same[b])
         max_abs = max(max_abs, float(np.abs(logits - ref_logits).max()))
         new_tokens = answer_budget(loaded.tokenizer, answers, floor=GREEDY_TOKENS)
         greedy_tokens = max(greedy_tokens, new_tokens)
         engine_tokens = pipeline.generate(images, prompts, new_tokens, stop_at_eos=False)
-        eager_tokens = eager_halfv.generate(ref_inputs, new_tokens).numpy()  # eager HalfV's own answers (accuracy)
-        parity_tokens = eager_tokens if force is None else eager_halfv.generate(ref_inputs, new_tokens,
-                                                                                force=force).numpy()
+        eager_tokens = eager_halfv.generate(own_inputs, new_tokens).numpy()  # eager HalfV's own answers (accuracy)
+        parity_tokens = (eager_tokens if force is None and ref_inputs is own_inputs
+                         else eager_halfv.generate(ref_inputs, new_tokens, force=force).numpy())
         tokens_match += [bool(np.array_equal(engine_tokens[b], parity_tokens[b])) for b in range(len(batch))]
         token_agreement += [float(np.mean(np.asarray(engine_tokens[b]) == parity_tokens[b]))
                             for b in range(len(batch))]
-        top1 += (eager.logits.argmax(-1) == full.logits.argmax(-1)).tolist()
-        kls += kl_last_token(full.logits, eager.logits).tolist()
+        top1 += (eager_own.logits.argmax(-1) == full.logits.argmax(-1)).tolist()
+        kls += kl_last_token(full.logits, eager_own.logits).tolist()
         if any(a is not None for a in answers):
-            full_tokens = eager_full.generate(ref_inputs, new_tokens, eos).numpy()
+            full_tokens = eager_full.generate(full_inputs, new_tokens, eos).numpy()
             for b, (sample, _) in enumerate(batch):
                 if sample.answer is None:
                     continue
@@ -176,20 +188,38 @@ def run_validation(pipeline, loaded, samples: list[Sample], schedule: PruneSched
     return result
 
 
+def build_cut(pipeline) -> VisionCut | None:
+    """The vision cut a build was exported with (artifacts.json), or None."""
+    return None if not pipeline.vision_cut else VisionCut(**pipeline.vision_cut)
+
+
+def picture_kept(kept: dict) -> dict:
+    """One sample's kept indices per stage, as token indices of the image: after a vision cut, IVR / SSR index the
+    K rows the cut kept, so they are mapped through the cut's tokens."""
+    if "vision" not in kept:
+        return kept
+    tokens = np.asarray(kept["vision"])
+    return {stage: tokens if stage == "vision" else tokens[np.asarray(k)] for stage, k in kept.items()}
+
+
 def measure_latency(pipeline, loaded, sample: Sample, schedule: PruneSchedule,
                     runs: int = LATENCY_RUNS) -> tuple[dict, dict]:
     """Medians of `runs` runs after a warm-up, batch 1, on one sample: prefill (LLM only, embeddings
     ready) eager/engine x full/HalfV, time to first token (host inputs + embedding + vision tower + prefill: what a
-    user waits for; HalfV leaves everything but the prefill unchanged), and one engine decode step on the pruned
-    cache. Also that sample's FLOPs, prefill-only and end to end (vision encoder included)."""
+    user waits for; HalfV leaves everything but the prefill unchanged, unless the build has a vision cut, which
+    also shortens the tower), and one engine decode step on the pruned cache. Also that sample's FLOPs,
+    prefill-only and end to end (vision encoder included)."""
     adapter = pipeline.adapter
     stack = adapter.text_stack(loaded)
+    cut = build_cut(pipeline)
     image = pipeline.fit_image(sample.image)
     host = pipeline.host([image], [sample.prompt])
-    inputs = adapter.embed_host(loaded, host)
-    embeds = pipeline.embeds(host)
+    inputs_full = adapter.embed_host(loaded, host)
+    inputs = inputs_full if cut is None else adapter.embed_host(loaded, host, cut)
+    prompt_full = pipeline.prompt(host, halfv=False)
+    prompt = prompt_full if cut is None else pipeline.prompt(host, halfv=True)
     halfv, full = HalfVReference(stack, schedule), HalfVReference(stack, None)
-    state = pipeline.prefill(host, halfv=True, embeds=embeds)
+    state = pipeline.prefill(host, halfv=True, prompt=prompt)
     token = pipeline.arrays.argmax(state.logits, -1)  # stays on the engine's device
 
     def decode_once():
@@ -198,18 +228,21 @@ def measure_latency(pipeline, loaded, sample: Sample, schedule: PruneSchedule,
         state.past, state.valid, state.next_positions = saved
 
     timings = {
-        "eager_full_prefill": lambda: full.prefill(inputs),
+        "eager_full_prefill": lambda: full.prefill(inputs_full),
         "eager_halfv_prefill": lambda: halfv.prefill(inputs),
-        "engine_full_prefill": lambda: pipeline.prefill(host, halfv=False, embeds=embeds),
-        "engine_halfv_prefill": lambda: pipeline.prefill(host, halfv=True, embeds=embeds),
+        "engine_full_prefill": lambda: pipeline.prefill(host, halfv=False, prompt=prompt_full),
+        "engine_halfv_prefill": lambda: pipeline.prefill(host, halfv=True, prompt=prompt),
         "engine_decode_step": decode_once,
         "eager_embed_vision": lambda: adapter.prepare(loaded, [image], [sample.prompt]),
-        "engine_embed_vision": lambda: pipeline.embeds(pipeline.host([image], [sample.prompt])),
+        "engine_embed_vision": lambda: pipeline.prompt(pipeline.host([image], [sample.prompt]), halfv=False),
         "eager_full_ttft": lambda: full.prefill(adapter.prepare(loaded, [image], [sample.prompt])),
-        "eager_halfv_ttft": lambda: halfv.prefill(adapter.prepare(loaded, [image], [sample.prompt])),
+        "eager_halfv_ttft": lambda: halfv.prefill(adapter.prepare(loaded, [image], [sample.prompt], cut)),
         "engine_full_ttft": lambda: pipeline.prefill(pipeline.host([image], [sample.prompt]), halfv=False),
         "engine_halfv_ttft": lambda: pipeline.prefill(pipeline.host([image], [sample.prompt]), halfv=True),
     }
+    if cut is not None:  # the cut tower and the cut rows: HalfV's own embedding + vision
+        timings["eager_halfv_embed_vision"] = lambda: adapter.prepare(loaded, [image], [sample.prompt], cut)
+        timings["engine_halfv_embed_vision"] = lambda: pipeline.prompt(pipeline.host([image], [sample.prompt]))
     measured = {key: timed(fn, runs) for key, fn in timings.items()}
     sequence = int(host.attention_mask[0].sum())  # the prompt's own tokens; FLOPs count these
     latency = {key: m["median_ms"] for key, m in measured.items()}
@@ -219,17 +252,24 @@ def measure_latency(pipeline, loaded, sample: Sample, schedule: PruneSchedule,
         "runs": runs, "batch": 1, "visual_tokens": host.num_visual, "sequence": sequence,
         "sequence_padded": int(host.input_ids.shape[1]),  # the rows the graphs ran (prompts.PAD_MULTIPLE)
     })
+    if cut is not None and host.num_visual > 0:
+        latency["kept_visual"] = inputs.num_visual
     shape = LMShape.from_config(loaded.config.to_dict())
-    f = prefill_flops(shape, host.num_visual, sequence - host.num_visual, schedule)
-    flops = {"full": f.full, "halfv": f.halfv, "overhead": f.overhead, "ratio": f.ratio,
-             "visual_tokens": host.num_visual, "text_tokens": sequence - host.num_visual}
+    text = sequence - host.num_visual
+    f_full = prefill_flops(shape, host.num_visual, text, None)  # the unpruned model sees all N tokens
+    f = prefill_flops(shape, inputs.num_visual, text, schedule)  # HalfV sees K after a cut, else N
+    flops = {"full": f_full.full, "halfv": f.halfv, "overhead": f.overhead, "ratio": f_full.full / f.halfv,
+             "visual_tokens": host.num_visual, "text_tokens": text}
     if host.num_visual > 0:
         config = loaded.config.to_dict()
         vc = config.get("vision_config") or {}
         side = int(vc.get("patch_size", 14)) * int(vc.get("spatial_merge_size", 1))  # merged-token side in px
         grid = (host.bucket[0] // side, host.bucket[1] // side) if "spatial_merge_size" in vc else None
         v = vision_flops(config, shape.hidden, host.num_visual, grid)
-        flops.update({"vision": v.total, "e2e_ratio": (v.total + f.full) / (v.total + f.halfv)})
+        v_halfv = v if cut is None else vision_flops(config, shape.hidden, host.num_visual, grid, cut)
+        flops.update({"vision": v.total, "e2e_ratio": (v.total + f_full.full) / (v_halfv.total + f.halfv)})
+        if cut is not None:
+            flops.update({"vision_halfv": v_halfv.total, "kept_visual": inputs.num_visual})
     return latency, flops
 
 
@@ -259,9 +299,11 @@ METRICS = (
     "latency_ms.eager_halfv_prefill", "latency_ms.engine_full_prefill", "latency_ms.engine_halfv_prefill",
     "latency_ms.engine_decode_step", "latency_ms.eager_embed_vision", "latency_ms.engine_embed_vision",
     "latency_ms.eager_full_ttft", "latency_ms.eager_halfv_ttft", "latency_ms.engine_full_ttft",
-    "latency_ms.engine_halfv_ttft", "flops.full", "flops.halfv", "flops.overhead", "flops.ratio", "flops.vision",
-    "flops.e2e_ratio",
+    "latency_ms.engine_halfv_ttft", "latency_ms.eager_halfv_embed_vision", "latency_ms.engine_halfv_embed_vision",
+    "flops.full", "flops.halfv", "flops.overhead", "flops.ratio", "flops.vision",
+    "flops.e2e_ratio", "flops.vision_halfv",
 )
+CUT_ONLY = ("latency_ms.eager_halfv_embed_vision", "latency_ms.engine_halfv_embed_vision", "flops.vision_halfv")
 OPEN_SECTIONS = ("accuracy.",)  # keys that depend on the data (e.g. per question type)
 
 
@@ -300,7 +342,9 @@ def check_thresholds(report: dict, under: list[tuple[str, float]], over: list[tu
 # metrics a report may lack because nothing was there to compare, and why
 NOT_MEASURED = {"parity.kept_indices_match": "no sample had an image, so no kept indices were compared",
                 "parity.selection_valid": "no sample had an image, so no kept indices were compared",
-                "flops.vision": "the latency sample had no image", "flops.e2e_ratio": "the latency sample had no image"}
+                "flops.vision": "the latency sample had no image", "flops.e2e_ratio": "the latency sample had no image",
+                **{key: "the build has no vision cut (HalfV runs the same tower), or the latency sample had no image"
+                   for key in CUT_ONLY}}
 
 
 def lookup_optional(report: dict, key: str):
@@ -332,7 +376,9 @@ def render_markdown(report: dict) -> str:
     lines = [
         f"# halfv-export validation: {report['backbone']} ({report['source']})", "",
         f"{report['samples']} held-out samples, buckets {', '.join(report['buckets'])}; schedule "
-        f"`{json.dumps(report['schedule'])}`.", "",
+        f"`{json.dumps(report['schedule'])}`" + (f"; vision cut `{json.dumps(report['vision_cut'])}` (HalfV's "
+                                                  "tower keeps K of N tokens; the kept pairs include it)"
+                                                  if report.get("vision_cut") else "") + ".", "",
         "## Parity: exported engines vs eager HalfV", "", *_quantize_note(report.get("quantize")),
         "| metric | value |", "|---|---|",
         f"| kept_indices_match ({p['kept_pairs']} sample-stage pairs) | {_value(p, 'kept_indices_match')} |",
@@ -348,7 +394,8 @@ def render_markdown(report: dict) -> str:
         f"| greedy_token_agreement (share of positions) | {p['greedy_token_agreement']:.4f} |", "",
         f"## Fidelity: eager HalfV vs the unpruned model ({f['weights']} weights)", "",
         f"top-1 agreement {f['top1_agreement']:.4f}, mean KL {f['kl_mean']:.4g}. {f['note']}.", "",
-        f"## Latency (ms, median of {lat['runs']} after warm-up, batch 1, N = {lat['visual_tokens']}, "
+        f"## Latency (ms, median of {lat['runs']} after warm-up, batch 1, N = {lat['visual_tokens']}"
+        + (f", K = {lat['kept_visual']} after the vision cut" if "kept_visual" in lat else "") + ", "
         f"S = {lat['sequence']}, {report['device']})", "", "| | full | HalfV | full/HalfV |", "|---|---|---|---|",
         f"| eager prefill | {lat['eager_full_prefill']:.2f} | {lat['eager_halfv_prefill']:.2f} | "
         f"{lat['eager_full_prefill'] / lat['eager_halfv_prefill']:.2f}x |",
@@ -358,8 +405,7 @@ def render_markdown(report: dict) -> str:
     ]
     if "engine_full_ttft" in lat:
         lines += [
-            f"| eager embedding + vision | {lat['eager_embed_vision']:.2f} | {lat['eager_embed_vision']:.2f} | |",
-            f"| engine embedding + vision | {lat['engine_embed_vision']:.2f} | {lat['engine_embed_vision']:.2f} | |",
+            _embed_row(lat, "eager"), _embed_row(lat, "engine"),
             f"| eager time to first token | {lat['eager_full_ttft']:.2f} | {lat['eager_halfv_ttft']:.2f} | "
             f"{lat['eager_full_ttft'] / lat['eager_halfv_ttft']:.2f}x |",
             f"| engine time to first token | {lat['engine_full_ttft']:.2f} | {lat['engine_halfv_ttft']:.2f} | "
@@ -375,7 +421,11 @@ def render_markdown(report: dict) -> str:
         f"LLM prefill: full {fl['full'] / 1e9:.3f} GFLOP, HalfV {fl['halfv'] / 1e9:.3f} GFLOP, ratio "
         f"{fl['ratio']:.2f}x (selection overhead {fl['overhead'] / 1e6:.2f} MFLOP, not in the ratio).",
     ]
-    if "e2e_ratio" in fl:
+    if "vision_halfv" in fl:
+        lines += [f"End to end: vision encoder {fl['vision'] / 1e9:.3f} GFLOP unpruned, {fl['vision_halfv'] / 1e9:.3f} "
+                  f"GFLOP with the vision cut (the LLM gets {fl['kept_visual']} of {fl['visual_tokens']} visual tokens);"
+                  f" ratio {fl['e2e_ratio']:.2f}x."]
+    elif "e2e_ratio" in fl:
         lines += [f"End to end (vision encoder {fl['vision'] / 1e9:.3f} GFLOP added to both): ratio "
                   f"{fl['e2e_ratio']:.2f}x."]
     lines += [""]
@@ -388,6 +438,14 @@ def render_markdown(report: dict) -> str:
     if report.get("thresholds"):
         lines += ["## Gates", ""] + [f"- {line}" for line in report["thresholds"]["failures"] or ["all passed"]]
     return "\n".join(lines) + "\n"
+
+
+def _embed_row(lat: dict, side: str) -> str:
+    """The embedding + vision row: the same for both columns, unless a vision cut gave HalfV its own tower."""
+    full = lat[f"{side}_embed_vision"]
+    halfv = lat.get(f"{side}_halfv_embed_vision", full)
+    ratio = f"{full / halfv:.2f}x" if f"{side}_halfv_embed_vision" in lat else ""
+    return f"| {side} embedding + vision | {full:.2f} | {halfv:.2f} | {ratio} |"
 
 
 def _pct(value) -> str:

@@ -201,6 +201,10 @@ def write_repository(artifacts: Path, out: Path, options: TritonOptions = Triton
     if meta.get("precision", "fp32") == "bf16":
         raise BadInput("these graphs are bf16, and the orchestrator's tensors cross Triton's Python backend as numpy, "
                        "which has no bfloat16; export with --precision fp16 or fp32")
+    if meta.get("vision_cut"):
+        raise BadInput("this build has a vision cut, whose prompt rows depend on the tower's output, and the Triton "
+                       "orchestrator does not cut rows yet; serve it with `halfv-export serve`, or build without "
+                       "--vision-cut for Triton")
     graphs = list(meta["graphs"])
     trt = tensorrt_plans(artifacts, graphs) if options.graph_backend == "tensorrt" else None
     plans = trt["graphs"] if trt else {}

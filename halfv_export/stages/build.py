@@ -8,6 +8,7 @@ from pathlib import Path
 from ..base.errors import BadInput, HalfvError, RuntimeFailure
 from ..base.staging import export_only_path, promote, staged_build
 from ..engines import DEFAULT_TARGET
+from ..graphs.pruning import VisionCut
 from .calibrate import Probes, Search, calibrate
 from .engine import engine
 from .export import export
@@ -37,7 +38,7 @@ class EngineStageFailed(HalfvError):
 def build(backbone: str, out: Path, *, model: Path | None = None, data: Path | None = None,
           image_sizes: list[tuple[int, int]] = (), target: str = DEFAULT_TARGET, precision: str = "fp32",
           paper_values: bool = False, random_weights: int | None = None, overrides: dict | None = None,
-          search: Search | None = None, latency_runs: int | None = None,
+          search: Search | None = None, vision_cut: VisionCut | None = None, latency_runs: int | None = None,
           progress: ProgressCallback | None = None) -> Build:
     """-> Build in `out`. fp32 builds are gated (kept indices 1.0, greedy tokens 1.0, logits within 1e-3); fp16 /
     bf16 builds are reported, not gated. Raises BuildFailed (with the report) when a gate fails. When the engine
@@ -54,6 +55,7 @@ def build(backbone: str, out: Path, *, model: Path | None = None, data: Path | N
         say(ProgressEvent(Stage.CALIBRATE, message="[1/4] calibrate"))
         calibration = calibrate(backbone, work, model=model, data=data, random_weights=random_weights,
                                 paper_values=paper_values, overrides=overrides, search=search, probes=Probes(),
+                                vision_cut=vision_cut,
                                 progress=progress)
         say(ProgressEvent(Stage.EXPORT, message="[2/4] export"))
         artifacts = export(work / "schedule.json", work, model=model, image_sizes=image_sizes, precision=precision,

@@ -18,6 +18,7 @@ from ..calibration.schedule import (FIELDS, ChosenBy, Choice, build_document, ch
                                     write_schedule)
 from ..graphs.adapter import Processing, get_adapter
 from ..graphs.checkpoint import config_fingerprint
+from ..graphs.pruning import VisionCut
 from ..measure.plots import tme_plot
 from .data import default_samples
 from .progress import ProgressCallback, Reporter, Stage
@@ -60,17 +61,21 @@ class Search:
 
 def calibrate(backbone: str, out: Path, *, model: Path | None = None, data: Path | None = None,
               random_weights: int | None = None, paper_values: bool = False, overrides: dict | None = None,
-              search: Search | None = None, probes: Probes = Probes(),
+              search: Search | None = None, probes: Probes = Probes(), vision_cut: VisionCut | None = None,
               progress: ProgressCallback | None = None) -> Calibration:
     """-> the schedule in `out`/schedule.json. `model`: a checkpoint folder (default: the backbone's embedded
     default, its trained weights, or seeded random ones with `random_weights`). `overrides`: schedule fields
     ({"ssr_layer": 5, ...}) that win over the rules and hold still in a search. `paper_values`: the paper's
-    schedule at this depth, no probes."""
+    schedule at this depth, no probes. `vision_cut`: recorded in schedule.json for export (beyond the paper;
+    the probes and the search still measure the uncut prompt)."""
     report = Reporter(Stage.CALIBRATE, progress)
     adapter = get_adapter(backbone)
     overrides = checked_overrides(overrides)
     if random_weights is not None and model is not None:
         raise BadInput("--random-weights applies to the embedded default only; drop it or --model")
+    if search is not None and vision_cut is not None:
+        raise BadInput("--target-ratio searches the LLM schedule on the uncut prompt; a joint search with "
+                       "--vision-cut is not built yet: give the schedule flags with --vision-cut instead")
     if search is not None and paper_values:
         raise BadInput("--target-ratio searches the schedule; --paper-values asks for the paper's: pass one of them")
     if search is not None and not search.target_ratio > 1:
@@ -81,13 +86,18 @@ def calibrate(backbone: str, out: Path, *, model: Path | None = None, data: Path
     if paper_values:  # paper values need the depth and the config's fingerprint only: no weights are read
         config, source = adapter.load_config(model, seed=random_weights)
         depth = config.get_text_config().num_hidden_layers
+        if vision_cut is not None:
+            adapter.check_vision_cut(config, vision_cut)
         values, chosen = derive_schedule(None, depth, adapter, overrides, use_rules=False)
-        doc = build_document(backbone, config_fingerprint(config), source, depth, values, chosen, None, VERSION)
+        doc = build_document(backbone, config_fingerprint(config), source, depth, values, chosen, None, VERSION,
+                             vision_cut)
         write_schedule(out / "schedule.json", doc)
         return Calibration.from_document(out, doc)
 
     with report.status(f"loading {backbone} from {model or 'the embedded default'}"):
         loaded = adapter.load(model, seed=random_weights)
+    if vision_cut is not None:  # before the probes run
+        adapter.check_vision_cut(loaded.config, vision_cut)
     depth = adapter.text_stack(loaded).num_layers
     bucket = search_bucket(adapter, loaded, search.bucket) if search is not None else None
     calib = (load_data(data) if data is not None
@@ -126,7 +136,7 @@ def calibrate(backbone: str, out: Path, *, model: Path | None = None, data: Path
         "seconds": round(time.perf_counter() - started, 2),
     }
     doc = build_document(backbone, config_fingerprint(loaded.config), loaded.source, depth, values, chosen,
-                         calibration, VERSION)
+                         calibration, VERSION, vision_cut)
     tme_plot(curves, doc["schedule"], f"{backbone} ({loaded.source}): truncated matrix entropy per layer",
              out / "tme.png")
     if record is not None:

@@ -21,10 +21,10 @@ import torch
 from ..base.errors import BadInput
 from ..graphs.adapter import BackboneAdapter, LoadedModel, Processing
 from ..graphs.lint import TOPK_LIMIT
-from ..graphs.pruning import PruneSchedule, budgets
+from ..graphs.pruning import PruneSchedule, VisionCut, budgets
 from ..graphs.quantize import TENSOR_SUFFIXES, scheme_for
 from ..graphs.shared_weights import WeightStore, parameter_names
-from ..graphs.specs import PREFILL, VISION, decode_spec, embed_spec, prefill_spec, vision_spec
+from ..graphs.specs import PREFILL, VISION, VISION_FULL, decode_spec, embed_spec, prefill_spec, vision_spec
 from ..base.atomic import prepare_out_dir, write_text_atomic
 from ..base.kinds import SSRMode
 
@@ -44,23 +44,28 @@ def parse_image_size(text: str, flag: str = "--image-size") -> tuple[int, int]:
 
 
 def resolve_buckets(adapter: BackboneAdapter, processing: Processing, sizes: list[tuple[int, int]],
-                    schedule: PruneSchedule) -> list[dict]:
-    """Image sizes -> distinct buckets with their static budgets; each must be one the processor produces."""
+                    schedule: PruneSchedule, cut: VisionCut | None = None) -> list[dict]:
+    """Image sizes -> distinct buckets with their static budgets; each must be one the processor produces. With a
+    vision cut the HalfV prefill sees K = cut.tokens(N) visual rows, and --full runs the uncut tower."""
     buckets: dict[tuple[int, int], dict] = {}
     for size in sizes:
         bucket, n = adapter.bucket_for(processing, size)
         if bucket != size:
             raise BadInput(f"--image-size {size[0]}x{size[1]} is not a size the image processor produces (it resizes "
                            f"to {bucket[0]}x{bucket[1]}); use --image-size {bucket[0]}x{bucket[1]}")
-        plan = budgets(n, schedule)
+        kept = n if cut is None else cut.tokens(n)
+        plan = budgets(kept, schedule)
+        after_cut = "" if cut is None else f", {kept} after the vision cut"
         if plan.k1 < 1 or (schedule.ssr_mode == SSRMode.TOPK and plan.k2 < 1):
-            raise BadInput(f"bucket {size[0]}x{size[1]} has N={n} visual tokens: K1={plan.k1}, K2={plan.k2} at "
-                           f"keep_ratio={schedule.keep_ratio}; use a larger image size or larger ratios")
-        if max(plan.k1, plan.k2) > TOPK_LIMIT:
-            raise BadInput(f"bucket {size[0]}x{size[1]} needs TopK with K={plan.k1} > {TOPK_LIMIT} (TensorRT's "
-                           "limit); use a smaller image size or a smaller keep ratio")
-        buckets[bucket] = {"size": list(bucket), "num_visual": n, **{k: v for k, v in asdict(plan).items() if k != "n"},
-                           "vision": VISION.file(bucket), "prefill": PREFILL.file(bucket)}
+            raise BadInput(f"bucket {size[0]}x{size[1]} has N={n} visual tokens{after_cut}: K1={plan.k1}, "
+                           f"K2={plan.k2} at keep_ratio={schedule.keep_ratio}; use a larger image size or larger ratios")
+        if max(plan.k1, plan.k2, kept if cut is not None else 0) > TOPK_LIMIT:
+            raise BadInput(f"bucket {size[0]}x{size[1]} needs TopK with K={max(plan.k1, kept if cut else 0)} > "
+                           f"{TOPK_LIMIT} (TensorRT's limit); use a smaller image size or a smaller keep ratio")
+        buckets[bucket] = {"size": list(bucket), "num_visual": n, "kept_visual": kept,
+                           **{k: v for k, v in asdict(plan).items() if k != "n"}, "vision": VISION.file(bucket),
+                           "vision_full": VISION.file(bucket) if cut is None else VISION_FULL.file(bucket),
+                           "prefill": PREFILL.file(bucket)}
     return list(buckets.values())
 
 
@@ -68,7 +73,8 @@ def export_artifacts(adapter: BackboneAdapter, loaded: LoadedModel, schedule: Pr
                      sizes: list[tuple[int, int]], out: Path, step: Callable[[str], None] = lambda name: None,
                      precision: str = "fp32",
                      report: Callable[[str, str, object], None] = lambda graph, phase, detail: None,
-                     log: Callable[[str], None] = lambda message: None, quantize: str | None = None) -> dict:
+                     log: Callable[[str], None] = lambda message: None, quantize: str | None = None,
+                     cut: VisionCut | None = None) -> dict:
     """Export every graph. precision fp16/bf16 casts the weights; the graph code keeps scores, softmax, norms and
     the farthest-point fill in fp32 with explicit casts, which strongly typed TensorRT builds honour.
 
@@ -76,14 +82,19 @@ def export_artifacts(adapter: BackboneAdapter, loaded: LoadedModel, schedule: Pr
     weights.json. `report(graph, phase, detail)` follows each graph through tracing / writing / checking /
     sharing / done (detail: bytes written so far, or the graph's timing row when done).
 
-    quantize int4|int8 quantises the LLM graphs' weight MatMuls (graphs/quantize.py); embed and vision stay float."""
+    quantize int4|int8 quantises the LLM graphs' weight MatMuls (graphs/quantize.py); embed and vision stay float.
+
+    cut: a vision cut (beyond the paper; graphs/vision_cut.py): each bucket's vision graph is the cut tower, a
+    second one (VISION_FULL) the uncut tower for --full, and the HalfV prefill is traced for the K kept tokens."""
     if precision not in PRECISIONS:
         raise BadInput(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     scheme = check_quantize(quantize, precision)
+    if cut is not None:
+        adapter.check_vision_cut(loaded.config, cut)  # before anything is written
     dtype = PRECISIONS[precision]
     out = prepare_out_dir(out)
     processing = Processing(loaded.tokenizer, loaded.image_processor, loaded.config)
-    buckets = resolve_buckets(adapter, processing, sizes, schedule)
+    buckets = resolve_buckets(adapter, processing, sizes, schedule, cut)
     stack = adapter.text_stack(loaded)
     staging = out / f".staging-{time.time_ns()}"
     staging.mkdir()
@@ -96,8 +107,10 @@ def export_artifacts(adapter: BackboneAdapter, loaded: LoadedModel, schedule: Pr
         for bucket in buckets:
             size = tuple(bucket["size"])
             pixels = adapter.host_inputs(processing, [_blank(size)], ["x"]).pixel_values[0].to(dtype)
-            specs.append(vision_spec(adapter.vision_graph(loaded, size), pixels, size))
-            prefill = prefill_spec(stack, schedule, bucket["num_visual"], size)
+            specs.append(vision_spec(adapter.vision_graph(loaded, size, cut), pixels, size))
+            if cut is not None:
+                specs.append(vision_spec(adapter.vision_graph(loaded, size), pixels, size, VISION_FULL))
+            prefill = prefill_spec(stack, schedule, bucket["kept_visual"], size)
             bucket["groups"] = prefill.module.group_of_layer()
             specs.append(prefill)
         specs += [prefill_spec(stack, None, 0), decode_spec(stack, buckets[0]["groups"], pruned=True),
@@ -127,7 +140,7 @@ def export_artifacts(adapter: BackboneAdapter, loaded: LoadedModel, schedule: Pr
 
         meta = {
             "format": ARTIFACTS_FORMAT, "backbone": adapter.name, "source": loaded.source, "precision": precision,
-            "schedule": asdict(schedule), "buckets": buckets, "groups": buckets[0]["groups"],
+            "schedule": asdict(schedule), "vision_cut": None if cut is None else asdict(cut), "buckets": buckets, "groups": buckets[0]["groups"],
             "num_layers": stack.num_layers, "num_kv_heads": stack.num_kv_heads, "head_dim": stack.head_dim,
             "hidden_size": stack.embed_tokens.embedding_dim, "position_rows": 3 if stack.mrope else 1,
             "eos_token_ids": sorted(adapter.eos_token_ids(loaded)), "processing_files": files,
@@ -201,7 +214,7 @@ def export(schedule: Path, out: Path, *, model: Path | None = None, image_sizes:
     the processor's buckets), embed / full prefill / decode graphs once, weights stored once, artifacts.json and
     manifest.json. `model`: the checkpoint (default: the one the schedule was calibrated on)."""
     from ..base.manifest import write_manifest
-    from ..calibration.schedule import read_schedule
+    from ..calibration.schedule import read_schedule, read_vision_cut
     from ..graphs.adapter import get_adapter
     from ..graphs.checkpoint import config_fingerprint
     from .calibrate import DEFAULT_IMAGE_SIZES
@@ -212,6 +225,7 @@ def export(schedule: Path, out: Path, *, model: Path | None = None, image_sizes:
     check_quantize(quantize, precision)  # before the model is loaded
     _, doc = read_schedule(schedule)
     adapter = get_adapter(doc.get("backbone", "?"))
+    cut = read_vision_cut(doc, where=f"schedule {schedule}")  # before the model is loaded
     with report.status("loading the model"):  # at the export dtype: a bf16 checkpoint is never upcast to fp32
         loaded = load_for_source(adapter, doc["model"].get("source", ""), model, dtype=PRECISIONS.get(precision))
     sched, doc = read_schedule(schedule, backbone=adapter.name, fingerprint=config_fingerprint(loaded.config),
@@ -221,10 +235,10 @@ def export(schedule: Path, out: Path, *, model: Path | None = None, image_sizes:
         processing = Processing(loaded.tokenizer, loaded.image_processor, loaded.config)
         wanted = [tuple(s) for s in loaded.meta.get("image_sizes", [])] or DEFAULT_IMAGE_SIZES
         image_sizes = list(dict.fromkeys(adapter.bucket_for(processing, s)[0] for s in wanted))
-    count = report.counted("exporting", 2 * len(image_sizes) + 4)
+    count = report.counted("exporting", (2 if cut is None else 3) * len(image_sizes) + 4)
     graph_progress = GraphProgress(report, count)
     meta = export_artifacts(adapter, loaded, sched, doc, image_sizes, out, precision=precision,
-                            report=graph_progress, log=report.message, quantize=quantize)
+                            report=graph_progress, log=report.message, quantize=quantize, cut=cut)
     count.finish()
     with report.status("hashing the artifacts for manifest.json"):
         write_manifest(out, export_manifest_extra(out))

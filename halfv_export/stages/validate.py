@@ -47,6 +47,9 @@ def validate(artifacts: Path, *, data: Path | None = None, model: Path | None = 
     answered = any(s.answer is not None for s in samples)
     if baselines and not answered:
         raise BadInput("--baselines needs data with answers; pass --data DIR written by `halfv-export make-task`")
+    if baselines and meta.get("vision_cut"):
+        raise BadInput("--baselines compares LLM-side selections on the uncut prompt, and this build has a vision "
+                       "cut; validate it without --baselines, or a build without the cut with them")
     # a checkpoint folder may hold random weights too (tools/shaped_checkpoint.py): say where they came from only
     weights = weights or {"random": "random", "trained": "trained"}.get(loaded.weights, "checkpoint")
     pictures: list = []
@@ -76,6 +79,7 @@ def validate(artifacts: Path, *, data: Path | None = None, model: Path | None = 
                                                 progress=report_progress.tracker("searched vs paper schedule (eager)"))
     task = task_kind(data, loaded) if answered else None
     report = {"backbone": meta["backbone"], "source": meta["source"], "schedule": meta["schedule"],
+              "vision_cut": meta.get("vision_cut"),
               "precision": meta.get("precision", "fp32"), "quantize": meta.get("quantize"),
               "buckets": [f"{h}x{w}" for h, w in buckets], "device": pipeline.runner.describe(), **report,
               **({"task": task} if task else {}), "latency_ms": latency, "flops": flops}

@@ -46,6 +46,7 @@ from ..graphs import get_adapter
 from ..graphs.adapter import EMBEDDED_WEIGHTS, TRAINING_RECORD, Processing
 from ..graphs.halfv import HalfVReference, additive_mask
 from ..graphs.pruning import gather_rows
+from .grow import GROWABLE, grow
 
 CHECKPOINT_DIR = "checkpoint"  # under --out: the weights at the latest mid-run held-out score
 EVAL_SEED = 12345  # the held-out set of the training log (validate's evaluation set is written by make-task)
@@ -284,6 +285,17 @@ def load_init(adapter, loaded, weights: Path, overrides: list[str] = ()) -> None
     loaded.model.load_state_dict(trained.state_dict(), strict=True)
 
 
+def init_shape(weights: Path) -> list[str]:
+    """--set entries for the language model's depth and MLP width that `weights` were saved at (read off the tensor
+    names and shapes), so --grow starts from what the file holds, not from the shipped config."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        gates = {int(m.group(1)): n for n in f.keys() if (m := re.search(r"layers\.(\d+)\.mlp\.gate_proj\.weight$", n))}
+        layers, width = max(gates) + 1, f.get_slice(gates[0]).get_shape()[0]  # the LM's (CLIP's MLPs are fc1 / fc2)
+    return [f"num_hidden_layers={layers}", f"intermediate_size={width}"]
+
+
 def init_history(weights: Path | None) -> list[dict]:
     """The runs that made the --init weights, oldest first, from the training.json beside them (empty when there is
     none): a continued model ships with every command it took, so the README can say how to rebuild it."""
@@ -501,6 +513,10 @@ def main(argv=None) -> None:
     parser.add_argument("--workers", type=int, default=0,
                         help="Processes drawing stage 2 batches ahead of the training steps (0: inline).")
     parser.add_argument("--init", type=Path, help="Continue from these safetensors instead of the seeded init.")
+    parser.add_argument("--grow", action="store_true",
+                        help="The --init weights are of the config without the --set num_hidden_layers / "
+                             "intermediate_size entries: grow them to it without changing the function (new layers "
+                             "copy the one before with zeroed output projections; new MLP units add nothing).")
     parser.add_argument("--init-std", type=float, default=0.02,
                         help="Re-draw every weight matrix from N(0, std) before training (norms 1, biases 0); "
                              "the shipped configs' 0.08 is for the seeded random defaults. 0: keep the seeded init.")
@@ -558,9 +574,23 @@ def main(argv=None) -> None:
     command = "python -m halfv_export.training " + " ".join(sys.argv[1:] if argv is None else argv)
     adapter = get_adapter(args.backbone)
     loaded = load_with(adapter, args.set, args.seed)  # the shipped config (edited by --set), seeded random weights
-    if args.init is not None:
+    if args.init is not None and args.grow:
+        grown = [s for s in args.set if s.partition("=")[0] in GROWABLE]
+        if not grown:
+            parser.error(f"--grow needs --set for one of {', '.join(GROWABLE)}, e.g. --set num_hidden_layers=12")
+        source = [s for s in args.set if s not in grown] + init_shape(args.init)  # what the --init weights hold
+        small = load_with(adapter, source, args.seed)
+        load_init(adapter, small, args.init, source)
+        try:
+            grow(small.model, loaded.model, args.seed)
+        except ValueError as err:
+            parser.error(f"--grow: {err}")
+        print(f"init from {args.init}, grown by {' '.join(grown)}", flush=True)
+    elif args.init is not None:
         load_init(adapter, loaded, args.init, args.set)
         print(f"init from {args.init}", flush=True)
+    elif args.grow:
+        parser.error("--grow grows the --init weights: give --init")
     earlier = init_history(args.init)  # read with the weights, so a missing record is reported before training
     model, stack = loaded.model, adapter.text_stack(loaded)
     if args.init_std > 0 and args.init is None:
@@ -656,6 +686,9 @@ def main(argv=None) -> None:
                   + "  ".join(f"{k} {v['accuracy']:.2f}" for k, v in acc["per_type"].items()), flush=True)
             if args.out is not None:  # a run cut off later still leaves these weights (continue with --init)
                 save_fp16(model, args.out / CHECKPOINT_DIR)
+                if args.set:  # as beside the final weights: a grown or edited checkpoint loads only into its config
+                    write_text_atomic(args.out / CHECKPOINT_DIR / "config.json",
+                                      json.dumps(edited_config(adapter, args.set), indent=2) + "\n")
                 write_text_atomic(args.out / CHECKPOINT_DIR / "checkpoint.json", json.dumps(
                     {"step": step + 1, "of_steps": args.steps,
                      "held_out": {"accuracy": acc["accuracy"], "count": acc["count"]},
@@ -684,7 +717,7 @@ def main(argv=None) -> None:
         "seed": args.seed, "steps": args.steps, "steps_run": steps_run, "batch": args.batch, "lr": args.lr, "warmup": args.warmup,
         "weight_decay": args.weight_decay,
         "curriculum": [{"steps": n, "mix": m, "digits": list(d)} for n, m, d in phases],
-        "config_overrides": args.set, "question_aux_layer": args.question_aux, "freeze_vision_steps": args.freeze_vision_steps, "vision_lr_scale": args.vision_lr_scale, "augment": args.augment, "digit_aux": args.digit_aux, "images_seen": images_seen, "vision_stage": vision_stage,
+        "config_overrides": args.set, "grown": args.grow, "question_aux_layer": args.question_aux, "freeze_vision_steps": args.freeze_vision_steps, "vision_lr_scale": args.vision_lr_scale, "augment": args.augment, "digit_aux": args.digit_aux, "images_seen": images_seen, "vision_stage": vision_stage,
         "image_sizes": [list(s) for s in sizes], "mix": mix if args.mix else DEFAULT_MIX,
         "task": {"generator": "halfv_export.tasks.digits", "split": "train", "slot": args.slot, "kind": args.task},
         "train_seconds": round(train_seconds, 1), "threads": args.threads,
