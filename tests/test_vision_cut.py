@@ -318,3 +318,26 @@ def test_a_cut_build_runs_the_cut_with_exact_parity_and_full_runs_the_uncut_towe
         EnginePipeline.towers = real_towers
     assert tampered["selection_differs"] == 1 and tampered["selection_valid"] < 1
     assert tampered["selection_shortfall_max"] > 1e-3
+
+
+@torch.no_grad()
+def test_calibration_measures_the_towers_token_entropy_per_block(qwen):
+    # beyond the paper: calibrate records the TME of the tower's token rows after every block, for choosing a cut;
+    # the last block's value equals the TME of what the merger receives (captured at the merger, not the blocks)
+    from halfv_export.calibration.rules import measure_probes
+    from halfv_export.graphs.tme import truncated_entropy
+
+    adapter, loaded, _ = qwen
+    samples = task_set(2, seed=8, sizes=[(448, 448)], task="page")
+    merged_inputs = []
+    hook = loaded.model.model.visual.merger.register_forward_pre_hook(lambda m, args: merged_inputs.append(args[0]))
+    try:
+        curves = measure_probes(adapter, loaded, samples, kl_probe=False)
+    finally:
+        hook.remove()
+    assert curves["tower_cut_blocks"] == [1] and len(curves["tower"]) == len(loaded.model.model.visual.blocks)
+    want = np.mean([truncated_entropy(h.reshape(-1, h.shape[-1])) for h in merged_inputs])
+    assert curves["tower"][-1] == pytest.approx(want, rel=1e-9)
+    assert len(set(round(v, 6) for v in curves["tower"])) == len(curves["tower"])  # one value per block
+    llava = get_adapter("llava-1.5")
+    assert llava.tower_blocks(llava.load(None)) is None

@@ -35,6 +35,7 @@ A rule that cannot apply (too shallow a model, NaN curves) falls back to the pap
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Iterable
 
@@ -52,15 +53,21 @@ from ..base.kinds import SSRMode
 def measure_probes(adapter: BackboneAdapter, loaded: LoadedModel, samples: list[Sample], k: int = DEFAULT_K,
                    kl_probe: bool = True, progress: Callable[[Iterable], Iterable] = iter,
                    keep_inputs: list | None = None) -> dict:
-    """Per-layer curves averaged over samples: {"visual", "text", "whole": [L+1], "kl_visual_update": [L]}.
+    """Per-layer curves averaged over samples: {"visual", "text", "whole": [L+1], "kl_visual_update": [L]}; and,
+    beyond the paper, "tower": the TME of the vision tower's token rows after each block, with "tower_cut_blocks"
+    (the blocks a vision cut may follow), where the backbone has a vision cut (else None).
     keep_inputs, when a list, receives each sample's prefill inputs (the vision tower's output: the SSR mode probe
     reuses them rather than run the tower again)."""
     stack = adapter.text_stack(loaded)
     depth = stack.num_layers
     reference = HalfVReference(stack, None)
-    per_sample = {"visual": [], "text": [], "whole": [], "kl_visual_update": []}
+    per_sample = {"visual": [], "text": [], "whole": [], "kl_visual_update": [], "tower": []}
+    tower = adapter.tower_blocks(loaded)
     for sample in progress(samples):
-        inputs = adapter.prepare(loaded, [sample.image], [sample.prompt])
+        with tower_entropy(tower[0] if tower and sample.image is not None else [], k) as entropies:
+            inputs = adapter.prepare(loaded, [sample.image], [sample.prompt])
+        if entropies:  # beyond the paper: the tower's token redundancy per block, for the vision cut
+            per_sample["tower"].append(entropies)
         if keep_inputs is not None:
             keep_inputs.append(inputs)
         captured: list = []
@@ -79,7 +86,7 @@ def measure_probes(adapter: BackboneAdapter, loaded: LoadedModel, samples: list[
             kl = [float(kl_last_token(reference.prefill(inputs, freeze_layers=frozenset({i})).logits, full.logits)[0])
                   for i in range(depth)]
             per_sample["kl_visual_update"].append(kl)
-    curves = {}
+    curves = {"tower_cut_blocks": tower[1] if tower else None}
     for key, table in per_sample.items():
         if table:
             with np.errstate(all="ignore"):
@@ -88,6 +95,24 @@ def measure_probes(adapter: BackboneAdapter, loaded: LoadedModel, samples: list[
         else:
             curves[key] = None
     return curves
+
+
+@contextlib.contextmanager
+def tower_entropy(blocks: list, k: int):
+    """The TME of each block's output rows (the patch rows [P, C], or CLIP's [1 + P, C]) while the tower runs, taken
+    as each block finishes so that no block's activations are kept (32 of them at 896x896 would be 0.7 GB)."""
+    entropies: list = []
+
+    def measure(module, inputs, out):
+        h = out[0] if isinstance(out, tuple) else out
+        entropies.append(truncated_entropy(h.detach().reshape(-1, h.shape[-1]), k))
+
+    hooks = [b.register_forward_hook(measure) for b in blocks]
+    try:
+        yield entropies
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def derive_schedule(curves: dict | None, depth: int, adapter: BackboneAdapter, overrides: dict,

@@ -387,6 +387,11 @@ class BackboneAdapter(abc.ABC):
         `force` [K]: keep these tokens instead, and say how far they are from a set the rule could pick."""
         self.check_vision_cut(loaded.config, cut)
 
+    def tower_blocks(self, loaded: LoadedModel) -> tuple[list, list[int]] | None:
+        """The vision tower's blocks (whose outputs calibration's tower TME reads) and the ones a vision cut may
+        follow; None where the backbone has no vision cut."""
+        return None
+
     def check_vision_cut(self, config, cut) -> None:
         """One line where this model's tower cannot make `cut` (before anything is loaded or written)."""
         raise BadInput(f"{self.name} has no vision cut yet; drop the cut, or use a backbone that has one")

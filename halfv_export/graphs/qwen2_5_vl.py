@@ -286,6 +286,11 @@ class Qwen25VLAdapter(BackboneAdapter):
         return eager_cut_vision(loaded.model.model.visual, pixel_values, self._grid(loaded.image_processor, bucket), cut,
                                 force)
 
+    def tower_blocks(self, loaded: LoadedModel) -> tuple[list, list[int]]:
+        visual = loaded.model.model.visual
+        depth = len(visual.blocks)
+        return list(visual.blocks), [i for i in visual.fullatt_block_indexes if i < depth - 1]
+
     def check_vision_cut(self, config, cut) -> None:
         vision = config.vision_config
         cut.check(vision.depth, [i for i in vision.fullatt_block_indexes if i < vision.depth])

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from ..base.atomic import write_bytes_atomic  # noqa: E402
 
@@ -61,6 +62,24 @@ def tme_plot(curves: dict, schedule: dict, title: str, path: Path) -> None:
         ax2.set_ylabel("KL(p_probe || p_full)")
         ax2.legend(fontsize=8)
     axes[-1][0].set_xlabel("layer point (i = input of layer i; last = final output)")
+    save_figure(fig, path)
+    if curves.get("tower"):
+        tower_plot(curves["tower"], curves.get("tower_cut_blocks") or [], title,
+                   path.with_name(path.stem + "_tower" + path.suffix))
+
+
+def tower_plot(tower: list, cut_blocks: list[int], title: str, path: Path) -> None:
+    """The vision tower's token TME after each block, the blocks a vision cut may follow marked (beyond the paper:
+    where the tower's tokens stop saying new things is where a cut loses least)."""
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    ax.plot(range(len(tower)), _series(tower), marker="o", ms=3, color="tab:brown", label="tower token TME")
+    for i, block in enumerate(cut_blocks):
+        ax.axvline(block, color="tab:green", ls=":", label="full-attention block (a cut may follow)" if not i else None)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("vision tower block (its output)")
+    ax.set_ylabel("TME H1 (nats)")
+    ax.set_title(title.replace("truncated matrix entropy per layer", "vision tower TME per block"), fontsize=10)
+    ax.legend(fontsize=8)
     save_figure(fig, path)
 
 
