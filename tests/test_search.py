@@ -4,6 +4,8 @@ schedule reaches is refused before any model work, and validate puts the searche
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -197,3 +199,56 @@ def test_build_target_ratio_validates_against_the_paper_schedule(run_cli, tiny_q
     result = run_cli("validate", "--artifacts", out, "--data", tmp_path / "plain.jsonl", "--latency-runs", 1)
     assert result.exit_code == 0, result.output
     assert "search_check" not in json.loads((out / "report.json").read_text())
+
+
+def test_a_ttft_search_pairs_schedules_with_vision_cuts(run_cli, qwen, tmp_path):
+    # beyond the paper: --ratio-kind ttft on Qwen searches the tower's cuts with the LLM schedule. A target no
+    # LLM-only schedule reaches at 224x224 is met by a cut; the chosen cut goes into schedule.json for export, and a
+    # cut candidate's fidelity is the eager reference's own, recomputed here sample by sample on the cut's rows
+    # against the uncut unpruned model
+    from halfv_export.graphs.halfv import HalfVReference
+    from halfv_export.graphs.pruning import PruneSchedule, VisionCut
+    from halfv_export.graphs.tme import kl_last_token
+    from halfv_export.stages.data import default_samples
+
+    adapter, loaded, stack = qwen
+    result = run_cli("calibrate", "--backbone", "qwen2.5-vl", "--target-ratio", 1.6, "--ratio-kind", "ttft",
+                     "--samples", 4, "--no-kl-probe", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    doc = json.loads((tmp_path / "schedule.json").read_text())
+    search = doc["search"]
+    chosen = search["log"][search["chosen"]]
+    candidates = [e for e in search["log"] if e["role"] == "candidate"]
+    assert all(e["vision_cut"] is not None for e in candidates)  # LLM-only tops out below 1.6 at 64 tokens
+    assert {e["vision_cut"]["keep"] for e in candidates} <= {0.25, 0.5, 0.75} and search["counts"]["vision_cuts"] == 4
+    assert doc["vision_cut"] == chosen["vision_cut"] == search["vision_cut"] and chosen["ratio"] >= 1.6
+    assert doc["chosen_by"]["vision_cut"]["by"] == "search"
+    entry = max(candidates, key=lambda e: e["kl_mean"])
+    cut, schedule = VisionCut(**entry["vision_cut"]), PruneSchedule(**{k: entry[k] for k in doc["schedule"]})
+    samples = default_samples(loaded, 4, 0, split="train", sizes=[(224, 224)], any_size=True)
+    kls = []
+    for s in samples:
+        full = HalfVReference(stack, None).prefill(adapter.prepare(loaded, [s.image], [s.prompt])).logits
+        pruned = HalfVReference(stack, schedule).prefill(adapter.prepare(loaded, [s.image], [s.prompt], cut)).logits
+        kls.append(float(kl_last_token(full, pruned)[0]))
+    assert entry["kl_mean"] == pytest.approx(np.mean(kls), rel=1e-4, abs=1e-6)
+    # its ratio by hand: the whole tower and all N tokens over the cut tower and the schedule on K tokens
+    from halfv_export.measure.vision_flops import vision_flops
+
+    config = loaded.config.to_dict()
+    shape = LMShape.from_config(config)
+    n, text = search["visual_tokens"], search["text_tokens"]
+    full = vision_flops(config, shape.hidden, n, (8, 8)).total + prefill_flops(shape, n, text, None).full
+    halfv = (vision_flops(config, shape.hidden, n, (8, 8), cut).total
+             + prefill_flops(shape, cut.tokens(n), text, schedule).halfv)
+    assert entry["ratio"] == pytest.approx(full / halfv, abs=1e-4)
+    shortlist = [search["log"][i] for i in search["shortlist"]]  # answers re-rank the shortlist, across cuts
+    assert chosen["accuracy"] == max(e["accuracy"] for e in shortlist) and search["vision_keeps"] == [0.25, 0.5, 0.75]
+    # a cut given on the command line is held fixed, for a prefill ratio too (the LLM on the K kept tokens)
+    fixed = run_cli("calibrate", "--backbone", "qwen2.5-vl", "--target-ratio", 2.5, "--vision-cut", "1:0.5",
+                    "--samples", 4, "--no-kl-probe", "--out", tmp_path / "fixed")
+    assert fixed.exit_code == 0, fixed.output
+    doc = json.loads((tmp_path / "fixed" / "schedule.json").read_text())
+    assert {str(e["vision_cut"]) for e in doc["search"]["log"] if e["role"] == "candidate"} == {str({"block": 1, "keep": 0.5})}
+    assert doc["vision_cut"] == {"block": 1, "keep": 0.5} and doc["chosen_by"]["vision_cut"]["by"] == "cli"
+    assert doc["search"]["vision_keeps"] is None and "vision cut after tower block 1 keeping 0.5" in fixed.output

@@ -129,7 +129,7 @@ def build_document(backbone: str, fingerprint: str, source: str, depth: int, val
                    vision_cut: VisionCut | None = None) -> dict:
     sched = check_values(values, depth)
     chosen = {key: choice.to_json() for key, choice in chosen_by.items()}
-    if vision_cut is not None:
+    if vision_cut is not None and "vision_cut" not in chosen:
         chosen["vision_cut"] = Choice(ChosenBy.CLI).to_json()
     return {
         "schema_version": SCHEMA_VERSION,

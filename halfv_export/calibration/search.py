@@ -37,7 +37,7 @@ import torch
 from ..base.data import Sample
 from ..base.errors import BadInput
 from ..graphs.halfv import HalfVReference
-from ..graphs.pruning import PruneSchedule, budgets
+from ..graphs.pruning import PruneSchedule, VisionCut, budgets
 from ..graphs.tme import kl_last_token
 from ..measure.accuracy import AccuracyTable, answer_budget, cut_at_eos
 from ..measure.compare import bucket_batches
@@ -49,6 +49,7 @@ from ..base.kinds import RATIO_KINDS, RatioKind, SSRMode
 KEEP_RATIOS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.75)
 ANCHOR_RATIOS = (0.1, 0.25, 0.5)
 SSR_RATIOS = (0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3)
+VISION_KEEPS = (0.25, 0.5, 0.75)  # a joint search's vision cuts keep these shares of the tokens (beyond the paper)
 SHORTLIST = 8
 BATCH = 16
 MAX_LAYERS = 12
@@ -64,23 +65,32 @@ class Budget:
     n: int
     text: int
     vision: int  # FLOPs of the vision tower at the bucket, 0 for kind "prefill"
+    cut_vision: tuple = ()  # ((VisionCut, the cut tower's FLOPs), ...): the cuts a joint search may pick
 
-    def ratio(self, shape: LMShape, schedule: PruneSchedule) -> float:
-        f = prefill_flops(shape, self.n, self.text, schedule)
-        return (self.vision + f.full) / (self.vision + f.halfv)
+    def ratio(self, shape: LMShape, schedule: PruneSchedule, cut: VisionCut | None = None) -> float:
+        """Unpruned (all N tokens, the whole tower) over HalfV (with a vision cut: the cut tower, the LLM on K)."""
+        full = prefill_flops(shape, self.n, self.text, None).full
+        halfv = prefill_flops(shape, self.n if cut is None else cut.tokens(self.n), self.text, schedule).halfv
+        vision = self.vision if cut is None else dict(self.cut_vision)[cut]
+        return (self.vision + full) / (vision + halfv)
 
 
-def make_budget(kind: str, config: dict, shape: LMShape, bucket: tuple[int, int], n: int, text: int) -> Budget:
+def make_budget(kind: str, config: dict, shape: LMShape, bucket: tuple[int, int], n: int, text: int,
+                cuts: list = ()) -> Budget:
+    """`cuts`: vision cuts the search may pair with a schedule (a prefill ratio counts the LLM on the K tokens a
+    cut keeps; a ttft ratio also the cut tower)."""
     if kind not in RATIO_KINDS:
         raise BadInput(f"--ratio-kind {kind!r}: use one of {', '.join(RATIO_KINDS)}")
     kind = RatioKind(kind)
-    vision = 0
+    vision, cut_vision = 0, tuple((c, 0) for c in cuts if c is not None)
     if kind is RatioKind.TTFT:
         v = config.get("vision_config") or {}
         unit = int(v.get("patch_size", 14)) * int(v.get("spatial_merge_size", 1))
         grid = (bucket[0] // unit, bucket[1] // unit) if "spatial_merge_size" in v else None
-        vision = vision_flops(config, shape.hidden, n, grid if grid and grid[0] * grid[1] == n else None).total
-    return Budget(kind, tuple(bucket), n, text, vision)
+        grid = grid if grid and grid[0] * grid[1] == n else None
+        vision = vision_flops(config, shape.hidden, n, grid).total
+        cut_vision = tuple((c, vision_flops(config, shape.hidden, n, grid, c).total) for c in cuts if c is not None)
+    return Budget(kind, tuple(bucket), n, text, vision, cut_vision)
 
 
 # ------------------------------------------------------------------------------------------------ the grid
@@ -118,15 +128,18 @@ def tokens(schedule: PruneSchedule, n: int) -> tuple[int, int, int]:
 
 
 def prune_grid(grid: list[PruneSchedule], shape: LMShape, budget: Budget, sample_ns: set[int],
-               target: float) -> tuple[list[tuple[PruneSchedule, float]], dict]:
-    """Step 2 of the module docstring -> ([(schedule, ratio)] to run, counts for the log)."""
+               target: float, cut: VisionCut | None = None) -> tuple[list[tuple[PruneSchedule, float]], dict]:
+    """Step 2 of the module docstring -> ([(schedule, ratio)] to run, counts for the log). With a vision cut the
+    schedules act on the K = cut.tokens(N) tokens the cut keeps."""
     ns = sorted(sample_ns | {budget.n})
+    if cut is not None:
+        ns = [cut.tokens(n) for n in ns]
     feasible, seen, best = [], set(), 0.0
     for s in grid:
         budgets_per_n = tuple(tokens(s, n) for n in ns)
         if any(k1 < 1 or k2 < 1 for k1, _, k2 in budgets_per_n):
             continue  # an empty stage for some sample's N: not a schedule HalfV can run there
-        ratio = budget.ratio(shape, s)
+        ratio = budget.ratio(shape, s, cut)
         best = max(best, ratio)
         key = (s.ivr_layer, s.ssr_layer, s.ssr_mode, budgets_per_n)
         if ratio < target or key in seen:
@@ -134,9 +147,10 @@ def prune_grid(grid: list[PruneSchedule], shape: LMShape, budget: Budget, sample
         seen.add(key)
         feasible.append((s, ratio))
     structures: dict = {}  # (L1, alpha, L2, mode) -> [(K1, A, K2) at the bucket, schedule, ratio]
+    n = budget.n if cut is None else cut.tokens(budget.n)
     for s, ratio in feasible:
         structures.setdefault((s.ivr_layer, s.anchor_ratio, s.ssr_layer, s.ssr_mode), []).append(
-            (tokens(s, budget.n), s, ratio))
+            (tokens(s, n), s, ratio))
     frontier = [(s, ratio) for members in structures.values() for t, s, ratio in members
                 if not any(o[0] >= t[0] and o[2] >= t[2] and o != t for o, _, _ in members)]
     counts = {"grid": len(grid), "reach_target": len(feasible), "frontier": len(frontier),
@@ -171,11 +185,13 @@ def candidate_logits(stack, batches_inputs: list, schedules: list[PruneSchedule]
 
 
 def evaluate_fidelity(stack, batches_inputs: list, schedules: list[PruneSchedule],
-                      progress: Callable = iter) -> list[dict]:
-    """Per schedule {"kl_mean", "top1_agreement"} against the unpruned model, over all samples."""
+                      progress: Callable = iter, reference: list | None = None) -> list[dict]:
+    """Per schedule {"kl_mean", "top1_agreement"} against the unpruned model, over all samples. `reference`: the
+    unpruned logits per batch where `batches_inputs` are not the unpruned model's prompt (a vision cut's rows)."""
     kls = [[] for _ in schedules]
     agree = [[] for _ in schedules]
-    for _, full_logits, i, logits in candidate_logits(stack, batches_inputs, schedules, progress):
+    for b, full_logits, i, logits in candidate_logits(stack, batches_inputs, schedules, progress):
+        full_logits = full_logits if reference is None else reference[b]
         kls[i] += kl_last_token(full_logits, logits).tolist()
         agree[i] += (logits.argmax(-1) == full_logits.argmax(-1)).tolist()
     return [{"kl_mean": float(np.mean(k)), "top1_agreement": float(np.mean(a))} for k, a in zip(kls, agree)]
@@ -215,14 +231,25 @@ class SearchPlan:
     shape: LMShape
     fixed: dict
     batches: list  # [[Sample]] one bucket per batch
-    batches_inputs: list  # PrefillInputs per batch
-    frontier: list  # [(PruneSchedule, ratio)]
+    batches_inputs: list  # PrefillInputs per batch (the uncut prompt)
+    frontier: list  # [(PruneSchedule, ratio, VisionCut or None)]
     counts: dict
+    cut_inputs: dict  # VisionCut -> PrefillInputs per batch with that cut (a joint search's cut candidates)
+
+
+def vision_cut_grid(adapter, loaded, kind: str, cut: VisionCut | None) -> list:
+    """The vision cuts a search pairs with the LLM schedules: the given one alone; else, for a time-to-first-token
+    search on a backbone with a cut, none plus every cut-able block x VISION_KEEPS (beyond the paper); else none."""
+    if cut is not None:
+        return [cut]
+    blocks = adapter.tower_blocks(loaded) if kind == RatioKind.TTFT else None
+    return [None] + ([VisionCut(b, k) for b in blocks[1] for k in VISION_KEEPS] if blocks else [])
 
 
 def plan_search(adapter, loaded, samples: list[Sample], target: float, kind: str, bucket: tuple[int, int],
-                fixed: dict) -> SearchPlan:
-    """Tokenise the samples, build and prune the grid; refuse a target no schedule reaches, in one line."""
+                fixed: dict, cut: VisionCut | None = None) -> SearchPlan:
+    """Tokenise the samples, build and prune the grid (for each vision cut of vision_cut_grid); refuse a target no
+    schedule reaches, in one line."""
     from ..graphs.adapter import Processing
 
     config = loaded.config.to_dict()
@@ -230,14 +257,24 @@ def plan_search(adapter, loaded, samples: list[Sample], target: float, kind: str
     _, n_bucket = adapter.bucket_for(Processing(loaded.tokenizer, loaded.image_processor, loaded.config), bucket)
     batches = bucket_batches(adapter, loaded, samples, BATCH, needs="a schedule search")
     batches_inputs = [adapter.prepare(loaded, [s.image for s in b], [s.prompt for s in b]) for b in batches]
-    budget = make_budget(kind, config, shape, bucket, n_bucket, mean_text_rows(batches_inputs))
+    cuts = vision_cut_grid(adapter, loaded, kind, cut)
+    budget = make_budget(kind, config, shape, bucket, n_bucket, mean_text_rows(batches_inputs), cuts)
     grid = candidate_grid(adapter.text_stack(loaded).num_layers, fixed)
-    frontier, counts = prune_grid(grid, shape, budget, {inp.num_visual for inp in batches_inputs}, target)
+    frontier, counts = [], {"grid": 0, "reach_target": 0, "frontier": 0, "best_reachable_ratio": 0.0}
+    for c in cuts:
+        found, cut_counts = prune_grid(grid, shape, budget, {inp.num_visual for inp in batches_inputs}, target, c)
+        frontier += [(s, ratio, c) for s, ratio in found]
+        counts = {k: max(v, cut_counts[k]) if k == "best_reachable_ratio" else v + cut_counts[k]
+                  for k, v in counts.items()}
+    counts["vision_cuts"] = len(cuts)
     if not frontier:
         raise BadInput(f"no schedule reaches a {kind} FLOPs ratio of {target:g} at {describe_budget(budget)}: the "
                        f"most any schedule of the grid reaches is {counts['best_reachable_ratio']:.2f}; lower "
                        "--target-ratio, pick a larger --bucket, or free a field held by a schedule flag")
-    return SearchPlan(target, budget, shape, fixed, batches, batches_inputs, frontier, counts)
+    used = {c for _, _, c in frontier if c is not None}
+    cut_inputs = {c: [adapter.prepare(loaded, [s.image for s in b], [s.prompt for s in b], c) for b in batches]
+                  for c in cuts if c in used}
+    return SearchPlan(target, budget, shape, fixed, batches, batches_inputs, frontier, counts, cut_inputs)
 
 
 def describe_budget(budget: Budget) -> str:
@@ -258,22 +295,40 @@ def run_search(adapter, loaded, plan: SearchPlan, references: dict[str, PruneSch
     log(f"search: {plan.counts['grid']} grid schedules, {plan.counts['reach_target']} reach {budget.kind} ratio >= "
         f"{plan.target:g} at {describe_budget(budget)}, {len(frontier)} on the token frontier")
     names = list(references)
-    schedules = [s for s, _ in frontier] + [references[k] for k in names]
-    fidelity = evaluate_fidelity(stack, plan.batches_inputs, schedules, progress("search: fidelity"))
+    schedules = [s for s, _, _ in frontier] + [references[k] for k in names]
+    cuts = [c for _, _, c in frontier] + [None] * len(names)
+    fidelity = [None] * len(schedules)
+    reference = None
+    for c in dict.fromkeys(cuts):  # each vision cut's candidates on that cut's rows, against the uncut model
+        members = [i for i, ci in enumerate(cuts) if ci == c]
+        inputs = plan.batches_inputs if c is None else plan.cut_inputs[c]
+        if c is not None and reference is None:
+            full_ref = HalfVReference(stack, None)
+            reference = [full_ref.prefill(inp).logits for inp in plan.batches_inputs]
+        label = "search: fidelity" + ("" if c is None else f" (vision cut {c.block}:{c.keep})")
+        for i, f in zip(members, evaluate_fidelity(stack, inputs, [schedules[i] for i in members], progress(label),
+                                                   None if c is None else reference)):
+            fidelity[i] = f
     entries = []
-    for i, s in enumerate(schedules):
-        k1, a, k2 = tokens(s, budget.n)
-        entries.append({**asdict(s), "tokens": [budget.n, k1, a, k2], "ratio": round(budget.ratio(shape, s), 4),
-                        **fidelity[i], "role": "candidate" if i < len(frontier) else names[i - len(frontier)]})
+    for i, (s, c) in enumerate(zip(schedules, cuts)):
+        n = budget.n if c is None else c.tokens(budget.n)
+        k1, a, k2 = tokens(s, n)
+        entries.append({**asdict(s), "vision_cut": None if c is None else asdict(c), "tokens": [n, k1, a, k2],
+                        "ratio": round(budget.ratio(shape, s, c), 4), **fidelity[i],
+                        "role": "candidate" if i < len(frontier) else names[i - len(frontier)]})
     candidates = sorted(range(len(frontier)), key=lambda i: (entries[i]["kl_mean"], -entries[i]["ratio"]))
     shortlist = candidates[:SHORTLIST]
     objective = "lowest mean KL(p_full || p_halfv) of the last token"
     full_accuracy = None
     if any(s.answer is not None for s in samples):
-        named = {"full": None, **{f"c{i}": schedules[i] for i in shortlist},
+        named = {"full": None, **{f"c{i}": schedules[i] for i in shortlist if cuts[i] is None},
                  **{f"r:{k}": references[k] for k in names}}
         accuracy = evaluate_accuracy(adapter, loaded, plan.batches, plan.batches_inputs, named,
                                      progress("search: accuracy"))
+        for c in {cuts[i] for i in shortlist} - {None}:  # a cut candidate answers from its cut rows
+            accuracy.update(evaluate_accuracy(adapter, loaded, plan.batches, plan.cut_inputs[c],
+                                              {f"c{i}": schedules[i] for i in shortlist if cuts[i] == c},
+                                              progress(f"search: accuracy (vision cut {c.block}:{c.keep})")))
         for i in shortlist:
             entries[i]["accuracy"] = accuracy[f"c{i}"]
         for j, k in enumerate(names):
@@ -286,6 +341,8 @@ def run_search(adapter, loaded, plan: SearchPlan, references: dict[str, PruneSch
         chosen = candidates[0]
     values = {key: getattr(schedules[chosen], key) for key in FIELDS}
     record = {
+        "vision_cut": entries[chosen]["vision_cut"],  # the chosen schedule's cut (None: LLM-only)
+        "vision_keeps": list(VISION_KEEPS) if plan.counts.get("vision_cuts", 1) > 1 else None,  # searched
         "target_ratio": plan.target, "ratio_kind": budget.kind, "bucket": list(budget.bucket),
         "visual_tokens": budget.n, "text_tokens": budget.text, "vision_flops": budget.vision, "samples": len(samples),
         "samples_with_answers": sum(s.answer is not None for s in samples), "full_accuracy": full_accuracy,
@@ -294,7 +351,8 @@ def run_search(adapter, loaded, plan: SearchPlan, references: dict[str, PruneSch
         "counts": plan.counts, "objective": objective, "chosen": chosen, "shortlist": shortlist,
         "seconds": round(time.perf_counter() - started, 2), "log": entries,
     }
-    log(f"search: chose {', '.join(f'{k} {v}' for k, v in values.items())} (ratio {entries[chosen]['ratio']:.2f}, KL {entries[chosen]['kl_mean']:.3g}, "
+    cut_text = "" if cuts[chosen] is None else f", vision cut {cuts[chosen].block}:{cuts[chosen].keep}"
+    log(f"search: chose {', '.join(f'{k} {v}' for k, v in values.items())}{cut_text} (ratio {entries[chosen]['ratio']:.2f}, KL {entries[chosen]['kl_mean']:.3g}, "
         f"top-1 {entries[chosen]['top1_agreement']:.3f}) in {record['seconds']:.0f} s")
     return values, record
 
@@ -315,17 +373,31 @@ def held_out_check(adapter, loaded, samples: list[Sample], searched: PruneSchedu
     model, task accuracy where the samples carry answers, and each one's FLOPs ratio where the search measured it."""
     stack = adapter.text_stack(loaded)
     schedules = {"searched": searched, "paper": paper_schedule(adapter, stack.num_layers)}
+    cut = VisionCut(**search["vision_cut"]) if search.get("vision_cut") else None  # the searched schedule's
     config = loaded.config.to_dict()
     shape = LMShape.from_config(config)
     batches = bucket_batches(adapter, loaded, samples, BATCH, needs="the searched-vs-paper check")
     batches_inputs = [adapter.prepare(loaded, [s.image for s in b], [s.prompt for s in b]) for b in batches]
     budget = make_budget(search["ratio_kind"], config, shape, tuple(search["bucket"]), search["visual_tokens"],
-                         mean_text_rows(batches_inputs))
-    fidelity = evaluate_fidelity(stack, batches_inputs, list(schedules.values()), progress)
-    accuracy = (evaluate_accuracy(adapter, loaded, batches, batches_inputs, {"full": None, **schedules})
-                if any(s.answer is not None for s in samples) else {})
-    rows = {name: {"schedule": asdict(s), "ratio": round(budget.ratio(shape, s), 4), **fidelity[i],
-                   "accuracy": accuracy.get(name)} for i, (name, s) in enumerate(schedules.items())}
+                         mean_text_rows(batches_inputs), [cut])
+    answered = any(s.answer is not None for s in samples)
+    accuracy = evaluate_accuracy(adapter, loaded, batches, batches_inputs, {"full": None, "paper": schedules["paper"]}
+                                 ) if answered else {}
+    paper_fidelity = evaluate_fidelity(stack, batches_inputs, [schedules["paper"]], progress)[0]
+    if cut is None:
+        searched_fidelity = evaluate_fidelity(stack, batches_inputs, [searched], progress)[0]
+        cut_inputs = batches_inputs
+    else:  # the searched schedule with its vision cut, against the uncut model
+        cut_inputs = [adapter.prepare(loaded, [s.image for s in b], [s.prompt for s in b], cut) for b in batches]
+        reference = [HalfVReference(stack, None).prefill(inp).logits for inp in batches_inputs]
+        searched_fidelity = evaluate_fidelity(stack, cut_inputs, [searched], progress, reference)[0]
+    if answered:
+        accuracy.update(evaluate_accuracy(adapter, loaded, batches, cut_inputs, {"searched": searched}))
+    fidelity = {"searched": searched_fidelity, "paper": paper_fidelity}
+    cuts = {"searched": cut, "paper": None}
+    rows = {name: {"schedule": asdict(s), "vision_cut": None if cuts[name] is None else asdict(cuts[name]),
+                   "ratio": round(budget.ratio(shape, s, cuts[name]), 4), **fidelity[name],
+                   "accuracy": accuracy.get(name)} for name, s in schedules.items()}
     return {"samples": len(samples), "ratio_kind": search["ratio_kind"], "bucket": search["bucket"],
             "target_ratio": search["target_ratio"], "full_accuracy": accuracy.get("full"), **rows,
             "paper_ratio_at_most_searched": rows["paper"]["ratio"] <= rows["searched"]["ratio"]}

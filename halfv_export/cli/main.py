@@ -189,7 +189,8 @@ def calibrate(backbone, model_dir, data, samples, seed, random_weights, tme_k, k
     With --target-ratio R it searches instead: the grid schedules whose FLOPs ratio at --bucket reaches R (the
     token frontier of each structure) run on the calibration samples, shared prefixes once, and the one closest to
     the unpruned model wins (task accuracy decides among the closest when the data has answers); the log goes into schedule.json["search"], the Pareto
-    front into pareto.png.
+    front into pareto.png. With --ratio-kind ttft on Qwen2.5-VL the search also pairs the schedules with cuts inside
+    the vision tower (beyond the paper; docs/vision-cut.md), unless --vision-cut holds one fixed.
     """
     from ..stages.calibrate import Probes, calibrate as run
     from .render import RichProgress, calibration_summary

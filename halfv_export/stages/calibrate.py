@@ -66,16 +66,14 @@ def calibrate(backbone: str, out: Path, *, model: Path | None = None, data: Path
     """-> the schedule in `out`/schedule.json. `model`: a checkpoint folder (default: the backbone's embedded
     default, its trained weights, or seeded random ones with `random_weights`). `overrides`: schedule fields
     ({"ssr_layer": 5, ...}) that win over the rules and hold still in a search. `paper_values`: the paper's
-    schedule at this depth, no probes. `vision_cut`: recorded in schedule.json for export (beyond the paper;
-    the probes and the search still measure the uncut prompt)."""
+    schedule at this depth, no probes. `vision_cut` (beyond the paper): recorded in schedule.json for export, and
+    held fixed by a search; a --ratio-kind ttft search without one pairs the schedules with the tower's cuts
+    (calibration/search.vision_cut_grid). The rules' probes measure the uncut prompt."""
     report = Reporter(Stage.CALIBRATE, progress)
     adapter = get_adapter(backbone)
     overrides = checked_overrides(overrides)
     if random_weights is not None and model is not None:
         raise BadInput("--random-weights applies to the embedded default only; drop it or --model")
-    if search is not None and vision_cut is not None:
-        raise BadInput("--target-ratio searches the LLM schedule on the uncut prompt; a joint search with "
-                       "--vision-cut is not built yet: give the schedule flags with --vision-cut instead")
     if search is not None and paper_values:
         raise BadInput("--target-ratio searches the schedule; --paper-values asks for the paper's: pass one of them")
     if search is not None and not search.target_ratio > 1:
@@ -107,7 +105,8 @@ def calibrate(backbone: str, out: Path, *, model: Path | None = None, data: Path
     if search is not None:  # a target no schedule reaches is refused before the probes run
         from ..calibration.search import plan_search
 
-        plan = plan_search(adapter, loaded, calib, search.target_ratio, search.ratio_kind, bucket, overrides)
+        plan = plan_search(adapter, loaded, calib, search.target_ratio, search.ratio_kind, bucket, overrides,
+                           vision_cut)
 
     prepared: list = []
     curves = measure_probes(adapter, loaded, calib, k=probes.tme_k, kl_probe=probes.kl, keep_inputs=prepared,
@@ -125,6 +124,10 @@ def calibrate(backbone: str, out: Path, *, model: Path | None = None, data: Path
         check_values(values, depth, where="calibrated schedule")
     if search is not None:
         values, chosen, record = _search(adapter, loaded, plan, overrides, values, report)
+        if record.get("vision_cut") and vision_cut is None:  # the joint search paired the schedule with a cut
+            vision_cut = VisionCut(**record["vision_cut"])
+            chosen["vision_cut"] = Choice(ChosenBy.SEARCH, next((c.why for c in chosen.values()
+                                                                 if c.by == ChosenBy.SEARCH), ""))
     calibration = {
         "samples": [s.name for s in calib], "tme_k": probes.tme_k, "tme_clip_gram": False,
         "curves": curves, "anchor_ratios": anchor_ratios, "ssr_modes": ssr_modes,

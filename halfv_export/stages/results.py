@@ -42,7 +42,10 @@ class Calibration:
         s = self.schedule
         text = (f"IVR before layer {s.ivr_layer} keep {s.keep_ratio} (anchors {s.anchor_ratio}), "
                 f"SSR {s.ssr_mode} from layer {s.ssr_layer}")
-        return text + (f" keep {s.ssr_ratio}" if s.ssr_mode is SSRMode.TOPK else "")
+        text += f" keep {s.ssr_ratio}" if s.ssr_mode is SSRMode.TOPK else ""
+        cut = self.document.get("vision_cut")
+        return text + (f"; vision cut after tower block {cut['block']} keeping {cut['keep']} (the ratios above apply "
+                       "to the tokens it keeps)" if cut else "")
 
 
 @dataclass(frozen=True)
