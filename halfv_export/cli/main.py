@@ -305,7 +305,8 @@ def export(schedule_path, model_dir, image_sizes, precision, quantize, out):
         meta = run(schedule_path, out, model=model_dir, image_sizes=[parse_image_size(s) for s in image_sizes],
                    precision=precision, quantize=quantize, progress=progress).meta
     for b in meta["buckets"]:
-        click.echo(f"bucket {b['size'][0]}x{b['size'][1]}: N={b['num_visual']} -> K1={b['k1']} -> K2={b['k2']}")
+        cut = f" -> cut {b['kept_visual']}" if meta.get("vision_cut") else ""
+        click.echo(f"bucket {b['size'][0]}x{b['size'][1]}: N={b['num_visual']}{cut} -> K1={b['k1']} -> K2={b['k2']}")
     if meta["quantize"]:
         q = meta["quantize"]
         click.echo(f"quantised {q['scheme']} ({q['op']}): the weight MatMuls of {', '.join(q['graphs'])}; "
