@@ -104,9 +104,7 @@ def run_ort(args) -> dict:
 
     ort_engine.session_options = options
     if args.as_before:  # the runner before tower_options: shared mapping, no prepacking, the planner's buffer reuse
-        from halfv_export.base.artifact_files import GraphKind
-
-        ort_engine.TOWERS = (GraphKind("vision", "\0", "vision"),)  # no file is a tower to the runner
+        ort_engine.is_tower = lambda file: False  # no file is a tower to the runner
     pixels = np.load(args.work / "pixels.npy")
     start = time.perf_counter()
     graph = next(args.work.glob("vision_*.onnx")).name

@@ -62,6 +62,11 @@ def bucket_label(bucket: tuple[int, int]) -> str:
     return f"{bucket[0]}x{bucket[1]}"
 
 
+def is_tower(file: str) -> bool:
+    """Whether `file` is a vision graph: a bucket's tower, or a cut build's uncut one."""
+    return any(kind.holds(file) for kind in TOWERS)
+
+
 def bucket_of(file: str) -> str | None:
     """The HxW label of a per-bucket graph file (vision_full_448x448.onnx -> 448x448); None for the others."""
     found = re.search(r"_(\d+x\d+)\.onnx$", file)

@@ -91,22 +91,18 @@ def calibration_summary(calibration) -> None:
                    f"{chosen['top1_agreement']:.3f}" + (f", accuracy {chosen['accuracy']:.3f}"
                                                         if chosen.get("accuracy") is not None else "")
                    + f"; {len(search['log'])} schedules run in {search['seconds']:.0f} s")
-        click.echo(f"wrote {calibration.path}, {calibration.out / 'tme.png'}{_tower(calibration)} and "
+    curves = (calibration.document.get("calibration") or {}).get("curves") or {}
+    tower_png = f", {calibration.out / 'tme_tower.png'}" if curves.get("tower") else ""  # tme_plot draws it
+    if search:
+        click.echo(f"wrote {calibration.path}, {calibration.out / 'tme.png'}{tower_png} and "
                    f"{calibration.out / 'pareto.png'}")
     else:
-        click.echo(f"wrote {calibration.path}" + (f", {calibration.out / 'tme.png'}{_tower(calibration)}"
+        click.echo(f"wrote {calibration.path}" + (f", {calibration.out / 'tme.png'}{tower_png}"
                                                    if calibration.document.get("calibration") else ""))
-    tower = ((calibration.document.get("calibration") or {}).get("curves") or {}).get("tower")
-    if tower:
+    if curves.get("tower"):
         click.echo("vision tower TME per block (beyond the paper; a --vision-cut may follow block "
-                   f"{', '.join(map(str, calibration.document['calibration']['curves']['tower_cut_blocks']))}): "
-                   + " ".join(f"{v:.3f}" for v in tower))
-
-
-def _tower(calibration) -> str:
-    """', tme_tower.png' where calibration measured the vision tower's TME (tme_plot draws it)."""
-    curves = (calibration.document.get("calibration") or {}).get("curves") or {}
-    return f", {calibration.out / 'tme_tower.png'}" if curves.get("tower") else ""
+                   f"{', '.join(map(str, curves['tower_cut_blocks']))}): "
+                   + " ".join(f"{v:.3f}" for v in curves["tower"]))
 
 
 def validation_summary(report: dict) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..base.artifact_files import NUMPY_BY_ONNX, ONNX_BFLOAT16, ORT_DIR, TOWERS, bucket_of, read_index
+from ..base.artifact_files import NUMPY_BY_ONNX, ONNX_BFLOAT16, ORT_DIR, bucket_of, is_tower, read_index
 from ..base.atomic import write_bytes_atomic, write_text_atomic
 from ..base.errors import BadInput
 from .arrays import NUMPY
@@ -80,7 +80,7 @@ def tower_options(options, graph: str, providers: list[str]) -> bool:
     Nodes run in the graph's own order (priority-based): the default order walks back from the outputs, and a tower
     with a vision cut (whose chunked scoring block feeds both the block's output and the token selection) then ran
     every query chunk's score matrix before any of their softmaxes, holding all of them at once."""
-    if not (any(k.holds(graph) for k in TOWERS) and providers[0] == "CPUExecutionProvider"):
+    if not (is_tower(graph) and providers[0] == "CPUExecutionProvider"):
         return False
     options.enable_mem_reuse = False
     options.enable_mem_pattern = False
@@ -244,7 +244,7 @@ class OrtRunner:
         quantize = meta.get("quantize")
         self.quantized_graphs = set(quantize["graphs"]) if quantize else set()
         graphs = meta.get("graphs") or [p.name for p in self.artifacts.glob("*.onnx")]
-        self.vision_graphs = {g for g in graphs if any(k.holds(g) for k in TOWERS)}
+        self.vision_graphs = {g for g in graphs if is_tower(g)}
         self._shared = SharedWeights(self.artifacts, index) if index and index["tensors"] else None
         self.shared_file = self._shared.path if self._shared else None
         self._sessions: dict = {}

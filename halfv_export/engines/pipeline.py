@@ -101,8 +101,13 @@ class EnginePipeline:
         the build's host inputs, left-padded to a multiple of PAD_MULTIPLE (host/inputs.py: a prompt's logits are
         then bit-identical in any batch)."""
         host = self.host_side.host_inputs([self.fit_image(im) for im in images], prompts)
+        return align_left(host, PAD_MULTIPLE, self.pad_id)
+
+    @functools.cached_property
+    def pad_id(self) -> int:
+        """The id left padding writes (masked; 0 where the tokenizer has no pad token)."""
         pad_id = self.host_side.tokenizer.pad_token_id
-        return align_left(host, PAD_MULTIPLE, 0 if pad_id is None else int(pad_id))
+        return 0 if pad_id is None else int(pad_id)
 
     # -------------------------------------------------------------------------------------------- prefill
     @property
@@ -127,8 +132,7 @@ class EnginePipeline:
         tokens = None
         if towers and "visual_tokens" in towers[0]:
             tokens = np.stack([self.to_host(t["visual_tokens"]) for t in towers]).astype(np.int64)  # [B, K]
-            pad_id = self.host_side.tokenizer.pad_token_id
-            host = cut_rows(host, tokens, 0 if pad_id is None else int(pad_id))
+            host = cut_rows(host, tokens, self.pad_id)
         arrays = self.arrays
         embeds = self.runner.run(EMBED.file(), {"input_ids": arrays.asarray(host.input_ids, "int64")})["embeds"]
         for b, tower in enumerate(towers):

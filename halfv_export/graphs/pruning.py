@@ -60,12 +60,18 @@ class VisionCut:
             raise BadInput(f"--vision-cut {text!r}: write BLOCK:KEEP, e.g. 7:0.25 (keep a quarter of the visual "
                            "tokens after the tower's block 7)") from None
 
+    @staticmethod
+    def blocks(depth: int, full_blocks: list[int] | None = None) -> list[int]:
+        """The blocks a cut may follow: a windowed tower's full-attention blocks (full_blocks), any block for CLIP
+        (None), in either case one with blocks after it."""
+        return [b for b in (full_blocks if full_blocks is not None else range(depth)) if b < depth - 1]
+
     def check(self, depth: int, full_blocks: list[int] | None = None) -> None:
         """One line naming what is wrong and what to pick. A windowed tower (full_blocks given) scores tokens by
         a full-attention block's attention, so it cuts after one of those; any tower cuts before its last block."""
         if not 0 < self.keep < 1:
             raise BadInput(f"vision cut keep {self.keep}: keep a share of the visual tokens in (0, 1), e.g. 0.25")
-        usable = [b for b in (full_blocks if full_blocks is not None else range(depth)) if b < depth - 1]
+        usable = self.blocks(depth, full_blocks)
         kind = "full-attention block with blocks after it" if full_blocks is not None else "block before the last"
         if not usable:
             raise BadInput(f"vision cut after block {self.block}: this tower has no {kind}; drop the cut")

@@ -94,7 +94,7 @@ class QwenVisionBucket(nn.Module):
         self.cut, self.kept = cut, None
         tables = [("window", cu_window), ("full", cu_full)]
         if cut is not None:
-            check_cut(visual, grid_thw, cut)
+            check_cut(visual.config, cut, grid_thw)
             self.kept = cut.tokens(patches // unit)
             tables.append(("kept", packed_windows(self.kept * unit, window_length(visual))))
         self.layouts = {}
@@ -283,17 +283,15 @@ class Qwen25VLAdapter(BackboneAdapter):
 
     def eager_vision_cut(self, loaded: LoadedModel, pixel_values: torch.Tensor, bucket: tuple[int, int], cut,
                          force: torch.Tensor | None = None):
-        return eager_cut_vision(loaded.model.model.visual, pixel_values, self._grid(loaded.image_processor, bucket), cut,
-                                force)
+        grid = self._grid(loaded.image_processor, bucket)
+        return eager_cut_vision(loaded.model.model.visual, pixel_values, grid, cut, force)
 
     def tower_blocks(self, loaded: LoadedModel) -> tuple[list, list[int]]:
         visual = loaded.model.model.visual
-        depth = len(visual.blocks)
-        return list(visual.blocks), [i for i in visual.fullatt_block_indexes if i < depth - 1]
+        return list(visual.blocks), VisionCut.blocks(len(visual.blocks), list(visual.fullatt_block_indexes))
 
     def check_vision_cut(self, config, cut) -> None:
-        vision = config.vision_config
-        cut.check(vision.depth, [i for i in vision.fullatt_block_indexes if i < vision.depth])
+        check_cut(config.vision_config, cut)
 
     def vision_batch(self, loaded: LoadedModel, pixel_values: list, bucket: tuple[int, int]) -> torch.Tensor:
         grid = torch.tensor([self._grid(loaded.image_processor, bucket)] * len(pixel_values), device=pixel_values[0].device)

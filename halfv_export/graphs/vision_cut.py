@@ -30,11 +30,12 @@ from ..base.errors import BadInput
 from .pruning import VisionCut, selection_shortfall, top_indices
 
 
-def check_cut(visual, grid_thw: tuple[int, int, int], cut: VisionCut) -> None:
-    """One line for a cut this tower and bucket cannot make (the graph and the eager reference both ask)."""
-    if grid_thw[0] != 1:
+def check_cut(vision_config, cut: VisionCut, grid_thw: tuple[int, int, int] | None = None) -> None:
+    """One line for a cut this tower (and bucket, where given) cannot make: the graph, the eager reference and the
+    adapter's early check (no bucket yet) all ask here."""
+    if grid_thw is not None and grid_thw[0] != 1:
         raise BadInput("a vision cut needs one image per bucket (t = 1); drop the cut for video frames")
-    cut.check(visual.config.depth, list(visual.config.fullatt_block_indexes))
+    cut.check(vision_config.depth, list(vision_config.fullatt_block_indexes))
 
 
 def packed_windows(patches: int, window: int) -> torch.Tensor:
@@ -97,7 +98,7 @@ def eager_cut_vision(visual, pixel_values: torch.Tensor, grid_thw: tuple[int, in
     `cut.block`. `force` [K] (raster indices, e.g. what an engine kept where a near-tie fell the other way): keep
     those tokens instead, and report how far they are from a set the rule could pick, as validate's parity does for
     IVR / SSR."""
-    check_cut(visual, grid_thw, cut)
+    check_cut(visual.config, cut, grid_thw)
     grid = torch.tensor([grid_thw])
     unit = visual.spatial_merge_unit
     position_ids = get_vision_position_ids(grid, visual.spatial_merge_size, kwargs={})

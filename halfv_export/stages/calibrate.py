@@ -79,13 +79,13 @@ def calibrate(backbone: str, out: Path, *, model: Path | None = None, data: Path
     if search is not None and not search.target_ratio > 1:
         raise BadInput(f"--target-ratio {search.target_ratio:g}: a FLOPs ratio (unpruned / HalfV) must be above 1")
     samples = probes.samples or (32 if search is not None else 8)
+    if vision_cut is not None:  # from the config alone: before any weights are read or anything is written
+        adapter.check_vision_cut(adapter.load_config(model, seed=random_weights)[0], vision_cut)
     out = prepare_out_dir(out)
     started = time.perf_counter()
     if paper_values:  # paper values need the depth and the config's fingerprint only: no weights are read
         config, source = adapter.load_config(model, seed=random_weights)
         depth = config.get_text_config().num_hidden_layers
-        if vision_cut is not None:
-            adapter.check_vision_cut(config, vision_cut)
         values, chosen = derive_schedule(None, depth, adapter, overrides, use_rules=False)
         doc = build_document(backbone, config_fingerprint(config), source, depth, values, chosen, None, VERSION,
                              vision_cut)
@@ -94,8 +94,6 @@ def calibrate(backbone: str, out: Path, *, model: Path | None = None, data: Path
 
     with report.status(f"loading {backbone} from {model or 'the embedded default'}"):
         loaded = adapter.load(model, seed=random_weights)
-    if vision_cut is not None:  # before the probes run
-        adapter.check_vision_cut(loaded.config, vision_cut)
     depth = adapter.text_stack(loaded).num_layers
     bucket = search_bucket(adapter, loaded, search.bucket) if search is not None else None
     calib = (load_data(data) if data is not None

@@ -58,10 +58,12 @@ def resolve_buckets(adapter: BackboneAdapter, processing: Processing, sizes: lis
         after_cut = "" if cut is None else f", {kept} after the vision cut"
         if plan.k1 < 1 or (schedule.ssr_mode == SSRMode.TOPK and plan.k2 < 1):
             raise BadInput(f"bucket {size[0]}x{size[1]} has N={n} visual tokens{after_cut}: K1={plan.k1}, "
-                           f"K2={plan.k2} at keep_ratio={schedule.keep_ratio}; use a larger image size or larger ratios")
-        if max(plan.k1, plan.k2, kept if cut is not None else 0) > TOPK_LIMIT:
-            raise BadInput(f"bucket {size[0]}x{size[1]} needs TopK with K={max(plan.k1, kept if cut else 0)} > "
-                           f"{TOPK_LIMIT} (TensorRT's limit); use a smaller image size or a smaller keep ratio")
+                           f"K2={plan.k2} at keep_ratio={schedule.keep_ratio}; use a larger image size or larger "
+                           "ratios")
+        topk = max(plan.k1, plan.k2, 0 if cut is None else kept)  # the cut tower's TopK keeps K too
+        if topk > TOPK_LIMIT:
+            raise BadInput(f"bucket {size[0]}x{size[1]} needs TopK with K={topk} > {TOPK_LIMIT} (TensorRT's limit); "
+                           "use a smaller image size or a smaller keep ratio")
         buckets[bucket] = {"size": list(bucket), "num_visual": n, "kept_visual": kept,
                            **{k: v for k, v in asdict(plan).items() if k != "n"}, "vision": VISION.file(bucket),
                            "vision_full": VISION.file(bucket) if cut is None else VISION_FULL.file(bucket),
@@ -140,7 +142,8 @@ def export_artifacts(adapter: BackboneAdapter, loaded: LoadedModel, schedule: Pr
 
         meta = {
             "format": ARTIFACTS_FORMAT, "backbone": adapter.name, "source": loaded.source, "precision": precision,
-            "schedule": asdict(schedule), "vision_cut": None if cut is None else asdict(cut), "buckets": buckets, "groups": buckets[0]["groups"],
+            "schedule": asdict(schedule), "vision_cut": None if cut is None else asdict(cut), "buckets": buckets,
+            "groups": buckets[0]["groups"],
             "num_layers": stack.num_layers, "num_kv_heads": stack.num_kv_heads, "head_dim": stack.head_dim,
             "hidden_size": stack.embed_tokens.embedding_dim, "position_rows": 3 if stack.mrope else 1,
             "eos_token_ids": sorted(adapter.eos_token_ids(loaded)), "processing_files": files,

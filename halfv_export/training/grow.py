@@ -31,16 +31,18 @@ def layer_sources(old: int, new: int) -> list[tuple[int, bool]]:
     return sources
 
 
+def _depth(state: dict) -> int:
+    return 1 + max(int(m.group(2)) for k in state if (m := _LAYER.match(k)))
+
+
 def grow(small: torch.nn.Module, big: torch.nn.Module, seed: int, std: float = 0.02) -> None:
     """Load `small`'s weights into `big` (the same architecture with more layers and / or a wider MLP), so that
     `big` computes what `small` does. `big`'s own weights are overwritten except the fresh MLP rows."""
-    small_state = small.state_dict()
-    small_layers = 1 + max(int(m.group(2)) for k in small_state if (m := _LAYER.match(k)))
-    big_layers = 1 + max(int(m.group(2)) for k in big.state_dict() if (m := _LAYER.match(k)))
-    sources = layer_sources(small_layers, big_layers)
+    small_state, big_state = small.state_dict(), big.state_dict()
+    sources = layer_sources(_depth(small_state), _depth(big_state))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, target in big.state_dict().items():
+        for name, target in big_state.items():
             m = _LAYER.match(name)
             copy = False
             if m:
