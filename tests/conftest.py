@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from filelock import FileLock
 from PIL import Image
 from halfv_export.cli.main import cli
 from halfv_export.graphs import get_adapter
@@ -42,6 +44,32 @@ def make_image(w: int, h: int, seed: int = 0) -> Image.Image:
     return Image.fromarray((base * 255).astype(np.uint8))
 
 
+def shared_folder(tmp_path_factory, name: str, make) -> Path:
+    """A folder made once per test session and shared by its xdist workers: the first worker to ask makes it (under a
+    file lock, `make(folder)`), the others wait for it and reuse it. One worker's builds cost a whole export each, and
+    `--dist loadfile` spreads the files that share them over both workers. A failed `make` leaves nothing behind, so
+    the next asker tries again. Tests that write into a shared folder work on a copy (copy_build)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # this session's folder, above every worker's own
+    folder, made = root / f"shared-{name}", root / f"shared-{name}.made"
+    with FileLock(str(root / f"shared-{name}.lock")):
+        if not made.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            try:
+                make(folder)
+            except BaseException:
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
+            made.touch()
+    return folder
+
+
+def _cli_ok(*args) -> None:
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+
+
 def save_tiny_checkpoint(root, backbone: str, text: dict, vision: dict, preprocessor: dict, seed: int = 7):
     """A checkpoint directory shaped unlike the backbone's embedded default: config + safetensors (real
     save_pretrained) + the embedded tokenizer, chat template and an edited preprocessor config."""
@@ -63,13 +91,13 @@ def save_tiny_checkpoint(root, backbone: str, text: dict, vision: dict, preproce
 @pytest.fixture(scope="session")
 def tiny_qwen_dir(tmp_path_factory):
     """Qwen2.5-VL: 6 layers, hidden 96, 3 heads / 1 kv head, 2-block vision tower, other pixel limits."""
-    return save_tiny_checkpoint(
-        tmp_path_factory.mktemp("tiny-qwen"), "qwen2.5-vl",
+    return shared_folder(tmp_path_factory, "tiny-qwen", lambda root: save_tiny_checkpoint(
+        root, "qwen2.5-vl",
         text=dict(hidden_size=96, intermediate_size=200, num_hidden_layers=6, num_attention_heads=3,
                   num_key_value_heads=1),
         vision=dict(depth=2, hidden_size=48, num_heads=3, intermediate_size=96, out_hidden_size=96,
                     fullatt_block_indexes=[1]),
-        preprocessor=dict(min_pixels=56 * 56, max_pixels=336 * 336))
+        preprocessor=dict(min_pixels=56 * 56, max_pixels=336 * 336)))
 
 
 @pytest.fixture(scope="session")
@@ -101,32 +129,40 @@ def tiny_llava_next_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def exported(tmp_path_factory, qwen):
-    """Embedded default, schedule via the CLI flags, two buckets: 448x448 and non-square 336x504."""
-    from click.testing import CliRunner
+def exported(tmp_path_factory):
+    """Embedded default, schedule via the CLI flags, two buckets: 448x448 and non-square 336x504. Shared by the
+    session's workers: read it, or work on a copy (copy_build)."""
+    def make(out):
+        _cli_ok("calibrate", "--backbone", "qwen2.5-vl", "--paper-values", "--ivr-layer", "2", "--ssr-layer", "6",
+                "--out", out)
+        _cli_ok("export", "--schedule", out / "schedule.json", "--image-size", "448x448", "--image-size", "336x504",
+                "--out", out)
 
-    from halfv_export.cli.main import cli
-
-    out = tmp_path_factory.mktemp("artifacts")
-    runner = CliRunner()
-    result = runner.invoke(cli, ["calibrate", "--backbone", "qwen2.5-vl", "--paper-values", "--ivr-layer", "2",
-                                 "--ssr-layer", "6", "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    result = runner.invoke(cli, ["export", "--schedule", str(out / "schedule.json"), "--image-size", "448x448",
-                                 "--image-size", "336x504", "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    return out
+    return shared_folder(tmp_path_factory, "exported", make)
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen_build(tmp_path_factory, tiny_qwen_dir):
-    """`build` on the tiny checkpoint at the non-square 252x336 bucket, once per session. Tests that write into a
-    build work on a copy (copy_build)."""
-    out = tmp_path_factory.mktemp("tiny-build") / "build"
-    result = CliRunner().invoke(cli, ["build", "--backbone", "qwen2.5-vl", "--model", str(tiny_qwen_dir),
-                                      "--image-size", "252x336", "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    return out
+    """`build` on the tiny checkpoint at the non-square 252x336 bucket, once per session (shared by its workers).
+    Tests that write into a build work on a copy (copy_build)."""
+    return shared_folder(tmp_path_factory, "tiny-build", lambda out: _cli_ok(
+        "build", "--backbone", "qwen2.5-vl", "--model", tiny_qwen_dir, "--image-size", "252x336", "--out", out))
+
+
+@pytest.fixture(scope="session")
+def engined(exported, tmp_path_factory):
+    """The export after the engine stage, as `build` leaves it: the fused prefill graphs in ort/ (shared)."""
+    from halfv_export.engines.ort import build_ort_engines
+
+    return shared_folder(tmp_path_factory, "engined", lambda out: build_ort_engines(copy_build(exported, out)))
+
+
+@pytest.fixture(scope="session")
+def llava_build(tmp_path_factory):
+    """`build` of the embedded LLaVA-1.5 default with the paper's schedule (SSR freeze), once per session (shared by
+    its workers): test_llava's parity gates read it, test_triton serves it."""
+    return shared_folder(tmp_path_factory, "llava-build", lambda out: _cli_ok(
+        "build", "--backbone", "llava-1.5", "--paper-values", "--ssr-mode", "freeze", "--out", out))
 
 
 def copy_build(source, target):

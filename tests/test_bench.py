@@ -17,12 +17,13 @@ GENAI_MISSING = "onnxruntime-genai is not installed (pip install 'halfv-export[b
 
 
 @pytest.mark.slow
-def test_bench_command_small_shape(run_cli, tmp_path):
+def test_bench_command_small_shape(run_cli, tmp_path, monkeypatch):
+    _narrow_tower(monkeypatch)
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\n## Performance\n{START}\nSTALE-SECTION\n{END}\n\n## Next\n")
     result = run_cli("bench", "--visual-tokens", 64, "--visual-tokens", 144, "--reference-visual", 64,
                      "--text-tokens", 32, "--layers", 6, "--hidden", 64, "--heads", 4, "--kv-heads", 1,
-                     "--intermediate", 128, "--vocab", 500, "--runs", 2, "--vision-depth", 2, "--readme", readme,
+                     "--intermediate", 128, "--vocab", 500, "--runs", 2, "--vision-cut", "1:0.5", "--readme", readme,
                      "--out", tmp_path / "b")
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "b" / "bench.json").read_text())
@@ -36,11 +37,18 @@ def test_bench_command_small_shape(run_cli, tmp_path):
     for row in data["cpu_prefill"]:
         assert row["full"]["median_ms"] > 0 and row["halfv"]["peak_rss_mb"] > 0 and 1 < row["flops_ratio"] < 6
     assert data["eager"]["halfv"]["median_ms"] > 0 and 0 < data["selection"]["flops_share"] < 1
-    ttft = data["ttft"]  # published tower (hidden 1280, 16 heads) at 2 blocks, one 8x8-token image (224x224 px)
-    assert ttft["bucket"] == [224, 224] and ttft["vision_depth"] == 2 and ttft["vision_ort"]["median_ms"] > 0
+    ttft = data["ttft"]  # the published tower's layout, narrowed (_narrow_tower), one 8x8-token image (224x224 px)
+    assert ttft["bucket"] == [224, 224] and ttft["vision_depth"] == 4 and ttft["vision_ort"]["median_ms"] > 0
     stages = ttft["embed_ort"]["median_ms"] + ttft["vision_ort"]["median_ms"] + data["cpu_prefill"][0]["full"]["median_ms"]
     assert ttft["engine_ttft_ms"]["full"] == pytest.approx(stages, abs=0.06)  # TTFT is the sum of the stage medians
     assert 1 < ttft["flops_ttft_ratio"] < ttft["flops_prefill_ratio"]  # the tower is paid by both
+    cut = ttft["cut"]  # HalfV behind the cut: embedding + the cut tower + the HalfV prefill on its K rows
+    assert (cut["block"], cut["keep"], cut["kept"]) == (1, 0.5, 32)
+    cut_stages = ttft["embed_ort"]["median_ms"] + cut["vision_ort"]["median_ms"] + cut["prefill_ort"]["median_ms"]
+    assert cut["engine_ttft_ms"] == pytest.approx(cut_stages, abs=0.06)
+    assert cut["engine_ttft_ratio"] == pytest.approx(stages / cut_stages, rel=2e-3)
+    # FLOPs: the cut tower does less than the whole one, so the end-to-end ratio beats LLM-only HalfV's
+    assert cut["vision_tflop"] < ttft["vision_tflop"] and cut["flops_ttft_ratio"] > ttft["flops_ttft_ratio"]
     decode = data["decode"]
     assert decode["halfv"]["kv_cache_bytes"] < decode["full"]["kv_cache_bytes"]
     assert len(decode["halfv"]["cache_lengths"]) == 3 and len(decode["full"]["cache_lengths"]) == 1
@@ -57,6 +65,7 @@ def test_bench_command_small_shape(run_cli, tmp_path):
         assert (tmp_path / "b" / png).stat().st_size > 10_000
     text = readme.read_text()
     assert "STALE-SECTION" not in text and "ONNX Runtime CPU prefill" in text and text.endswith("## Next\n")
+    assert "With a vision cut" in text
     assert not (tmp_path / "b" / "work").exists()  # the 2 GB-class graphs are not left behind
 
 
@@ -117,3 +126,28 @@ def test_bench_runs_on_another_backbone(run_cli, tmp_path):
     assert data["cpu_prefill"][0]["flops_ratio"] > 1 and data["decode"]["kv_cache_ratio"] > 1
     assert len(data["decode"]["halfv"]["cache_lengths"]) == 2  # freeze: N rows before L1, K1 after
     assert "no published windowed vision tower" in data["ttft"]["skipped"]
+
+
+def _narrow_tower(monkeypatch):
+    """The published tower's layout at a width the test can afford: 4 blocks, full attention after 1 and 3."""
+    import halfv_export.benchmarks.bench as bench
+
+    vision = dict(depth=4, hidden_size=64, num_heads=4, intermediate_size=128, fullatt_block_indexes=[1, 3],
+                  window_size=112, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_chans=3,
+                  out_hidden_size=64, hidden_act="silu")
+    monkeypatch.setattr(bench, "published_vision", lambda adapter: ("narrow test tower", dict(vision)))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--vision-depth", 2, "--vision-cut", "1:0.5"], r"after block 1: .*"),
+    (["--no-vision", "--vision-cut", "1:0.5"], "drop --no-vision or the cut"),
+    (["--backbone", "llava-1.5", "--vision-cut", "1:0.5"], "has none; drop --vision-cut"),
+    (["--quantize", "int4", "--vision-cut", "1:0.5"], "drop --vision-cut or --quantize"),
+])
+def test_bench_refuses_a_cut_it_cannot_time_in_one_line(run_cli, tmp_path, args, message):
+    import re
+
+    out = tmp_path / "b"
+    result = run_cli("bench", "--visual-tokens", 64, "--reference-visual", 64, *args, "--out", out)
+    assert result.exit_code == 2 and re.search(message, result.output), result.output
+    assert len(result.output.strip().splitlines()) == 1 and not out.exists()

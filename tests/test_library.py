@@ -12,14 +12,14 @@ import halfv_export as hx
 from halfv_export.stages.progress import Stage
 from tests.test_api import documented_example
 
-BUILD_LINE = re.compile(r"build/: accuracy (?P<full>[\d.]+) -> (?P<halfv>[\d.]+) of (?P<count>\d+), "
+ACCURACY_LINE = re.compile(r"work/: accuracy (?P<full>[\d.]+) -> (?P<halfv>[\d.]+) of (?P<count>\d+), "
                         r"FLOPs ratio (?P<ratio>[\d.]+)x")
 
 
 @pytest.mark.slow
 def test_the_readme_library_script_prints_what_the_readme_shows(tmp_path, monkeypatch, capsys):
-    """The README's block, verbatim, on the embedded default: calibrate, export, engine, validate and build through
-    the library alone. Every line but the accuracies must match exactly; the accuracies come from greedy answers of
+    """The README's block, verbatim, on the embedded default: calibrate, export, engine and validate through the
+    library alone. Every line but the accuracies must match exactly; the accuracies come from greedy answers of
     the eager and exported models, which a CPU with other SIMD kernels could flip on a near-tie, so they may differ
     by at most two answers of the count shown."""
     code, shown = documented_example("library-example")
@@ -30,13 +30,13 @@ def test_the_readme_library_script_prints_what_the_readme_shows(tmp_path, monkey
     printed, shown = captured.out.splitlines(), shown.splitlines()
     assert len(printed) == len(shown) == 5, (printed, shown)
     assert printed[:4] == shown[:4]
-    got, want = BUILD_LINE.fullmatch(printed[4]), BUILD_LINE.fullmatch(shown[4])
+    got, want = ACCURACY_LINE.fullmatch(printed[4]), ACCURACY_LINE.fullmatch(shown[4])
     assert got and want, (printed[4], shown[4])
     assert (got["count"], got["ratio"]) == (want["count"], want["ratio"])
     for key in ("full", "halfv"):
         assert abs(float(got[key]) - float(want[key])) <= 2 / int(want["count"]) + 1e-9, (printed[4], shown[4])
-    # what the script's build wrote is what the returned result says
-    report = json.loads((tmp_path / "build" / "report.json").read_text())
+    # what the script's validate wrote is what the returned result says
+    report = json.loads((tmp_path / "work" / "report.json").read_text())
     assert report["accuracy"]["count"] == int(got["count"]) and f"{report['flops']['ratio']:.2f}" == got["ratio"]
 
 

@@ -18,14 +18,12 @@ import pytest
 import torch
 
 from halfv_export.base.artifact_files import NUMPY_BY_ONNX, ONNX_BFLOAT16
-from halfv_export.engines.ort import build_ort_engines
 from halfv_export.graphs import get_adapter
 from halfv_export.graphs.adapter import HostInputs
 from halfv_export.graphs.halfv import HalfVReference
 from halfv_export.graphs.pruning import PruneSchedule
 from halfv_export.measure.accuracy import cut_at_eos
 from halfv_export.stages.data import default_samples
-from tests.conftest import copy_build
 from tests.test_host import reference_rope_index
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,14 +100,6 @@ def cases(exported, tmp_path_factory):
                     "want": want, "want_text": adapter.decode_text(loaded, want)})
     (folder / "cases.json").write_text(json.dumps(out))
     return folder / "cases.json", out, eos
-
-
-@pytest.fixture(scope="module")
-def engined(exported, tmp_path_factory):
-    """The export after the engine stage, as `build` leaves it: the fused prefill graphs in ort/."""
-    folder = copy_build(exported, tmp_path_factory.mktemp("engined") / "build")
-    build_ort_engines(folder)
-    return folder
 
 
 def runtime_answers(python: str, build: Path, cases_file: Path, *extra: str) -> tuple[dict, str]:

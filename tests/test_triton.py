@@ -26,7 +26,6 @@ from halfv_export.base.atomic import write_text_atomic
 from halfv_export.base.errors import BadInput
 from halfv_export.base.manifest import verify_manifest, write_manifest
 from halfv_export.engines import trt as trt_module
-from halfv_export.engines.ort import build_ort_engines
 from halfv_export.engines.trt_plan import PlanOptions, make_plan
 from halfv_export.serving import triton as triton_module
 from halfv_export.serving.triton import TritonOptions, write_repository
@@ -38,13 +37,6 @@ CLIENT = ROOT / "tests" / "triton_client.py"
 PYTRITON = "nvidia-pytriton==0.7.0"  # bundles tritonserver 2.51.0 (NGC 24.10) with the Python backend
 ONNX_TYPES = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.INT64: "TYPE_INT64",
               onnx.TensorProto.BOOL: "TYPE_BOOL", onnx.TensorProto.FLOAT16: "TYPE_FP16"}
-
-
-@pytest.fixture(scope="module")
-def engined(exported, tmp_path_factory):
-    folder = copy_build(exported, tmp_path_factory.mktemp("triton-build") / "build")
-    build_ort_engines(folder)
-    return folder
 
 
 def config_tensors(text: str, block: str) -> dict:
@@ -273,13 +265,9 @@ def test_tritonserver_answers_like_run_alone_and_streams_and_refuses_bad_request
 
 
 @pytest.mark.slow
-def test_a_llava_repository_serves_and_every_config_parses(triton_env, run_cli, engined, fake_trt, tmp_path):
-    llava = tmp_path / "llava"
-    for args in (["calibrate", "--backbone", "llava-1.5", "--paper-values", "--out", llava],
-                 ["export", "--schedule", llava / "schedule.json", "--out", llava],
-                 ["engine", "--artifacts", llava]):
-        result = run_cli(*args)
-        assert result.exit_code == 0, result.output
+def test_a_llava_repository_serves_and_every_config_parses(triton_env, run_cli, engined, llava_build, fake_trt,
+                                                          tmp_path):
+    llava = llava_build  # the paper's schedule, exported and through the engine stage (and validated)
     repos = {}
     for name, build in (("qwen", engined), ("llava", llava)):
         for backend in ("onnxruntime", "python"):

@@ -244,6 +244,41 @@ def test_calibrate_refuses_a_cut_it_cannot_build_in_one_line(run_cli, tmp_path):
     assert json.loads((out / "schedule.json").read_text())["vision_cut"] == {"block": 1, "keep": 0.5}
 
 
+def test_compare_runs_every_method_on_the_cut_and_counts_the_tower(qwen, run_cli, tmp_path):
+    # compare with a cut: the unpruned model answers as without one, every method prunes inside the LLM from the
+    # cut's K rows, and the TTFT fraction adds each side's tower (the cut one for the methods)
+    from halfv_export.calibration.schedule import paper_schedule
+    from halfv_export.measure.compare import evaluate_methods
+    from halfv_export.measure.flops import LMShape, prefill_flops
+    from halfv_export.measure.vision_flops import vision_flops
+
+    adapter, loaded, _ = qwen
+    samples = task_set(4, seed=9, split="eval", sizes=[(224, 224)])
+    schedule = paper_schedule(adapter, adapter.text_stack(loaded).num_layers)
+    cut = VisionCut(1, 0.5)
+    plain = evaluate_methods(adapter, loaded, samples, [schedule], methods=("halfv",))
+    cutting = evaluate_methods(adapter, loaded, samples, [schedule], methods=("halfv", "random"), cut=cut)
+    assert cutting["full"] == plain["full"] and plain["vision_cut"] is None
+    n = 64  # 224 / 28 merged tokens a side
+    assert cutting["vision_cut"] == {"block": 1, "keep": 0.5, "kept": {"64": 32}}
+    halfv, random = cutting["points"][0]["methods"]["halfv"], cutting["points"][0]["methods"]["random"]
+    assert halfv["kept"] == {"64": int(32 * schedule.keep_ratio)} and plain["points"][0]["methods"]["halfv"]["kept"] \
+        == {"64": int(n * schedule.keep_ratio)}
+    config, shape = loaded.config.to_dict(), LMShape.from_config(loaded.config.to_dict())
+    mask = adapter.prepare(loaded, [x.image for x in samples], [x.prompt for x in samples]).attention_mask
+    text = round(float(mask.sum(dim=1).float().mean()) - n)  # compare counts the batch's mean text rows
+    full = vision_flops(config, shape.hidden, n).total + prefill_flops(shape, n, text, None).full
+    pruned = vision_flops(config, shape.hidden, n, cut=cut).total + prefill_flops(shape, 32, text, schedule).halfv
+    assert halfv["ttft_flops_fraction"] == pytest.approx(pruned / full)
+    assert halfv["flops_fraction"] == pytest.approx(prefill_flops(shape, 32, text, schedule).halfv
+                                                    / prefill_flops(shape, n, text, None).full)
+    assert random["ttft_flops_fraction"] == pytest.approx(halfv["ttft_flops_fraction"], abs=0.02)  # matched on K
+    # the CLI: the cut named in the output and in compare.md; a backbone without a cut refused, nothing written
+    result = run_cli("compare", "--backbone", "llava-1.5", "--vision-cut", "5:0.5", "--out", tmp_path / "no")
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "llava-1.5 has no vision cut yet" in result.output and not (tmp_path / "no").exists()
+
+
 @pytest.mark.slow
 def test_a_cut_build_runs_the_cut_with_exact_parity_and_full_runs_the_uncut_tower(qwen, tmp_path):
     # build --vision-cut end to end on the embedded default: the engine keeps the tokens the eager cut keeps, its

@@ -8,7 +8,8 @@ Sections (bench.json keys):
   eager          at the reference N: eager PyTorch unpruned and HalfV prefill on the same inputs
   selection      at the reference N: the selection work alone (scores, farthest-point fill, gathers) as its own graph
   ttft           at the reference N: time to first token = embedding + vision tower (the published one, random
-                 weights) + prefill, full vs HalfV, exported and eager, beside the LLM-only ratio and both FLOPs ratios
+                 weights) + prefill, full vs HalfV, exported and eager, beside the LLM-only ratio and both FLOPs ratios;
+                 with --vision-cut also HalfV behind the cut tower (its graph timed, the HalfV prefill on its K rows)
   genai          ONNX Runtime GenAI's model builder on the same checkpoint, its unpruned prefill on the same ids
   decode         one decode step, full vs HalfV cache, and the KV-cache bytes of each
   gpu            eager bf16 prefill on the backbone's published 7B LLM shape when CUDA is present (skipped otherwise)
@@ -40,7 +41,7 @@ from ..engines.ort import graph_session, run_options_for
 from ..graphs.adapter import BackboneAdapter, LoadedModel, PrefillInputs, adapter_for_model_type
 from ..graphs.checkpoint import read_config_json, seeded_model
 from ..graphs.halfv import HalfVReference
-from ..graphs.pruning import PruneSchedule
+from ..graphs.pruning import PruneSchedule, VisionCut
 from ..graphs.shared_weights import WeightStore, parameter_names
 from ..graphs.specs import decode_spec, prefill_spec, selection_spec
 from ..measure.flops import LMShape, prefill_flops
@@ -258,12 +259,21 @@ def gpu_section(adapter: BackboneAdapter, runs: int) -> dict:
 def run_bench(out: Path, adapter: BackboneAdapter, shape: BenchShape = BenchShape(),
               visual: tuple[int, ...] = (256, 1024, 2048), text: int = 64, runs: int = 5, reference_visual: int = 1024,
               genai: bool = True, log: Callable[[str], None] = print, vision: bool = True,
-              vision_depth: int | None = None, command: str = "halfv-export bench") -> dict:
+              vision_depth: int | None = None, command: str = "halfv-export bench",
+              vision_cut: VisionCut | None = None) -> dict:
     import onnxruntime as ort
 
     if shape.hidden % shape.heads or shape.heads % shape.kv_heads:
         raise BadInput(f"--hidden {shape.hidden} / --heads {shape.heads} / --kv-heads {shape.kv_heads}: hidden must "
                        "divide by heads and heads by kv heads")
+    if vision_cut is not None:  # before anything is built or written
+        if not vision:
+            raise BadInput("--vision-cut times the cut tower; drop --no-vision or the cut")
+        tower = published_tower(adapter, vision_depth)
+        if tower is None:
+            raise BadInput(f"{adapter.name}: bench times a vision cut on a published windowed tower, and this "
+                           "backbone has none; drop --vision-cut")
+        adapter.check_vision_cut(adapter.config_class(**tower_config(adapter, shape, tower[1])), vision_cut)
     out = prepare_out_dir(out)
     work = out / "work"
     work.mkdir(exist_ok=True)
@@ -318,8 +328,17 @@ def run_bench(out: Path, adapter: BackboneAdapter, shape: BenchShape = BenchShap
     result["selection"] = selection
 
     if vision:
+        cut_prefill = None
+        if vision_cut is not None:
+            k = vision_cut.tokens(reference_visual)
+            log(f"N={reference_visual}: exporting the HalfV prefill graph on the cut's {k} rows and timing it")
+            cut_inputs = bench_inputs(adapter, config, stack, k, text)[0]
+            cut_prefill = {"visual": k, "halfv": measure_ort(prefill_spec(stack, sched, k, label=f"k{k}").export(work),
+                                                             feeds_of(cut_inputs), runs, ["logits"])}
+            with torch.no_grad():
+                cut_prefill["eager_halfv"] = timed(lambda: HalfVReference(stack, sched).prefill(cut_inputs), runs)
         result["ttft"] = ttft_section(adapter, shape, lm, sched, reference_visual, text, ref_row, result["eager"],
-                                      work, runs, vision_depth, log)
+                                      work, runs, vision_depth, log, vision_cut, cut_prefill)
     else:
         result["ttft"] = {"skipped": "--no-vision"}
 
@@ -388,28 +407,46 @@ def published_vision(adapter: BackboneAdapter) -> tuple[str, dict] | None:
     return None
 
 
+def published_tower(adapter: BackboneAdapter, vision_depth: int | None) -> tuple[str, dict] | None:
+    """The backbone's published windowed tower (name, vision_config), cut to its first `vision_depth` blocks when
+    given; None where it has none (a CLIP tower's image size does not set N)."""
+    found = published_vision(adapter)
+    if found is None or "window_size" not in found[1]:
+        return None
+    name, vision = found
+    if vision_depth is not None:
+        vision["depth"] = vision_depth
+        vision["fullatt_block_indexes"] = [i for i in vision["fullatt_block_indexes"] if i < vision_depth]
+    return name, vision
+
+
+def tower_config(adapter: BackboneAdapter, shape: BenchShape, vision: dict) -> dict:
+    """A one-layer LLM of the bench's width behind the published tower: the tower alone is timed."""
+    return adapter.synthetic_config_dict({**shape.text_config(), "num_hidden_layers": 1},
+                                         {k: v for k, v in vision.items() if k != "out_hidden_size"})
+
+
 def ttft_section(adapter: BackboneAdapter, shape: BenchShape, lm: LMShape, sched: PruneSchedule, visual: int,
                  text: int, prefill_row: dict, eager: dict, work: Path, runs: int, vision_depth: int | None,
-                 log: Callable[[str], None]) -> dict:
+                 log: Callable[[str], None], cut: VisionCut | None = None, cut_prefill: dict | None = None) -> dict:
     """Time to first token at N = `visual`: embedding + vision tower + prefill, full vs HalfV, exported (ONNX
     Runtime) and eager, as the sum of the stage medians (the stages run one after another; the prefill rows are the
     cpu_prefill / eager rows of the same N). The tower is the backbone's published one (fp32, random weights; its
     first `vision_depth` blocks when given) with its merger emitting this LLM's width, on one image whose merged
-    grid is the bench prompt's (as square as N allows); its graph is the product's (adapter.vision_graph)."""
+    grid is the bench prompt's (as square as N allows); its graph is the product's (adapter.vision_graph).
+
+    With a vision cut, the cut tower's graph is timed too, and HalfV behind it is embedding + cut tower + the HalfV
+    prefill on its K rows (`cut_prefill`, timed by run_bench) -> the "cut" entry."""
     import copy
 
     from ..graphs.specs import embed_spec, vision_spec
     from ..measure.vision_flops import vision_flops
 
-    found = published_vision(adapter)
-    if found is None or "window_size" not in found[1]:
+    found = published_tower(adapter, vision_depth)
+    if found is None:
         return {"skipped": f"{adapter.name}: no published windowed vision tower whose image size sets N"}
     name, vision = found
-    if vision_depth is not None:
-        vision["depth"] = vision_depth
-        vision["fullatt_block_indexes"] = [i for i in vision["fullatt_block_indexes"] if i < vision_depth]
-    cfg = adapter.synthetic_config_dict({**shape.text_config(), "num_hidden_layers": 1},  # the tower alone is timed
-                                        {k: v for k, v in vision.items() if k != "out_hidden_size"})
+    cfg = tower_config(adapter, shape, vision)
     config = adapter.config_class(**copy.deepcopy(cfg))
     log(f"N={visual}: building the published vision tower ({name}, depth {vision['depth']}, random weights)")
     model = seeded_model(adapter.model_class, config, seed=0)
@@ -434,6 +471,19 @@ def ttft_section(adapter: BackboneAdapter, shape: BenchShape, lm: LMShape, sched
     with torch.no_grad(), PeakRss() as rss:
         vision_eager = timed(lambda: adapter.eager_vision(loaded, pixels, bucket), runs)
     vision_eager.update(rss.result())
+    cut_tower = None
+    if cut is not None:
+        log(f"N={visual}: exporting the cut vision graph (after block {cut.block}, keep {cut.keep:g}) and timing it")
+        spec = vision_spec(adapter.vision_graph(loaded, bucket, cut), pixels, bucket)
+        (work / "vision-cut").mkdir(exist_ok=True)
+        store = WeightStore(work / "vision-cut", parameter_names(model))
+        try:
+            cut_graph = spec.export(work / "vision-cut", store=store)
+        finally:
+            store.close()
+        cut_tower = {"ort": measure_ort(cut_graph, {"pixel_values": pixels.numpy()}, runs)}
+        with torch.no_grad():
+            cut_tower["eager"] = timed(lambda: adapter.eager_vision_cut(loaded, pixels, bucket, cut), runs)
     del model, loaded
     stack = adapter.text_stack(LoadedModel(model=seeded_model(adapter.model_class, config, seed=0), tokenizer=None,
                                            image_processor=None, source="bench"))
@@ -448,7 +498,7 @@ def ttft_section(adapter: BackboneAdapter, shape: BenchShape, lm: LMShape, sched
               "halfv": ms(embed) + ms(vision_ort) + ms(prefill_row["halfv"])}
     reference = {"full": ms(embed_eager) + ms(vision_eager) + ms(eager["full"]),
                  "halfv": ms(embed_eager) + ms(vision_eager) + ms(eager["halfv"])}
-    return {"visual": visual, "bucket": list(bucket), "tower": name, "vision_depth": vision["depth"],
+    section = {"visual": visual, "bucket": list(bucket), "tower": name, "vision_depth": vision["depth"],
             "vision_ort": vision_ort, "vision_eager": vision_eager, "embed_ort": embed, "embed_eager": embed_eager,
             "engine_ttft_ms": {k: round(x, 1) for k, x in engine.items()},
             "eager_ttft_ms": {k: round(x, 1) for k, x in reference.items()},
@@ -457,3 +507,19 @@ def ttft_section(adapter: BackboneAdapter, shape: BenchShape, lm: LMShape, sched
             "prefill_ratio": prefill_row["measured_ratio"],
             "vision_tflop": round(v.total / 1e12, 4), "flops_prefill_ratio": round(f.ratio, 3),
             "flops_ttft_ratio": round((v.total + f.full) / (v.total + f.halfv), 3)}
+    if cut is not None:
+        k = cut_prefill["visual"]
+        v_cut = vision_flops(cfg, lm.hidden, visual, (rows, visual // rows), cut)
+        f_cut = prefill_flops(lm, k, text, sched)
+        cut_engine = ms(embed) + ms(cut_tower["ort"]) + ms(cut_prefill["halfv"])
+        cut_eager = ms(embed_eager) + ms(cut_tower["eager"]) + ms(cut_prefill["eager_halfv"])
+        section["cut"] = {
+            "block": cut.block, "keep": cut.keep, "kept": k, "vision_ort": cut_tower["ort"],
+            "vision_eager": cut_tower["eager"], "prefill_ort": cut_prefill["halfv"],
+            "prefill_eager": cut_prefill["eager_halfv"], "engine_ttft_ms": round(cut_engine, 1),
+            "eager_ttft_ms": round(cut_eager, 1), "engine_ttft_ratio": round(engine["full"] / cut_engine, 3),
+            "eager_ttft_ratio": round(reference["full"] / cut_eager, 3),
+            "vision_ratio": round(ms(vision_ort) / ms(cut_tower["ort"]), 3),
+            "vision_tflop": round(v_cut.total / 1e12, 4),
+            "flops_ttft_ratio": round((v.total + f.full) / (v_cut.total + f_cut.halfv), 3)}
+    return section

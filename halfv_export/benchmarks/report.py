@@ -96,6 +96,28 @@ def ttft_lines(t: dict) -> list[str]:
         "", f"FLOPs: vision {t['vision_tflop']:.3f} TFLOP; prefill ratio {t['flops_prefill_ratio']:.2f}×, end-to-end "
         f"(TTFT) ratio {t['flops_ttft_ratio']:.2f}×. Vision peak RSS MB (rise): exported {_mem(t['vision_ort'])}, "
         f"eager {_mem(t['vision_eager'])}.",
+    ] + cut_lines(t)
+
+
+def cut_lines(t: dict) -> list[str]:
+    """HalfV behind a vision cut (bench --vision-cut), beside LLM-only HalfV at the same N."""
+    c = t.get("cut")
+    if not c:
+        return []
+    e = t["engine_ttft_ms"]
+    return [
+        "", f"**With a vision cut** after tower block {c['block']}, keep {c['keep']:g} ({t['visual']} -> {c['kept']} "
+        "tokens; the HalfV prefill runs on the kept rows; docs/vision-cut.md):", "",
+        "| | vision ms | HalfV prefill ms | TTFT ms | TTFT ratio (full / this) |", "|---|---|---|---|---|",
+        f"| exported, LLM-only HalfV | {_ms(t['vision_ort'])} | {e['halfv'] - t['embed_ort']['median_ms'] - t['vision_ort']['median_ms']:.1f} | "
+        f"{e['halfv']:.1f} | {t['engine_ttft_ratio']:.2f}× |",
+        f"| exported, HalfV + vision cut | {_ms(c['vision_ort'])} | {_ms(c['prefill_ort'])} | {c['engine_ttft_ms']:.1f} | "
+        f"{c['engine_ttft_ratio']:.2f}× |",
+        f"| eager, HalfV + vision cut | {_ms(c['vision_eager'])} | {_ms(c['prefill_eager'])} | {c['eager_ttft_ms']:.1f} | "
+        f"{c['eager_ttft_ratio']:.2f}× |",
+        "", f"Cut tower {c['vision_ratio']:.2f}× faster than the whole one (exported); FLOPs: cut tower "
+        f"{c['vision_tflop']:.3f} TFLOP, end-to-end (TTFT) ratio {c['flops_ttft_ratio']:.2f}× against "
+        f"{t['flops_ttft_ratio']:.2f}× for LLM-only HalfV.",
     ]
 
 

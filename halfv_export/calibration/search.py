@@ -42,7 +42,7 @@ from ..graphs.tme import kl_last_token
 from ..measure.accuracy import AccuracyTable, answer_budget, cut_at_eos
 from ..measure.compare import bucket_batches
 from ..measure.flops import LMShape, prefill_flops
-from ..measure.vision_flops import vision_flops
+from ..measure.vision_flops import bucket_grid, vision_flops
 from .schedule import FIELDS, paper_schedule
 from ..base.kinds import RATIO_KINDS, RatioKind, SSRMode
 
@@ -84,10 +84,7 @@ def make_budget(kind: str, config: dict, shape: LMShape, bucket: tuple[int, int]
     kind = RatioKind(kind)
     vision, cut_vision = 0, tuple((c, 0) for c in cuts if c is not None)
     if kind is RatioKind.TTFT:
-        v = config.get("vision_config") or {}
-        unit = int(v.get("patch_size", 14)) * int(v.get("spatial_merge_size", 1))
-        grid = (bucket[0] // unit, bucket[1] // unit) if "spatial_merge_size" in v else None
-        grid = grid if grid and grid[0] * grid[1] == n else None
+        grid = bucket_grid(config, bucket, n)
         vision = vision_flops(config, shape.hidden, n, grid).total
         cut_vision = tuple((c, vision_flops(config, shape.hidden, n, grid, c).total) for c in cuts if c is not None)
     return Budget(kind, tuple(bucket), n, text, vision, cut_vision)

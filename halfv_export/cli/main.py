@@ -657,6 +657,7 @@ Examples:
   halfv-export compare --backbone qwen2.5-vl --data evalset/ --out compare-qwen/
   halfv-export compare --backbone llava-1.5 --schedule build/schedule.json --keep-ratio 0.25 --keep-ratio 0.5 \\
       --data evalset/ --out compare-llava/
+  halfv-export compare --backbone qwen2.5-vl --vision-cut 1:0.5 --keep-ratio 0.5 --data pages/ --out compare-cut/
 """)
 @click.option("--backbone", required=True, help="Backbone adapter, e.g. qwen2.5-vl.")
 @click.option("--model", "model_dir", type=click.Path(path_type=Path), help="Local checkpoint (default: embedded).")
@@ -667,26 +668,36 @@ Examples:
 @click.option("--keep-ratio", "keep_ratios", type=click.FloatRange(0, 1, min_open=True), multiple=True,
               help="IVR keep ratios to sweep (repeatable); default 0.1, 0.25, 0.5, 0.75.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random-selection baseline.")
+@vision_cut_option
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="compare.json, compare.md, accuracy_flops.png.")
 @user_errors
-def compare(backbone, model_dir, data, schedule_path, keep_ratios, seed, out):
+def compare(backbone, model_dir, data, schedule_path, keep_ratios, seed, out, **kwargs):
     """HalfV against ablation baselines at the same prefill FLOPs: accuracy vs FLOPs over keep ratios.
 
     \b
     For every keep ratio, HalfV (IVR + SSR) and three single-cut baselines at HalfV's IVR layer, each keeping the
     number of visual rows that spends HalfV's prefill FLOPs: random selection, attention-only (top-K by the
-    same last-token scores, FastV-like) and IVR without SSR. Eager PyTorch, greedy answers, exact match.
+    same last-token scores, FastV-like) and IVR without SSR. Eager PyTorch, greedy answers, exact match. With a
+    vision cut (--vision-cut, or the --schedule file's) every method runs on the cut tower's tokens, and the TTFT
+    FLOPs fraction counts the tower too.
     """
     from ..stages.compare import DEFAULT_KEEP_RATIOS, compare as run
     from .render import RichProgress
 
+    cut = pick_vision_cut(kwargs)
     with RichProgress() as progress:
         result = run(backbone, out, model=model_dir, data=data, schedule=schedule_path,
-                     keep_ratios=list(keep_ratios) or list(DEFAULT_KEEP_RATIOS), seed=seed, progress=progress)
+                     keep_ratios=list(keep_ratios) or list(DEFAULT_KEEP_RATIOS), seed=seed, vision_cut=cut,
+                     progress=progress)
     click.echo(f"unpruned accuracy {result['full']['accuracy']:.4f} on {result['samples']} questions")
+    if result["vision_cut"]:
+        click.echo(f"vision cut after block {result['vision_cut']['block']} keep {result['vision_cut']['keep']:g} "
+                   "for every method; accuracy@prefill/TTFT FLOPs fraction")
     for point in result["points"]:
         click.echo(f"keep {point['keep_ratio']:g}: " + "  ".join(
-            f"{m} {row['accuracy']:.4f}@{row['flops_fraction']:.3f}" for m, row in point["methods"].items()))
+            f"{m} {row['accuracy']:.4f}@{row['flops_fraction']:.3f}"
+            + (f"/{row['ttft_flops_fraction']:.3f}" if result["vision_cut"] else "")
+            for m, row in point["methods"].items()))
     click.echo(f"wrote {out / 'compare.json'}, {out / 'compare.md'} and {out / 'accuracy_flops.png'}")
 
 
@@ -695,6 +706,7 @@ Examples:
   halfv-export bench --out bench/ --readme README.md
   halfv-export bench --visual-tokens 256 --layers 8 --no-genai --out bench-small/
   halfv-export bench --visual-tokens 1024 --vision-depth 8 --no-genai --out bench-ttft/
+  halfv-export bench --visual-tokens 1024 --vision-depth 16 --vision-cut 7:0.5 --no-genai --out bench-cut/
   halfv-export bench --backbone llava-1.5 --hidden 1024 --heads 16 --kv-heads 16 --no-genai --out bench-llava/
   halfv-export bench --config Qwen2.5-VL-7B/config.json --layers 4 --visual-tokens 1024 --no-genai --out bench-7b/
   halfv-export bench --quantize int4 --reference-visual 256 --out bench-int4/
@@ -718,13 +730,14 @@ Examples:
 @click.option("--vision/--no-vision", default=True, show_default=True,
               help="Time to first token: time the published vision tower (and the embedding) at the reference N.")
 @click.option("--vision-depth", type=click.IntRange(1), help="Blocks of the published tower to time [default: all].")
+@vision_cut_option
 @click.option("--readme", type=click.Path(path_type=Path), help="Replace this README's performance section with bench.md.")
 @click.option("--quantize", metavar="int4|int8", help="Only compare the quantised LLM graphs with fp32 at "
               "--reference-visual: prefill, decode step, artifact bytes -> quantize.json, quantize.md.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Where bench.json, bench.md and plots go.")
 @user_errors
 def bench(backbone, config_path, visual, reference_visual, text_tokens, runs, genai, vision, vision_depth, readme,
-          quantize, out, **widths):
+          quantize, out, **kwargs):
     """Speed, memory and FLOPs side by side, in one process, on the same inputs.
 
     FLOPs ratio curves of the published configs; ONNX Runtime CPU prefill of the exported full vs HalfV graphs (the
@@ -738,7 +751,11 @@ def bench(backbone, config_path, visual, reference_visual, text_tokens, runs, ge
     from ..benchmarks.bench import BenchShape, run_bench
     from ..benchmarks.report import update_readme
 
+    cut = pick_vision_cut(kwargs)
+    widths = kwargs
     visual = tuple(visual) or (256, 1024, 2048)
+    if cut is not None and quantize is not None:
+        raise CliError("--quantize compares the LLM graphs alone; drop --vision-cut or --quantize", 2)
     if quantize is None and reference_visual not in visual:  # --quantize times the reference N alone
         raise CliError(f"--reference-visual {reference_visual} must be one of --visual-tokens {visual}", 2)
     adapter = get_adapter(backbone)
@@ -758,7 +775,8 @@ def bench(backbone, config_path, visual, reference_visual, text_tokens, runs, ge
     launched = Path(sys.argv[0]).name == "halfv-export"  # else called from Python (tests): no honest argv
     command = "halfv-export " + shlex.join(sys.argv[1:]) if launched else "halfv-export bench (from Python)"
     r = run_bench(out, adapter, shape, visual, text_tokens, runs, reference_visual, genai,
-                  log=lambda m: click.echo(m, err=True), vision=vision, vision_depth=vision_depth, command=command)
+                  log=lambda m: click.echo(m, err=True), vision=vision, vision_depth=vision_depth, command=command,
+                  vision_cut=cut)
     click.echo((out / "bench.md").read_text())
     if readme is not None:
         update_readme(readme, (out / "bench.md").read_text())

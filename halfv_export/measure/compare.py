@@ -10,8 +10,12 @@ before HalfV's IVR layer L1, and keep the K visual rows whose single-cut prefill
     random     K rows drawn uniformly, a fresh draw per image from one stream per (method, rho) seeded with
                `seed`: the same data in the same order draws the same subsets; no SSR
 
+With a vision cut (beyond the paper, graphs/vision_cut.py) every method runs on the cut tower's K kept tokens and
+the baselines match HalfV's prefill FLOPs on those K rows; the unpruned model stays uncut.
+
 Accuracy is exact match of the greedy answer (measure.accuracy); FLOPs are the analytic LLM prefill count
-(measure.flops), as a fraction of the unpruned model's, averaged over samples.
+(measure.flops), as a fraction of the unpruned model's, averaged over samples; the TTFT fraction adds the vision
+tower (measure.vision_flops: the cut one where there is a cut) to both sides.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ from ..base.data import Sample
 from ..base.errors import BadInput
 from ..graphs.adapter import Processing
 from ..graphs.halfv import HalfVReference
-from ..graphs.pruning import PruneSchedule, SingleCut, budgets
+from ..graphs.pruning import PruneSchedule, SingleCut, VisionCut, budgets
 from .accuracy import AccuracyTable, answer_budget, cut_at_eos, retention
 from .flops import LMShape, matched_keep, prefill_flops, single_cut_flops
+from .vision_flops import bucket_grid, vision_flops
 
 METHODS = ("halfv", "ivr", "attention", "random")
 LABELS = {"halfv": "HalfV (IVR + SSR)", "ivr": "IVR without SSR", "attention": "attention only (FastV-like)",
@@ -58,9 +63,11 @@ def _batches(adapter, loaded, samples: list[Sample], batch_size: int) -> list[li
 
 def evaluate_methods(adapter, loaded, samples: list[Sample], schedules: list[PruneSchedule],
                      methods: tuple[str, ...] = METHODS, seed: int = 0, batch_size: int = 8,
-                     progress: Callable = iter, labels: list[str] | None = None) -> dict:
+                     progress: Callable = iter, labels: list[str] | None = None,
+                     cut: VisionCut | None = None) -> dict:
     """Accuracy and FLOPs of the unpruned model and of every (schedule, method) pair on the same samples; the
-    unpruned model runs once per batch whatever the number of schedules.
+    unpruned model runs once per batch whatever the number of schedules. `cut`: every method runs on the cut
+    tower's rows (the unpruned model on the whole tower's).
 
     labels name the schedules in the systems' names ("halfv@<label>"); the default, each keep ratio, suits a sweep
     over rho and must be replaced when two schedules share one.
@@ -75,21 +82,31 @@ def evaluate_methods(adapter, loaded, samples: list[Sample], schedules: list[Pru
     if len(set(labels)) != len(labels):
         raise ValueError(f"schedule labels must be unique, got {labels}")
     draws = {f"random@{label}": torch.Generator().manual_seed(seed) for label in labels}  # across batches
+    config = loaded.config.to_dict()
+    processing = Processing(loaded.tokenizer, loaded.image_processor, loaded.config)
+    ttft: dict[str, list[float]] = {}
+    tower_kept: dict[str, int] = {}  # the image's N -> the tokens the tower hands the LLM (K after a cut)
     for batch in progress(_batches(adapter, loaded, samples, batch_size)):
-        inputs = adapter.prepare(loaded, [s.image for s in batch], [s.prompt for s in batch])
-        n = inputs.num_visual
-        text = float((inputs.attention_mask.sum(dim=1) - n).float().mean())  # mean real text rows
+        images, prompts = [s.image for s in batch], [s.prompt for s in batch]
+        inputs = adapter.prepare(loaded, images, prompts)
+        pruned_inputs = inputs if cut is None else adapter.prepare(loaded, images, prompts, cut)
+        n_full, n = inputs.num_visual, pruned_inputs.num_visual  # N, and the K a vision cut keeps (else N)
+        text = float((inputs.attention_mask.sum(dim=1) - n_full).float().mean())  # mean real text rows
         n_text = int(round(text))
-        full_flops = prefill_flops(shape, n, n_text, None).full
+        full_flops = prefill_flops(shape, n_full, n_text, None).full
+        grid = bucket_grid(config, adapter.bucket_for(processing, (images[0].height, images[0].width))[0], n_full)
+        vision_full = vision_flops(config, shape.hidden, n_full, grid).total
+        vision_pruned = vision_full if cut is None else vision_flops(config, shape.hidden, n_full, grid, cut).total
+        tower_kept[str(n_full)] = n
         new_tokens = answer_budget(loaded.tokenizer, [s.answer for s in batch])
 
-        def score(system: str, reference: HalfVReference) -> None:
+        def score(system: str, reference: HalfVReference, inputs=pruned_inputs) -> None:
             tokens = reference.generate(inputs, new_tokens, eos).numpy()
             for b, sample in enumerate(batch):
                 table.add(system, sample.type, adapter.decode_text(loaded, cut_at_eos(tokens[b], eos)), sample.answer,
                           sample.name)
 
-        score("full", HalfVReference(stack, None))
+        score("full", HalfVReference(stack, None), inputs)
         for schedule, label in zip(schedules, labels):
             halfv_flops = prefill_flops(shape, n, n_text, schedule).halfv
             for method in methods:
@@ -98,12 +115,13 @@ def evaluate_methods(adapter, loaded, samples: list[Sample], schedules: list[Pru
                     reference, spent, k = HalfVReference(stack, schedule), halfv_flops, budgets(n, schedule).k1
                 else:
                     k = matched_keep(shape, n, n_text, schedule.ivr_layer, halfv_flops)
-                    cut = SingleCut(method, schedule.ivr_layer, k, schedule.anchor_ratio, seed)
-                    reference, spent = HalfVReference(stack, None, cut=cut, draws=draws.get(system)), single_cut_flops(
+                    single = SingleCut(method, schedule.ivr_layer, k, schedule.anchor_ratio, seed)
+                    reference, spent = HalfVReference(stack, None, cut=single, draws=draws.get(system)), single_cut_flops(
                         shape, n, n_text, schedule.ivr_layer, k)
                 score(system, reference)
                 fractions.setdefault(system, []).extend([spent / full_flops] * len(batch))
-                kept.setdefault(system, {})[str(n)] = k  # N -> visual rows kept at L1
+                ttft.setdefault(system, []).extend([(vision_pruned + spent) / (vision_full + full_flops)] * len(batch))
+                kept.setdefault(system, {})[str(n_full)] = k  # the image's N -> visual rows kept at L1
 
     def summary(system: str) -> dict:
         acc = table.accuracy(system)
@@ -119,10 +137,12 @@ def evaluate_methods(adapter, loaded, samples: list[Sample], schedules: list[Pru
             system = f"{method}@{label}"
             entry = summary(system)
             entry.update({"label": LABELS[method], "flops_fraction": float(np.mean(fractions[system])),
-                          "kept": kept[system], "retention": retention(entry["accuracy"], full["accuracy"])})
+                          "ttft_flops_fraction": float(np.mean(ttft[system])), "kept": kept[system],
+                          "retention": retention(entry["accuracy"], full["accuracy"])})
             row["methods"][method] = entry
         points.append(row)
-    return {"full": full, "points": points, "examples": table.examples}
+    return {"full": full, "points": points, "examples": table.examples,
+            "vision_cut": None if cut is None else {"block": cut.block, "keep": cut.keep, "kept": tower_kept}}
 
 
 def sweep_schedules(base: PruneSchedule, keep_ratios: list[float]) -> list[PruneSchedule]:

@@ -34,7 +34,7 @@ from ..graphs.pruning import PruneSchedule, VisionCut
 from ..graphs.tme import kl_last_token
 from .accuracy import AccuracyTable, accuracy_section, answer_budget, cut_at_eos
 from .flops import LMShape, prefill_flops
-from .vision_flops import vision_flops
+from .vision_flops import bucket_grid, vision_flops
 from .plots import latency_plot
 
 GREEDY_TOKENS = 16
@@ -262,9 +262,7 @@ def measure_latency(pipeline, loaded, sample: Sample, schedule: PruneSchedule,
              "visual_tokens": host.num_visual, "text_tokens": text}
     if host.num_visual > 0:
         config = loaded.config.to_dict()
-        vc = config.get("vision_config") or {}
-        side = int(vc.get("patch_size", 14)) * int(vc.get("spatial_merge_size", 1))  # merged-token side in px
-        grid = (host.bucket[0] // side, host.bucket[1] // side) if "spatial_merge_size" in vc else None
+        grid = bucket_grid(config, host.bucket)
         v = vision_flops(config, shape.hidden, host.num_visual, grid)
         v_halfv = v if cut is None else vision_flops(config, shape.hidden, host.num_visual, grid, cut)
         flops.update({"vision": v.total, "e2e_ratio": (v.total + f_full.full) / (v_halfv.total + f.halfv)})
@@ -466,12 +464,19 @@ def accuracy_markdown(acc: dict) -> list[str]:
 def baselines_markdown(base: dict) -> list[str]:
     lines = ["## Baselines at the same prefill FLOPs (eager, greedy, exact match)", "",
              f"Every baseline prunes once before layer {base['layer']} and keeps the K visual rows whose prefill "
-             "FLOPs come closest to HalfV's. FLOPs: LLM prefill, fraction of the unpruned model.", "",
-             "| method | visual rows kept at L1 (per N) | FLOPs fraction | accuracy | retention |",
-             "|---|---|---|---|---|"]
+             "FLOPs come closest to HalfV's. FLOPs: LLM prefill, fraction of the unpruned model; TTFT adds the vision "
+             "tower.", "",
+             "| method | visual rows kept at L1 (per N) | FLOPs fraction | TTFT FLOPs fraction | accuracy | retention |",
+             "|---|---|---|---|---|---|"]
+    cut = base.get("vision_cut")
+    if cut:
+        lines[2:2] = [f"This build cuts the vision tower (after block {cut['block']}, keep {cut['keep']:g}): every "
+                      "method selects from the cut's rows; the unpruned model runs the whole tower.", ""]
     for row in base["methods"].values():
         kept = ", ".join(f"{k} of {n}" for n, k in row["kept"].items())
-        lines.append(f"| {row['label']} | {kept} | {row['flops_fraction']:.3f} | {_pct(row['accuracy'])} | "
+        ttft = row.get("ttft_flops_fraction")  # reports written before the TTFT column have none
+        lines.append(f"| {row['label']} | {kept} | {row['flops_fraction']:.3f} | "
+                     f"{'n/a' if ttft is None else f'{ttft:.3f}'} | {_pct(row['accuracy'])} | "
                      f"{_pct(row['retention'])} |")
     return lines + [""]
 

@@ -137,6 +137,17 @@ def check_vision_cut(config: dict, cut: VisionCut) -> None:
         cut.check(int(vision.get("num_hidden_layers", 24)))
 
 
+def bucket_grid(config: dict, bucket: tuple[int, int], n_visual: int | None = None) -> tuple[int, int] | None:
+    """The merged-token grid (rows, cols) of an image-size bucket on a windowed tower (what vision_flops counts its
+    windows on), or None for a tower without one or where it does not hold n_visual tokens."""
+    vision = config.get("vision_config") or {}
+    if "spatial_merge_size" not in vision:
+        return None
+    side = int(vision.get("patch_size", 14)) * int(vision["spatial_merge_size"])  # a merged token's side in pixels
+    grid = (bucket[0] // side, bucket[1] // side)
+    return grid if n_visual is None or grid[0] * grid[1] == n_visual else None
+
+
 def vision_flops(config: dict, llm_hidden: int, n_visual: int, grid: tuple[int, int] | None = None,
                  cut: VisionCut | None = None) -> VisionFlops:
     """Vision encoder FLOPs for n_visual LLM-side visual tokens of one image. The backbone adapter of the config's

@@ -11,7 +11,7 @@ from ..base.errors import BadInput
 from ..base.manifest import write_manifest
 from ..engines import DEFAULT_TARGET
 from ..engines.api import open_pipeline
-from ..graphs.pruning import PruneSchedule
+from ..graphs.pruning import PruneSchedule, VisionCut
 from ..measure.report import (LATENCY_RUNS, check_thresholds, held_out_samples, measure_latency, run_validation,
                               write_report)
 from .data import default_samples, task_kind
@@ -47,9 +47,6 @@ def validate(artifacts: Path, *, data: Path | None = None, model: Path | None = 
     answered = any(s.answer is not None for s in samples)
     if baselines and not answered:
         raise BadInput("--baselines needs data with answers; pass --data DIR written by `halfv-export make-task`")
-    if baselines and meta.get("vision_cut"):
-        raise BadInput("--baselines compares LLM-side selections on the uncut prompt, and this build has a vision "
-                       "cut; validate it without --baselines, or a build without the cut with them")
     # a checkpoint folder may hold random weights too (tools/shaped_checkpoint.py): say where they came from only
     weights = weights or {"random": "random", "trained": "trained"}.get(loaded.weights, "checkpoint")
     pictures: list = []
@@ -66,9 +63,11 @@ def validate(artifacts: Path, *, data: Path | None = None, model: Path | None = 
         from ..measure.compare import evaluate_methods
 
         with report_progress.status("baselines at the same FLOPs (eager)"):
-            result = evaluate_methods(adapter, loaded, samples, [schedule])
+            # a cut build's baselines select inside the LLM from the same cut rows as its HalfV (measure.compare)
+            cut = VisionCut(**meta["vision_cut"]) if meta.get("vision_cut") else None
+            result = evaluate_methods(adapter, loaded, samples, [schedule], cut=cut)
         report["baselines"] = {"layer": schedule.ivr_layer, "full_accuracy": result["full"]["accuracy"],
-                               "methods": result["points"][0]["methods"]}
+                               "methods": result["points"][0]["methods"], "vision_cut": result["vision_cut"]}
     schedule_file = Path(artifacts) / "schedule.json"
     schedule_doc = json.loads(schedule_file.read_text()) if schedule_file.exists() else {}
     with_images = [s for s in samples if s.image is not None]
