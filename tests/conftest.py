@@ -50,8 +50,8 @@ def shared_folder(tmp_path_factory, name: str, make) -> Path:
     `--dist loadfile` spreads the files that share them over both workers. A failed `make` leaves nothing behind, so
     the next asker tries again. Tests that write into a shared folder work on a copy (copy_build)."""
     root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # this session's folder, above every worker's own
+    if os.environ.get("PYTEST_XDIST_WORKER") and root.name.startswith("popen-"):
+        root = root.parent  # this session's folder, above every worker's own (never one that outlives the session)
     folder, made = root / f"shared-{name}", root / f"shared-{name}.made"
     with FileLock(str(root / f"shared-{name}.lock")):
         if not made.exists():

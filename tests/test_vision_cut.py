@@ -19,7 +19,7 @@ from halfv_export.graphs.adapter import Processing
 from halfv_export.graphs.lint import lint_file
 from halfv_export.graphs.specs import vision_spec
 from halfv_export.graphs.qwen2_5_vl import QwenVisionBucket
-from halfv_export.graphs.pruning import VisionCut
+from halfv_export.graphs.pruning import PruneSchedule, VisionCut
 from halfv_export.graphs.vision_cut import eager_cut_vision
 from halfv_export.host.inputs import PAD_MULTIPLE
 from halfv_export.tasks.digits import task_set
@@ -245,35 +245,46 @@ def test_calibrate_refuses_a_cut_it_cannot_build_in_one_line(run_cli, tmp_path):
 
 
 def test_compare_runs_every_method_on_the_cut_and_counts_the_tower(qwen, run_cli, tmp_path):
-    # compare with a cut: the unpruned model answers as without one, every method prunes inside the LLM from the
-    # cut's K rows, and the TTFT fraction adds each side's tower (the cut one for the methods)
-    from halfv_export.calibration.schedule import paper_schedule
-    from halfv_export.measure.compare import evaluate_methods
+    # compare with the cut a schedule file carries: the unpruned model answers as without one, every method prunes
+    # inside the LLM from the cut's K rows, and the TTFT fraction adds each side's tower (the cut one for the methods)
     from halfv_export.measure.flops import LMShape, prefill_flops
+    from halfv_export.measure.report import baselines_markdown
     from halfv_export.measure.vision_flops import vision_flops
+    from halfv_export.stages.compare import compare
+    from halfv_export.stages.data import default_samples
 
     adapter, loaded, _ = qwen
-    samples = task_set(4, seed=9, split="eval", sizes=[(224, 224)])
-    schedule = paper_schedule(adapter, adapter.text_stack(loaded).num_layers)
-    cut = VisionCut(1, 0.5)
-    plain = evaluate_methods(adapter, loaded, samples, [schedule], methods=("halfv",))
-    cutting = evaluate_methods(adapter, loaded, samples, [schedule], methods=("halfv", "random"), cut=cut)
+    for name, extra in (("plain", []), ("cut", ["--vision-cut", "1:0.5"])):
+        result = run_cli("calibrate", "--backbone", "qwen2.5-vl", "--paper-values", *extra, "--out", tmp_path / name)
+        assert result.exit_code == 0, result.output
+    plain = compare("qwen2.5-vl", tmp_path / "cmp-plain", schedule=tmp_path / "plain" / "schedule.json", samples=4,
+                    keep_ratios=[0.25])
+    cutting = compare("qwen2.5-vl", tmp_path / "cmp-cut", schedule=tmp_path / "cut" / "schedule.json", samples=4,
+                      keep_ratios=[0.25])
     assert cutting["full"] == plain["full"] and plain["vision_cut"] is None
     n = 64  # 224 / 28 merged tokens a side
     assert cutting["vision_cut"] == {"block": 1, "keep": 0.5, "kept": {"64": 32}}
     halfv, random = cutting["points"][0]["methods"]["halfv"], cutting["points"][0]["methods"]["random"]
-    assert halfv["kept"] == {"64": int(32 * schedule.keep_ratio)} and plain["points"][0]["methods"]["halfv"]["kept"] \
-        == {"64": int(n * schedule.keep_ratio)}
+    assert halfv["kept"] == {"64": 8} and plain["points"][0]["methods"]["halfv"]["kept"] == {"64": 16}  # K / 4, N / 4
     config, shape = loaded.config.to_dict(), LMShape.from_config(loaded.config.to_dict())
+    samples = default_samples(loaded, 4, 1000, split="eval")  # the questions compare drew
     mask = adapter.prepare(loaded, [x.image for x in samples], [x.prompt for x in samples]).attention_mask
     text = round(float(mask.sum(dim=1).float().mean()) - n)  # compare counts the batch's mean text rows
+    schedule = PruneSchedule(**adapter.paper.at_depth(adapter.text_stack(loaded).num_layers))
     full = vision_flops(config, shape.hidden, n).total + prefill_flops(shape, n, text, None).full
-    pruned = vision_flops(config, shape.hidden, n, cut=cut).total + prefill_flops(shape, 32, text, schedule).halfv
+    pruned = vision_flops(config, shape.hidden, n, cut=VisionCut(1, 0.5)).total + prefill_flops(
+        shape, 32, text, schedule).halfv
     assert halfv["ttft_flops_fraction"] == pytest.approx(pruned / full)
     assert halfv["flops_fraction"] == pytest.approx(prefill_flops(shape, 32, text, schedule).halfv
                                                     / prefill_flops(shape, n, text, None).full)
     assert random["ttft_flops_fraction"] == pytest.approx(halfv["ttft_flops_fraction"], abs=0.02)  # matched on K
-    # the CLI: the cut named in the output and in compare.md; a backbone without a cut refused, nothing written
+    md = (tmp_path / "cmp-cut" / "compare.md").read_text()
+    assert "vision cut after tower block 1 keeping 0.5 of the tokens (64 -> 32)" in md and "TTFT FLOPs fraction" in md
+    # validate --baselines' table names the cut and counts each method's rows out of the cut's K
+    table = "\n".join(baselines_markdown({"layer": 1, "methods": cutting["points"][0]["methods"],
+                                          "vision_cut": cutting["vision_cut"]}))
+    assert "| HalfV (IVR + SSR) | 8 of 32 (N 64) |" in table and "cuts the vision tower (after block 1" in table
+    # a backbone without a cut is refused in one line, nothing written
     result = run_cli("compare", "--backbone", "llava-1.5", "--vision-cut", "5:0.5", "--out", tmp_path / "no")
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1, result.output
     assert "llava-1.5 has no vision cut yet" in result.output and not (tmp_path / "no").exists()
@@ -330,7 +341,6 @@ def test_a_cut_build_runs_the_cut_with_exact_parity_and_full_runs_the_uncut_towe
     # an engine whose tower kept a token the rule would not (first sample only) fails the parity gate: the eager
     # side, forced to keep the engine's tokens, finds them far from any set its rule could pick
     from halfv_export.engines.pipeline import EnginePipeline
-    from halfv_export.graphs.pruning import PruneSchedule
     from halfv_export.measure.report import run_validation
 
     real_towers = EnginePipeline.towers

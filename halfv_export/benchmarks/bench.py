@@ -505,7 +505,7 @@ def ttft_section(adapter: BackboneAdapter, shape: BenchShape, lm: LMShape, sched
             "engine_ttft_ratio": round(engine["full"] / engine["halfv"], 3),
             "eager_ttft_ratio": round(reference["full"] / reference["halfv"], 3),
             "prefill_ratio": prefill_row["measured_ratio"],
-            "vision_tflop": round(v.total / 1e12, 4), "flops_prefill_ratio": round(f.ratio, 3),
+            "vision_flops": v.total, "vision_tflop": round(v.total / 1e12, 4), "flops_prefill_ratio": round(f.ratio, 3),
             "flops_ttft_ratio": round((v.total + f.full) / (v.total + f.halfv), 3)}
     if cut is not None:
         k = cut_prefill["visual"]
@@ -520,6 +520,6 @@ def ttft_section(adapter: BackboneAdapter, shape: BenchShape, lm: LMShape, sched
             "eager_ttft_ms": round(cut_eager, 1), "engine_ttft_ratio": round(engine["full"] / cut_engine, 3),
             "eager_ttft_ratio": round(reference["full"] / cut_eager, 3),
             "vision_ratio": round(ms(vision_ort) / ms(cut_tower["ort"]), 3),
-            "vision_tflop": round(v_cut.total / 1e12, 4),
+            "vision_flops": v_cut.total, "vision_tflop": round(v_cut.total / 1e12, 4),
             "flops_ttft_ratio": round((v.total + f.full) / (v_cut.total + f_cut.halfv), 3)}
     return section

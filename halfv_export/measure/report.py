@@ -472,8 +472,9 @@ def baselines_markdown(base: dict) -> list[str]:
     if cut:
         lines[2:2] = [f"This build cuts the vision tower (after block {cut['block']}, keep {cut['keep']:g}): every "
                       "method selects from the cut's rows; the unpruned model runs the whole tower.", ""]
+    tower = (cut or {}).get("kept", {})  # N -> the K rows the cut leaves the LLM
     for row in base["methods"].values():
-        kept = ", ".join(f"{k} of {n}" for n, k in row["kept"].items())
+        kept = ", ".join(f"{k} of {tower[n]} (N {n})" if n in tower else f"{k} of {n}" for n, k in row["kept"].items())
         ttft = row.get("ttft_flops_fraction")  # reports written before the TTFT column have none
         lines.append(f"| {row['label']} | {kept} | {row['flops_fraction']:.3f} | "
                      f"{'n/a' if ttft is None else f'{ttft:.3f}'} | {_pct(row['accuracy'])} | "

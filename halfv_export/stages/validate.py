@@ -11,9 +11,9 @@ from ..base.errors import BadInput
 from ..base.manifest import write_manifest
 from ..engines import DEFAULT_TARGET
 from ..engines.api import open_pipeline
-from ..graphs.pruning import PruneSchedule, VisionCut
-from ..measure.report import (LATENCY_RUNS, check_thresholds, held_out_samples, measure_latency, run_validation,
-                              write_report)
+from ..graphs.pruning import PruneSchedule
+from ..measure.report import (LATENCY_RUNS, build_cut, check_thresholds, held_out_samples, measure_latency,
+                              run_validation, write_report)
 from .data import default_samples, task_kind
 from .export import load_for_source
 from .progress import ProgressCallback, Reporter, Stage
@@ -64,8 +64,7 @@ def validate(artifacts: Path, *, data: Path | None = None, model: Path | None = 
 
         with report_progress.status("baselines at the same FLOPs (eager)"):
             # a cut build's baselines select inside the LLM from the same cut rows as its HalfV (measure.compare)
-            cut = VisionCut(**meta["vision_cut"]) if meta.get("vision_cut") else None
-            result = evaluate_methods(adapter, loaded, samples, [schedule], cut=cut)
+            result = evaluate_methods(adapter, loaded, samples, [schedule], cut=build_cut(pipeline))
         report["baselines"] = {"layer": schedule.ivr_layer, "full_accuracy": result["full"]["accuracy"],
                                "methods": result["points"][0]["methods"], "vision_cut": result["vision_cut"]}
     schedule_file = Path(artifacts) / "schedule.json"
