@@ -460,13 +460,16 @@ def ttft_section(adapter: BackboneAdapter, shape: BenchShape, lm: LMShape, sched
     pixels = torch.randn(patches, 3 * ip.temporal_patch_size * ip.patch_size ** 2,
                          generator=torch.Generator().manual_seed(2))
     log(f"N={visual}: exporting the vision graph of the {bucket[0]}x{bucket[1]} bucket and timing it")
-    spec = vision_spec(adapter.vision_graph(loaded, bucket), pixels, bucket)
-    (work / "vision").mkdir(exist_ok=True)
-    store = WeightStore(work / "vision", parameter_names(model))  # weights.bin beside the graph, as export writes it
-    try:
-        graph = spec.export(work / "vision", store=store)
-    finally:
-        store.close()
+
+    def export_tower(module: nn.Module, folder: Path) -> Path:
+        folder.mkdir(exist_ok=True)
+        store = WeightStore(folder, parameter_names(model))  # weights.bin beside the graph, as export writes it
+        try:
+            return vision_spec(module, pixels, bucket).export(folder, store=store)
+        finally:
+            store.close()
+
+    graph = export_tower(adapter.vision_graph(loaded, bucket), work / "vision")
     vision_ort = measure_ort(graph, {"pixel_values": pixels.numpy()}, runs)
     with torch.no_grad(), PeakRss() as rss:
         vision_eager = timed(lambda: adapter.eager_vision(loaded, pixels, bucket), runs)
@@ -474,13 +477,7 @@ def ttft_section(adapter: BackboneAdapter, shape: BenchShape, lm: LMShape, sched
     cut_tower = None
     if cut is not None:
         log(f"N={visual}: exporting the cut vision graph (after block {cut.block}, keep {cut.keep:g}) and timing it")
-        spec = vision_spec(adapter.vision_graph(loaded, bucket, cut), pixels, bucket)
-        (work / "vision-cut").mkdir(exist_ok=True)
-        store = WeightStore(work / "vision-cut", parameter_names(model))
-        try:
-            cut_graph = spec.export(work / "vision-cut", store=store)
-        finally:
-            store.close()
+        cut_graph = export_tower(adapter.vision_graph(loaded, bucket, cut), work / "vision-cut")
         cut_tower = {"ort": measure_ort(cut_graph, {"pixel_values": pixels.numpy()}, runs)}
         with torch.no_grad():
             cut_tower["eager"] = timed(lambda: adapter.eager_vision_cut(loaded, pixels, bucket, cut), runs)
@@ -504,7 +501,7 @@ def ttft_section(adapter: BackboneAdapter, shape: BenchShape, lm: LMShape, sched
             "eager_ttft_ms": {k: round(x, 1) for k, x in reference.items()},
             "engine_ttft_ratio": round(engine["full"] / engine["halfv"], 3),
             "eager_ttft_ratio": round(reference["full"] / reference["halfv"], 3),
-            "prefill_ratio": prefill_row["measured_ratio"],
+            "prefill_ratio": prefill_row["measured_ratio"], "halfv_prefill_ms": ms(prefill_row["halfv"]),
             "vision_flops": v.total, "vision_tflop": round(v.total / 1e12, 4), "flops_prefill_ratio": round(f.ratio, 3),
             "flops_ttft_ratio": round((v.total + f.full) / (v.total + f.halfv), 3)}
     if cut is not None:

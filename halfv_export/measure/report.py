@@ -475,10 +475,8 @@ def baselines_markdown(base: dict) -> list[str]:
     tower = (cut or {}).get("kept", {})  # N -> the K rows the cut leaves the LLM
     for row in base["methods"].values():
         kept = ", ".join(f"{k} of {tower[n]} (N {n})" if n in tower else f"{k} of {n}" for n, k in row["kept"].items())
-        ttft = row.get("ttft_flops_fraction")  # reports written before the TTFT column have none
-        lines.append(f"| {row['label']} | {kept} | {row['flops_fraction']:.3f} | "
-                     f"{'n/a' if ttft is None else f'{ttft:.3f}'} | {_pct(row['accuracy'])} | "
-                     f"{_pct(row['retention'])} |")
+        lines.append(f"| {row['label']} | {kept} | {row['flops_fraction']:.3f} | {row['ttft_flops_fraction']:.3f} | "
+                     f"{_pct(row['accuracy'])} | {_pct(row['retention'])} |")
     return lines + [""]
 
 
